@@ -1,0 +1,2 @@
+//! The Synod replica: the deterministic coordination state machine, redb
+//! storage, and QUIC transport for peers and clients.
