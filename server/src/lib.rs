@@ -1,2 +1,4 @@
 //! The Synod replica: the deterministic coordination state machine, redb
 //! storage, and QUIC transport for peers and clients.
+
+pub mod state;

@@ -1,0 +1,476 @@
+//! The namespace: one ordered map from full path to a compact node.
+//!
+//! Children are counted, not stored: listing a node's children is a range
+//! scan over the ordered paths that skips each child's subtree, so a node
+//! costs one map entry (its path, its data and 72 bytes of metadata) and
+//! nothing in its parent.
+//!
+//! Every write validates completely before it changes anything, so a failed
+//! write changes nothing. Inside a multi, writes also record how to undo
+//! themselves, so a later failure can roll the earlier ones back.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ops::Bound;
+
+use serde::{Deserialize, Serialize};
+use synod_proto::{CreateMode, Error, Event, EventType, Revision, SessionId, Stat};
+
+use super::config::StateConfig;
+use super::path::{descendant_prefix, parent, validate_path};
+
+/// A node's metadata, stored inline in the map entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub(crate) struct Meta {
+    pub created_revision: Revision,
+    pub modified_revision: Revision,
+    pub created_time_ms: u64,
+    pub modified_time_ms: u64,
+    pub version: u64,
+    pub child_version: u64,
+    pub ephemeral_owner: SessionId,
+    pub child_modified_revision: Revision,
+    pub children_count: u64,
+}
+
+/// One node: metadata and data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Node {
+    pub meta: Meta,
+    pub data: Box<[u8]>,
+}
+
+impl Node {
+    /// The node's stat as the wire shows it.
+    pub fn stat(&self) -> Stat {
+        let meta = &self.meta;
+        Stat {
+            created_revision: meta.created_revision,
+            modified_revision: meta.modified_revision,
+            created_time_ms: meta.created_time_ms,
+            modified_time_ms: meta.modified_time_ms,
+            version: meta.version,
+            child_version: meta.child_version,
+            ephemeral_owner: meta.ephemeral_owner,
+            data_length: self.data.len() as u64,
+            children_count: meta.children_count,
+            child_modified_revision: meta.child_modified_revision,
+        }
+    }
+}
+
+/// How to undo one change to the map.
+#[derive(Debug)]
+pub(crate) enum Undo {
+    /// The path was inserted: remove it.
+    Inserted(Box<str>),
+    /// The path was removed: put the node back.
+    Removed(Box<str>, Node),
+    /// The node's metadata changed: restore it.
+    Meta(Box<str>, Meta),
+    /// The node's data and metadata changed: restore both.
+    Data(Box<str>, Meta, Box<[u8]>),
+}
+
+/// What a write needs from the command applying it, and what it produces.
+pub(crate) struct Effects<'a> {
+    /// The revision the command's changes take.
+    pub revision: Revision,
+    /// The command's leader-stamped time.
+    pub now_ms: u64,
+    /// Events fired so far, in order.
+    pub events: &'a mut Vec<Event>,
+    /// When inside a multi: how to undo each change, in order.
+    pub undo: Option<&'a mut Vec<Undo>>,
+}
+
+impl Effects<'_> {
+    fn event(&mut self, path: &str, event_type: EventType) {
+        self.events.push(Event {
+            path: path.to_owned(),
+            event_type,
+            revision: self.revision,
+        });
+    }
+
+    fn record(&mut self, undo: impl FnOnce() -> Undo) {
+        if let Some(log) = self.undo.as_deref_mut() {
+            log.push(undo());
+        }
+    }
+}
+
+/// The namespace plus an index of ephemeral nodes by owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tree {
+    nodes: BTreeMap<Box<str>, Node>,
+    ephemerals: BTreeSet<(SessionId, Box<str>)>,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tree {
+    /// A namespace holding only the root `/`.
+    pub fn new() -> Self {
+        let mut nodes = BTreeMap::new();
+        nodes.insert(
+            Box::from("/"),
+            Node {
+                meta: Meta::default(),
+                data: Box::default(),
+            },
+        );
+        Tree {
+            nodes,
+            ephemerals: BTreeSet::new(),
+        }
+    }
+
+    /// Rebuilds a tree from its nodes, checking the invariants that the
+    /// snapshot reader cannot trust: the root exists, every node's parent
+    /// exists and is persistent, and every child count is right.
+    pub fn from_nodes(
+        nodes: BTreeMap<Box<str>, Node>,
+        path_bytes_max: u64,
+    ) -> Result<Self, String> {
+        if !nodes.contains_key("/") {
+            return Err("the root node is missing".into());
+        }
+        let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut ephemerals = BTreeSet::new();
+        for (path, node) in &nodes {
+            validate_path(path, path_bytes_max).map_err(|error| error.to_string())?;
+            if let Some(parent_path) = parent(path) {
+                let Some(parent_node) = nodes.get(parent_path) else {
+                    return Err(format!("node {path} has no parent"));
+                };
+                if parent_node.meta.ephemeral_owner != 0 {
+                    return Err(format!("node {path} has an ephemeral parent"));
+                }
+                *counts.entry(parent_path).or_default() += 1;
+            }
+            if node.meta.ephemeral_owner != 0 {
+                ephemerals.insert((node.meta.ephemeral_owner, path.clone()));
+            }
+        }
+        for (path, node) in &nodes {
+            let counted = counts.get(&**path).copied().unwrap_or(0);
+            if node.meta.children_count != counted {
+                return Err(format!(
+                    "node {path} records {} children but has {counted}",
+                    node.meta.children_count
+                ));
+            }
+        }
+        Ok(Tree { nodes, ephemerals })
+    }
+
+    /// All nodes in path order.
+    pub fn nodes(&self) -> &BTreeMap<Box<str>, Node> {
+        &self.nodes
+    }
+
+    /// Number of nodes, the root included.
+    pub fn len(&self) -> u64 {
+        self.nodes.len() as u64
+    }
+
+    /// The node at a path.
+    pub fn get(&self, path: &str) -> Option<&Node> {
+        self.nodes.get(path)
+    }
+
+    /// Sessions owning at least one ephemeral node, with their nodes.
+    pub fn ephemeral_owners(&self) -> impl Iterator<Item = SessionId> + '_ {
+        self.ephemerals.iter().map(|(owner, _)| *owner)
+    }
+
+    /// The ephemeral nodes of a session, in path order.
+    pub fn ephemerals_of(&self, session: SessionId) -> Vec<Box<str>> {
+        let start: (SessionId, Box<str>) = (session, Box::from(""));
+        self.ephemerals
+            .range(start..)
+            .take_while(|(owner, _)| *owner == session)
+            .map(|(_, path)| path.clone())
+            .collect()
+    }
+
+    /// The names of a node's children, sorted bytewise.
+    ///
+    /// Scans the paths below the node in order and, on meeting a grandchild,
+    /// seeks past that child's whole subtree: every path starting with
+    /// `child + "/"` sorts below `child + "0"` ('0' follows '/').
+    pub fn children(&self, path: &str) -> Vec<String> {
+        let prefix = descendant_prefix(path);
+        let mut names = Vec::new();
+        let mut lower = prefix.clone();
+        loop {
+            let mut range = self
+                .nodes
+                .range::<str, _>((Bound::Included(lower.as_str()), Bound::Unbounded));
+            lower = loop {
+                let Some((key, _)) = range.next() else {
+                    return names;
+                };
+                let Some(rest) = key.strip_prefix(prefix.as_str()) else {
+                    return names;
+                };
+                if rest.is_empty() {
+                    continue;
+                }
+                match rest.find('/') {
+                    None => names.push(rest.to_owned()),
+                    Some(end) => break format!("{prefix}{}0", &rest[..end]),
+                }
+            };
+        }
+    }
+
+    /// Creates a node; returns its full path.
+    ///
+    /// # Errors
+    /// `BadArgument` (bad path), `DataTooLarge`, `NodeExists`, `NoNode` (no
+    /// parent), `NoChildrenForEphemerals`.
+    pub fn create(
+        &mut self,
+        config: &StateConfig,
+        path: &str,
+        data: &[u8],
+        mode: CreateMode,
+        owner: SessionId,
+        fx: &mut Effects<'_>,
+    ) -> Result<String, Error> {
+        // A sequential create names a prefix that may end in '/' ("/q/" gives
+        // "/q/0000000001"), so for it the full path is what must be valid.
+        let parent_path = if mode.is_sequential() {
+            if !path.starts_with('/') {
+                validate_path(path, config.path_bytes_max)?;
+            }
+            let parent_path = match path.rfind('/') {
+                Some(0) | None => "/",
+                Some(end) => &path[..end],
+            };
+            validate_path(parent_path, config.path_bytes_max)?;
+            parent_path
+        } else {
+            validate_path(path, config.path_bytes_max)?;
+            if path == "/" {
+                return Err(Error::NodeExists { path: path.into() });
+            }
+            parent(path).unwrap_or("/")
+        };
+        check_data(config, data)?;
+        let Some(parent_node) = self.nodes.get(parent_path) else {
+            return Err(Error::NoNode {
+                path: parent_path.into(),
+            });
+        };
+        if parent_node.meta.ephemeral_owner != 0 {
+            return Err(Error::NoChildrenForEphemerals {
+                path: parent_path.into(),
+            });
+        }
+        let full_path = if mode.is_sequential() {
+            let full = format!("{path}{:010}", parent_node.meta.child_version);
+            validate_path(&full, config.path_bytes_max)?;
+            full
+        } else {
+            path.to_owned()
+        };
+        if self.nodes.contains_key(full_path.as_str()) {
+            return Err(Error::NodeExists { path: full_path });
+        }
+        // Validated: from here on nothing fails.
+        let owner = if mode.is_ephemeral() { owner } else { 0 };
+        let key: Box<str> = Box::from(full_path.as_str());
+        let meta = Meta {
+            created_revision: fx.revision,
+            modified_revision: fx.revision,
+            created_time_ms: fx.now_ms,
+            modified_time_ms: fx.now_ms,
+            version: 0,
+            child_version: 0,
+            ephemeral_owner: owner,
+            child_modified_revision: fx.revision,
+            children_count: 0,
+        };
+        if owner != 0 {
+            self.ephemerals.insert((owner, key.clone()));
+        }
+        fx.record(|| Undo::Inserted(key.clone()));
+        self.nodes.insert(
+            key,
+            Node {
+                meta,
+                data: Box::from(data),
+            },
+        );
+        self.touch_parent(parent_path, 1, fx);
+        fx.event(&full_path, EventType::NodeCreated);
+        fx.event(parent_path, EventType::NodeChildrenChanged);
+        Ok(full_path)
+    }
+
+    /// Deletes a childless node.
+    ///
+    /// # Errors
+    /// `BadArgument` (bad path, or the root), `NoNode`, `BadVersion`, `NotEmpty`.
+    pub fn delete(
+        &mut self,
+        config: &StateConfig,
+        path: &str,
+        expected_version: Option<u64>,
+        fx: &mut Effects<'_>,
+    ) -> Result<(), Error> {
+        validate_path(path, config.path_bytes_max)?;
+        if path == "/" {
+            return Err(Error::bad_argument("the root node / cannot be deleted"));
+        }
+        let node = self.node_at_version(path, expected_version)?;
+        if node.meta.children_count != 0 {
+            return Err(Error::NotEmpty { path: path.into() });
+        }
+        self.remove_node(path, fx);
+        Ok(())
+    }
+
+    /// Removes a node known to exist and to have no children.
+    pub fn remove_node(&mut self, path: &str, fx: &mut Effects<'_>) {
+        let Some((key, node)) = self.nodes.remove_entry(path) else {
+            return;
+        };
+        assert_eq!(node.meta.children_count, 0, "removing {path} with children");
+        if node.meta.ephemeral_owner != 0 {
+            self.ephemerals
+                .remove(&(node.meta.ephemeral_owner, key.clone()));
+        }
+        fx.record(|| Undo::Removed(key, node));
+        let parent_path = parent(path).unwrap_or("/");
+        self.touch_parent(parent_path, -1, fx);
+        fx.event(path, EventType::NodeDeleted);
+        fx.event(parent_path, EventType::NodeChildrenChanged);
+    }
+
+    /// Replaces a node's data; returns its new stat.
+    ///
+    /// # Errors
+    /// `BadArgument` (bad path), `DataTooLarge`, `NoNode`, `BadVersion`.
+    pub fn set(
+        &mut self,
+        config: &StateConfig,
+        path: &str,
+        data: &[u8],
+        expected_version: Option<u64>,
+        fx: &mut Effects<'_>,
+    ) -> Result<Stat, Error> {
+        validate_path(path, config.path_bytes_max)?;
+        check_data(config, data)?;
+        self.node_at_version(path, expected_version)?;
+        let Some((key, node)) = self.nodes.get_key_value(path) else {
+            return Err(Error::NoNode { path: path.into() });
+        };
+        let key = key.clone();
+        let old_meta = node.meta;
+        let Some(node) = self.nodes.get_mut(path) else {
+            return Err(Error::NoNode { path: path.into() });
+        };
+        let old_data = std::mem::replace(&mut node.data, Box::from(data));
+        node.meta.version += 1;
+        node.meta.modified_revision = fx.revision;
+        node.meta.modified_time_ms = fx.now_ms;
+        let stat = node.stat();
+        fx.record(|| Undo::Data(key, old_meta, old_data));
+        fx.event(path, EventType::NodeDataChanged);
+        Ok(stat)
+    }
+
+    /// The node at `path`, if its version is `expected_version` (when given).
+    ///
+    /// # Errors
+    /// `BadArgument` (bad path), `NoNode`, `BadVersion`.
+    pub fn check(
+        &self,
+        config: &StateConfig,
+        path: &str,
+        expected_version: Option<u64>,
+    ) -> Result<&Node, Error> {
+        validate_path(path, config.path_bytes_max)?;
+        self.node_at_version(path, expected_version)
+    }
+
+    fn node_at_version(&self, path: &str, expected_version: Option<u64>) -> Result<&Node, Error> {
+        let Some(node) = self.nodes.get(path) else {
+            return Err(Error::NoNode { path: path.into() });
+        };
+        match expected_version {
+            Some(expected) if expected != node.meta.version => Err(Error::BadVersion {
+                path: path.into(),
+                expected_version: expected,
+                actual_version: node.meta.version,
+            }),
+            _ => Ok(node),
+        }
+    }
+
+    fn touch_parent(&mut self, parent_path: &str, delta: i64, fx: &mut Effects<'_>) {
+        let Some((key, node)) = self.nodes.get_key_value(parent_path) else {
+            panic!("parent {parent_path} vanished during a write");
+        };
+        if fx.undo.is_some() {
+            let undo = Undo::Meta(key.clone(), node.meta);
+            fx.record(|| undo);
+        }
+        let Some(node) = self.nodes.get_mut(parent_path) else {
+            return;
+        };
+        node.meta.children_count = node.meta.children_count.wrapping_add_signed(delta);
+        node.meta.child_version += 1;
+        node.meta.child_modified_revision = fx.revision;
+    }
+
+    /// Undoes recorded changes, last first.
+    pub fn rollback(&mut self, undo: Vec<Undo>) {
+        for change in undo.into_iter().rev() {
+            match change {
+                Undo::Inserted(path) => {
+                    if let Some(node) = self.nodes.remove(&path) {
+                        if node.meta.ephemeral_owner != 0 {
+                            self.ephemerals.remove(&(node.meta.ephemeral_owner, path));
+                        }
+                    }
+                }
+                Undo::Removed(path, node) => {
+                    if node.meta.ephemeral_owner != 0 {
+                        self.ephemerals
+                            .insert((node.meta.ephemeral_owner, path.clone()));
+                    }
+                    self.nodes.insert(path, node);
+                }
+                Undo::Meta(path, meta) => {
+                    if let Some(node) = self.nodes.get_mut(&path) {
+                        node.meta = meta;
+                    }
+                }
+                Undo::Data(path, meta, data) => {
+                    if let Some(node) = self.nodes.get_mut(&path) {
+                        node.meta = meta;
+                        node.data = data;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn check_data(config: &StateConfig, data: &[u8]) -> Result<(), Error> {
+    if data.len() as u64 > config.data_bytes_max {
+        return Err(Error::DataTooLarge {
+            size_bytes: data.len() as u64,
+            max_bytes: config.data_bytes_max,
+        });
+    }
+    Ok(())
+}
