@@ -271,6 +271,16 @@ impl StateMachine {
         }
     }
 
+    /// Every node in path order with its stat and data: for tests and
+    /// diagnostic tools (it copies the whole namespace).
+    pub fn dump_nodes(&self) -> Vec<(String, Stat, Vec<u8>)> {
+        self.tree
+            .nodes()
+            .iter()
+            .map(|(path, node)| (path.to_string(), node.stat(), node.data.to_vec()))
+            .collect()
+    }
+
     /// The stat of the node at `path`, if there is one.
     pub fn stat(&self, path: &str) -> Option<Stat> {
         self.tree.get(path).map(|node| node.stat())
