@@ -1,0 +1,1815 @@
+//! The replica's core: acceptor, proposer and learner in one deterministic
+//! state machine.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::mem;
+use std::sync::Arc;
+
+use rand_chacha::ChaCha8Rng;
+use rand_core::{RngCore, SeedableRng};
+use thiserror::Error;
+
+use crate::config::{Config, ConfigError};
+use crate::durable::{DurableState, Persist};
+use crate::message::*;
+use crate::types::{AcceptedEntry, Ballot, ChosenEntry, Command, Membership, NodeId, Slot, Value};
+
+/// Chooses a read; picked by the caller and handed back in [`ReadOutcome`].
+pub type ReadId = u64;
+
+/// The role a replica plays at the moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Follows a leader, or waits for one.
+    Follower,
+    /// Asking whether a majority would promise before raising its round.
+    PreCandidate,
+    /// Running phase 1 under its own ballot.
+    Candidate,
+    /// Won phase 1; proposes in phase 2.
+    Leader,
+}
+
+/// A proposal the core could not take, with the commands handed back.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProposeError {
+    /// No leader is known; try again after one is elected.
+    #[error("no leader is known")]
+    NoLeader(Vec<Command>),
+    /// The leader's queue of commands waiting for a slot is full.
+    #[error("too many commands are waiting for a slot")]
+    Overloaded(Vec<Command>),
+}
+
+/// What became of a read request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadOutcome {
+    /// The read is linearizable once the state machine applied every slot up
+    /// to `read_index`.
+    Ready {
+        /// The caller's read.
+        id: ReadId,
+        /// Serve the read after applying this slot.
+        read_index: Slot,
+    },
+    /// No safe read index could be had (no leader, leadership lost, or
+    /// timeout); the caller may retry.
+    Aborted {
+        /// The caller's read.
+        id: ReadId,
+    },
+}
+
+/// The core needs the state machine's snapshot from another replica because
+/// the entries it lacks were compacted there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRequest {
+    /// The replica to fetch the snapshot from.
+    pub from: NodeId,
+    /// The snapshot must cover at least every slot up to this one.
+    pub covering_through: Slot,
+}
+
+/// Everything the core asks of its caller since the last call to
+/// [`Node::ready`]. See the crate docs for the order of duties.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// Changes to make durable, then report with [`Node::persisted`].
+    pub persist: Option<Persist>,
+    /// Messages to send now; each one's durable dependencies are met.
+    pub messages: Vec<Envelope>,
+    /// Chosen entries to apply, in consecutive slot order.
+    pub chosen: Vec<ChosenEntry>,
+    /// Reads that may now be served, or were aborted.
+    pub reads: Vec<ReadOutcome>,
+    /// A snapshot to fetch and install (then call [`Node::snapshot_installed`]).
+    pub snapshot: Option<SnapshotRequest>,
+}
+
+/// One member's progress as the leader sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// The member.
+    pub id: NodeId,
+    /// The member's chosen prefix as last reported to the leader.
+    pub chosen_through: Slot,
+    /// When the leader last heard from it under the current ballot, on the
+    /// leader's clock.
+    pub last_heard_ms: u64,
+}
+
+/// A snapshot of the core's state for status displays and tests.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Status {
+    /// This replica.
+    pub id: NodeId,
+    /// Its role.
+    pub role: Role,
+    /// The leader it believes in, if any.
+    pub leader: Option<NodeId>,
+    /// Its highest promised ballot.
+    pub promised: Ballot,
+    /// Its chosen prefix.
+    pub chosen_through: Slot,
+    /// The first slot it has not handed out for applying.
+    pub apply_next: Slot,
+    /// Its first retained log slot.
+    pub log_start: Slot,
+    /// Commands waiting for a slot (leader only).
+    pub pending_commands: usize,
+    /// Slots proposed and not yet known chosen (leader only).
+    pub inflight_slots: u64,
+    /// The next slot the leader will assign (leader only).
+    pub next_slot: Slot,
+    /// Per-member progress (leader only).
+    pub peers: Vec<PeerStatus>,
+}
+
+/// An entry of the in-memory log.
+#[derive(Clone, Debug)]
+struct Entry {
+    ballot: Ballot,
+    value: Value,
+    /// The persist batch that wrote it; 0 for entries loaded from disk.
+    batch: u64,
+}
+
+/// When a message may leave.
+#[derive(Clone, Copy, Debug)]
+enum After {
+    /// Right away.
+    Now,
+    /// Once every write issued so far is durable.
+    AllWrites,
+    /// Once the given batch is durable.
+    Batch(u64),
+}
+
+/// Who asked for a read the leader is confirming.
+#[derive(Clone, Copy, Debug)]
+enum Reader {
+    Local(ReadId),
+    Remote { node: NodeId, request: u64 },
+}
+
+#[derive(Debug)]
+struct PreCandidate {
+    round: u64,
+    granted: u64,
+}
+
+#[derive(Debug)]
+struct ReceivedPromise {
+    chosen_through: Slot,
+    entries: Vec<AcceptedEntry>,
+}
+
+#[derive(Debug)]
+struct Candidate {
+    ballot: Ballot,
+    /// The persist batch that records the promise of `ballot`.
+    ballot_batch: u64,
+    promises: BTreeMap<NodeId, ReceivedPromise>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Inflight {
+    acks: u64,
+    chosen: bool,
+    sent_at_ms: u64,
+}
+
+#[derive(Debug)]
+struct Leader {
+    ballot: Ballot,
+    ballot_batch: u64,
+    /// The next slot to assign.
+    next_slot: Slot,
+    /// Slots from `inflight_base` to `next_slot - 1`, in order.
+    inflight: VecDeque<Inflight>,
+    /// The slot of `inflight[0]`; always `chosen_through + 1` once trimmed.
+    inflight_base: Slot,
+    /// The no-op proposed on election; lease and read-index reads wait until
+    /// it is chosen, so that every earlier chosen entry is known.
+    barrier_slot: Slot,
+    pending: VecDeque<Command>,
+    /// Slots assigned since the last broadcast.
+    unsent_from: Option<Slot>,
+    announced_chosen_through: Slot,
+    heartbeat_sequence: u64,
+    last_heartbeat_ms: u64,
+    heartbeat_due: bool,
+    heartbeat_sent_at: VecDeque<(u64, u64)>,
+    acked_sequence: Vec<u64>,
+    last_heard_ms: Vec<u64>,
+    peer_chosen_through: Vec<Slot>,
+    elected_at_ms: u64,
+    lease_until_ms: u64,
+    reads_waiting_barrier: Vec<Reader>,
+    reads_waiting_quorum: VecDeque<(u64, Reader, Slot, u64)>,
+}
+
+#[derive(Debug)]
+enum RoleState {
+    Follower,
+    PreCandidate(PreCandidate),
+    Candidate(Candidate),
+    Leader(Box<Leader>),
+}
+
+/// How many recent heartbeat send times the leader remembers for leases.
+const HEARTBEAT_HISTORY: usize = 64;
+
+/// A Multi-Paxos replica: acceptor, proposer and learner.
+///
+/// Methods fall into four groups, called in this order by the driver:
+///
+/// * **Inputs** (each takes the current time): [`Node::step`] for a message
+///   from a peer, [`Node::tick`] for the passage of time, [`Node::propose`],
+///   [`Node::read`], and the caller's reports [`Node::persisted`],
+///   [`Node::compact`], [`Node::snapshot_installed`].
+/// * **Output**: [`Node::ready`] drains everything the inputs produced;
+///   [`Node::has_ready`] says whether there is anything to drain.
+/// * **Getters**: [`Node::id`], [`Node::role`], [`Node::leader`],
+///   [`Node::chosen_through`], [`Node::has_lease`], [`Node::status`], ...
+/// * **Construction**: [`Node::new`] from durable state (a bootstrap state
+///   for a new member).
+#[derive(Debug)]
+pub struct Node {
+    config: Config,
+    membership: Membership,
+    self_bit: u64,
+    rng: ChaCha8Rng,
+    now_ms: u64,
+
+    promised: Ballot,
+    log: BTreeMap<Slot, Entry>,
+    log_start: Slot,
+    chosen_through: Slot,
+    apply_next: Slot,
+    highest_round_seen: u64,
+
+    building: Persist,
+    durable_through: u64,
+    held: BTreeMap<u64, Vec<Envelope>>,
+    loopback: VecDeque<Message>,
+    outbox: Vec<Envelope>,
+    reads_out: Vec<ReadOutcome>,
+    snapshot_out: Option<SnapshotRequest>,
+
+    role: RoleState,
+    leader_hint: Option<NodeId>,
+    election_deadline_ms: u64,
+    lease_granted_until_ms: u64,
+    lease_granted_to: Option<NodeId>,
+    no_promise_until_ms: u64,
+
+    announced_chosen_through: Slot,
+    catch_up_sent: Option<(NodeId, Slot, u64)>,
+    next_read_request: u64,
+    forwarded_reads: BTreeMap<u64, (ReadId, u64)>,
+    reads_waiting_chosen: Vec<(ReadId, Slot, u64)>,
+}
+
+impl Node {
+    /// Starts a replica's core from its durable state. `apply_from` is the
+    /// first slot the caller's state machine has not applied (0 for a new
+    /// member). The replica promises nothing for one lease duration, since it
+    /// may have forgotten a lease it granted before it stopped.
+    ///
+    /// # Errors
+    /// An invalid configuration, a replica that is not a member, or a durable
+    /// state inconsistent with `apply_from`.
+    pub fn new(
+        config: Config,
+        state: DurableState,
+        apply_from: Slot,
+        now_ms: u64,
+    ) -> Result<Node, ConfigError> {
+        config.validate()?;
+        let membership = state.membership.clone();
+        let Some(self_index) = membership.index_of(config.id) else {
+            return Err(ConfigError::NotAMember(config.id));
+        };
+        state.check(apply_from)?;
+        let chosen_through = state.chosen_through.max(apply_from.saturating_sub(1));
+        let log = state
+            .log
+            .into_iter()
+            .map(|(slot, record)| {
+                (
+                    slot,
+                    Entry {
+                        ballot: record.ballot,
+                        value: record.value,
+                        batch: 0,
+                    },
+                )
+            })
+            .collect();
+        let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ config.id.rotate_left(32));
+        let first_timeout = random_between(
+            &mut rng,
+            config.election_timeout_min_ms,
+            config.election_timeout_max_ms,
+        );
+        Ok(Node {
+            membership,
+            self_bit: 1 << self_index,
+            rng,
+            now_ms,
+            promised: state.promised,
+            log,
+            log_start: state.log_start,
+            chosen_through,
+            apply_next: apply_from,
+            highest_round_seen: state.promised.round,
+            building: Persist {
+                id: 1,
+                ..Persist::default()
+            },
+            durable_through: 0,
+            held: BTreeMap::new(),
+            loopback: VecDeque::new(),
+            outbox: Vec::new(),
+            reads_out: Vec::new(),
+            snapshot_out: None,
+            role: RoleState::Follower,
+            leader_hint: None,
+            election_deadline_ms: now_ms + first_timeout,
+            lease_granted_until_ms: 0,
+            lease_granted_to: None,
+            no_promise_until_ms: now_ms + config.lease_ms,
+            announced_chosen_through: chosen_through,
+            catch_up_sent: None,
+            next_read_request: 1,
+            forwarded_reads: BTreeMap::new(),
+            reads_waiting_chosen: Vec::new(),
+            config,
+        })
+    }
+
+    // ----- Getters -----
+
+    /// This replica's id.
+    pub fn id(&self) -> NodeId {
+        self.config.id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The voting members.
+    pub fn membership(&self) -> &Membership {
+        &self.membership
+    }
+
+    /// The current role.
+    pub fn role(&self) -> Role {
+        match self.role {
+            RoleState::Follower => Role::Follower,
+            RoleState::PreCandidate(_) => Role::PreCandidate,
+            RoleState::Candidate(_) => Role::Candidate,
+            RoleState::Leader(_) => Role::Leader,
+        }
+    }
+
+    /// The leader this replica believes in (itself when it leads).
+    pub fn leader(&self) -> Option<NodeId> {
+        self.leader_hint
+    }
+
+    /// The highest ballot this replica promised.
+    pub fn promised(&self) -> Ballot {
+        self.promised
+    }
+
+    /// Every slot up to this one is known chosen here.
+    pub fn chosen_through(&self) -> Slot {
+        self.chosen_through
+    }
+
+    /// The first slot not yet handed out for applying.
+    pub fn apply_next(&self) -> Slot {
+        self.apply_next
+    }
+
+    /// The first slot retained in the log.
+    pub fn log_start(&self) -> Slot {
+        self.log_start
+    }
+
+    /// Whether this replica leads and holds a lease at `now_ms` (its clock).
+    pub fn has_lease(&self, now_ms: u64) -> bool {
+        match &self.role {
+            RoleState::Leader(leader) => now_ms < leader.lease_until_ms,
+            _ => false,
+        }
+    }
+
+    /// When the leader's lease ends on its clock; 0 when it holds none.
+    pub fn lease_until_ms(&self) -> u64 {
+        match &self.role {
+            RoleState::Leader(leader) => leader.lease_until_ms,
+            _ => 0,
+        }
+    }
+
+    /// Role, leader, ballot, slots and per-member progress.
+    pub fn status(&self) -> Status {
+        let (pending_commands, inflight_slots, next_slot, peers) = match &self.role {
+            RoleState::Leader(leader) => (
+                leader.pending.len(),
+                leader.inflight.len() as u64,
+                leader.next_slot,
+                self.membership
+                    .members()
+                    .iter()
+                    .enumerate()
+                    .map(|(index, &id)| PeerStatus {
+                        id,
+                        chosen_through: leader.peer_chosen_through[index],
+                        last_heard_ms: leader.last_heard_ms[index],
+                    })
+                    .collect(),
+            ),
+            _ => (0, 0, 0, Vec::new()),
+        };
+        Status {
+            id: self.id(),
+            role: self.role(),
+            leader: self.leader_hint,
+            promised: self.promised,
+            chosen_through: self.chosen_through,
+            apply_next: self.apply_next,
+            log_start: self.log_start,
+            pending_commands,
+            inflight_slots,
+            next_slot,
+            peers,
+        }
+    }
+
+    // ----- Output -----
+
+    /// Whether [`Node::ready`] would return anything.
+    pub fn has_ready(&self) -> bool {
+        !self.building.is_empty()
+            || !self.outbox.is_empty()
+            || !self.reads_out.is_empty()
+            || self.snapshot_out.is_some()
+            || self.chosen_releasable()
+            || self.proposals_flushable()
+            || self.commit_announcement_due()
+    }
+
+    /// Drains every output produced since the last call.
+    pub fn ready(&mut self) -> Ready {
+        self.flush_proposals();
+        self.announce_commit();
+        self.drain_loopback();
+        let persist = if self.building.is_empty() {
+            None
+        } else {
+            let next = Persist {
+                id: self.building.id + 1,
+                ..Persist::default()
+            };
+            Some(mem::replace(&mut self.building, next))
+        };
+        let chosen = self.release_chosen();
+        Ready {
+            persist,
+            messages: mem::take(&mut self.outbox),
+            chosen,
+            reads: mem::take(&mut self.reads_out),
+            snapshot: self.snapshot_out.take(),
+        }
+    }
+
+    // ----- Inputs -----
+
+    /// Reports that every persist batch up to `id` is durable. Messages that
+    /// waited for them are released, and the leader counts its own
+    /// acceptances.
+    pub fn persisted(&mut self, now_ms: u64, id: u64) {
+        self.advance_clock(now_ms);
+        let issued = self.building.id - 1;
+        debug_assert!(id <= issued, "persisted({id}) but only {issued} issued");
+        let id = id.min(issued);
+        if id <= self.durable_through {
+            return;
+        }
+        self.durable_through = id;
+        let later = self.held.split_off(&(id + 1));
+        let released = mem::replace(&mut self.held, later);
+        for (_, envelopes) in released {
+            for envelope in envelopes {
+                self.route(envelope);
+            }
+        }
+        self.drain_loopback();
+    }
+
+    /// Advances time: heartbeats, retransmissions, elections, timeouts.
+    pub fn tick(&mut self, now_ms: u64) {
+        self.advance_clock(now_ms);
+        if matches!(self.role, RoleState::Leader(_)) {
+            self.leader_tick();
+        } else {
+            if self.now_ms >= self.election_deadline_ms {
+                self.start_pre_vote();
+            }
+            self.retry_catch_up();
+        }
+        self.expire_reads();
+        self.drain_loopback();
+    }
+
+    /// Handles a message from a peer. Messages from non-members and
+    /// misaddressed messages are ignored.
+    pub fn step(&mut self, now_ms: u64, envelope: Envelope) {
+        self.advance_clock(now_ms);
+        if envelope.to != self.id()
+            || envelope.from == self.id()
+            || !self.membership.contains(envelope.from)
+        {
+            return;
+        }
+        self.handle(envelope.from, envelope.message);
+        self.drain_loopback();
+    }
+
+    /// Proposes commands. At the leader they queue for the next slots; at a
+    /// follower they are forwarded to the leader (and may be lost with it: the
+    /// caller retries, and its state machine drops duplicates).
+    ///
+    /// # Errors
+    /// [`ProposeError::NoLeader`] when no leader is known,
+    /// [`ProposeError::Overloaded`] when the leader's queue is full; both hand
+    /// the commands back.
+    pub fn propose(&mut self, now_ms: u64, commands: Vec<Command>) -> Result<(), ProposeError> {
+        self.advance_clock(now_ms);
+        if commands.is_empty() {
+            return Ok(());
+        }
+        let max_pending = self.config.max_pending_commands;
+        match &mut self.role {
+            RoleState::Leader(leader) => {
+                if leader.pending.len() + commands.len() > max_pending {
+                    return Err(ProposeError::Overloaded(commands));
+                }
+                leader.pending.extend(commands);
+                Ok(())
+            }
+            _ => match self.leader_hint {
+                Some(leader) if leader != self.id() => {
+                    self.send(
+                        leader,
+                        Message::Forward(Forward {
+                            commands: commands.into(),
+                        }),
+                        After::Now,
+                    );
+                    Ok(())
+                }
+                _ => Err(ProposeError::NoLeader(commands)),
+            },
+        }
+    }
+
+    /// Asks for a linearizable read. The outcome arrives in
+    /// [`Ready::reads`]: at a leader with a lease at once, otherwise after a
+    /// heartbeat round confirms the leadership (at a follower, through the
+    /// leader).
+    pub fn read(&mut self, now_ms: u64, id: ReadId) {
+        self.advance_clock(now_ms);
+        let pending = self.forwarded_reads.len() + self.reads_waiting_chosen.len();
+        if pending >= self.config.max_pending_reads {
+            self.reads_out.push(ReadOutcome::Aborted { id });
+            return;
+        }
+        if matches!(self.role, RoleState::Leader(_)) {
+            self.leader_read(Reader::Local(id));
+        } else if let Some(leader) = self.leader_hint.filter(|&l| l != self.id()) {
+            let request = self.next_read_request;
+            self.next_read_request += 1;
+            let deadline = self.now_ms + self.config.read_timeout_ms;
+            self.forwarded_reads.insert(request, (id, deadline));
+            self.send(
+                leader,
+                Message::ReadIndex(ReadIndex { request }),
+                After::Now,
+            );
+        } else {
+            self.reads_out.push(ReadOutcome::Aborted { id });
+        }
+        self.drain_loopback();
+    }
+
+    /// Reports that the state machine's effects are durable through slot
+    /// `applied_through`; the log below it, less a retained tail, may go.
+    pub fn compact(&mut self, applied_through: Slot) {
+        let limit = applied_through
+            .min(self.chosen_through)
+            .min(self.apply_next.saturating_sub(1));
+        let new_start = limit.saturating_sub(self.config.log_retain_slots);
+        if new_start <= self.log_start {
+            return;
+        }
+        self.log = self.log.split_off(&new_start);
+        self.log_start = new_start;
+        self.building.compact_below = Some(new_start);
+    }
+
+    /// Reports that the caller installed, durably, a snapshot of the state
+    /// machine covering every slot up to `through`, with `membership` in
+    /// force. The log below it is dropped and catch-up resumes after it.
+    pub fn snapshot_installed(&mut self, now_ms: u64, through: Slot, membership: Membership) {
+        self.advance_clock(now_ms);
+        if through < self.apply_next {
+            return;
+        }
+        if !membership.contains(self.id()) {
+            return;
+        }
+        self.apply_next = through + 1;
+        if through > self.chosen_through {
+            self.chosen_through = through;
+            self.building.chosen_through = Some(through);
+            self.trim_inflight();
+        }
+        let new_start = through + 1;
+        if new_start > self.log_start {
+            self.log = self.log.split_off(&new_start);
+            self.log_start = new_start;
+            self.building.compact_below = Some(new_start);
+        }
+        if membership != self.membership {
+            self.self_bit = membership.index_of(self.id()).map_or(0, |index| 1 << index);
+            self.membership = membership.clone();
+            self.building.membership = Some(membership);
+        }
+        self.catch_up_sent = None;
+        if let Some(leader) = self.leader_hint.filter(|&l| l != self.id()) {
+            if self.announced_chosen_through > self.chosen_through {
+                self.request_catch_up(leader);
+            }
+        }
+        self.drain_loopback();
+    }
+
+    // ----- Plumbing -----
+
+    fn advance_clock(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    fn random_election_timeout(&mut self) -> u64 {
+        random_between(
+            &mut self.rng,
+            self.config.election_timeout_min_ms,
+            self.config.election_timeout_max_ms,
+        )
+    }
+
+    fn reset_election_deadline(&mut self) {
+        self.election_deadline_ms = self.now_ms + self.random_election_timeout();
+    }
+
+    fn last_issued_batch(&self) -> u64 {
+        self.building.id - 1
+    }
+
+    fn send(&mut self, to: NodeId, message: Message, after: After) {
+        let dependency = match after {
+            After::Now => 0,
+            After::AllWrites => {
+                if self.building.is_empty() {
+                    self.last_issued_batch()
+                } else {
+                    self.building.id
+                }
+            }
+            After::Batch(id) => id,
+        };
+        let envelope = Envelope {
+            from: self.id(),
+            to,
+            message,
+        };
+        if dependency <= self.durable_through {
+            self.route(envelope);
+        } else {
+            self.held.entry(dependency).or_default().push(envelope);
+        }
+    }
+
+    fn broadcast(&mut self, message: Message, after: After, include_self: bool) {
+        for index in 0..self.membership.members().len() {
+            let to = self.membership.members()[index];
+            if to == self.id() && !include_self {
+                continue;
+            }
+            self.send(to, message.clone(), after);
+        }
+    }
+
+    fn route(&mut self, envelope: Envelope) {
+        if envelope.to == self.id() {
+            self.loopback.push_back(envelope.message);
+        } else {
+            self.outbox.push(envelope);
+        }
+    }
+
+    fn drain_loopback(&mut self) {
+        while let Some(message) = self.loopback.pop_front() {
+            self.handle(self.id(), message);
+        }
+    }
+
+    fn member_bit(&self, node: NodeId) -> u64 {
+        self.membership.index_of(node).map_or(0, |index| 1 << index)
+    }
+
+    fn handle(&mut self, from: NodeId, message: Message) {
+        match message {
+            Message::PreVote(m) => self.on_pre_vote(from, m),
+            Message::PreVoteReply(m) => self.on_pre_vote_reply(from, m),
+            Message::Prepare(m) => self.on_prepare(from, m),
+            Message::Promise(m) => self.on_promise(from, m),
+            Message::Reject(m) => self.on_reject(from, m),
+            Message::Accept(m) => self.on_accept(from, m),
+            Message::Accepted(m) => self.on_accepted(from, m),
+            Message::Commit(m) => self.on_commit(from, m),
+            Message::Heartbeat(m) => self.on_heartbeat(from, m),
+            Message::HeartbeatAck(m) => self.on_heartbeat_ack(from, m),
+            Message::CatchUp(m) => self.on_catch_up(from, m),
+            Message::Chosen(m) => self.on_chosen(from, m),
+            Message::SnapshotNeeded(m) => self.on_snapshot_needed(from, m),
+            Message::Forward(m) => self.on_forward(from, m),
+            Message::ReadIndex(m) => self.on_read_index(from, m),
+            Message::ReadIndexReply(m) => self.on_read_index_reply(from, m),
+        }
+    }
+
+    /// Whether this acceptor may promise a ballot owned by `candidate` now:
+    /// not within a lease it granted to another leader, and not within one
+    /// lease duration of its own start.
+    fn may_promise_to(&self, candidate: NodeId) -> bool {
+        if self.now_ms < self.no_promise_until_ms {
+            return false;
+        }
+        if self.now_ms < self.lease_granted_until_ms && self.lease_granted_to != Some(candidate) {
+            return false;
+        }
+        true
+    }
+
+    fn leads_with(&self, ballot: Ballot) -> bool {
+        matches!(&self.role, RoleState::Leader(leader) if leader.ballot == ballot)
+    }
+
+    fn note_ballot(&mut self, ballot: Ballot) {
+        self.highest_round_seen = self.highest_round_seen.max(ballot.round);
+    }
+
+    // ----- Election -----
+
+    fn start_pre_vote(&mut self) {
+        self.reset_election_deadline();
+        if !self.may_promise_to(self.id()) {
+            return;
+        }
+        let round = self.highest_round_seen.max(self.promised.round) + 1;
+        self.role = RoleState::PreCandidate(PreCandidate {
+            round,
+            granted: self.self_bit,
+        });
+        self.leader_hint = None;
+        let message = Message::PreVote(PreVote {
+            round,
+            chosen_through: self.chosen_through,
+        });
+        self.broadcast(message, After::Now, false);
+        self.check_pre_vote_quorum();
+    }
+
+    fn on_pre_vote(&mut self, from: NodeId, message: PreVote) {
+        let granted = self.may_promise_to(from)
+            && Ballot::new(message.round, from) > self.promised
+            && message.chosen_through >= self.chosen_through
+            && !matches!(self.role, RoleState::Leader(_));
+        let reply = Message::PreVoteReply(PreVoteReply {
+            round: message.round,
+            granted,
+            promised: self.promised,
+        });
+        self.send(from, reply, After::Now);
+    }
+
+    fn on_pre_vote_reply(&mut self, from: NodeId, message: PreVoteReply) {
+        self.note_ballot(message.promised);
+        let bit = self.member_bit(from);
+        if let RoleState::PreCandidate(pre) = &mut self.role {
+            if message.round == pre.round && message.granted {
+                pre.granted |= bit;
+            }
+        }
+        self.check_pre_vote_quorum();
+    }
+
+    fn check_pre_vote_quorum(&mut self) {
+        let RoleState::PreCandidate(pre) = &self.role else {
+            return;
+        };
+        if !self.membership.is_quorum(pre.granted) {
+            return;
+        }
+        let round = pre.round.max(self.highest_round_seen + 1);
+        let ballot = Ballot::new(round, self.id());
+        self.note_ballot(ballot);
+        self.promised = ballot;
+        self.building.promised = Some(ballot);
+        self.role = RoleState::Candidate(Candidate {
+            ballot,
+            ballot_batch: self.building.id,
+            promises: BTreeMap::new(),
+        });
+        let prepare = Message::Prepare(Prepare {
+            ballot,
+            from_slot: self.chosen_through + 1,
+        });
+        // The ballot must be durable before any prepare leaves, or a restart
+        // could reuse it for different values.
+        self.broadcast(prepare, After::AllWrites, true);
+    }
+
+    fn on_prepare(&mut self, from: NodeId, message: Prepare) {
+        self.note_ballot(message.ballot);
+        let repeat = message.ballot == self.promised && message.ballot.node == from;
+        if !repeat {
+            if message.ballot <= self.promised {
+                let reject = Message::Reject(Reject {
+                    ballot: message.ballot,
+                    promised: self.promised,
+                });
+                self.send(from, reject, After::Now);
+                return;
+            }
+            if !self.may_promise_to(from) {
+                return;
+            }
+            self.promised = message.ballot;
+            self.building.promised = Some(message.ballot);
+            if from != self.id() {
+                self.step_down(None);
+            }
+        }
+        let promise = self.make_promise(message.ballot, message.from_slot);
+        // A promise is an answer: it leaves only once it is durable.
+        self.send(from, Message::Promise(promise), After::AllWrites);
+    }
+
+    fn make_promise(&self, ballot: Ballot, from_slot: Slot) -> Promise {
+        let start = from_slot.max(self.log_start);
+        let chosen_limit = start.saturating_add(4 * self.config.max_slots_per_message as u64);
+        let entries = self
+            .log
+            .range(start..)
+            .filter(|(&slot, _)| slot > self.chosen_through || slot < chosen_limit)
+            .map(|(&slot, entry)| AcceptedEntry {
+                slot,
+                ballot: entry.ballot,
+                value: entry.value.clone(),
+            })
+            .collect();
+        Promise {
+            ballot,
+            chosen_through: self.chosen_through,
+            log_start: self.log_start,
+            entries,
+        }
+    }
+
+    fn on_promise(&mut self, from: NodeId, message: Promise) {
+        let RoleState::Candidate(candidate) = &mut self.role else {
+            return;
+        };
+        if message.ballot != candidate.ballot {
+            return;
+        }
+        candidate.promises.insert(
+            from,
+            ReceivedPromise {
+                chosen_through: message.chosen_through,
+                entries: message.entries,
+            },
+        );
+        let mut mask = 0;
+        for &node in candidate.promises.keys() {
+            if let Some(index) = self.membership.index_of(node) {
+                mask |= 1 << index;
+            }
+        }
+        if self.membership.is_quorum(mask) {
+            self.become_leader();
+        }
+    }
+
+    fn on_reject(&mut self, _from: NodeId, message: Reject) {
+        self.note_ballot(message.promised);
+        let own = match &self.role {
+            RoleState::Candidate(candidate) => Some(candidate.ballot),
+            RoleState::Leader(leader) => Some(leader.ballot),
+            _ => None,
+        };
+        if own == Some(message.ballot) && message.promised > message.ballot {
+            self.step_down(None);
+        }
+    }
+
+    fn become_leader(&mut self) {
+        let RoleState::Candidate(candidate) = mem::replace(&mut self.role, RoleState::Follower)
+        else {
+            return;
+        };
+        let ballot = candidate.ballot;
+        // Learn what the promisers know to be chosen, contiguously from ours.
+        let mut chosen_known: BTreeMap<Slot, Value> = BTreeMap::new();
+        let mut most_chosen: Option<(NodeId, Slot)> = None;
+        for (&node, promise) in &candidate.promises {
+            for entry in &promise.entries {
+                if entry.slot <= promise.chosen_through && entry.slot > self.chosen_through {
+                    chosen_known
+                        .entry(entry.slot)
+                        .or_insert_with(|| entry.value.clone());
+                }
+            }
+            if most_chosen.is_none_or(|(_, slot)| promise.chosen_through > slot) {
+                most_chosen = Some((node, promise.chosen_through));
+            }
+        }
+        let mut learned = Vec::new();
+        while let Some(value) = chosen_known.remove(&(self.chosen_through + 1)) {
+            let slot = self.chosen_through + 1;
+            learned.push(ChosenEntry { slot, value });
+            self.chosen_through = slot;
+        }
+        self.record_learned(learned);
+        if let Some((node, slot)) = most_chosen {
+            if slot > self.chosen_through {
+                // Some promiser knows more chosen slots than it could send
+                // (compacted, or too many): catch up before leading.
+                self.step_down(None);
+                self.request_catch_up(node);
+                return;
+            }
+        }
+        // Adopt, per open slot, the value accepted under the highest ballot.
+        let mut adopted: BTreeMap<Slot, (Ballot, Value)> = BTreeMap::new();
+        for promise in candidate.promises.values() {
+            for entry in &promise.entries {
+                if entry.slot <= self.chosen_through {
+                    continue;
+                }
+                match adopted.get(&entry.slot) {
+                    Some((ballot, _)) if *ballot >= entry.ballot => {}
+                    _ => {
+                        adopted.insert(entry.slot, (entry.ballot, entry.value.clone()));
+                    }
+                }
+            }
+        }
+        let highest_seen = adopted
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.chosen_through);
+        let barrier_slot = highest_seen + 1;
+        let members = self.membership.members().len();
+        let ballot_batch = candidate.ballot_batch;
+        let mut leader = Leader {
+            ballot,
+            ballot_batch,
+            next_slot: self.chosen_through + 1,
+            inflight: VecDeque::new(),
+            inflight_base: self.chosen_through + 1,
+            barrier_slot,
+            pending: VecDeque::new(),
+            unsent_from: None,
+            announced_chosen_through: self.chosen_through,
+            heartbeat_sequence: 0,
+            last_heartbeat_ms: self.now_ms,
+            heartbeat_due: true,
+            heartbeat_sent_at: VecDeque::new(),
+            acked_sequence: vec![0; members],
+            last_heard_ms: vec![self.now_ms; members],
+            peer_chosen_through: vec![0; members],
+            elected_at_ms: self.now_ms,
+            lease_until_ms: 0,
+            reads_waiting_barrier: Vec::new(),
+            reads_waiting_quorum: VecDeque::new(),
+        };
+        let mut values = Vec::new();
+        for slot in self.chosen_through + 1..barrier_slot {
+            let value = adopted
+                .remove(&slot)
+                .map_or(Value::Noop, |(_, value)| value);
+            values.push(value);
+        }
+        values.push(Value::Noop);
+        for value in values {
+            assign_slot(&mut leader, value, &mut self.log, self.now_ms, ballot);
+        }
+        self.role = RoleState::Leader(Box::new(leader));
+        self.leader_hint = Some(self.id());
+        self.broadcast_new_slots();
+        self.leader_heartbeat();
+    }
+
+    fn step_down(&mut self, leader: Option<NodeId>) {
+        if let RoleState::Leader(state) = mem::replace(&mut self.role, RoleState::Follower) {
+            for reader in state.reads_waiting_barrier {
+                self.finish_read(reader, None);
+            }
+            for (_, reader, _, _) in state.reads_waiting_quorum {
+                self.finish_read(reader, None);
+            }
+        }
+        self.leader_hint = leader;
+        self.reset_election_deadline();
+    }
+
+    /// A message under `ballot` from its owner `from` shows a live leader.
+    /// Returns false when the ballot is stale and the message must be refused.
+    fn follow(&mut self, from: NodeId, ballot: Ballot) -> bool {
+        if ballot.node != from {
+            return false;
+        }
+        self.note_ballot(ballot);
+        if ballot < self.promised {
+            let reject = Message::Reject(Reject {
+                ballot,
+                promised: self.promised,
+            });
+            self.send(from, reject, After::Now);
+            return false;
+        }
+        match &self.role {
+            RoleState::Leader(leader) if leader.ballot == ballot => return true,
+            RoleState::Leader(_) | RoleState::Candidate(_) | RoleState::PreCandidate(_) => {
+                self.step_down(Some(from));
+            }
+            RoleState::Follower => {}
+        }
+        if self.leader_hint != Some(from) {
+            self.leader_hint = Some(from);
+            self.catch_up_sent = None;
+        }
+        self.reset_election_deadline();
+        true
+    }
+
+    // ----- Replication -----
+
+    fn on_accept(&mut self, from: NodeId, message: Accept) {
+        if from == self.id() && !self.leads_with(message.ballot) {
+            // Our own accept from a leadership we have since left.
+            return;
+        }
+        if !self.follow(from, message.ballot) {
+            return;
+        }
+        if message.ballot > self.promised {
+            self.promised = message.ballot;
+            self.building.promised = Some(message.ballot);
+        }
+        let count = message.values.len() as u64;
+        for (offset, value) in message.values.into_iter().enumerate() {
+            let slot = message.first_slot + offset as u64;
+            if slot <= self.chosen_through || slot < self.log_start {
+                // Already chosen: the leader can only be proposing the chosen
+                // value again, so there is nothing to record.
+                continue;
+            }
+            self.building.accepted.push(AcceptedEntry {
+                slot,
+                ballot: message.ballot,
+                value: value.clone(),
+            });
+            self.log.insert(
+                slot,
+                Entry {
+                    ballot: message.ballot,
+                    value,
+                    batch: self.building.id,
+                },
+            );
+        }
+        let accepted = Message::Accepted(Accepted {
+            ballot: message.ballot,
+            first_slot: message.first_slot,
+            count,
+        });
+        self.send(from, accepted, After::AllWrites);
+        self.learn_chosen_through(from, message.ballot, message.chosen_through);
+    }
+
+    /// The follower rule: slot `s` up to `announced` is chosen here only if it
+    /// was accepted under the announcing leader's `ballot`; otherwise its
+    /// value is fetched.
+    fn learn_chosen_through(&mut self, from: NodeId, ballot: Ballot, announced: Slot) {
+        if from == self.id() {
+            return;
+        }
+        self.announced_chosen_through = self.announced_chosen_through.max(announced);
+        let before = self.chosen_through;
+        while self.chosen_through < announced {
+            let next = self.chosen_through + 1;
+            match self.log.get(&next) {
+                Some(entry) if entry.ballot == ballot => self.chosen_through = next,
+                _ => break,
+            }
+        }
+        if self.chosen_through > before {
+            self.building.chosen_through = Some(self.chosen_through);
+            self.complete_reads_waiting_chosen();
+        }
+        if self.chosen_through < announced {
+            self.request_catch_up(from);
+        }
+    }
+
+    fn on_accepted(&mut self, from: NodeId, message: Accepted) {
+        let bit = self.member_bit(from);
+        let now = self.now_ms;
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        if message.ballot != leader.ballot {
+            return;
+        }
+        if let Some(index) = self.membership.index_of(from) {
+            leader.last_heard_ms[index] = now;
+        }
+        let base = leader.inflight_base;
+        let end = message.first_slot.saturating_add(message.count);
+        for slot in message.first_slot.max(base)..end.min(leader.next_slot) {
+            let Some(inflight) = leader.inflight.get_mut((slot - base) as usize) else {
+                break;
+            };
+            inflight.acks |= bit;
+            if !inflight.chosen && self.membership.is_quorum(inflight.acks) {
+                inflight.chosen = true;
+            }
+        }
+        let before = self.chosen_through;
+        while let Some(front) = leader.inflight.front() {
+            if !front.chosen && leader.inflight_base > self.chosen_through {
+                break;
+            }
+            leader.inflight.pop_front();
+            self.chosen_through = self.chosen_through.max(leader.inflight_base);
+            leader.inflight_base += 1;
+        }
+        if self.chosen_through > before {
+            self.building.chosen_through = Some(self.chosen_through);
+            self.on_leader_chosen_advanced();
+        }
+    }
+
+    fn on_leader_chosen_advanced(&mut self) {
+        let chosen_through = self.chosen_through;
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        if chosen_through >= leader.barrier_slot && !leader.reads_waiting_barrier.is_empty() {
+            let readers = mem::take(&mut leader.reads_waiting_barrier);
+            for reader in readers {
+                self.leader_read(reader);
+            }
+        }
+    }
+
+    fn on_commit(&mut self, from: NodeId, message: Commit) {
+        if self.follow(from, message.ballot) {
+            self.learn_chosen_through(from, message.ballot, message.chosen_through);
+        }
+    }
+
+    fn proposals_flushable(&self) -> bool {
+        match &self.role {
+            RoleState::Leader(leader) => {
+                !leader.pending.is_empty()
+                    && (leader.inflight.len() as u64) < self.config.max_inflight_slots
+            }
+            _ => false,
+        }
+    }
+
+    fn commit_announcement_due(&self) -> bool {
+        match &self.role {
+            RoleState::Leader(leader) => self.chosen_through > leader.announced_chosen_through,
+            _ => false,
+        }
+    }
+
+    /// Packs queued commands into new slots, as many per slot as the bounds
+    /// allow, while the in-flight window has room.
+    fn flush_proposals(&mut self) {
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        let ballot = leader.ballot;
+        while !leader.pending.is_empty()
+            && (leader.inflight.len() as u64) < self.config.max_inflight_slots
+        {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(command) = leader.pending.front() {
+                let full = batch.len() >= self.config.max_commands_per_slot
+                    || (!batch.is_empty() && bytes + command.len() > self.config.max_slot_bytes);
+                if full {
+                    break;
+                }
+                bytes += command.len();
+                if let Some(command) = leader.pending.pop_front() {
+                    batch.push(command);
+                }
+            }
+            let value = Value::Commands(Arc::from(batch));
+            assign_slot(leader, value, &mut self.log, self.now_ms, ballot);
+        }
+        self.broadcast_new_slots();
+    }
+
+    /// Sends the slots assigned since the last broadcast to every member,
+    /// itself included, in messages of consecutive slots.
+    fn broadcast_new_slots(&mut self) {
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        let Some(first) = leader.unsent_from.take() else {
+            return;
+        };
+        let end = leader.next_slot;
+        let ballot = leader.ballot;
+        let after = After::Batch(leader.ballot_batch);
+        leader.announced_chosen_through = self.chosen_through;
+        self.send_accepts(ballot, first, end, after, None);
+    }
+
+    /// Sends accepts for `first..end` (taking values from the log) to every
+    /// member, or only to `only_to` when retransmitting.
+    fn send_accepts(
+        &mut self,
+        ballot: Ballot,
+        first: Slot,
+        end: Slot,
+        after: After,
+        only_to: Option<NodeId>,
+    ) {
+        let chunk = self.config.max_slots_per_message as u64;
+        let mut start = first;
+        while start < end {
+            let stop = (start + chunk).min(end);
+            let values: Vec<Value> = (start..stop)
+                .map(|slot| {
+                    self.log
+                        .get(&slot)
+                        .map_or(Value::Noop, |entry| entry.value.clone())
+                })
+                .collect();
+            let message = Message::Accept(Accept {
+                ballot,
+                first_slot: start,
+                values,
+                chosen_through: self.chosen_through,
+            });
+            match only_to {
+                Some(to) => self.send(to, message, after),
+                None => self.broadcast(message, after, true),
+            }
+            start = stop;
+        }
+    }
+
+    fn announce_commit(&mut self) {
+        let chosen_through = self.chosen_through;
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        if chosen_through <= leader.announced_chosen_through {
+            return;
+        }
+        leader.announced_chosen_through = chosen_through;
+        let message = Message::Commit(Commit {
+            ballot: leader.ballot,
+            chosen_through,
+        });
+        self.broadcast(message, After::Now, false);
+    }
+
+    fn chosen_releasable(&self) -> bool {
+        self.apply_next <= self.chosen_through
+            && self
+                .log
+                .get(&self.apply_next)
+                .is_some_and(|entry| entry.batch <= self.durable_through)
+    }
+
+    /// Hands out chosen entries in slot order, each only once its value is
+    /// durable here, so that a restart never finds an applied slot missing.
+    fn release_chosen(&mut self) -> Vec<ChosenEntry> {
+        let mut chosen = Vec::new();
+        while self.apply_next <= self.chosen_through {
+            let Some(entry) = self.log.get(&self.apply_next) else {
+                break;
+            };
+            if entry.batch > self.durable_through {
+                break;
+            }
+            if let Value::Membership(_) = entry.value {
+                if let Some(membership) = Membership::from_value(&entry.value) {
+                    if membership.contains(self.id()) {
+                        self.self_bit =
+                            membership.index_of(self.id()).map_or(0, |index| 1 << index);
+                        self.membership = membership;
+                    }
+                }
+            }
+            chosen.push(ChosenEntry {
+                slot: self.apply_next,
+                value: entry.value.clone(),
+            });
+            self.apply_next += 1;
+        }
+        chosen
+    }
+
+    // ----- Heartbeats, leases and reads -----
+
+    fn leader_tick(&mut self) {
+        let now = self.now_ms;
+        let lease_ms = self.config.lease_ms;
+        let heartbeat_interval = self.config.heartbeat_interval_ms;
+        let retransmit = self.config.retransmit_interval_ms;
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        // Step down when a majority has not been heard from for a lease: a
+        // partitioned leader stops believing in itself.
+        let mut heard = 0;
+        for (index, &last) in leader.last_heard_ms.iter().enumerate() {
+            if (1 << index) == self.self_bit || last + lease_ms > now {
+                heard |= 1 << index;
+            }
+        }
+        if !self.membership.is_quorum(heard) && now >= leader.elected_at_ms + lease_ms {
+            self.step_down(None);
+            return;
+        }
+        if leader.heartbeat_due || now >= leader.last_heartbeat_ms + heartbeat_interval {
+            self.leader_heartbeat();
+        }
+        // Retransmit accepts a majority has not acknowledged in time.
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        let base = leader.inflight_base;
+        let ballot = leader.ballot;
+        let after = After::Batch(leader.ballot_batch);
+        let mut resend: Vec<(NodeId, Slot, Slot)> = Vec::new();
+        for (index, &member) in self.membership.members().iter().enumerate() {
+            let bit = 1u64 << index;
+            let mut run: Option<(Slot, Slot)> = None;
+            for (offset, inflight) in leader.inflight.iter_mut().enumerate() {
+                let slot = base + offset as u64;
+                let missing = !inflight.chosen
+                    && inflight.acks & bit == 0
+                    && inflight.sent_at_ms + retransmit <= now;
+                match (&mut run, missing) {
+                    (Some((_, end)), true) if *end == slot => *end = slot + 1,
+                    (_, true) => {
+                        if let Some((start, end)) = run.take() {
+                            resend.push((member, start, end));
+                        }
+                        run = Some((slot, slot + 1));
+                    }
+                    (_, false) => {}
+                }
+            }
+            if let Some((start, end)) = run {
+                resend.push((member, start, end));
+            }
+        }
+        for inflight in leader.inflight.iter_mut() {
+            if !inflight.chosen && inflight.sent_at_ms + retransmit <= now {
+                inflight.sent_at_ms = now;
+            }
+        }
+        for (member, start, end) in resend {
+            self.send_accepts(ballot, start, end, after, Some(member));
+        }
+    }
+
+    fn leader_heartbeat(&mut self) {
+        let now = self.now_ms;
+        let lease_ms = self.config.lease_ms;
+        let chosen_through = self.chosen_through;
+        let self_index = self.self_bit.trailing_zeros() as usize;
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        leader.heartbeat_sequence += 1;
+        leader.last_heartbeat_ms = now;
+        leader.heartbeat_due = false;
+        let sequence = leader.heartbeat_sequence;
+        leader.heartbeat_sent_at.push_back((sequence, now));
+        if leader.heartbeat_sent_at.len() > HEARTBEAT_HISTORY {
+            leader.heartbeat_sent_at.pop_front();
+        }
+        leader.acked_sequence[self_index] = sequence;
+        leader.last_heard_ms[self_index] = now;
+        leader.peer_chosen_through[self_index] = chosen_through;
+        leader.announced_chosen_through = leader.announced_chosen_through.max(chosen_through);
+        let message = Message::Heartbeat(Heartbeat {
+            ballot: leader.ballot,
+            chosen_through,
+            sequence,
+        });
+        // The leader will promise nobody else while it leads.
+        self.lease_granted_until_ms = now + lease_ms;
+        self.lease_granted_to = Some(self.id());
+        self.broadcast(message, After::Now, false);
+        self.update_quorum_sequence();
+    }
+
+    fn on_heartbeat(&mut self, from: NodeId, message: Heartbeat) {
+        if !self.follow(from, message.ballot) {
+            return;
+        }
+        // Acknowledging grants a lease: promise no other ballot until one
+        // lease duration after this receipt.
+        self.lease_granted_until_ms = self.now_ms + self.config.lease_ms;
+        self.lease_granted_to = Some(from);
+        self.learn_chosen_through(from, message.ballot, message.chosen_through);
+        let ack = Message::HeartbeatAck(HeartbeatAck {
+            ballot: message.ballot,
+            sequence: message.sequence,
+            chosen_through: self.chosen_through,
+        });
+        self.send(from, ack, After::Now);
+    }
+
+    fn on_heartbeat_ack(&mut self, from: NodeId, message: HeartbeatAck) {
+        let now = self.now_ms;
+        let Some(index) = self.membership.index_of(from) else {
+            return;
+        };
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        if message.ballot != leader.ballot || message.sequence > leader.heartbeat_sequence {
+            return;
+        }
+        leader.last_heard_ms[index] = now;
+        leader.peer_chosen_through[index] = message.chosen_through;
+        if message.sequence > leader.acked_sequence[index] {
+            leader.acked_sequence[index] = message.sequence;
+            self.update_quorum_sequence();
+        }
+    }
+
+    /// Recomputes the highest heartbeat a majority acknowledged, extends the
+    /// lease from its send time, and completes reads waiting on it.
+    fn update_quorum_sequence(&mut self) {
+        let lease = self.config.lease_ms - self.config.clock_drift_margin_ms;
+        let quorum = self.membership.quorum();
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        let mut acked = leader.acked_sequence.clone();
+        acked.sort_unstable_by(|a, b| b.cmp(a));
+        let quorum_sequence = acked[quorum - 1];
+        if quorum_sequence == 0 {
+            return;
+        }
+        if let Some(&(_, sent_at)) = leader
+            .heartbeat_sent_at
+            .iter()
+            .find(|(sequence, _)| *sequence == quorum_sequence)
+        {
+            leader.lease_until_ms = leader.lease_until_ms.max(sent_at + lease);
+        }
+        let mut done = Vec::new();
+        while leader
+            .reads_waiting_quorum
+            .front()
+            .is_some_and(|(needed, ..)| *needed <= quorum_sequence)
+        {
+            if let Some((_, reader, index, _)) = leader.reads_waiting_quorum.pop_front() {
+                done.push((reader, index));
+            }
+        }
+        for (reader, index) in done {
+            self.finish_read(reader, Some(index));
+        }
+    }
+
+    fn leader_read(&mut self, reader: Reader) {
+        let now = self.now_ms;
+        let chosen_through = self.chosen_through;
+        let deadline = now + self.config.read_timeout_ms;
+        let RoleState::Leader(leader) = &mut self.role else {
+            self.finish_read(reader, None);
+            return;
+        };
+        if chosen_through < leader.barrier_slot {
+            leader.reads_waiting_barrier.push(reader);
+            return;
+        }
+        if now < leader.lease_until_ms {
+            self.finish_read(reader, Some(chosen_through));
+            return;
+        }
+        let needed = leader.heartbeat_sequence + 1;
+        leader.heartbeat_due = true;
+        leader
+            .reads_waiting_quorum
+            .push_back((needed, reader, chosen_through, deadline));
+    }
+
+    fn finish_read(&mut self, reader: Reader, read_index: Option<Slot>) {
+        match reader {
+            Reader::Local(id) => self.reads_out.push(match read_index {
+                Some(read_index) => ReadOutcome::Ready { id, read_index },
+                None => ReadOutcome::Aborted { id },
+            }),
+            Reader::Remote { node, request } => {
+                let reply = Message::ReadIndexReply(ReadIndexReply {
+                    request,
+                    read_index,
+                });
+                self.send(node, reply, After::Now);
+            }
+        }
+    }
+
+    fn on_read_index(&mut self, from: NodeId, message: ReadIndex) {
+        let reader = Reader::Remote {
+            node: from,
+            request: message.request,
+        };
+        if matches!(self.role, RoleState::Leader(_)) {
+            self.leader_read(reader);
+        } else {
+            self.finish_read(reader, None);
+        }
+    }
+
+    fn on_read_index_reply(&mut self, _from: NodeId, message: ReadIndexReply) {
+        let Some((id, deadline)) = self.forwarded_reads.remove(&message.request) else {
+            return;
+        };
+        match message.read_index {
+            Some(read_index) if read_index <= self.chosen_through => {
+                self.reads_out.push(ReadOutcome::Ready { id, read_index });
+            }
+            Some(read_index) => {
+                self.reads_waiting_chosen.push((id, read_index, deadline));
+                if let Some(leader) = self.leader_hint.filter(|&l| l != self.id()) {
+                    self.announced_chosen_through = self.announced_chosen_through.max(read_index);
+                    self.request_catch_up(leader);
+                }
+            }
+            None => self.reads_out.push(ReadOutcome::Aborted { id }),
+        }
+    }
+
+    fn complete_reads_waiting_chosen(&mut self) {
+        if self.reads_waiting_chosen.is_empty() {
+            return;
+        }
+        let chosen_through = self.chosen_through;
+        let (ready, waiting): (Vec<_>, Vec<_>) = mem::take(&mut self.reads_waiting_chosen)
+            .into_iter()
+            .partition(|(_, index, _)| *index <= chosen_through);
+        self.reads_waiting_chosen = waiting;
+        for (id, read_index, _) in ready {
+            self.reads_out.push(ReadOutcome::Ready { id, read_index });
+        }
+    }
+
+    fn expire_reads(&mut self) {
+        let now = self.now_ms;
+        let expired: Vec<u64> = self
+            .forwarded_reads
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(&request, _)| request)
+            .collect();
+        for request in expired {
+            if let Some((id, _)) = self.forwarded_reads.remove(&request) {
+                self.reads_out.push(ReadOutcome::Aborted { id });
+            }
+        }
+        let (expired, waiting): (Vec<_>, Vec<_>) = mem::take(&mut self.reads_waiting_chosen)
+            .into_iter()
+            .partition(|(_, _, deadline)| *deadline <= now);
+        self.reads_waiting_chosen = waiting;
+        for (id, _, _) in expired {
+            self.reads_out.push(ReadOutcome::Aborted { id });
+        }
+        let mut timed_out = Vec::new();
+        if let RoleState::Leader(leader) = &mut self.role {
+            leader
+                .reads_waiting_quorum
+                .retain(|&(_, reader, _, deadline)| {
+                    if deadline <= now {
+                        timed_out.push(reader);
+                        false
+                    } else {
+                        true
+                    }
+                });
+        }
+        for reader in timed_out {
+            self.finish_read(reader, None);
+        }
+    }
+
+    // ----- Catch-up -----
+
+    fn request_catch_up(&mut self, from: NodeId) {
+        let from_slot = self.chosen_through + 1;
+        if let Some((peer, slot, sent_at)) = self.catch_up_sent {
+            if peer == from
+                && slot == from_slot
+                && self.now_ms < sent_at + self.config.catch_up_retry_ms
+            {
+                return;
+            }
+        }
+        self.catch_up_sent = Some((from, from_slot, self.now_ms));
+        self.send(from, Message::CatchUp(CatchUp { from_slot }), After::Now);
+    }
+
+    fn retry_catch_up(&mut self) {
+        if self.announced_chosen_through <= self.chosen_through {
+            return;
+        }
+        if let Some(leader) = self.leader_hint.filter(|&l| l != self.id()) {
+            self.request_catch_up(leader);
+        }
+    }
+
+    fn on_catch_up(&mut self, from: NodeId, message: CatchUp) {
+        if message.from_slot < self.log_start {
+            let reply = Message::SnapshotNeeded(SnapshotNeeded {
+                log_start: self.log_start,
+                chosen_through: self.chosen_through,
+            });
+            self.send(from, reply, After::Now);
+            return;
+        }
+        let end = self
+            .chosen_through
+            .min(message.from_slot + self.config.max_slots_per_message as u64 - 1);
+        let mut values = Vec::new();
+        let mut slot = message.from_slot;
+        while slot <= end {
+            match self.log.get(&slot) {
+                Some(entry) => values.push(entry.value.clone()),
+                None => break,
+            }
+            slot += 1;
+        }
+        let reply = Message::Chosen(Chosen {
+            first_slot: message.from_slot,
+            values,
+            chosen_through: self.chosen_through,
+        });
+        self.send(from, reply, After::Now);
+    }
+
+    fn on_chosen(&mut self, from: NodeId, message: Chosen) {
+        self.announced_chosen_through = self.announced_chosen_through.max(message.chosen_through);
+        let mut learned = Vec::new();
+        for (offset, value) in message.values.into_iter().enumerate() {
+            let slot = message.first_slot + offset as u64;
+            if slot != self.chosen_through + 1 {
+                if slot <= self.chosen_through {
+                    continue;
+                }
+                break;
+            }
+            learned.push(ChosenEntry { slot, value });
+            self.chosen_through = slot;
+        }
+        let progressed = !learned.is_empty();
+        self.record_learned(learned);
+        if progressed {
+            self.complete_reads_waiting_chosen();
+            self.catch_up_sent = None;
+        }
+        if self.chosen_through < self.announced_chosen_through && progressed {
+            self.request_catch_up(from);
+        }
+    }
+
+    /// Records values learned as chosen (from a promise or a catch-up) in the
+    /// log and the next persist batch. `chosen_through` already covers them.
+    fn record_learned(&mut self, learned: Vec<ChosenEntry>) {
+        if learned.is_empty() {
+            return;
+        }
+        for entry in &learned {
+            self.log.insert(
+                entry.slot,
+                Entry {
+                    ballot: Ballot::ZERO,
+                    value: entry.value.clone(),
+                    batch: self.building.id,
+                },
+            );
+        }
+        self.building.learned.extend(learned);
+        self.building.chosen_through = Some(self.chosen_through);
+        self.trim_inflight();
+    }
+
+    /// Drops in-flight slots that became chosen by another path (a late
+    /// catch-up reply or a snapshot), keeping the window aligned.
+    fn trim_inflight(&mut self) {
+        let chosen_through = self.chosen_through;
+        if let RoleState::Leader(leader) = &mut self.role {
+            while leader.inflight_base <= chosen_through && !leader.inflight.is_empty() {
+                leader.inflight.pop_front();
+                leader.inflight_base += 1;
+            }
+            leader.inflight_base = leader.inflight_base.max(chosen_through + 1);
+            leader.next_slot = leader.next_slot.max(leader.inflight_base);
+        }
+    }
+
+    fn on_snapshot_needed(&mut self, from: NodeId, message: SnapshotNeeded) {
+        self.announced_chosen_through = self.announced_chosen_through.max(message.chosen_through);
+        if message.log_start > self.chosen_through + 1 {
+            self.snapshot_out = Some(SnapshotRequest {
+                from,
+                covering_through: message.log_start - 1,
+            });
+        }
+    }
+
+    fn on_forward(&mut self, _from: NodeId, message: Forward) {
+        if matches!(self.role, RoleState::Leader(_)) {
+            // A full queue drops the commands; the proposer retries.
+            let _ = self.propose(self.now_ms, message.commands.to_vec());
+        }
+    }
+}
+
+/// Assigns the next slot to `value` under the leader's ballot: the value
+/// enters the log when the leader's own acceptor takes the accept.
+fn assign_slot(
+    leader: &mut Leader,
+    value: Value,
+    log: &mut BTreeMap<Slot, Entry>,
+    now_ms: u64,
+    ballot: Ballot,
+) {
+    let slot = leader.next_slot;
+    leader.next_slot += 1;
+    // Stage the value so that `send_accepts` can read it; the acceptor path
+    // overwrites this with the durable batch number when it takes the accept.
+    log.insert(
+        slot,
+        Entry {
+            ballot,
+            value,
+            batch: u64::MAX,
+        },
+    );
+    leader.inflight.push_back(Inflight {
+        acks: 0,
+        chosen: false,
+        sent_at_ms: now_ms,
+    });
+    if leader.unsent_from.is_none() {
+        leader.unsent_from = Some(slot);
+    }
+}
+
+fn random_between(rng: &mut ChaCha8Rng, low: u64, high: u64) -> u64 {
+    if high <= low {
+        return low;
+    }
+    low + rng.next_u64() % (high - low)
+}
