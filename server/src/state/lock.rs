@@ -312,7 +312,7 @@ impl LockTable {
     /// lock's state once it is unused.
     fn serve(
         &mut self,
-        path: &Box<str>,
+        path: &str,
         leader_before: Option<(SessionId, u64)>,
         fx: &mut LockEffects<'_>,
     ) {
@@ -360,7 +360,8 @@ impl LockTable {
             && state.delayed_until_ms <= fx.now_ms
         {
             if state.delayed_until_ms != 0 {
-                self.delayed.remove(&(state.delayed_until_ms, path.clone()));
+                self.delayed
+                    .remove(&(state.delayed_until_ms, Box::from(path)));
             }
             self.locks.remove(path);
         }
