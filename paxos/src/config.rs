@@ -10,7 +10,10 @@ use crate::types::NodeId;
 pub struct Config {
     /// This replica's id; must be a member.
     pub id: NodeId,
-    /// Seeds the only randomness in the core (election timeouts).
+    /// Seeds the only randomness in the core (election timeouts, request
+    /// numbers). Drivers pass a fresh seed on every start of a replica (a
+    /// replayed simulation derives it from the run's seed), so that replies
+    /// addressed to an earlier incarnation are not mistaken for new ones.
     pub seed: u64,
     /// How often the leader sends heartbeats.
     pub heartbeat_interval_ms: u64,

@@ -309,6 +309,9 @@ impl Node {
             })
             .collect();
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed ^ config.id.rotate_left(32));
+        // Read-index requests are numbered from a random start, so that a
+        // reply delayed from before a restart cannot match a new request.
+        let next_read_request = rng.next_u64() >> 1;
         let first_timeout = random_between(
             &mut rng,
             config.election_timeout_min_ms,
@@ -343,7 +346,7 @@ impl Node {
             no_promise_until_ms: now_ms + config.lease_ms,
             announced_chosen_through: chosen_through,
             catch_up_sent: None,
-            next_read_request: 1,
+            next_read_request,
             forwarded_reads: BTreeMap::new(),
             reads_waiting_chosen: Vec::new(),
             config,

@@ -2,7 +2,7 @@
 //! `sim/mod.rs` for the faults and the invariants checked after each event).
 //!
 //! Each test runs the seeds of one mix: seed `s` belongs to mix
-//! `s % 6`. By default 2,400 seeds run in all; `SYNOD_SIM_SEEDS=N` runs the
+//! `s % 7`. By default 14,000 seeds run in all (2,000 per mix); `SYNOD_SIM_SEEDS=N` runs the
 //! first `N` seeds instead (the soak), and `SYNOD_SEED=s` replays exactly one.
 //! A failing run prints its seed. `SYNOD_SIM_KEEP_GOING=1` runs every seed and
 //! counts the failures instead of stopping at the first.
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use sim::{run_seed, Report, MIXES};
 
-const DEFAULT_SEEDS: u64 = 2_400;
+const DEFAULT_SEEDS: u64 = 14_000;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -123,4 +123,9 @@ fn catch_up_by_snapshot() {
 #[test]
 fn chaos() {
     run_mix(5);
+}
+
+#[test]
+fn crashes_between_write_and_sync() {
+    run_mix(6);
 }

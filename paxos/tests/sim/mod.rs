@@ -36,13 +36,14 @@ use synod_paxos::{
 };
 
 /// The fault mixes; a seed picks one as `seed % MIXES.len()`.
-pub const MIXES: [Mix; 6] = [
+pub const MIXES: [Mix; 7] = [
     Mix::Lossy,
     Mix::Crashes,
     Mix::Partitions,
     Mix::Leases,
     Mix::Snapshots,
     Mix::Chaos,
+    Mix::Durability,
 ];
 
 /// Which faults a run injects.
@@ -60,6 +61,10 @@ pub enum Mix {
     Snapshots,
     /// Everything at once.
     Chaos,
+    /// Crashes aimed between a write and its sync, partitions, and messages
+    /// held for up to a second: an acceptor that forgot an unsynced promise
+    /// meets accepts from before it.
+    Durability,
 }
 
 /// The parameters of one run, all drawn from its seed.
@@ -85,6 +90,17 @@ pub struct Params {
     pub read_every_us: u64,
     pub max_commands_per_slot: usize,
     pub max_inflight_slots: u64,
+    /// Chance that a message is held in the network for 20 ms or more.
+    pub long_delay: f64,
+    /// The longest such hold.
+    pub long_delay_max_us: u64,
+    /// Chance that a replica crashes between issuing a write and its sync
+    /// (ten times higher for writes that carry a promise).
+    pub sync_crash: f64,
+    pub lease_ms: u64,
+    pub clock_drift_margin_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
 }
 
 impl Params {
@@ -113,23 +129,41 @@ impl Params {
             read_every_us: rng.random_range(5_000..30_000),
             max_commands_per_slot: rng.random_range(1..8),
             max_inflight_slots: rng.random_range(2..32),
+            long_delay: 0.0,
+            long_delay_max_us: 300_000,
+            sync_crash: 0.0,
+            lease_ms: 200,
+            clock_drift_margin_ms: 20,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
         };
         match mix {
             Mix::Lossy => {
                 params.loss = rng.random_range(0.0..0.25);
                 params.duplicate = rng.random_range(0.0..0.15);
+                params.long_delay = rng.random_range(0.0..0.03);
             }
             Mix::Crashes => {
                 params.loss = rng.random_range(0.0..0.05);
                 params.crashes = true;
+                params.long_delay = rng.random_range(0.0..0.03);
+                params.sync_crash = rng.random_range(0.0..0.02);
             }
             Mix::Partitions => {
                 params.partitions = true;
                 params.leader_isolation = true;
                 params.duplicate = rng.random_range(0.0..0.05);
+                params.long_delay = rng.random_range(0.0..0.02);
             }
             Mix::Leases => {
-                params.max_drift = rng.random_range(0.01..0.04);
+                // A fast network, clock rates up to 10% apart and election
+                // timeouts that fire as soon as the lease promises end: a
+                // lease that ignores drift overlaps its successor's.
+                params.max_drift = rng.random_range(0.02..0.10);
+                params.clock_drift_margin_ms = 40;
+                params.election_timeout_max_ms = 215;
+                params.delay_max_us = rng.random_range(200..1_500);
+                params.fsync_max_us = rng.random_range(100..500);
                 params.leader_isolation = true;
                 params.read_every_us = rng.random_range(1_000..5_000);
             }
@@ -138,7 +172,17 @@ impl Params {
                 params.retain_slots = rng.random_range(0..6);
                 params.propose_every_us = rng.random_range(500..3_000);
             }
+            Mix::Durability => {
+                params.crashes = true;
+                params.partitions = true;
+                params.leader_isolation = true;
+                params.long_delay = rng.random_range(0.02..0.08);
+                params.long_delay_max_us = 1_000_000;
+                params.sync_crash = rng.random_range(0.01..0.04);
+            }
             Mix::Chaos => {
+                params.long_delay = rng.random_range(0.0..0.02);
+                params.sync_crash = rng.random_range(0.0..0.01);
                 params.loss = rng.random_range(0.0..0.1);
                 params.duplicate = rng.random_range(0.0..0.1);
                 params.max_drift = rng.random_range(0.0..0.04);
@@ -152,14 +196,15 @@ impl Params {
     }
 
     /// The core's configuration for member `id`, scaled for the simulator:
-    /// a 200 ms lease with a drift margin that covers a 4% rate difference.
+    /// a 200 ms lease with a drift margin that covers the run's largest
+    /// clock-rate difference (margin >= lease * 2 * drift / (1 + drift)).
     pub fn config(&self, id: NodeId) -> Config {
         let mut config = Config::new(id, self.seed);
         config.heartbeat_interval_ms = 20;
-        config.election_timeout_min_ms = 200;
-        config.election_timeout_max_ms = 400;
-        config.lease_ms = 200;
-        config.clock_drift_margin_ms = 20;
+        config.election_timeout_min_ms = self.election_timeout_min_ms;
+        config.election_timeout_max_ms = self.election_timeout_max_ms;
+        config.lease_ms = self.lease_ms;
+        config.clock_drift_margin_ms = self.clock_drift_margin_ms;
         config.retransmit_interval_ms = 40;
         config.catch_up_retry_ms = 40;
         config.read_timeout_ms = 1_000;
@@ -194,6 +239,10 @@ enum Event {
     Fault,
     Restart {
         node: usize,
+    },
+    Crash {
+        node: usize,
+        incarnation: u64,
     },
     Heal,
 }
@@ -370,7 +419,8 @@ impl Simulation {
         node.unsynced.clear();
         node.snapshot_in_flight = false;
         node.reads.clear();
-        let config = params.config(node.id);
+        let mut config = params.config(node.id);
+        config.seed ^= node.incarnation.wrapping_mul(0x2545_f491_4f6c_dd1d);
         let core = match Node::new(
             config,
             node.durable.clone(),
@@ -485,6 +535,23 @@ impl Simulation {
             self.nodes[index].last_sync_done_us = done;
             let incarnation = self.nodes[index].incarnation;
             let id = batch.id;
+            let chance = if batch.promised.is_some() {
+                self.params.sync_crash * 10.0
+            } else {
+                self.params.sync_crash
+            };
+            if !self.healed && chance > 0.0 && self.rng.random_bool(chance.min(1.0)) {
+                let at = self
+                    .rng
+                    .random_range(self.now_us..done.max(self.now_us + 1));
+                self.schedule(
+                    at,
+                    Event::Crash {
+                        node: index,
+                        incarnation,
+                    },
+                );
+            }
             self.nodes[index].unsynced.push_back(batch);
             self.schedule(
                 done,
@@ -611,9 +678,13 @@ impl Simulation {
             1
         };
         for _ in 0..copies {
-            let delay = self
-                .rng
-                .random_range(self.params.delay_min_us..=self.params.delay_max_us);
+            let delay =
+                if self.params.long_delay > 0.0 && self.rng.random_bool(self.params.long_delay) {
+                    self.rng.random_range(20_000..self.params.long_delay_max_us)
+                } else {
+                    self.rng
+                        .random_range(self.params.delay_min_us..=self.params.delay_max_us)
+                };
             self.schedule(self.now_us + delay, Event::Deliver(envelope.clone()));
         }
     }
@@ -826,6 +897,13 @@ impl Simulation {
                 self.inject_fault();
                 let next = self.now_us + self.rng.random_range(50_000..400_000);
                 self.schedule(next, Event::Fault);
+            }
+            Event::Crash { node, incarnation } => {
+                if self.nodes[node].incarnation == incarnation && !self.healed {
+                    self.crash(node);
+                    let down = self.rng.random_range(5_000..300_000);
+                    self.schedule(self.now_us + down, Event::Restart { node });
+                }
             }
             Event::Restart { node } => {
                 if self.nodes[node].core.is_none() {
