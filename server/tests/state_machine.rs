@@ -886,3 +886,43 @@ fn commands_round_trip_through_the_log_encoding() {
     assert_eq!(Command::decode(&command.encode()), Ok(command));
     assert!(Command::decode(&[0xff, 0xff]).is_err());
 }
+
+#[test]
+fn multi_refuses_too_many_ops() {
+    let config = StateConfig {
+        multi_ops_max: 2,
+        ..StateConfig::default()
+    };
+    let mut h = Harness::with_config(config);
+    let s = h.open();
+    let check = MultiOp::Check {
+        path: "/".into(),
+        expected_version: None,
+    };
+    let error = h.err(
+        s,
+        Op::Multi {
+            ops: vec![check.clone(), check.clone(), check],
+        },
+    );
+    assert!(matches!(error, Error::BadArgument { ref message } if message.contains("limit")));
+}
+
+#[test]
+fn error_messages_say_what_to_do() {
+    let messages = [
+        Error::NoNode { path: "/a".into() }.to_string(),
+        Error::NotEmpty { path: "/a".into() }.to_string(),
+        Error::SessionExpired { session: 3 }.to_string(),
+        Error::StaleSequencer {
+            path: "/l".into(),
+            mode: LockMode::Exclusive,
+            generation: 4,
+        }
+        .to_string(),
+    ];
+    assert!(messages[0].contains("create it"));
+    assert!(messages[1].contains("delete them first"));
+    assert!(messages[2].contains("open a new session"));
+    assert!(messages[3].contains("re-acquire"));
+}

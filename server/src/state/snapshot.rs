@@ -88,15 +88,32 @@ struct BodyRef<'a> {
     next_lock_generation: u64,
 }
 
+/// The body as read back. Maps are read as lists of pairs (postcard encodes
+/// both alike) so that keys out of order or repeated are refused rather than
+/// silently sorted or overwritten: an accepted snapshot is in canonical form.
 #[derive(Deserialize)]
 struct Body {
     revision: Revision,
     now_ms: u64,
     next_session_id: SessionId,
-    nodes: BTreeMap<Box<str>, Node>,
-    sessions: BTreeMap<SessionId, Session>,
-    locks: BTreeMap<Box<str>, LockState>,
+    nodes: Vec<(Box<str>, Node)>,
+    sessions: Vec<(SessionId, Session)>,
+    locks: Vec<(Box<str>, LockState)>,
     next_lock_generation: u64,
+}
+
+/// A map from pairs whose keys strictly increase.
+fn ascending<K: Ord + std::fmt::Debug, V>(
+    what: &str,
+    pairs: Vec<(K, V)>,
+) -> Result<BTreeMap<K, V>, String> {
+    if let Some(window) = pairs.windows(2).find(|w| w[0].0 >= w[1].0) {
+        return Err(format!(
+            "{what} are not in strictly increasing order at {:?}",
+            window[1].0
+        ));
+    }
+    Ok(pairs.into_iter().collect())
 }
 
 impl StateMachine {
@@ -173,8 +190,11 @@ impl StateMachine {
     }
 
     fn from_body(config: StateConfig, body: Body) -> Result<StateMachine, String> {
-        let tree = Tree::from_nodes(body.nodes, config.path_bytes_max)?;
-        let locks = LockTable::from_parts(body.locks, body.next_lock_generation)?;
+        let nodes = ascending("nodes", body.nodes)?;
+        let sessions = ascending("sessions", body.sessions)?;
+        let locks = ascending("locks", body.locks)?;
+        let tree = Tree::from_nodes(nodes, config.path_bytes_max)?;
+        let locks = LockTable::from_parts(locks, body.next_lock_generation)?;
         for (path, node) in tree.nodes() {
             if node.meta.created_revision > body.revision
                 || node.meta.modified_revision > body.revision
@@ -183,13 +203,22 @@ impl StateMachine {
                 return Err(format!("node {path} has a revision after the snapshot's"));
             }
         }
-        if let Some(last) = body.sessions.keys().next_back() {
-            if *last >= body.next_session_id || body.sessions.contains_key(&0) {
+        // Counters at their maximum would overflow on the next command.
+        if body.revision == u64::MAX
+            || body.next_session_id == u64::MAX
+            || body.next_lock_generation == u64::MAX
+            || body.next_session_id == 0
+            || body.next_lock_generation == 0
+        {
+            return Err("a counter is out of range".into());
+        }
+        if let Some(last) = sessions.keys().next_back() {
+            if *last >= body.next_session_id || sessions.contains_key(&0) {
                 return Err("a session identifier is out of range".into());
             }
         }
         for owner in tree.ephemeral_owners().chain(locks.sessions()) {
-            if !body.sessions.contains_key(&owner) {
+            if !sessions.contains_key(&owner) {
                 return Err(format!(
                     "session {owner} owns nodes or locks but is not open"
                 ));
@@ -200,7 +229,7 @@ impl StateMachine {
             revision: body.revision,
             now_ms: body.now_ms,
             tree,
-            sessions: body.sessions,
+            sessions,
             next_session_id: body.next_session_id,
             locks,
         })
