@@ -118,7 +118,7 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-fn reseal(bytes: &mut Vec<u8>) {
+fn reseal(bytes: &mut [u8]) {
     let end = bytes.len() - 4;
     let checksum = crc32(&bytes[..end]).to_le_bytes();
     bytes[end..].copy_from_slice(&checksum);
