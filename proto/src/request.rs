@@ -125,6 +125,8 @@ pub enum Op {
     /// everything committed before it.
     Sync,
     /// End the session: delete its ephemeral nodes, release its locks.
+    /// A retry after the close is answered with `SessionExpired`, which the
+    /// client should take as "closed": the session's records are gone.
     CloseSession,
     /// Acquire a lock named by a path (the lock needs no node at that path).
     AcquireLock {

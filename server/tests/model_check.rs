@@ -823,6 +823,14 @@ impl Model {
         nodes
     }
 
+    fn next_lock_delay_end_ms(&self) -> Option<u64> {
+        self.locks
+            .iter()
+            .filter(|l| l.delayed_until_ms != 0)
+            .map(|l| l.delayed_until_ms)
+            .min()
+    }
+
     fn session_deadlines_ms(&self, local_now_ms: u64, grace_ms: u64) -> Vec<(SessionId, u64)> {
         let mut deadlines: Vec<_> = self
             .sessions
@@ -1150,6 +1158,7 @@ proptest! {
             let applied = state.apply(command);
             let expected = model.apply(command);
             prop_assert_eq!(normalized(applied.clone()), normalized(expected), "command {}: {:?}", index, command);
+            prop_assert_eq!(state.next_lock_delay_end_ms(), model.next_lock_delay_end_ms());
             prop_assert_eq!(&twin.apply(command), &applied);
             if let Some(copy) = restored.as_mut() {
                 prop_assert_eq!(&copy.apply(command), &applied, "after restore, command {}", index);
