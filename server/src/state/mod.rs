@@ -135,6 +135,19 @@ pub struct Applied {
 }
 
 /// The coordination state: namespace, sessions, locks and elections.
+///
+/// Methods, by role:
+/// - construction: [`new`](Self::new) (empty) and
+///   [`restore`](Self::restore) (from a snapshot);
+/// - getters, which never change the state: [`revision`](Self::revision),
+///   [`now_ms`](Self::now_ms), [`node_count`](Self::node_count),
+///   [`sessions`](Self::sessions), [`stat`](Self::stat),
+///   [`read`](Self::read) (local reads), and for the leader
+///   [`next_lock_delay_end_ms`](Self::next_lock_delay_end_ms) and
+///   [`session_deadlines_ms`](Self::session_deadlines_ms);
+/// - the one input: [`apply`](Self::apply), in log order, whose
+///   [`Applied`] output the replica dispatches (see the module docs);
+/// - output of the whole state: [`snapshot`](Self::snapshot).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StateMachine {
     config: StateConfig,
@@ -305,7 +318,9 @@ impl StateMachine {
             self.locks.advance_time(&mut fx);
         }
         let result = match command {
-            Command::Client { request, .. } => self.apply_request(request, revision, &mut out),
+            Command::Client { request, .. } => {
+                Some(self.apply_request(request, revision, &mut out))
+            }
             Command::OpenSession { timeout_ms, .. } => {
                 let session = self.next_session_id;
                 self.next_session_id += 1;
@@ -373,34 +388,33 @@ impl StateMachine {
         }
     }
 
-    /// Applies a client request, or replays its recorded result. `None`
-    /// never happens for requests; the option matches the other commands.
+    /// Applies a client request, or replays its recorded result.
     fn apply_request(
         &mut self,
         request: &Request,
         revision: Revision,
         out: &mut Output,
-    ) -> Option<Result<OpResult, Error>> {
+    ) -> Result<OpResult, Error> {
         let session_id = request.session;
         let Some(session) = self.sessions.get(&session_id) else {
-            return Some(Err(Error::SessionExpired {
+            return Err(Error::SessionExpired {
                 session: session_id,
-            }));
+            });
         };
         if request.sequence <= session.last_sequence {
             if request.sequence == session.last_sequence {
                 if let Some(response) = &session.last_response {
                     // A retry: the original result, not a second application.
-                    return Some(response.result.clone());
+                    return response.result.clone();
                 }
             }
-            return Some(Err(Error::StaleRequestSequence {
+            return Err(Error::StaleRequestSequence {
                 session: session_id,
                 sequence: request.sequence,
                 last_sequence: session.last_sequence,
-            }));
+            });
         }
-        Some(self.execute(session_id, &request.op, revision, out))
+        self.execute(session_id, &request.op, revision, out)
     }
 
     fn execute(

@@ -183,7 +183,7 @@ impl Tree {
         self.nodes.get(path)
     }
 
-    /// Sessions owning at least one ephemeral node, with their nodes.
+    /// The owner of every ephemeral node (a session once per node it owns).
     pub fn ephemeral_owners(&self) -> impl Iterator<Item = SessionId> + '_ {
         self.ephemerals.iter().map(|(owner, _)| *owner)
     }
