@@ -176,9 +176,9 @@ impl Params {
                 params.crashes = true;
                 params.partitions = true;
                 params.leader_isolation = true;
-                params.long_delay = rng.random_range(0.02..0.08);
+                params.long_delay = rng.random_range(0.05..0.15);
                 params.long_delay_max_us = 1_000_000;
-                params.sync_crash = rng.random_range(0.01..0.04);
+                params.sync_crash = rng.random_range(0.03..0.08);
             }
             Mix::Chaos => {
                 params.long_delay = rng.random_range(0.0..0.02);
