@@ -9,6 +9,7 @@ mod error;
 mod event;
 mod request;
 mod response;
+pub mod wire;
 
 pub use error::{Error, Result};
 pub use event::{Event, EventType, WatchKind};
