@@ -55,5 +55,6 @@ pub use node::{
     Node, PeerStatus, ProposeError, ReadId, ReadOutcome, Ready, Role, SnapshotRequest, Status,
 };
 pub use types::{
-    AcceptedEntry, Ballot, ChosenEntry, Command, Membership, NodeId, Slot, Value, MAX_MEMBERS,
+    AcceptedEntry, Ballot, Batch, ChosenEntry, Command, Membership, NodeId, Slot, Value,
+    MAX_MEMBERS,
 };

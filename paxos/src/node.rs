@@ -12,7 +12,9 @@ use thiserror::Error;
 use crate::config::{Config, ConfigError};
 use crate::durable::{DurableState, Persist};
 use crate::message::*;
-use crate::types::{AcceptedEntry, Ballot, ChosenEntry, Command, Membership, NodeId, Slot, Value};
+use crate::types::{
+    AcceptedEntry, Ballot, Batch, ChosenEntry, Command, Membership, NodeId, Slot, Value,
+};
 
 /// Chooses a read; picked by the caller and handed back in [`ReadOutcome`].
 pub type ReadId = u64;
@@ -194,6 +196,8 @@ struct Leader {
     /// it is chosen, so that every earlier chosen entry is known.
     barrier_slot: Slot,
     pending: VecDeque<Command>,
+    /// The stamp of the last batch packed; stamps never decrease.
+    last_stamp_ms: u64,
     /// Slots assigned since the last broadcast.
     unsent_from: Option<Slot>,
     announced_chosen_through: Slot,
@@ -1004,6 +1008,7 @@ impl Node {
             inflight_base: self.chosen_through + 1,
             barrier_slot,
             pending: VecDeque::new(),
+            last_stamp_ms: 0,
             unsent_from: None,
             announced_chosen_through: self.chosen_through,
             heartbeat_sequence: 0,
@@ -1245,7 +1250,11 @@ impl Node {
                     batch.push(command);
                 }
             }
-            let value = Value::Commands(Arc::from(batch));
+            leader.last_stamp_ms = leader.last_stamp_ms.max(self.now_ms);
+            let value = Value::Commands(Batch {
+                stamp_ms: leader.last_stamp_ms,
+                commands: Arc::from(batch),
+            });
             assign_slot(leader, value, &mut self.log, self.now_ms, ballot);
         }
         self.broadcast_new_slots();
@@ -1845,13 +1854,14 @@ mod tests {
     }
 
     fn commands(names: &[&str]) -> Value {
-        Value::Commands(
-            names
+        Value::Commands(Batch {
+            stamp_ms: 0,
+            commands: names
                 .iter()
                 .map(|n| Command::copy_from_slice(n.as_bytes()))
                 .collect::<Vec<_>>()
                 .into(),
-        )
+        })
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub enum Value {
     /// Fills a gap found by a new leader; changes nothing when applied.
     Noop,
     /// A batch of client commands, applied in order.
-    Commands(Arc<[Command]>),
+    Commands(Batch),
     /// The voting members from this slot on. Slot 0 always holds the initial
     /// member set; later entries are reserved for reconfiguration.
     Membership(Arc<[NodeId]>),
@@ -60,7 +60,7 @@ impl Value {
     /// Number of client commands this value carries.
     pub fn command_count(&self) -> usize {
         match self {
-            Value::Commands(commands) => commands.len(),
+            Value::Commands(batch) => batch.commands.len(),
             Value::Noop | Value::Membership(_) => 0,
         }
     }
@@ -69,10 +69,25 @@ impl Value {
     pub fn size_bytes(&self) -> usize {
         match self {
             Value::Noop => 1,
-            Value::Commands(commands) => commands.iter().map(|c| c.len() + 4).sum::<usize>() + 4,
+            Value::Commands(batch) => {
+                batch.commands.iter().map(|c| c.len() + 4).sum::<usize>() + 12
+            }
             Value::Membership(members) => members.len() * 8 + 4,
         }
     }
+}
+
+/// Client commands packed into one slot by the leader, with the leader's
+/// clock reading when it packed them: the only way time enters the
+/// replicated state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Batch {
+    /// The leader's time when the slot was filled, in the caller's clock
+    /// units (the replica uses ms since the Unix epoch). Never decreases
+    /// within one leadership.
+    pub stamp_ms: u64,
+    /// The commands, in the order they were proposed.
+    pub commands: Arc<[Command]>,
 }
 
 /// A value accepted by an acceptor under a ballot.

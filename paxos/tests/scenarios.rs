@@ -59,8 +59,9 @@ fn value(value: &Value) -> String {
     match value {
         Value::Noop => "noop".into(),
         Value::Membership(members) => format!("members{members:?}"),
-        Value::Commands(commands) => {
-            let names: Vec<String> = commands
+        Value::Commands(batch) => {
+            let names: Vec<String> = batch
+                .commands
                 .iter()
                 .map(|c| String::from_utf8_lossy(c).into_owned())
                 .collect();
@@ -130,7 +131,14 @@ fn message(message: &Message) -> String {
             "SnapshotNeeded start={} chosen={}",
             m.log_start, m.chosen_through
         ),
-        Message::Forward(m) => format!("Forward {}", value(&Value::Commands(m.commands.clone()))),
+        Message::Forward(m) => {
+            let names: Vec<String> = m
+                .commands
+                .iter()
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect();
+            format!("Forward [{}]", names.join(" "))
+        }
         Message::ReadIndex(_) => "ReadIndex".into(),
         Message::ReadIndexReply(m) => format!("ReadIndexReply index={:?}", m.read_index),
     }

@@ -605,8 +605,8 @@ impl Simulation {
                 .digest
                 .rotate_left(7)
                 .wrapping_add(entry.slot.wrapping_mul(31));
-            if let Value::Commands(commands) = &entry.value {
-                for command in commands.iter() {
+            if let Value::Commands(batch) = &entry.value {
+                for command in batch.commands.iter() {
                     let id = u64::from_le_bytes(command[..8].try_into().expect("8-byte command"));
                     if self.commands_chosen.insert(id) {
                         self.report.commands_chosen += 1;
