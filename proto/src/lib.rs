@@ -9,6 +9,7 @@ mod error;
 mod event;
 mod request;
 mod response;
+pub mod tls;
 pub mod wire;
 
 pub use error::{Error, Result};

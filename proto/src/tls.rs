@@ -1,0 +1,921 @@
+//! Mutual TLS for Synod's QUIC connections, shared by the replica and the
+//! client: loading PEM files, building rustls and quinn configurations,
+//! generating development certificates, and the connection handshake.
+//!
+//! # Trust model
+//!
+//! One cluster CA signs every certificate. Every connection is mutual TLS
+//! 1.3 with the ALPN [`ALPN`](crate::wire::ALPN): a replica refuses a client
+//! or peer whose certificate the CA did not sign, at the TLS layer, before
+//! any frame is read. A replica's certificate additionally names the replica
+//! by the DNS name [`node_server_name`] (`node-<id>.synod`): a replica dials
+//! another with that server name, so it talks to the member it meant, and it
+//! accepts a peer claiming node id `n` only if the peer's certificate is valid
+//! for `node-<n>.synod`. Client certificates carry no such name, so a client
+//! cannot pose as a replica.
+//!
+//! # Handshake
+//!
+//! The side that connects opens one bidirectional stream and sends a
+//! [`Hello`] frame; the replica answers with a [`HelloReply`] frame on the
+//! same stream. For a client, that stream then carries the session
+//! ([`ClientFrame`](crate::wire::ClientFrame)s one way,
+//! [`ServerFrame`](crate::wire::ServerFrame)s the other); see [`connect`].
+//!
+//! # Development certificates
+//!
+//! [`generate_dev_certs`] writes a CA, one certificate per replica and one
+//! client certificate into a directory, for `synod certs`, `synod dev` and
+//! tests. They are not meant for production: keys are ECDSA P-256 generated
+//! on the spot and the certificates never expire.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::wire::{
+    decode_frame, encode_frame, frame_length, FrameError, Hello, HelloReply, ALPN,
+    FRAME_HEADER_BYTES,
+};
+
+/// Bytes asked of the stream per read by a [`FrameReader`]; a frame larger
+/// than this is assembled from several reads.
+pub const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The DNS name a replica's certificate must carry, and the server name its
+/// peers dial it with: `node-<id>.synod`.
+pub fn node_server_name(node_id: u64) -> String {
+    format!("node-{node_id}.synod")
+}
+
+/// Where a replica's or client's TLS files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The cluster CA's certificate(s), PEM.
+    pub ca: PathBuf,
+    /// This party's certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// This party's private key, PEM (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files [`generate_dev_certs`] writes for `name` (`node-<id>` or
+    /// `client`) in `dir`: `ca.pem`, `<name>.pem` and `<name>-key.pem`.
+    pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{name}.pem")),
+            key: dir.join(format!("{name}-key.pem")),
+        }
+    }
+
+    /// Reads and parses the three files.
+    ///
+    /// # Errors
+    /// [`TlsError::Read`] when a file cannot be read, [`TlsError::NotPem`]
+    /// when it holds no PEM at all or a damaged PEM section,
+    /// [`TlsError::NoCertificate`] or [`TlsError::NoPrivateKey`] when the PEM
+    /// sections expected are missing. Each names the file.
+    pub fn load(&self) -> Result<TlsMaterial> {
+        let ca = read_file(&self.ca)?;
+        let cert = read_file(&self.cert)?;
+        let key = read_file(&self.key)?;
+        Ok(TlsMaterial {
+            ca_certs: parse_certificates(&self.ca, &ca)?,
+            cert_chain: parse_certificates(&self.cert, &cert)?,
+            key: parse_private_key(&self.key, &key)?,
+        })
+    }
+}
+
+/// Parsed TLS material: the CA roots, this party's chain and its key.
+pub struct TlsMaterial {
+    /// The cluster CA's certificates; peers must chain to one of them.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// This party's certificate chain, leaf first.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// This party's private key.
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for TlsMaterial {
+    fn clone(&self) -> Self {
+        TlsMaterial {
+            ca_certs: self.ca_certs.clone(),
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl fmt::Debug for TlsMaterial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the key.
+        f.debug_struct("TlsMaterial")
+            .field("ca_certs", &self.ca_certs.len())
+            .field("cert_chain", &self.cert_chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsMaterial {
+    /// Parses PEM held in memory; `origin` names it in errors.
+    ///
+    /// # Errors
+    /// As [`TlsFiles::load`].
+    pub fn from_pem(origin: &str, ca: &[u8], cert: &[u8], key: &[u8]) -> Result<TlsMaterial> {
+        let path = |what: &str| PathBuf::from(format!("{origin} ({what})"));
+        Ok(TlsMaterial {
+            ca_certs: parse_certificates(&path("CA"), ca)?,
+            cert_chain: parse_certificates(&path("certificate"), cert)?,
+            key: parse_private_key(&path("key"), key)?,
+        })
+    }
+
+    fn root_store(&self) -> Result<Arc<RootCertStore>> {
+        let mut roots = RootCertStore::empty();
+        for certificate in &self.ca_certs {
+            roots
+                .add(certificate.clone())
+                .map_err(|error| TlsError::InvalidCa(error.to_string()))?;
+        }
+        Ok(Arc::new(roots))
+    }
+}
+
+/// A TLS setup error.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read (missing, unreadable).
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file is not PEM, or a PEM section in it is damaged.
+    #[error("{} is not a valid PEM file: {detail}", path.display())]
+    NotPem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A UDP socket could not be bound.
+    #[error("cannot bind {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A PEM file holds no certificate.
+    #[error("{} holds no certificate (expected a \"BEGIN CERTIFICATE\" section)", path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A PEM file holds no private key.
+    #[error("{} holds no private key (expected a \"BEGIN PRIVATE KEY\" section)", path.display())]
+    NoPrivateKey {
+        /// The file.
+        path: PathBuf,
+    },
+    /// A CA certificate is not usable as a trust anchor.
+    #[error("invalid CA certificate: {0}")]
+    InvalidCa(String),
+    /// rustls refused the configuration (for example a key that does not
+    /// match the certificate).
+    #[error("TLS configuration refused: {0}")]
+    Config(String),
+    /// Certificate generation failed.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Result of the TLS functions.
+pub type Result<T, E = TlsError> = std::result::Result<T, E>;
+
+fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn check_looks_like_pem(path: &Path, bytes: &[u8]) -> Result<()> {
+    let begin = b"-----BEGIN ";
+    if !bytes.windows(begin.len()).any(|window| window == begin) {
+        return Err(TlsError::NotPem {
+            path: path.to_owned(),
+            detail: "no \"-----BEGIN\" line".into(),
+        });
+    }
+    Ok(())
+}
+
+fn parse_certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+    check_looks_like_pem(path, bytes)?;
+    let certificates = CertificateDer::pem_slice_iter(bytes)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::NotPem {
+            path: path.to_owned(),
+            detail: error.to_string(),
+        })?;
+    if certificates.is_empty() {
+        return Err(TlsError::NoCertificate {
+            path: path.to_owned(),
+        });
+    }
+    Ok(certificates)
+}
+
+fn parse_private_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>> {
+    check_looks_like_pem(path, bytes)?;
+    PrivateKeyDer::from_pem_slice(bytes).map_err(|error| match error {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey {
+            path: path.to_owned(),
+        },
+        other => TlsError::NotPem {
+            path: path.to_owned(),
+            detail: other.to_string(),
+        },
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A rustls server configuration: TLS 1.3 only, ring, ALPN `synod/1`, and a
+/// client certificate signed by the cluster CA required of every client.
+///
+/// # Errors
+/// [`TlsError::InvalidCa`] or [`TlsError::Config`].
+pub fn server_config(material: &TlsMaterial) -> Result<rustls::ServerConfig> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(material.root_store()?, provider.clone())
+            .build()
+            .map_err(|error| TlsError::Config(error.to_string()))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| TlsError::Config(error.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(material.cert_chain.clone(), material.key.clone_key())
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// A rustls client configuration: TLS 1.3 only, ring, ALPN `synod/1`,
+/// verifying the server against the cluster CA and presenting this party's
+/// certificate.
+///
+/// # Errors
+/// [`TlsError::InvalidCa`] or [`TlsError::Config`].
+pub fn client_config(material: &TlsMaterial) -> Result<rustls::ClientConfig> {
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|error| TlsError::Config(error.to_string()))?
+        .with_root_certificates(material.root_store()?)
+        .with_client_auth_cert(material.cert_chain.clone(), material.key.clone_key())
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// A quinn server configuration over [`server_config`] with the given
+/// transport settings.
+///
+/// # Errors
+/// As [`server_config`].
+pub fn quic_server_config(
+    material: &TlsMaterial,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ServerConfig> {
+    let crypto = QuicServerConfig::try_from(server_config(material)?)
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport);
+    Ok(config)
+}
+
+/// A quinn client configuration over [`client_config`] with the given
+/// transport settings.
+///
+/// # Errors
+/// As [`client_config`].
+pub fn quic_client_config(
+    material: &TlsMaterial,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::ClientConfig> {
+    let crypto = QuicClientConfig::try_from(client_config(material)?)
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport);
+    Ok(config)
+}
+
+/// Whether `certificate` is valid for `name` (a DNS name or an IP address).
+/// Used to check that a peer claiming node id `n` holds a certificate for
+/// [`node_server_name`]`(n)`; the certificate's chain to the CA was checked
+/// by the TLS handshake.
+pub fn certificate_names(certificate: &CertificateDer<'_>, name: &str) -> bool {
+    let Ok(parsed) = rustls::server::ParsedCertificate::try_from(certificate) else {
+        return false;
+    };
+    let Ok(server_name) = ServerName::try_from(name) else {
+        return false;
+    };
+    rustls::client::verify_server_name(&parsed, &server_name).is_ok()
+}
+
+/// The certificate chain a connection's peer presented (leaf first), if any.
+pub fn peer_certificates(connection: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
+    connection
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()
+        .map(|chain| *chain)
+}
+
+// ---------------------------------------------------------------------------
+// Certificate generation (development and tests).
+
+/// A PEM certificate with its PEM private key.
+#[derive(Clone)]
+pub struct IssuedCertificate {
+    /// The certificate, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8).
+    pub key_pem: String,
+}
+
+impl fmt::Debug for IssuedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IssuedCertificate").finish_non_exhaustive()
+    }
+}
+
+/// A certificate authority generated on the spot, able to issue replica and
+/// client certificates.
+pub struct CertificateAuthority {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertificateAuthority")
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateAuthority {
+    /// Generates a self-signed CA with the given common name.
+    ///
+    /// # Errors
+    /// [`TlsError::Generate`].
+    pub fn generate(common_name: &str) -> Result<CertificateAuthority> {
+        let mut params = rcgen::CertificateParams::default();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, key)?;
+        Ok(CertificateAuthority { issuer })
+    }
+
+    /// The CA's certificate and key, PEM.
+    pub fn certificate(&self) -> IssuedCertificate {
+        IssuedCertificate {
+            cert_pem: self.issuer.pem(),
+            key_pem: self.issuer.key().serialize_pem(),
+        }
+    }
+
+    /// Issues a replica's certificate, valid for TLS server and client
+    /// authentication (replicas dial each other), naming
+    /// [`node_server_name`]`(node_id)` and every host in `hosts` (DNS names
+    /// or IP addresses, such as `localhost` and `127.0.0.1`).
+    ///
+    /// # Errors
+    /// [`TlsError::Generate`], for example for a host that is not a valid
+    /// DNS name.
+    pub fn issue_node(&self, node_id: u64, hosts: &[String]) -> Result<IssuedCertificate> {
+        let mut names = vec![node_server_name(node_id)];
+        names.extend(hosts.iter().cloned());
+        let mut params = rcgen::CertificateParams::new(names)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("synod node {node_id}"));
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        self.issue(params)
+    }
+
+    /// Issues a client certificate (client authentication only) with the
+    /// given common name; it names no host, so it cannot pose as a replica.
+    ///
+    /// # Errors
+    /// [`TlsError::Generate`].
+    pub fn issue_client(&self, common_name: &str) -> Result<IssuedCertificate> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        self.issue(params)
+    }
+
+    fn issue(&self, mut params: rcgen::CertificateParams) -> Result<IssuedCertificate> {
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.use_authority_key_identifier_extension = true;
+        let key = rcgen::KeyPair::generate()?;
+        let certificate = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCertificate {
+            cert_pem: certificate.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+}
+
+/// The files [`generate_dev_certs`] wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevCerts {
+    /// The directory holding them.
+    pub dir: PathBuf,
+    /// The replicas certificates were made for.
+    pub node_ids: Vec<u64>,
+}
+
+impl DevCerts {
+    /// Replica `node_id`'s files (`ca.pem`, `node-<id>.pem`, `node-<id>-key.pem`).
+    pub fn node(&self, node_id: u64) -> TlsFiles {
+        TlsFiles::in_dir(&self.dir, &format!("node-{node_id}"))
+    }
+
+    /// The client's files (`ca.pem`, `client.pem`, `client-key.pem`).
+    pub fn client(&self) -> TlsFiles {
+        TlsFiles::in_dir(&self.dir, "client")
+    }
+
+    /// The CA's key (`ca-key.pem`), kept to issue more certificates.
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.join("ca-key.pem")
+    }
+}
+
+/// Generates a CA, a certificate per replica in `node_ids` (valid for
+/// `hosts`, e.g. `localhost` and `127.0.0.1`, and for its
+/// [`node_server_name`]) and a client certificate, and writes them as PEM
+/// into `dir` (created if missing): `ca.pem`, `ca-key.pem`, `node-<id>.pem`,
+/// `node-<id>-key.pem`, `client.pem`, `client-key.pem`. Private keys are
+/// written readable by their owner only (on Unix). Existing files are
+/// overwritten.
+///
+/// # Errors
+/// [`TlsError::Generate`] or [`TlsError::Write`].
+pub fn generate_dev_certs(dir: &Path, node_ids: &[u64], hosts: &[String]) -> Result<DevCerts> {
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let ca = CertificateAuthority::generate("Synod development CA")?;
+    write_pair(dir, "ca", &ca.certificate())?;
+    for &node_id in node_ids {
+        write_pair(
+            dir,
+            &format!("node-{node_id}"),
+            &ca.issue_node(node_id, hosts)?,
+        )?;
+    }
+    write_pair(dir, "client", &ca.issue_client("synod client")?)?;
+    Ok(DevCerts {
+        dir: dir.to_owned(),
+        node_ids: node_ids.to_vec(),
+    })
+}
+
+fn write_pair(dir: &Path, name: &str, issued: &IssuedCertificate) -> Result<()> {
+    let cert_path = dir.join(format!("{name}.pem"));
+    std::fs::write(&cert_path, &issued.cert_pem).map_err(|source| TlsError::Write {
+        path: cert_path,
+        source,
+    })?;
+    let key_path = dir.join(format!("{name}-key.pem"));
+    write_private(&key_path, issued.key_pem.as_bytes()).map_err(|source| TlsError::Write {
+        path: key_path,
+        source,
+    })
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+// ---------------------------------------------------------------------------
+// Frames over QUIC streams.
+
+/// A frame could not be read from a stream.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum FrameReadError {
+    /// The frame was oversize or malformed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The stream failed (reset, connection lost).
+    #[error("stream failed: {0}")]
+    Stream(#[from] quinn::ReadError),
+    /// The stream ended inside a frame.
+    #[error("stream ended inside a frame ({buffered} bytes buffered)")]
+    Truncated {
+        /// Bytes of the incomplete frame received.
+        buffered: usize,
+    },
+}
+
+/// Reads length-prefixed frames from a QUIC receive stream, buffering reads
+/// so that many small frames cost one read. A frame's length is checked
+/// against the bound before its body is buffered.
+#[derive(Debug)]
+pub struct FrameReader {
+    stream: quinn::RecvStream,
+    buffer: Vec<u8>,
+    start: usize,
+    frame_bytes_max: u64,
+}
+
+impl FrameReader {
+    /// Reads frames of at most `frame_bytes_max` bytes from `stream`.
+    pub fn new(stream: quinn::RecvStream, frame_bytes_max: u64) -> FrameReader {
+        FrameReader {
+            stream,
+            buffer: Vec::new(),
+            start: 0,
+            frame_bytes_max,
+        }
+    }
+
+    /// The stream, to stop it.
+    pub fn stream_mut(&mut self) -> &mut quinn::RecvStream {
+        &mut self.stream
+    }
+
+    /// The next frame, or `None` when the stream finished cleanly between
+    /// frames.
+    ///
+    /// # Errors
+    /// [`FrameReadError`]; after one, the stream is no longer usable.
+    pub async fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameReadError> {
+        loop {
+            if let Some(frame) = self.take_buffered()? {
+                return Ok(Some(decode_frame(&frame)?));
+            }
+            if !self.fill().await? {
+                let buffered = self.buffer.len() - self.start;
+                if buffered == 0 {
+                    return Ok(None);
+                }
+                return Err(FrameReadError::Truncated { buffered });
+            }
+        }
+    }
+
+    /// The next frame, or `None` when the stream finished cleanly between
+    /// frames, or [`FrameReadError::Truncated`] if it ended inside one.
+    fn take_buffered(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
+        let available = &self.buffer[self.start..];
+        let Some(header) = available.get(..FRAME_HEADER_BYTES) else {
+            return Ok(None);
+        };
+        let mut prefix = [0u8; FRAME_HEADER_BYTES];
+        prefix.copy_from_slice(header);
+        let length = frame_length(prefix, self.frame_bytes_max)?;
+        let Some(body) = available.get(FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + length) else {
+            return Ok(None);
+        };
+        let body = body.to_vec();
+        self.start += FRAME_HEADER_BYTES + length;
+        if self.start == self.buffer.len() {
+            self.buffer.clear();
+            self.start = 0;
+        }
+        Ok(Some(body))
+    }
+
+    /// Reads more bytes; `false` at the end of the stream.
+    async fn fill(&mut self) -> Result<bool, FrameReadError> {
+        // Drop consumed bytes before growing, so the buffer never holds
+        // more than one frame bound plus one read.
+        if self.start > 0 {
+            self.buffer.drain(..self.start);
+            self.start = 0;
+        }
+        let filled = self.buffer.len();
+        self.buffer.resize(filled + READ_CHUNK_BYTES, 0);
+        let read = self.stream.read(&mut self.buffer[filled..]).await;
+        match read {
+            Ok(Some(bytes)) => {
+                self.buffer.truncate(filled + bytes);
+                Ok(true)
+            }
+            Ok(None) => {
+                self.buffer.truncate(filled);
+                Ok(false)
+            }
+            Err(error) => {
+                self.buffer.truncate(filled);
+                Err(error.into())
+            }
+        }
+    }
+}
+
+/// Encodes `frames` back to back into one buffer, for one write.
+pub fn encode_frames<'a, T: Serialize + 'a>(frames: impl IntoIterator<Item = &'a T>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for frame in frames {
+        bytes.extend_from_slice(&encode_frame(frame));
+    }
+    bytes
+}
+
+// ---------------------------------------------------------------------------
+// The handshake.
+
+/// A connection or handshake failed.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The connection could not be started (bad address or server name).
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed, including by TLS (a certificate
+    /// the other side does not trust).
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Writing the hello failed.
+    #[error("cannot send the hello: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// The reply could not be read.
+    #[error("cannot read the hello reply: {0}")]
+    Read(#[from] FrameReadError),
+    /// The stream ended without a reply.
+    #[error("the replica closed the stream without answering the hello")]
+    NoReply,
+    /// The replica refused, with its reason.
+    #[error("refused by the replica: {reason}")]
+    Refused {
+        /// The replica's reason.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("no hello reply within {0:?}")]
+    TimedOut(Duration),
+}
+
+/// A connection after a successful handshake; for a client, `send` and
+/// `frames` are its session stream.
+#[derive(Debug)]
+pub struct Handshaken {
+    /// The QUIC connection.
+    pub connection: quinn::Connection,
+    /// The sending half of the handshake stream.
+    pub send: quinn::SendStream,
+    /// The receiving half of the handshake stream.
+    pub frames: FrameReader,
+    /// The replica's protocol version.
+    pub protocol_version: u64,
+    /// The replica's node id.
+    pub node_id: u64,
+}
+
+/// Opens the handshake stream on `connection`, sends `hello` and waits for a
+/// [`HelloReply`] within `timeout`.
+///
+/// # Errors
+/// [`HandshakeError::Refused`] with the replica's reason, or a failure of
+/// the connection or stream.
+pub async fn handshake(
+    connection: quinn::Connection,
+    hello: &Hello,
+    frame_bytes_max: u64,
+    timeout: Duration,
+) -> Result<Handshaken, HandshakeError> {
+    let exchange = async {
+        let (mut send, receive) = connection.open_bi().await?;
+        send.write_all(&encode_frame(hello)).await?;
+        let mut frames = FrameReader::new(receive, frame_bytes_max);
+        match frames.next::<HelloReply>().await? {
+            None => Err(HandshakeError::NoReply),
+            Some(HelloReply::Refused { reason }) => Err(HandshakeError::Refused { reason }),
+            Some(HelloReply::Welcome {
+                protocol_version,
+                node_id,
+            }) => Ok((send, frames, protocol_version, node_id)),
+        }
+    };
+    let (send, frames, protocol_version, node_id) = tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| HandshakeError::TimedOut(timeout))??;
+    Ok(Handshaken {
+        connection,
+        send,
+        frames,
+        protocol_version,
+        node_id,
+    })
+}
+
+/// Connects `endpoint` to the replica at `address` (whose certificate must
+/// be valid for `server_name`), sends `Hello::Client` with
+/// [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION) and returns the session
+/// stream. The whole exchange is bounded by `timeout`.
+///
+/// `endpoint` must have a default client configuration (see
+/// [`client_endpoint`]).
+///
+/// # Errors
+/// [`HandshakeError`]; a certificate the replica does not trust shows as
+/// [`HandshakeError::Connection`] or as a read failure of the reply.
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    address: SocketAddr,
+    server_name: &str,
+    frame_bytes_max: u64,
+    timeout: Duration,
+) -> Result<Handshaken, HandshakeError> {
+    let connecting = endpoint.connect(address, server_name)?;
+    let connection = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| HandshakeError::TimedOut(timeout))??;
+    let hello = Hello::Client {
+        protocol_version: crate::PROTOCOL_VERSION,
+    };
+    handshake(connection, &hello, frame_bytes_max, timeout).await
+}
+
+/// A client endpoint bound to `bind` (e.g. `127.0.0.1:0`) whose default
+/// configuration presents `material`'s certificate and trusts its CA. Must be
+/// called inside a tokio runtime.
+///
+/// # Errors
+/// [`TlsError`] for the configuration, or [`TlsError::Bind`].
+pub fn client_endpoint(
+    material: &TlsMaterial,
+    bind: SocketAddr,
+    transport: Arc<quinn::TransportConfig>,
+) -> Result<quinn::Endpoint> {
+    let config = quic_client_config(material, transport)?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| TlsError::Bind {
+        address: bind,
+        source,
+    })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_certs_load_and_build_configs() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        let certs = generate_dev_certs(dir.path(), &[1, 2, 3], &hosts).expect("generate");
+        for name in [
+            "ca.pem",
+            "ca-key.pem",
+            "node-1.pem",
+            "node-3-key.pem",
+            "client.pem",
+            "client-key.pem",
+        ] {
+            assert!(dir.path().join(name).is_file(), "{name} written");
+        }
+        let node = certs.node(2).load().expect("node 2 loads");
+        let client = certs.client().load().expect("client loads");
+        server_config(&node).expect("server config");
+        client_config(&node).expect("a replica dials peers too");
+        client_config(&client).expect("client config");
+        let transport = Arc::new(quinn::TransportConfig::default());
+        quic_server_config(&node, transport.clone()).expect("quic server config");
+        quic_client_config(&client, transport).expect("quic client config");
+
+        let leaf = &node.cert_chain[0];
+        assert!(certificate_names(leaf, &node_server_name(2)));
+        assert!(certificate_names(leaf, "localhost"));
+        assert!(certificate_names(leaf, "127.0.0.1"));
+        assert!(!certificate_names(leaf, &node_server_name(1)));
+        assert!(!certificate_names(
+            &client.cert_chain[0],
+            &node_server_name(2)
+        ));
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let certs = generate_dev_certs(dir.path(), &[1], &[]).expect("generate");
+        let good = certs.node(1);
+
+        let missing = TlsFiles {
+            key: dir.path().join("nope.pem"),
+            ..good.clone()
+        };
+        let error = missing.load().expect_err("missing key");
+        assert!(matches!(error, TlsError::Read { .. }));
+        assert!(error.to_string().contains("nope.pem"), "{error}");
+
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, b"hello").expect("write");
+        let error = TlsFiles {
+            cert: garbage.clone(),
+            ..good.clone()
+        }
+        .load()
+        .expect_err("not pem");
+        assert!(matches!(error, TlsError::NotPem { .. }), "{error}");
+        assert!(error.to_string().contains("garbage.pem"), "{error}");
+
+        // A certificate where the key should be, and a key where the
+        // certificate should be.
+        let error = TlsFiles {
+            key: good.cert.clone(),
+            ..good.clone()
+        }
+        .load()
+        .expect_err("no key");
+        assert!(matches!(error, TlsError::NoPrivateKey { .. }), "{error}");
+        let error = TlsFiles {
+            cert: good.key.clone(),
+            ..good.clone()
+        }
+        .load()
+        .expect_err("no certificate");
+        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
+
+        // A key that does not match the certificate.
+        let mismatched = TlsFiles {
+            key: certs.client().key,
+            ..good
+        }
+        .load()
+        .expect("parses");
+        assert!(matches!(
+            server_config(&mismatched),
+            Err(TlsError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn frames_encode_back_to_back() {
+        let frames = vec![Hello::Client {
+            protocol_version: 1,
+        }];
+        let bytes = encode_frames(frames.iter());
+        assert_eq!(bytes, encode_frame(&frames[0]));
+    }
+}
