@@ -2,3 +2,4 @@
 //! storage, and QUIC transport for peers and clients.
 
 pub mod state;
+pub mod storage;
