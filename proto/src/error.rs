@@ -120,6 +120,15 @@ pub enum Error {
         /// The token's generation.
         generation: u64,
     },
+    /// The replica could not get the request through in time (no leader
+    /// elected, no quorum reachable, or the replica is shutting down). The
+    /// request may or may not have been applied; retrying it with the same
+    /// `(session, sequence)` is safe.
+    #[error("the cluster could not serve the request: {reason}; retry, or try another replica")]
+    Unavailable {
+        /// What stood in the way.
+        reason: String,
+    },
     /// One operation of a `multi` failed, so none was applied.
     #[error("operation {index} of the multi failed, so nothing was applied: {cause}")]
     MultiOpFailed {

@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{Event, Request, Response, Revision, SessionId, WatchKind};
+use crate::{Event, Request, Response, Revision, Sequencer, SessionId, WatchKind};
 
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
@@ -152,6 +152,14 @@ pub enum ServerFrame {
     },
     /// A watch fired.
     Event(Event),
+    /// A lock (or leadership of an election) the session was queued for is
+    /// now granted.
+    LockGranted {
+        /// The grant's fencing token.
+        sequencer: Sequencer,
+        /// Whether it is the leadership of an election.
+        election: bool,
+    },
     /// The cluster's status.
     Status(ClusterStatus),
     /// This replica cannot serve the session now (not caught up, shutting
