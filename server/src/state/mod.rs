@@ -209,6 +209,11 @@ impl StateMachine {
         self.sessions.keys().copied().collect()
     }
 
+    /// The timeout granted to an open session, or `None` when it is not open.
+    pub fn session_timeout_ms(&self, session: SessionId) -> Option<u64> {
+        self.sessions.get(&session).map(|s| s.timeout_ms)
+    }
+
     /// The earliest end of a running lock-delay: the leader should commit a
     /// [`Command::Tick`] at or after it.
     pub fn next_lock_delay_end_ms(&self) -> Option<u64> {
