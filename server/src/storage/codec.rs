@@ -146,7 +146,10 @@ mod tests {
     fn record() -> LogRecord {
         LogRecord {
             ballot: Ballot::new(3, 2),
-            value: Value::Commands(vec![synod_paxos::Command::from_static(b"set /a 1")].into()),
+            value: Value::Commands(synod_paxos::Batch {
+                stamp_ms: 1_700_000_000_000,
+                commands: vec![synod_paxos::Command::from_static(b"set /a 1")].into(),
+            }),
         }
     }
 

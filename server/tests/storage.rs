@@ -1,0 +1,1240 @@
+//! Tests of the replica's redb storage (`synod_server::storage`). Round
+//! trips: batches persisted, then the database reopened, must give exactly
+//! the `DurableState` that `DurableState::apply` gives for the same batches
+//! (by hand, and as a proptest of random batch sequences). Refusals: a wrong
+//! cluster or node id, another format version, a damaged record, a file that
+//! is not a database, and a database already open are each refused with an
+//! error naming the file. Crash images: a redb `StorageBackend` records which
+//! bytes were written and which were synced; during a seeded workload, at
+//! every sync (and at random writes between) it takes the image a crash
+//! would leave (the synced bytes, plus none, a prefix with a torn last write,
+//! or a random subset of the unsynced writes), and each image must reopen to
+//! exactly the state before or after the call in flight, so every
+//! acknowledged call survives and none is half-applied. The seed is printed;
+//! `SYNOD_STORAGE_SEED=<seed>` replays a run. Fail-stop: an `fsync` that
+//! fails makes `persist` fail and poisons the storage for good.
+
+use std::collections::BTreeMap;
+use std::io::ErrorKind;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use proptest::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use redb::backends::InMemoryBackend;
+use redb::{ReadableTable, StorageBackend, TableDefinition};
+use synod_paxos::{
+    AcceptedEntry, Ballot, Batch, ChosenEntry, Command, DurableState, Membership, Persist, Slot,
+    Value,
+};
+use synod_server::storage::{
+    database_path, Identity, Recovered, SavedSnapshot, Storage, StorageError,
+};
+
+// ---------------------------------------------------------------------------
+// Helpers shared by the tests.
+
+fn identity() -> Identity {
+    Identity {
+        cluster_id: "test-cluster".to_string(),
+        node_id: 2,
+    }
+}
+
+fn members(ids: &[u64]) -> Membership {
+    Membership::new(ids).expect("valid membership")
+}
+
+fn commands(payload: &[u8]) -> Value {
+    Value::Commands(Batch {
+        stamp_ms: payload.len() as u64,
+        commands: vec![Command::copy_from_slice(payload)].into(),
+    })
+}
+
+/// The reference: what the storage must hold after the calls so far.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Model {
+    durable: DurableState,
+    snapshot: Option<SavedSnapshot>,
+}
+
+impl Model {
+    fn new() -> Model {
+        Model {
+            durable: DurableState::bootstrap(members(&[1, 2, 3])),
+            snapshot: None,
+        }
+    }
+
+    fn matches(&self, recovered: &Recovered) -> bool {
+        recovered.durable == self.durable && recovered.snapshot == self.snapshot
+    }
+}
+
+/// One call on the storage.
+#[derive(Clone, Debug)]
+enum Call {
+    Persist(Vec<Persist>),
+    SaveSnapshot {
+        through: Slot,
+        membership: Membership,
+        bytes: Vec<u8>,
+    },
+}
+
+impl Call {
+    fn apply(&self, model: &mut Model) {
+        match self {
+            Call::Persist(batches) => {
+                for batch in batches {
+                    model.durable.apply(batch);
+                }
+            }
+            Call::SaveSnapshot {
+                through,
+                membership,
+                bytes,
+            } => {
+                model.snapshot = Some(SavedSnapshot {
+                    through: *through,
+                    membership: membership.clone(),
+                    bytes: bytes.clone(),
+                });
+            }
+        }
+    }
+
+    fn run(&self, storage: &mut Storage) -> Result<(), StorageError> {
+        match self {
+            Call::Persist(batches) => storage.persist(batches),
+            Call::SaveSnapshot {
+                through,
+                membership,
+                bytes,
+            } => storage.save_snapshot(*through, membership, bytes),
+        }
+    }
+}
+
+/// Makes a batch legal for the storage: compaction only below the saved
+/// snapshot (the storage refuses anything else, as tested separately).
+fn legalize(batch: &mut Persist, snapshot: Option<&SavedSnapshot>) {
+    if let Some(below) = batch.compact_below {
+        let limit = snapshot.map_or(0, |snapshot| snapshot.through + 1);
+        batch.compact_below = Some(below.min(limit));
+    }
+}
+
+/// Clamps a snapshot so that it leaves no gap before the log start.
+fn legal_through(through: Slot, model: &Model) -> Slot {
+    through.max(model.durable.log_start.saturating_sub(1))
+}
+
+fn open_image(bytes: &[u8], name: &str) -> Result<(Storage, Recovered), StorageError> {
+    let backend = InMemoryBackend::new();
+    backend
+        .set_len(bytes.len() as u64)
+        .expect("in-memory set_len");
+    backend.write(0, bytes).expect("in-memory write");
+    Storage::open_with_backend(backend, name, &identity())
+}
+
+// ---------------------------------------------------------------------------
+// A backend that remembers what was written and what was synced.
+
+/// One write to the backend, kept until the next sync.
+#[derive(Clone, Debug)]
+enum Op {
+    Write { offset: u64, data: Vec<u8> },
+    SetLen(u64),
+}
+
+fn apply_op(image: &mut Vec<u8>, op: &Op, torn_at: Option<usize>) {
+    match op {
+        Op::Write { offset, data } => {
+            let offset = usize::try_from(*offset).expect("offset fits");
+            let data = &data[..torn_at.unwrap_or(data.len()).min(data.len())];
+            if image.len() < offset + data.len() {
+                image.resize(offset + data.len(), 0);
+            }
+            image[offset..offset + data.len()].copy_from_slice(data);
+        }
+        Op::SetLen(len) => image.resize(usize::try_from(*len).expect("length fits"), 0),
+    }
+}
+
+/// A crash image and how it was made.
+struct CrashImage {
+    bytes: Vec<u8>,
+    how: &'static str,
+}
+
+#[derive(Default)]
+struct Disk {
+    /// What reads see: every write applied.
+    live: Vec<u8>,
+    /// What survives a crash for sure: the bytes as of the last completed sync.
+    durable: Vec<u8>,
+    /// Writes since the last sync, in order; any of them may or may not
+    /// have reached the disk before a crash.
+    pending: Vec<Op>,
+    syncs: u64,
+    /// Makes every `sync_data` fail while set.
+    fail_syncs: bool,
+    /// Crash images are taken only while this is set.
+    recording: Option<ChaCha8Rng>,
+    images: Vec<CrashImage>,
+}
+
+impl Disk {
+    fn capture_between_syncs(&mut self) {
+        let mut image = self.durable.clone();
+        for op in &self.pending {
+            apply_op(&mut image, op, None);
+        }
+        self.images.push(CrashImage {
+            bytes: image,
+            how: "synced bytes plus every write so far (a crash between syncs)",
+        });
+    }
+
+    /// The images a crash during this sync could leave.
+    fn capture_during_sync(&mut self) {
+        let Some(rng) = self.recording.as_mut() else {
+            return;
+        };
+        let count = self.pending.len();
+        // A prefix of the unsynced writes, the last of them torn.
+        let kept = rng.random_range(0..=count);
+        let mut image = self.durable.clone();
+        for (index, op) in self.pending[..kept].iter().enumerate() {
+            let torn_at = match op {
+                Op::Write { data, .. } if index + 1 == kept && !data.is_empty() => {
+                    Some(rng.random_range(0..data.len()))
+                }
+                _ => None,
+            };
+            apply_op(&mut image, op, torn_at);
+        }
+        self.images.push(CrashImage {
+            bytes: image,
+            how: "synced bytes plus a prefix of the unsynced writes, the last one torn",
+        });
+        // Any subset, in order (the disk may reorder writes until the sync).
+        let mut image = self.durable.clone();
+        for op in &self.pending {
+            if rng.random_bool(0.5) {
+                apply_op(&mut image, op, None);
+            }
+        }
+        self.images.push(CrashImage {
+            bytes: image,
+            how: "synced bytes plus a random subset of the unsynced writes",
+        });
+    }
+}
+
+/// A redb backend over shared memory that tracks written versus synced bytes.
+#[derive(Clone, Default)]
+struct CrashBackend {
+    disk: Arc<Mutex<Disk>>,
+}
+
+// By hand: a derived impl would print every byte of the disk.
+impl std::fmt::Debug for CrashBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let disk = self.disk();
+        f.debug_struct("CrashBackend")
+            .field("live_bytes", &disk.live.len())
+            .field("durable_bytes", &disk.durable.len())
+            .field("pending_ops", &disk.pending.len())
+            .field("syncs", &disk.syncs)
+            .finish()
+    }
+}
+
+impl CrashBackend {
+    fn disk(&self) -> MutexGuard<'_, Disk> {
+        // A panic elsewhere in a test poisons the lock; the bytes stay usable.
+        self.disk
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// A backend whose disk holds `image`, all of it synced.
+    fn from_image(image: Vec<u8>) -> CrashBackend {
+        let backend = CrashBackend::default();
+        {
+            let mut disk = backend.disk();
+            disk.live = image.clone();
+            disk.durable = image;
+        }
+        backend
+    }
+
+    fn durable_image(&self) -> Vec<u8> {
+        self.disk().durable.clone()
+    }
+
+    fn live_image(&self) -> Vec<u8> {
+        self.disk().live.clone()
+    }
+
+    fn take_images(&self) -> Vec<CrashImage> {
+        std::mem::take(&mut self.disk().images)
+    }
+}
+
+impl StorageBackend for CrashBackend {
+    fn len(&self) -> Result<u64, std::io::Error> {
+        Ok(self.disk().live.len() as u64)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+        let disk = self.disk();
+        let offset = usize::try_from(offset).map_err(|_| ErrorKind::InvalidInput)?;
+        let source = disk
+            .live
+            .get(offset..offset + out.len())
+            .ok_or(ErrorKind::UnexpectedEof)?;
+        out.copy_from_slice(source);
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+        let mut disk = self.disk();
+        let op = Op::SetLen(len);
+        apply_op(&mut disk.live, &op, None);
+        disk.pending.push(op);
+        Ok(())
+    }
+
+    fn sync_data(&self) -> Result<(), std::io::Error> {
+        let mut disk = self.disk();
+        disk.syncs += 1;
+        if disk.fail_syncs {
+            return Err(std::io::Error::other("injected fsync failure"));
+        }
+        disk.capture_during_sync();
+        disk.durable = disk.live.clone();
+        disk.pending.clear();
+        if disk.recording.is_some() {
+            let image = disk.durable.clone();
+            disk.images.push(CrashImage {
+                bytes: image,
+                how: "the bytes just synced (a crash right after the sync)",
+            });
+        }
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+        let mut disk = self.disk();
+        let op = Op::Write {
+            offset,
+            data: data.to_vec(),
+        };
+        apply_op(&mut disk.live, &op, None);
+        disk.pending.push(op);
+        let between = match disk.recording.as_mut() {
+            Some(rng) => rng.random_bool(0.02),
+            None => false,
+        };
+        if between {
+            disk.capture_between_syncs();
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Round trips.
+
+/// A hand-written sequence touching every field of a batch.
+fn scripted_calls() -> Vec<Call> {
+    let ballot = |round, node| Ballot::new(round, node);
+    let accept = |slot, round, payload: &[u8]| AcceptedEntry {
+        slot,
+        ballot: Ballot::new(round, 1),
+        value: commands(payload),
+    };
+    vec![
+        Call::Persist(vec![Persist {
+            id: 1,
+            promised: Some(ballot(1, 1)),
+            ..Persist::default()
+        }]),
+        Call::Persist(vec![
+            Persist {
+                id: 2,
+                accepted: vec![accept(1, 1, b"a"), accept(2, 1, b"b"), accept(3, 1, b"c")],
+                ..Persist::default()
+            },
+            Persist {
+                id: 3,
+                // A lower promise never lowers the stored one.
+                promised: Some(ballot(0, 3)),
+                chosen_through: Some(2),
+                learned: vec![ChosenEntry {
+                    slot: 4,
+                    value: Value::Noop,
+                }],
+                ..Persist::default()
+            },
+        ]),
+        Call::Persist(vec![Persist {
+            id: 4,
+            promised: Some(ballot(2, 3)),
+            // Replaces slot 3's record.
+            accepted: vec![AcceptedEntry {
+                slot: 3,
+                ballot: ballot(2, 3),
+                value: commands(b"c2"),
+            }],
+            // A lower chosen prefix never lowers the stored one.
+            chosen_through: Some(1),
+            ..Persist::default()
+        }]),
+        Call::SaveSnapshot {
+            through: 2,
+            membership: members(&[1, 2, 3]),
+            bytes: b"state machine through slot 2".to_vec(),
+        },
+        Call::Persist(vec![Persist {
+            id: 5,
+            chosen_through: Some(4),
+            compact_below: Some(2),
+            ..Persist::default()
+        }]),
+        Call::Persist(vec![
+            Persist {
+                id: 6,
+                // Below the log start: ignored, as `DurableState::apply` does.
+                accepted: vec![accept(1, 2, b"late"), accept(5, 2, b"e")],
+                ..Persist::default()
+            },
+            Persist {
+                id: 7,
+                compact_below: Some(3),
+                membership: Some(members(&[2, 3, 4])),
+                ..Persist::default()
+            },
+        ]),
+        // An empty batch is acknowledged without a commit.
+        Call::Persist(vec![Persist {
+            id: 8,
+            ..Persist::default()
+        }]),
+    ]
+}
+
+#[test]
+fn persisted_batches_reopen_as_durable_state_apply_leaves_them() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = database_path(directory.path());
+    let mut model = Model::new();
+    let mut storage =
+        Storage::create(&path, identity(), &model.durable).expect("create the database");
+    assert_eq!(storage.path(), path.as_path());
+    assert_eq!(storage.identity(), &identity());
+    for call in scripted_calls() {
+        call.run(&mut storage).expect("call succeeds");
+        call.apply(&mut model);
+    }
+    assert_eq!(
+        storage.load_snapshot().expect("load the snapshot"),
+        model.snapshot
+    );
+    storage.close().expect("close");
+
+    let (storage, recovered) = Storage::open(&path, &identity()).expect("reopen");
+    assert_eq!(recovered.durable, model.durable);
+    assert_eq!(recovered.snapshot, model.snapshot);
+    // The state is one a core can restart from, after the snapshot.
+    let through = model
+        .snapshot
+        .as_ref()
+        .map_or(0, |snapshot| snapshot.through);
+    recovered
+        .durable
+        .check(through + 1)
+        .expect("restartable state");
+    assert_eq!(recovered.durable.log_start, 3);
+    assert_eq!(recovered.durable.membership, members(&[2, 3, 4]));
+    assert_eq!(recovered.durable.promised, Ballot::new(2, 3));
+    assert_eq!(recovered.durable.chosen_through, 4);
+    drop(storage);
+
+    // Creating over an existing database is refused.
+    let error =
+        Storage::create(&path, identity(), &Model::new().durable).expect_err("the file exists");
+    assert!(
+        matches!(error, StorageError::AlreadyExists { .. }),
+        "{error}"
+    );
+    assert_mentions_path(&error, &path);
+}
+
+#[test]
+fn snapshots_larger_than_a_chunk_round_trip_and_replace_each_other() {
+    let backend = CrashBackend::default();
+    let mut model = Model::new();
+    let mut storage =
+        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
+            .expect("create");
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    for (through, length) in [(0, 3_500_000usize), (5, 0), (9, 1 << 20), (12, 17)] {
+        let bytes: Vec<u8> = (0..length).map(|_| rng.random()).collect();
+        let call = Call::SaveSnapshot {
+            through,
+            membership: members(&[1, 2, 3]),
+            bytes,
+        };
+        call.run(&mut storage).expect("save");
+        call.apply(&mut model);
+        assert_eq!(storage.load_snapshot().expect("load"), model.snapshot);
+    }
+    drop(storage);
+    let (_storage, recovered) = open_image(&backend.live_image(), "reopened").expect("reopen");
+    assert!(model.matches(&recovered));
+}
+
+fn ballot_strategy() -> impl Strategy<Value = Ballot> {
+    (0u64..6, 1u64..4).prop_map(|(round, node)| Ballot::new(round, node))
+}
+
+fn value_strategy() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Noop),
+        (
+            any::<u64>(),
+            proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..24), 1..4)
+        )
+            .prop_map(|(stamp_ms, commands)| Value::Commands(Batch {
+                stamp_ms,
+                commands: commands
+                    .into_iter()
+                    .map(Command::from)
+                    .collect::<Vec<_>>()
+                    .into(),
+            })),
+        membership_strategy().prop_map(|membership| membership.to_value()),
+    ]
+}
+
+fn membership_strategy() -> impl Strategy<Value = Membership> {
+    proptest::sample::subsequence(vec![1u64, 2, 3, 4, 5], 1..=5).prop_map(|ids| members(&ids))
+}
+
+fn batch_strategy() -> impl Strategy<Value = Persist> {
+    (
+        proptest::option::of(ballot_strategy()),
+        proptest::collection::vec((0u64..32, ballot_strategy(), value_strategy()), 0..5),
+        proptest::collection::vec((0u64..32, value_strategy()), 0..3),
+        proptest::option::of(0u64..32),
+        proptest::option::weighted(0.2, 0u64..32),
+        proptest::option::weighted(0.1, membership_strategy()),
+    )
+        .prop_map(
+            |(promised, accepted, learned, chosen_through, compact_below, membership)| Persist {
+                id: 0,
+                promised,
+                accepted: accepted
+                    .into_iter()
+                    .map(|(slot, ballot, value)| AcceptedEntry {
+                        slot,
+                        ballot,
+                        value,
+                    })
+                    .collect(),
+                learned: learned
+                    .into_iter()
+                    .map(|(slot, value)| ChosenEntry { slot, value })
+                    .collect(),
+                chosen_through,
+                compact_below,
+                membership,
+            },
+        )
+}
+
+/// A call before ids and legality are fixed up by the harness.
+#[derive(Clone, Debug)]
+enum RawCall {
+    Persist(Vec<Persist>),
+    SaveSnapshot(Slot, Vec<u8>),
+    Reopen,
+}
+
+fn raw_call_strategy() -> impl Strategy<Value = RawCall> {
+    prop_oneof![
+        6 => proptest::collection::vec(batch_strategy(), 1..4).prop_map(RawCall::Persist),
+        2 => (0u64..32, proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(through, bytes)| RawCall::SaveSnapshot(through, bytes)),
+        1 => Just(RawCall::Reopen),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 96,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Random batch sequences, with reopens in between, against `DurableState::apply`.
+    #[test]
+    fn random_batches_match_durable_state_apply(raw_calls in proptest::collection::vec(raw_call_strategy(), 1..12)) {
+        let mut backend = CrashBackend::default();
+        let mut model = Model::new();
+        let mut storage = Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
+            .expect("create");
+        let mut next_id = 1;
+        for raw in raw_calls {
+            let call = match raw {
+                RawCall::Persist(mut batches) => {
+                    for batch in &mut batches {
+                        batch.id = next_id;
+                        next_id += 1;
+                        legalize(batch, model.snapshot.as_ref());
+                    }
+                    Call::Persist(batches)
+                }
+                RawCall::SaveSnapshot(through, bytes) => Call::SaveSnapshot {
+                    through: legal_through(through, &model),
+                    membership: model.durable.membership.clone(),
+                    bytes,
+                },
+                RawCall::Reopen => {
+                    drop(storage);
+                    backend = CrashBackend::from_image(backend.live_image());
+                    let (reopened, recovered) =
+                        Storage::open_with_backend(backend.clone(), "memory", &identity())
+                            .expect("reopen");
+                    prop_assert_eq!(&recovered.durable, &model.durable);
+                    prop_assert_eq!(&recovered.snapshot, &model.snapshot);
+                    storage = reopened;
+                    // The new `Storage` starts numbering batches afresh, as a restarted core does.
+                    next_id = 1;
+                    continue;
+                }
+            };
+            call.run(&mut storage).expect("legal call succeeds");
+            call.apply(&mut model);
+        }
+        drop(storage);
+        let (_storage, recovered) = open_image(&backend.live_image(), "memory").expect("reopen");
+        prop_assert_eq!(&recovered.durable, &model.durable);
+        prop_assert_eq!(&recovered.snapshot, &model.snapshot);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 2. Refusals, each naming the file.
+
+fn assert_mentions_path(error: &StorageError, path: &Path) {
+    let message = error.to_string();
+    assert!(
+        message.contains(&path.display().to_string()),
+        "the error does not name {}: {message}",
+        path.display()
+    );
+    assert_eq!(error.path(), path);
+}
+
+/// A fresh database on disk with a few log entries, closed.
+fn database_on_disk() -> (tempfile::TempDir, std::path::PathBuf) {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = database_path(directory.path());
+    let mut storage = Storage::create(&path, identity(), &Model::new().durable).expect("create");
+    storage
+        .persist(&[Persist {
+            id: 1,
+            promised: Some(Ballot::new(1, 1)),
+            accepted: vec![AcceptedEntry {
+                slot: 1,
+                ballot: Ballot::new(1, 1),
+                value: commands(b"create /a"),
+            }],
+            ..Persist::default()
+        }])
+        .expect("persist");
+    storage.close().expect("close");
+    (directory, path)
+}
+
+const RAW_META: TableDefinition<&str, &[u8]> = TableDefinition::new("synod_meta");
+const RAW_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("synod_log");
+
+#[test]
+fn a_wrong_cluster_or_node_is_refused() {
+    let (_directory, path) = database_on_disk();
+    let other_cluster = Identity {
+        cluster_id: "other-cluster".to_string(),
+        node_id: 2,
+    };
+    let error = Storage::open(&path, &other_cluster).expect_err("wrong cluster");
+    assert!(
+        matches!(error, StorageError::WrongCluster { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("other-cluster"), "{error}");
+    assert_mentions_path(&error, &path);
+
+    let other_node = Identity {
+        cluster_id: "test-cluster".to_string(),
+        node_id: 3,
+    };
+    let error = Storage::open(&path, &other_node).expect_err("wrong node");
+    assert!(
+        matches!(
+            error,
+            StorageError::WrongNode {
+                found: 2,
+                expected: 3,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_mentions_path(&error, &path);
+
+    // The right identity still opens it.
+    Storage::open(&path, &identity()).expect("right identity");
+}
+
+#[test]
+fn another_format_version_is_refused() {
+    let (_directory, path) = database_on_disk();
+    {
+        let database = redb::Database::open(&path).expect("raw open");
+        let transaction = database.begin_write().expect("raw write");
+        {
+            let mut meta = transaction.open_table(RAW_META).expect("meta table");
+            // A correctly sealed version 99, as a future build would write it.
+            let mut sealed = postcard::to_stdvec(&99u32).expect("encode");
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(b"synod/meta/format_version");
+            hasher.update(&sealed);
+            sealed.extend_from_slice(&hasher.finalize().to_le_bytes());
+            meta.insert("format_version", sealed.as_slice())
+                .expect("raw insert");
+        }
+        transaction.commit().expect("raw commit");
+    }
+    let error = Storage::open(&path, &identity()).expect_err("version 99");
+    assert!(
+        matches!(
+            error,
+            StorageError::FormatVersion {
+                found: 99,
+                expected: 1,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_mentions_path(&error, &path);
+}
+
+#[test]
+fn a_damaged_log_record_is_refused() {
+    let (_directory, path) = database_on_disk();
+    {
+        // redb stores the damaged value faithfully, with valid page
+        // checksums: only the record's own CRC-32 can catch it.
+        let database = redb::Database::open(&path).expect("raw open");
+        let transaction = database.begin_write().expect("raw write");
+        {
+            let mut log = transaction.open_table(RAW_LOG).expect("log table");
+            let mut value = log
+                .get(1)
+                .expect("raw read")
+                .expect("slot 1 exists")
+                .value()
+                .to_vec();
+            let middle = value.len() / 2;
+            value[middle] ^= 0x40;
+            log.insert(1, value.as_slice()).expect("raw insert");
+        }
+        transaction.commit().expect("raw commit");
+    }
+    let error = Storage::open(&path, &identity()).expect_err("damaged record");
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
+    assert!(error.to_string().contains("log slot 1"), "{error}");
+    assert!(error.to_string().contains("CRC-32"), "{error}");
+    assert_mentions_path(&error, &path);
+}
+
+#[test]
+fn inconsistent_meta_is_refused() {
+    let (_directory, path) = database_on_disk();
+    {
+        // A log entry below the log start, with a valid record.
+        let database = redb::Database::open(&path).expect("raw open");
+        let transaction = database.begin_write().expect("raw write");
+        {
+            let mut log = transaction.open_table(RAW_LOG).expect("log table");
+            let value = log
+                .get(1)
+                .expect("raw read")
+                .expect("slot 1 exists")
+                .value()
+                .to_vec();
+            let mut meta = transaction.open_table(RAW_META).expect("meta table");
+            let mut sealed = postcard::to_stdvec(&5u64).expect("encode");
+            let mut hasher = crc32fast::Hasher::new();
+            hasher.update(b"synod/meta/log_start");
+            hasher.update(&sealed);
+            sealed.extend_from_slice(&hasher.finalize().to_le_bytes());
+            meta.insert("log_start", sealed.as_slice())
+                .expect("raw insert");
+            log.insert(1, value.as_slice()).expect("raw insert");
+        }
+        transaction.commit().expect("raw commit");
+    }
+    let error = Storage::open(&path, &identity()).expect_err("inconsistent");
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
+    assert!(error.to_string().contains("below its start 5"), "{error}");
+    assert_mentions_path(&error, &path);
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused() {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    for (name, contents) in [
+        ("text.redb", b"this is not a database\n".repeat(400)),
+        ("short.redb", b"redb".to_vec()),
+        ("zeros.redb", vec![0u8; 65536]),
+    ] {
+        let path = directory.path().join(name);
+        std::fs::write(&path, &contents).expect("write the file");
+        let error = Storage::open(&path, &identity()).expect_err("not a database");
+        assert!(
+            matches!(
+                error,
+                StorageError::Corrupt { .. } | StorageError::Database { .. }
+            ),
+            "{name}: {error}"
+        );
+        assert_mentions_path(&error, &path);
+    }
+
+    // An empty file (a crash right after the file was created).
+    let path = directory.path().join("empty.redb");
+    std::fs::write(&path, b"").expect("write the file");
+    let error = Storage::open(&path, &identity()).expect_err("empty");
+    assert!(matches!(error, StorageError::NotSynod { .. }), "{error}");
+    assert_mentions_path(&error, &path);
+
+    // A redb database that is not Synod's.
+    let path = directory.path().join("foreign.redb");
+    {
+        let database = redb::Database::create(&path).expect("raw create");
+        let transaction = database.begin_write().expect("raw write");
+        transaction
+            .open_table(TableDefinition::<u64, u64>::new("other"))
+            .expect("table");
+        transaction.commit().expect("raw commit");
+    }
+    let error = Storage::open(&path, &identity()).expect_err("foreign");
+    assert!(matches!(error, StorageError::NotSynod { .. }), "{error}");
+    assert_mentions_path(&error, &path);
+
+    // No file at all.
+    let path = directory.path().join("missing.redb");
+    let error = Storage::open(&path, &identity()).expect_err("missing");
+    assert!(matches!(error, StorageError::NotFound { .. }), "{error}");
+    assert_mentions_path(&error, &path);
+}
+
+#[test]
+fn a_database_already_open_is_refused() {
+    let (_directory, path) = database_on_disk();
+    let (first, _) = Storage::open(&path, &identity()).expect("first open");
+    let error = Storage::open(&path, &identity()).expect_err("second open");
+    assert!(matches!(error, StorageError::AlreadyOpen { .. }), "{error}");
+    assert_mentions_path(&error, &path);
+    drop(first);
+    Storage::open(&path, &identity()).expect("open after the first closed");
+}
+
+#[test]
+fn illegal_calls_are_refused_and_poison() {
+    let mut storage = Storage::create_with_backend(
+        InMemoryBackend::new(),
+        "memory",
+        identity(),
+        &Model::new().durable,
+    )
+    .expect("create");
+    // Compaction with no snapshot saved would lose chosen slots.
+    let error = storage
+        .persist(&[Persist {
+            id: 1,
+            compact_below: Some(3),
+            ..Persist::default()
+        }])
+        .expect_err("compaction past the snapshot");
+    assert!(matches!(error, StorageError::Refused { .. }), "{error}");
+    assert!(storage.poisoned().is_some());
+    let error = storage.load_snapshot().expect_err("poisoned");
+    assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+
+    let mut storage = Storage::create_with_backend(
+        InMemoryBackend::new(),
+        "memory",
+        identity(),
+        &Model::new().durable,
+    )
+    .expect("create");
+    let batch = |id| Persist {
+        id,
+        promised: Some(Ballot::new(id, 1)),
+        ..Persist::default()
+    };
+    storage.persist(&[batch(1), batch(2)]).expect("in order");
+    let error = storage.persist(&[batch(2)]).expect_err("out of order");
+    assert!(matches!(error, StorageError::Refused { .. }), "{error}");
+
+    // A non-empty backend is not a place to create a database.
+    let backend = InMemoryBackend::new();
+    backend.set_len(10).expect("set_len");
+    let error = Storage::create_with_backend(backend, "memory", identity(), &Model::new().durable)
+        .expect_err("not empty");
+    assert!(
+        matches!(error, StorageError::AlreadyExists { .. }),
+        "{error}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 3. Crash images.
+
+/// A random call of the crash workload, legal for the model.
+fn random_call(rng: &mut ChaCha8Rng, model: &Model, next_id: &mut u64) -> Call {
+    let log_end = model.durable.log.keys().next_back().copied().unwrap_or(0);
+    if rng.random_bool(0.12) {
+        let applied = model.durable.chosen_through.min(log_end);
+        let through = legal_through(rng.random_range(0..=applied), model);
+        let length = if rng.random_bool(0.2) {
+            rng.random_range(0..1_500_000)
+        } else {
+            rng.random_range(0..5_000)
+        };
+        let membership = model.durable.membership.clone();
+        return Call::SaveSnapshot {
+            through,
+            membership,
+            bytes: (0..length).map(|_| rng.random()).collect(),
+        };
+    }
+    let mut batches = Vec::new();
+    for _ in 0..rng.random_range(1..=4) {
+        let mut batch = Persist {
+            id: *next_id,
+            ..Persist::default()
+        };
+        *next_id += 1;
+        if rng.random_bool(0.3) {
+            batch.promised = Some(Ballot::new(rng.random_range(0..20), rng.random_range(1..4)));
+        }
+        for _ in 0..rng.random_range(0..6) {
+            let slot = log_end.saturating_sub(3) + rng.random_range(0..8);
+            let payload: Vec<u8> = (0..rng.random_range(0..3_000))
+                .map(|_| rng.random())
+                .collect();
+            batch.accepted.push(AcceptedEntry {
+                slot,
+                ballot: Ballot::new(rng.random_range(0..20), rng.random_range(1..4)),
+                value: commands(&payload),
+            });
+        }
+        if rng.random_bool(0.2) {
+            batch.learned.push(ChosenEntry {
+                slot: log_end + rng.random_range(0..3),
+                value: Value::Noop,
+            });
+        }
+        if rng.random_bool(0.4) {
+            batch.chosen_through = Some(log_end.saturating_sub(rng.random_range(0..3)));
+        }
+        if rng.random_bool(0.15) {
+            batch.compact_below = Some(rng.random_range(0..=log_end));
+            legalize(&mut batch, model.snapshot.as_ref());
+        }
+        if rng.random_bool(0.05) {
+            batch.membership = Some(members(&[1, 2, 3, rng.random_range(4..9)]));
+        }
+        batches.push(batch);
+    }
+    Call::Persist(batches)
+}
+
+/// What reopening a crash image gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Outcome {
+    /// A clean refusal (allowed only while the database is being created).
+    Refused,
+    /// The state before the call in flight.
+    Before,
+    /// The state after the call in flight.
+    After,
+}
+
+/// Checks one crash image: it must open, never panic, and hold exactly the
+/// state `before` or `after` the call in flight (so nothing acknowledged is
+/// lost and nothing is half-applied). While `creating`, an image may also be
+/// refused cleanly with an error naming the database: nothing was
+/// acknowledged yet.
+fn check_image(
+    image: &CrashImage,
+    before: Option<&Model>,
+    after: &Model,
+    creating: bool,
+    context: &str,
+) -> Result<Outcome, String> {
+    let opened = std::panic::catch_unwind(|| open_image(&image.bytes, "crash-image"));
+    match opened {
+        Err(_) => Err(format!(
+            "{context}: opening the image ({}) panicked",
+            image.how
+        )),
+        Ok(Err(error)) if creating => {
+            if error.to_string().contains("crash-image") {
+                Ok(Outcome::Refused)
+            } else {
+                Err(format!(
+                    "{context}: error does not name the database: {error}"
+                ))
+            }
+        }
+        Ok(Err(error)) => Err(format!(
+            "{context}: the image ({}) does not open: {error}",
+            image.how
+        )),
+        Ok(Ok((storage, recovered))) => {
+            drop(storage);
+            if after.matches(&recovered) {
+                Ok(Outcome::After)
+            } else if before.is_some_and(|before| before.matches(&recovered)) {
+                Ok(Outcome::Before)
+            } else {
+                Err(format!(
+                    "{context}: the image ({}) holds a state that is neither before nor after the call: promised {}, chosen_through {}, log_start {}, {} log entries, snapshot through {:?}",
+                    image.how,
+                    recovered.durable.promised,
+                    recovered.durable.chosen_through,
+                    recovered.durable.log_start,
+                    recovered.durable.log.len(),
+                    recovered.snapshot.as_ref().map(|snapshot| snapshot.through),
+                ))
+            }
+        }
+    }
+}
+
+/// Counts what the crash images gave, by how each was made.
+#[derive(Default)]
+struct Tally {
+    outcomes: BTreeMap<(&'static str, Outcome), usize>,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn check(
+        &mut self,
+        image: &CrashImage,
+        before: Option<&Model>,
+        after: &Model,
+        creating: bool,
+        context: &str,
+    ) {
+        match check_image(image, before, after, creating, context) {
+            Ok(outcome) => *self.outcomes.entry((image.how, outcome)).or_default() += 1,
+            Err(failure) => self.failures.push(failure),
+        }
+    }
+
+    fn images(&self) -> usize {
+        self.outcomes.values().sum::<usize>() + self.failures.len()
+    }
+
+    fn count(&self, outcome: Outcome) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|((_, counted), _)| *counted == outcome)
+            .map(|(_, count)| count)
+            .sum()
+    }
+}
+
+#[test]
+fn every_crash_image_reopens_with_every_acknowledged_call() {
+    const CALLS: usize = 250;
+    let seed = match std::env::var("SYNOD_STORAGE_SEED") {
+        Ok(text) => text.parse().expect("SYNOD_STORAGE_SEED is a u64"),
+        Err(_) => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_nanos() as u64),
+    };
+    println!("crash test seed {seed} (replay with SYNOD_STORAGE_SEED={seed})");
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let backend = CrashBackend::default();
+    backend.disk().recording = Some(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
+
+    let mut tally = Tally::default();
+    let mut model = Model::new();
+    let mut storage =
+        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
+            .expect("create");
+    for image in backend.take_images() {
+        tally.check(&image, None, &model, true, "during create");
+    }
+
+    let mut next_id = 1;
+    let mut syncs_before = backend.disk().syncs;
+    for call_index in 0..CALLS {
+        let call = random_call(&mut rng, &model, &mut next_id);
+        let before = model.clone();
+        call.apply(&mut model);
+        call.run(&mut storage)
+            .unwrap_or_else(|error| panic!("seed {seed}: call {call_index} failed: {error}"));
+        let context = format!("seed {seed}, call {call_index}");
+        for image in backend.take_images() {
+            tally.check(&image, Some(&before), &model, false, &context);
+        }
+        // Acknowledged: the synced bytes alone must hold this call.
+        let acknowledged = CrashImage {
+            bytes: backend.durable_image(),
+            how: "the synced bytes after the call returned",
+        };
+        tally.check(&acknowledged, None, &model, false, &context);
+        let syncs = backend.disk().syncs;
+        if matches!(&call, Call::Persist(batches) if !batches.iter().all(Persist::is_empty)) {
+            assert!(
+                syncs > syncs_before,
+                "seed {seed}: call {call_index} committed without a sync"
+            );
+        }
+        syncs_before = syncs;
+        assert!(
+            tally.failures.len() < 20,
+            "seed {seed}: {:#?}",
+            tally.failures
+        );
+    }
+
+    // A clean shutdown writes too; a crash during it loses nothing.
+    drop(storage);
+    let context = format!("seed {seed}, shutdown");
+    for image in backend.take_images() {
+        tally.check(&image, None, &model, false, &context);
+    }
+    println!(
+        "crash test seed {seed}: {CALLS} calls, {} syncs, {} crash images checked",
+        backend.disk().syncs,
+        tally.images()
+    );
+    for ((how, outcome), count) in &tally.outcomes {
+        println!("  {count:5} x {outcome:?}: {how}");
+    }
+    assert!(
+        tally.failures.is_empty(),
+        "seed {seed}: {:#?}",
+        tally.failures
+    );
+    assert!(
+        tally.images() > 4 * CALLS,
+        "too few crash images: {}",
+        tally.images()
+    );
+    // The images must exercise both sides of a commit, or they prove nothing.
+    assert!(
+        tally.count(Outcome::Before) > CALLS / 4,
+        "seed {seed}: too few images rolled back"
+    );
+    assert!(
+        tally.count(Outcome::After) > CALLS,
+        "seed {seed}: too few images committed"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// 4. Fail-stop on a failed fsync.
+
+#[test]
+fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
+    let backend = CrashBackend::default();
+    let mut model = Model::new();
+    let mut storage =
+        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
+            .expect("create");
+    let first = Call::Persist(vec![Persist {
+        id: 1,
+        promised: Some(Ballot::new(1, 1)),
+        accepted: vec![AcceptedEntry {
+            slot: 1,
+            ballot: Ballot::new(1, 1),
+            value: commands(b"one"),
+        }],
+        ..Persist::default()
+    }]);
+    first.run(&mut storage).expect("first persist");
+    first.apply(&mut model);
+
+    backend.disk().fail_syncs = true;
+    let second = vec![Persist {
+        id: 2,
+        promised: Some(Ballot::new(2, 1)),
+        ..Persist::default()
+    }];
+    let error = storage.persist(&second).expect_err("the fsync fails");
+    assert!(matches!(error, StorageError::Database { .. }), "{error}");
+    assert!(error.to_string().contains("memory"), "{error}");
+    assert!(storage.poisoned().is_some());
+
+    // The disk recovers, the storage does not: fail-stop.
+    backend.disk().fail_syncs = false;
+    let third = [Persist {
+        id: 3,
+        promised: Some(Ballot::new(3, 1)),
+        ..Persist::default()
+    }];
+    for result in [
+        storage.persist(&third),
+        storage.persist(&[]),
+        storage.save_snapshot(1, &members(&[1, 2, 3]), b"x"),
+        storage.load_snapshot().map(|_| ()),
+    ] {
+        let error = result.expect_err("poisoned");
+        assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+        assert!(
+            error.to_string().contains("injected fsync failure")
+                || error.to_string().contains("fsync"),
+            "{error}"
+        );
+    }
+    let error = storage.close().expect_err("poisoned");
+    assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+
+    // Restarting from what reached the disk gives the acknowledged state.
+    let (_storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
+    assert!(model.matches(&recovered), "{:?}", recovered.durable);
+}
+
+#[test]
+fn recovered_state_restarts_a_paxos_core() {
+    // The storage's output is what `Node::new` takes.
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let path = database_path(directory.path());
+    let state = DurableState::bootstrap(members(&[1, 2, 3]));
+    drop(Storage::create(&path, identity(), &state).expect("create"));
+    let (_storage, recovered) = Storage::open(&path, &identity()).expect("open");
+    assert_eq!(recovered.durable, state);
+    assert_eq!(recovered.snapshot, None);
+    let config = synod_paxos::Config::new(2, 7);
+    synod_paxos::Node::new(config, recovered.durable, 1, 0).expect("the core starts");
+}
