@@ -183,6 +183,8 @@ struct Disk {
     syncs: u64,
     /// Makes every `sync_data` fail while set.
     fail_syncs: bool,
+    /// Makes every `write` fail while set.
+    fail_writes: bool,
     /// Crash images are taken only while this is set.
     recording: Option<ChaCha8Rng>,
     images: Vec<CrashImage>,
@@ -332,6 +334,9 @@ impl StorageBackend for CrashBackend {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
         let mut disk = self.disk();
+        if disk.fail_writes {
+            return Err(std::io::Error::other("injected write failure"));
+        }
         let op = Op::Write {
             offset,
             data: data.to_vec(),
@@ -1073,7 +1078,10 @@ impl Tally {
 
 #[test]
 fn every_crash_image_reopens_with_every_acknowledged_call() {
-    const CALLS: usize = 250;
+    // SYNOD_STORAGE_CALLS makes a longer soak.
+    let calls: usize = std::env::var("SYNOD_STORAGE_CALLS").map_or(250, |text| {
+        text.parse().expect("SYNOD_STORAGE_CALLS is a count")
+    });
     let seed = match std::env::var("SYNOD_STORAGE_SEED") {
         Ok(text) => text.parse().expect("SYNOD_STORAGE_SEED is a u64"),
         Err(_) => std::time::SystemTime::now()
@@ -1082,7 +1090,7 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
     };
     println!("crash test seed {seed} (replay with SYNOD_STORAGE_SEED={seed})");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let backend = CrashBackend::default();
+    let mut backend = CrashBackend::default();
     backend.disk().recording = Some(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
 
     let mut tally = Tally::default();
@@ -1096,15 +1104,17 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
 
     let mut next_id = 1;
     let mut syncs_before = backend.disk().syncs;
-    for call_index in 0..CALLS {
+    let mut restarts = 0usize;
+    for call_index in 0..calls {
         let call = random_call(&mut rng, &model, &mut next_id);
         let before = model.clone();
         call.apply(&mut model);
         call.run(&mut storage)
             .unwrap_or_else(|error| panic!("seed {seed}: call {call_index} failed: {error}"));
         let context = format!("seed {seed}, call {call_index}");
-        for image in backend.take_images() {
-            tally.check(&image, Some(&before), &model, false, &context);
+        let images = backend.take_images();
+        for image in &images {
+            tally.check(image, Some(&before), &model, false, &context);
         }
         // Acknowledged: the synced bytes alone must hold this call.
         let acknowledged = CrashImage {
@@ -1125,6 +1135,38 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
             "seed {seed}: {:#?}",
             tally.failures
         );
+
+        // Now and then the replica really crashes: it restarts from one of
+        // this call's crash images and carries on from whatever it recovered
+        // (repair after a crash, then more commits, then more crashes).
+        if !images.is_empty() && rng.random_bool(0.06) {
+            let image = &images[rng.random_range(0..images.len())];
+            drop(storage);
+            backend = CrashBackend::from_image(image.bytes.clone());
+            backend.disk().recording = Some(ChaCha8Rng::seed_from_u64(rng.random()));
+            let (restarted, recovered) =
+                Storage::open_with_backend(backend.clone(), "memory", &identity())
+                    .unwrap_or_else(|error| panic!("{context}: restart failed: {error}"));
+            let recovered = Model {
+                durable: recovered.durable,
+                snapshot: recovered.snapshot,
+            };
+            assert!(
+                recovered == model || recovered == before,
+                "{context}: the restart recovered neither the state before nor after the call"
+            );
+            model = recovered;
+            storage = restarted;
+            // A restarted core numbers its batches from 1 again.
+            next_id = 1;
+            restarts += 1;
+            // A crash during the repair that opening did loses nothing either.
+            let context = format!("{context}, restart");
+            for image in backend.take_images() {
+                tally.check(&image, None, &model, false, &context);
+            }
+            syncs_before = backend.disk().syncs;
+        }
     }
 
     // A clean shutdown writes too; a crash during it loses nothing.
@@ -1134,8 +1176,7 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
         tally.check(&image, None, &model, false, &context);
     }
     println!(
-        "crash test seed {seed}: {CALLS} calls, {} syncs, {} crash images checked",
-        backend.disk().syncs,
+        "crash test seed {seed}: {calls} calls, {restarts} restarts from a crash image, {} crash images checked",
         tally.images()
     );
     for ((how, outcome), count) in &tally.outcomes {
@@ -1147,17 +1188,17 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
         tally.failures
     );
     assert!(
-        tally.images() > 4 * CALLS,
+        tally.images() > 4 * calls,
         "too few crash images: {}",
         tally.images()
     );
     // The images must exercise both sides of a commit, or they prove nothing.
     assert!(
-        tally.count(Outcome::Before) > CALLS / 4,
+        tally.count(Outcome::Before) > calls / 4,
         "seed {seed}: too few images rolled back"
     );
     assert!(
-        tally.count(Outcome::After) > CALLS,
+        tally.count(Outcome::After) > calls,
         "seed {seed}: too few images committed"
     );
 }
@@ -1237,4 +1278,41 @@ fn recovered_state_restarts_a_paxos_core() {
     assert_eq!(recovered.snapshot, None);
     let config = synod_paxos::Config::new(2, 7);
     synod_paxos::Node::new(config, recovered.durable, 1, 0).expect("the core starts");
+}
+
+#[test]
+fn a_failed_write_poisons_the_storage_too() {
+    let backend = CrashBackend::default();
+    let model = Model::new();
+    let mut storage =
+        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
+            .expect("create");
+    backend.disk().fail_writes = true;
+    let error = storage
+        .save_snapshot(0, &members(&[1, 2, 3]), &[7u8; 100_000])
+        .expect_err("the write fails");
+    assert!(matches!(error, StorageError::Database { .. }), "{error}");
+    backend.disk().fail_writes = false;
+    let error = storage
+        .persist(&[Persist {
+            id: 1,
+            promised: Some(Ballot::new(1, 1)),
+            ..Persist::default()
+        }])
+        .expect_err("poisoned");
+    assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+    assert!(
+        error.to_string().contains("injected write failure"),
+        "{error}"
+    );
+    drop(storage);
+    let (_storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
+    assert!(model.matches(&recovered));
+}
+
+#[test]
+fn storage_can_move_between_threads_and_be_shared_for_reads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Storage>();
+    assert_send_sync::<StorageError>();
 }

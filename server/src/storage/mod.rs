@@ -149,7 +149,9 @@ pub struct Recovered {
     /// left it (see [`DurableState::apply`]).
     pub durable: DurableState,
     /// The last saved snapshot, if any. Restore it and start the core with
-    /// `apply_from = through + 1`.
+    /// `apply_from = through + 1` (`Node::new` checks that the log covers
+    /// every chosen slot from there); without one, start the state machine
+    /// empty and replay the log from its start.
     pub snapshot: Option<SavedSnapshot>,
 }
 
@@ -174,7 +176,6 @@ pub struct Storage {
     promised: Ballot,
     chosen_through: Slot,
     log_start: Slot,
-    membership: Membership,
     /// The slot the saved snapshot covers through, if one is saved.
     snapshot_through: Option<Slot>,
     /// The id of the last batch persisted through this `Storage`.
@@ -262,7 +263,6 @@ impl Storage {
             promised: state.promised,
             chosen_through: state.chosen_through,
             log_start: state.log_start,
-            membership: state.membership.clone(),
             snapshot_through: None,
             last_batch_id: None,
             poison: OnceLock::new(),
@@ -538,7 +538,10 @@ impl Storage {
                     running_start = below;
                 }
             }
-            debug_assert_eq!(running_start, log_start);
+            assert_eq!(
+                running_start, log_start,
+                "the log start replayed from the batches must match the one checked before writing"
+            );
 
             let mut meta = transaction
                 .open_table(META)
@@ -564,9 +567,6 @@ impl Storage {
         self.promised = promised;
         self.chosen_through = chosen_through;
         self.log_start = log_start;
-        if let Some(membership) = membership {
-            self.membership = membership;
-        }
         Ok(())
     }
 
@@ -720,7 +720,7 @@ impl Storage {
         drop(transaction);
 
         let durable = DurableState {
-            membership: membership.clone(),
+            membership,
             promised,
             chosen_through,
             log_start,
@@ -733,7 +733,6 @@ impl Storage {
             promised,
             chosen_through,
             log_start,
-            membership,
             snapshot_through,
             last_batch_id: None,
             poison: OnceLock::new(),
