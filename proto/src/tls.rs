@@ -603,7 +603,8 @@ impl FrameReader {
     }
 
     /// The next frame, or `None` when the stream finished cleanly between
-    /// frames.
+    /// frames. Cancel-safe: dropping the future loses no bytes, so it may be
+    /// raced in `tokio::select!`.
     ///
     /// # Errors
     /// [`FrameReadError`]; after one, the stream is no longer usable.
@@ -622,8 +623,7 @@ impl FrameReader {
         }
     }
 
-    /// The next frame, or `None` when the stream finished cleanly between
-    /// frames, or [`FrameReadError::Truncated`] if it ended inside one.
+    /// A whole frame's body from the buffer, if one is there.
     fn take_buffered(&mut self) -> Result<Option<Vec<u8>>, FrameError> {
         let available = &self.buffer[self.start..];
         let Some(header) = available.get(..FRAME_HEADER_BYTES) else {
@@ -644,7 +644,8 @@ impl FrameReader {
         Ok(Some(body))
     }
 
-    /// Reads more bytes; `false` at the end of the stream.
+    /// Reads more bytes; `false` at the end of the stream. Cancel-safe:
+    /// the buffer changes only once a read returned.
     async fn fill(&mut self) -> Result<bool, FrameReadError> {
         // Drop consumed bytes before growing, so the buffer never holds
         // more than one frame bound plus one read.
@@ -652,23 +653,20 @@ impl FrameReader {
             self.buffer.drain(..self.start);
             self.start = 0;
         }
-        let filled = self.buffer.len();
-        self.buffer.resize(filled + READ_CHUNK_BYTES, 0);
-        let read = self.stream.read(&mut self.buffer[filled..]).await;
-        match read {
-            Ok(Some(bytes)) => {
-                self.buffer.truncate(filled + bytes);
+        match self.stream.read_chunk(READ_CHUNK_BYTES, true).await? {
+            Some(chunk) => {
+                self.buffer.extend_from_slice(&chunk.bytes);
                 Ok(true)
             }
-            Ok(None) => {
-                self.buffer.truncate(filled);
-                Ok(false)
-            }
-            Err(error) => {
-                self.buffer.truncate(filled);
-                Err(error.into())
-            }
+            None => Ok(false),
         }
+    }
+
+    /// The stream and the bytes read from it but not yet returned as
+    /// frames, to read the rest of the stream unframed.
+    pub fn into_parts(mut self) -> (quinn::RecvStream, Vec<u8>) {
+        self.buffer.drain(..self.start);
+        (self.stream, self.buffer)
     }
 }
 
@@ -912,10 +910,17 @@ mod tests {
 
     #[test]
     fn frames_encode_back_to_back() {
-        let frames = vec![Hello::Client {
-            protocol_version: 1,
-        }];
+        let frames = [
+            Hello::Client {
+                protocol_version: 1,
+            },
+            Hello::Client {
+                protocol_version: 2,
+            },
+        ];
         let bytes = encode_frames(frames.iter());
-        assert_eq!(bytes, encode_frame(&frames[0]));
+        let mut expected = encode_frame(&frames[0]);
+        expected.extend_from_slice(&encode_frame(&frames[1]));
+        assert_eq!(bytes, expected);
     }
 }

@@ -1,0 +1,483 @@
+//! The client port: authenticate, check the hello, and hand each session
+//! stream to the replica as a pair of channels.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use synod_proto::tls::{self, FrameReadError, FrameReader, TlsMaterial};
+use synod_proto::wire::{decode_frame, encode_frame, ClientFrame, Hello, HelloReply, ServerFrame};
+use synod_proto::PROTOCOL_VERSION;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, info, warn};
+
+use super::peer::refuse;
+use super::tasks::{cancelled, Supervisor, Tasks};
+use super::{
+    close_code, Result, TransportError, TransportLimits, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR,
+    CLOSE_SHUTDOWN, CLOSE_TIMEOUT,
+};
+
+/// How a [`ClientListener`] is set up.
+#[derive(Debug, Clone)]
+pub struct ClientListenerConfig {
+    /// This replica, named in the handshake's welcome.
+    pub node_id: u64,
+    /// Where to listen for clients (port 0 picks one; see
+    /// [`ClientListener::local_addr`]).
+    pub listen: SocketAddr,
+    /// This replica's certificate, key and the cluster CA (clients must
+    /// present a certificate it signed).
+    pub tls: TlsMaterial,
+    /// Bounds and timings.
+    pub limits: TransportLimits,
+}
+
+/// One client's session stream, handed to the replica.
+///
+/// The replica reads `frames` until it returns `None` (the client went
+/// away, or sent something malformed and was disconnected) and writes
+/// answers and events to `replies`, which go out in order. Dropping
+/// `replies` ends the session: the stream is finished and the connection
+/// closed once what was sent has arrived.
+#[derive(Debug)]
+pub struct ClientConnection {
+    /// Unique among this listener's connections, counting from 1.
+    pub id: u64,
+    /// The client's address (as of the handshake; QUIC migration may move it).
+    pub remote: SocketAddr,
+    /// Frames from the client, decoded and bounded in size.
+    pub frames: mpsc::Receiver<ClientFrame>,
+    /// Frames to the client.
+    pub replies: mpsc::Sender<ServerFrame>,
+}
+
+/// Accepts client connections on the replica's client port.
+///
+/// A connection whose certificate the cluster CA did not sign fails in the
+/// TLS handshake and never reaches the replica; one that speaks another
+/// protocol version is refused with a reason it can print. Each accepted
+/// connection is handed over as a [`ClientConnection`] on the channel given
+/// to [`ClientListener::start`]. Dropping the listener closes its endpoint;
+/// [`ClientListener::shutdown`] also waits for its tasks.
+pub struct ClientListener {
+    shared: Arc<Shared>,
+    supervisor: Supervisor,
+}
+
+struct Shared {
+    node_id: u64,
+    limits: TransportLimits,
+    endpoint: quinn::Endpoint,
+    connections: mpsc::Sender<ClientConnection>,
+    next_id: AtomicU64,
+    permits: Arc<Semaphore>,
+}
+
+impl ClientListener {
+    /// Binds the client endpoint and starts accepting. Must be called
+    /// inside a tokio runtime.
+    ///
+    /// # Errors
+    /// [`TransportError::Config`] for unusable limits, [`TransportError::Tls`]
+    /// for unusable TLS material, [`TransportError::Bind`] when the address
+    /// cannot be bound.
+    pub fn start(
+        config: ClientListenerConfig,
+        connections: mpsc::Sender<ClientConnection>,
+    ) -> Result<Self> {
+        config.limits.validate()?;
+        let transport = config.limits.quic_transport()?;
+        let server_config = tls::quic_server_config(&config.tls, transport)?;
+        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
+            TransportError::Bind {
+                address: config.listen,
+                source,
+            }
+        })?;
+        let (supervisor, tasks) = Supervisor::new();
+        let shared = Arc::new(Shared {
+            node_id: config.node_id,
+            permits: Arc::new(Semaphore::new(config.limits.client_connections_max)),
+            limits: config.limits,
+            endpoint,
+            connections,
+            next_id: AtomicU64::new(1),
+        });
+        tasks.spawn(run_accept(shared.clone(), tasks.clone()));
+        info!(
+            node = shared.node_id,
+            address = ?shared.endpoint.local_addr().ok(),
+            "client transport listening"
+        );
+        Ok(ClientListener { shared, supervisor })
+    }
+
+    /// The address the endpoint is bound to.
+    ///
+    /// # Errors
+    /// The socket's error.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.shared.endpoint.local_addr()
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.endpoint.open_connections()
+    }
+
+    /// Closes every client connection and the endpoint, and waits
+    /// (boundedly) for the tasks to finish.
+    pub async fn shutdown(mut self) {
+        self.supervisor.signal();
+        self.shared
+            .endpoint
+            .close(close_code(CLOSE_SHUTDOWN), b"replica shutting down");
+        let timeout = self.shared.limits.handshake_timeout;
+        if !self.supervisor.wait(timeout).await {
+            warn!(
+                node = self.shared.node_id,
+                "client tasks still running after shutdown"
+            );
+        }
+        let drain = self.shared.limits.shutdown_drain_timeout;
+        let _ = tokio::time::timeout(drain, self.shared.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for ClientListener {
+    fn drop(&mut self) {
+        self.supervisor.signal();
+        self.shared
+            .endpoint
+            .close(close_code(CLOSE_SHUTDOWN), b"replica shutting down");
+    }
+}
+
+impl std::fmt::Debug for ClientListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientListener")
+            .field("node_id", &self.shared.node_id)
+            .field("local_addr", &self.shared.endpoint.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
+async fn run_accept(shared: Arc<Shared>, tasks: Tasks) {
+    let mut shutdown = tasks.shutdown();
+    loop {
+        let incoming = tokio::select! {
+            _ = cancelled(&mut shutdown) => break,
+            incoming = shared.endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+        };
+        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+            warn!(
+                node = shared.node_id,
+                remote = %incoming.remote_address(),
+                max = shared.limits.client_connections_max,
+                "client connection limit reached; refused"
+            );
+            incoming.refuse();
+            continue;
+        };
+        tasks.spawn(serve_client(
+            shared.clone(),
+            incoming,
+            permit,
+            tasks.clone(),
+        ));
+    }
+}
+
+async fn serve_client(
+    shared: Arc<Shared>,
+    incoming: quinn::Incoming,
+    _permit: OwnedSemaphorePermit,
+    tasks: Tasks,
+) {
+    let mut shutdown = tasks.shutdown();
+    let remote = incoming.remote_address();
+    let limits = &shared.limits;
+    let connection = match tokio::time::timeout(limits.handshake_timeout, incoming).await {
+        Ok(Ok(connection)) => connection,
+        Ok(Err(error)) => {
+            // Includes certificates from another CA.
+            info!(node = shared.node_id, %remote, %error, "client TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(node = shared.node_id, %remote, "client TLS handshake timed out");
+            return;
+        }
+    };
+    let accepted = tokio::select! {
+        _ = cancelled(&mut shutdown) => return,
+        accepted = tokio::time::timeout(limits.handshake_timeout, accept_hello(&shared, &connection)) => accepted,
+    };
+    let (mut send, frames) = match accepted {
+        Ok(Some(session)) => session,
+        Ok(None) => return,
+        Err(_) => {
+            debug!(node = shared.node_id, %remote, "no hello from client in time");
+            connection.close(close_code(CLOSE_TIMEOUT), b"no hello in time");
+            return;
+        }
+    };
+
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let (frames_sender, frames_receiver) = mpsc::channel(limits.client_queue_frames_max);
+    let (replies_sender, replies) = mpsc::channel(limits.client_queue_frames_max);
+    let handed = ClientConnection {
+        id,
+        remote,
+        frames: frames_receiver,
+        replies: replies_sender,
+    };
+    let handed_over = tokio::select! {
+        _ = cancelled(&mut shutdown) => false,
+        sent = shared.connections.send(handed) => sent.is_ok(),
+    };
+    if !handed_over {
+        let unavailable = ServerFrame::Unavailable {
+            reason: "the replica is shutting down".to_string(),
+        };
+        let _ = send.write_all(&encode_frame(&unavailable)).await;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(limits.handshake_timeout, send.stopped()).await;
+        connection.close(close_code(CLOSE_SHUTDOWN), b"replica shutting down");
+        return;
+    }
+    debug!(node = shared.node_id, id, %remote, "client session stream open");
+
+    // The reader reports a malformed frame here, for the writer to tell the
+    // client why before closing.
+    let (fatal_sender, fatal) = mpsc::channel::<String>(1);
+    tasks.spawn(read_frames(
+        shared.clone(),
+        id,
+        connection.clone(),
+        frames,
+        frames_sender,
+        fatal_sender,
+        tasks.shutdown(),
+    ));
+    write_frames(
+        &shared,
+        id,
+        &connection,
+        send,
+        replies,
+        fatal,
+        &mut shutdown,
+    )
+    .await;
+}
+
+/// Reads the client's hello and answers it; the session stream if welcomed.
+async fn accept_hello(
+    shared: &Shared,
+    connection: &quinn::Connection,
+) -> Option<(quinn::SendStream, FrameReader)> {
+    let (mut send, receive) = match connection.accept_bi().await {
+        Ok(streams) => streams,
+        Err(error) => {
+            debug!(node = shared.node_id, %error, "client connection closed before its hello");
+            return None;
+        }
+    };
+    let mut frames = FrameReader::new(receive, shared.limits.client_frame_bytes_max);
+    let verdict = match frames.next::<Hello>().await {
+        Ok(Some(Hello::Client { protocol_version })) if protocol_version == PROTOCOL_VERSION => {
+            Ok(())
+        }
+        Ok(Some(Hello::Client { protocol_version })) => Err(format!(
+            "protocol version {protocol_version} is not supported; this replica speaks version {PROTOCOL_VERSION}"
+        )),
+        Ok(Some(Hello::Peer { .. })) => Err(
+            "this is a replica's client port; replicas connect to its peer port".to_string(),
+        ),
+        Ok(None) => Err("the stream ended before a hello".to_string()),
+        Err(error) => Err(format!("unreadable hello: {error}")),
+    };
+    match verdict {
+        Ok(()) => {
+            let welcome = HelloReply::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                node_id: shared.node_id,
+            };
+            match send.write_all(&encode_frame(&welcome)).await {
+                Ok(()) => Some((send, frames)),
+                Err(error) => {
+                    debug!(node = shared.node_id, %error, "cannot welcome client");
+                    None
+                }
+            }
+        }
+        Err(reason) => {
+            info!(
+                node = shared.node_id,
+                remote = %connection.remote_address(),
+                %reason,
+                "client refused"
+            );
+            refuse(connection, send, &reason, shared.limits.handshake_timeout).await;
+            None
+        }
+    }
+}
+
+/// Decodes the session stream (and keep-alive datagrams) into `frames`.
+async fn read_frames(
+    shared: Arc<Shared>,
+    id: u64,
+    connection: quinn::Connection,
+    mut stream: FrameReader,
+    frames: mpsc::Sender<ClientFrame>,
+    fatal: mpsc::Sender<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut datagrams_open = true;
+    loop {
+        tokio::select! {
+            _ = cancelled(&mut shutdown) => return,
+            next = stream.next::<ClientFrame>() => match next {
+                Ok(Some(frame)) => {
+                    tokio::select! {
+                        _ = cancelled(&mut shutdown) => return,
+                        sent = frames.send(frame) => if sent.is_err() {
+                            // The replica dropped the session.
+                            return;
+                        },
+                    }
+                }
+                Ok(None) => {
+                    debug!(node = shared.node_id, id, "client finished its session stream");
+                    return;
+                }
+                Err(FrameReadError::Frame(error)) => {
+                    warn!(node = shared.node_id, id, remote = %connection.remote_address(), %error, "bad frame from client; closing its connection");
+                    let _ = fatal.try_send(error.to_string());
+                    return;
+                }
+                Err(error) => {
+                    debug!(node = shared.node_id, id, %error, "client session stream ended");
+                    return;
+                }
+            },
+            datagram = connection.read_datagram(), if datagrams_open => match datagram {
+                Ok(bytes) => match decode_frame::<ClientFrame>(&bytes) {
+                    // Keep-alives only: anything else must be ordered with
+                    // the session stream. A full queue means the replica is
+                    // busy with newer frames anyway.
+                    Ok(ClientFrame::KeepAlive) => {
+                        let _ = frames.try_send(ClientFrame::KeepAlive);
+                    }
+                    Ok(_) | Err(_) => {
+                        debug!(node = shared.node_id, id, "datagram other than a keep-alive ignored");
+                    }
+                },
+                Err(_) => datagrams_open = false,
+            },
+        }
+    }
+}
+
+/// Writes the replica's frames in order, many per write; on a fatal report
+/// from the reader, tells the client why and closes.
+async fn write_frames(
+    shared: &Shared,
+    id: u64,
+    connection: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut replies: mpsc::Receiver<ServerFrame>,
+    mut fatal: mpsc::Receiver<String>,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let limits = &shared.limits;
+    let mut reader_open = true;
+    let mut batch = Vec::new();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = cancelled(shutdown) => {
+                close_with(
+                    connection,
+                    send,
+                    "the replica is shutting down",
+                    CLOSE_SHUTDOWN,
+                    limits,
+                )
+                .await;
+                return;
+            }
+            reason = fatal.recv(), if reader_open => match reason {
+                Some(reason) => {
+                    close_with(connection, send, &reason, CLOSE_PROTOCOL_ERROR, limits).await;
+                    return;
+                }
+                None => {
+                    reader_open = false;
+                    continue;
+                }
+            },
+            frame = replies.recv() => match frame {
+                Some(frame) => frame,
+                None => {
+                    // The replica ended the session: let what was written
+                    // arrive, then close.
+                    let _ = send.finish();
+                    let _ = tokio::time::timeout(limits.handshake_timeout, send.stopped()).await;
+                    connection.close(close_code(CLOSE_NORMAL), b"session closed");
+                    debug!(node = shared.node_id, id, "client session closed by the replica");
+                    return;
+                }
+            },
+            error = connection.closed() => {
+                debug!(node = shared.node_id, id, %error, "client connection closed");
+                return;
+            }
+        };
+        batch.clear();
+        batch.extend_from_slice(&encode_frame(&first));
+        while batch.len() < limits.client_write_batch_bytes_max {
+            match replies.try_recv() {
+                Ok(frame) => batch.extend_from_slice(&encode_frame(&frame)),
+                Err(_) => break,
+            }
+        }
+        tokio::select! {
+            _ = cancelled(shutdown) => {
+                connection.close(close_code(CLOSE_SHUTDOWN), b"replica shutting down");
+                return;
+            }
+            written = send.write_all(&batch) => if let Err(error) = written {
+                debug!(node = shared.node_id, id, %error, "cannot write to client");
+                return;
+            },
+        }
+    }
+}
+
+/// Tells the client why with `Unavailable`, lets it arrive (boundedly), and
+/// closes the connection with `code` and the reason.
+async fn close_with(
+    connection: &quinn::Connection,
+    mut send: quinn::SendStream,
+    reason: &str,
+    code: u32,
+    limits: &TransportLimits,
+) {
+    let frame = ServerFrame::Unavailable {
+        reason: reason.to_string(),
+    };
+    let told = async {
+        send.write_all(&encode_frame(&frame)).await.ok()?;
+        send.finish().ok()?;
+        send.stopped().await.ok()
+    };
+    let _ = tokio::time::timeout(limits.handshake_timeout, told).await;
+    connection.close(close_code(code), reason.as_bytes());
+}

@@ -1,0 +1,287 @@
+//! QUIC transport of a replica: [`PeerNetwork`] carries Paxos messages and
+//! snapshots between replicas, [`ClientListener`] accepts client sessions.
+//! Both run on tokio and talk to the replica driver only through channels
+//! (and, for snapshots, a [`SnapshotSource`]).
+//!
+//! # Connections
+//!
+//! Every connection is mutual TLS 1.3 against the cluster CA
+//! ([`synod_proto::tls`]); a certificate from another CA is refused by TLS
+//! and never reaches this module's code. The connecting side then opens one
+//! bidirectional stream and sends a [`Hello`](synod_proto::wire::Hello); the
+//! replica answers [`HelloReply::Welcome`](synod_proto::wire::HelloReply) or
+//! [`HelloReply::Refused`](synod_proto::wire::HelloReply) with a reason a
+//! person can read, then closes a refused connection with
+//! [`CLOSE_REFUSED`].
+//!
+//! - Peers: each replica keeps one outgoing connection to every other member
+//!   and sends on it only; it receives on the connections the others opened
+//!   to it. After the handshake the dialling replica opens one
+//!   unidirectional stream and writes [`Envelope`](synod_paxos::Envelope)
+//!   frames on it, many per write. A snapshot is fetched over a further
+//!   bidirectional stream: one request frame, one header frame with the
+//!   snapshot's slot and length, then the raw bytes.
+//! - Clients: the handshake stream becomes the session stream, carrying
+//!   [`ClientFrame`](synod_proto::wire::ClientFrame)s in and
+//!   [`ServerFrame`](synod_proto::wire::ServerFrame)s out, in order.
+//!   Keep-alives may also come as QUIC datagrams holding one postcard
+//!   `ClientFrame::KeepAlive` (no length prefix).
+//!
+//! # Failure isolation
+//!
+//! A malformed or oversize frame closes only the connection it came on
+//! ([`CLOSE_PROTOCOL_ERROR`]), after a client is told why with
+//! `ServerFrame::Unavailable`. Nothing read from the network can panic.
+//!
+//! # Bounds
+//!
+//! Every queue, frame, batch, snapshot and wait is bounded by a field of
+//! [`TransportLimits`].
+
+mod client;
+mod peer;
+mod snapshot;
+mod tasks;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use synod_paxos::NodeId;
+use synod_proto::tls::{FrameReadError, HandshakeError, TlsError};
+use thiserror::Error;
+
+pub use client::{ClientConnection, ClientListener, ClientListenerConfig};
+pub use peer::{PeerNetwork, PeerNetworkConfig};
+pub use snapshot::{Snapshot, SnapshotSource};
+
+/// Application close code: the connection ended normally.
+pub const CLOSE_NORMAL: u32 = 0;
+/// Application close code: the handshake was refused (see the reason).
+pub const CLOSE_REFUSED: u32 = 1;
+/// Application close code: a malformed or oversize frame arrived.
+pub const CLOSE_PROTOCOL_ERROR: u32 = 2;
+/// Application close code: the replica is shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 3;
+/// Application close code: a newer connection from the same peer replaced
+/// this one.
+pub const CLOSE_SUPERSEDED: u32 = 4;
+/// Application close code: no hello arrived in time.
+pub const CLOSE_TIMEOUT: u32 = 5;
+
+/// Named bounds and timings of the transport, shared by peers and clients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Largest frame accepted from a peer (an envelope). A larger envelope
+    /// is dropped by its sender with a warning.
+    pub peer_frame_bytes_max: u64,
+    /// Largest frame accepted from a client.
+    pub client_frame_bytes_max: u64,
+    /// Envelopes queued per peer; [`PeerNetwork::send`] drops envelopes to
+    /// a peer whose queue is full (the protocol retries).
+    pub peer_queue_envelopes_max: usize,
+    /// Bytes of envelopes gathered into one stream write.
+    pub peer_write_batch_bytes_max: usize,
+    /// First wait before redialling a peer; doubled per failure.
+    pub reconnect_backoff_min: Duration,
+    /// Longest wait before redialling a peer.
+    pub reconnect_backoff_max: Duration,
+    /// Bound on the TLS handshake plus hello exchange.
+    pub handshake_timeout: Duration,
+    /// A connection silent for this long is closed.
+    pub idle_timeout: Duration,
+    /// Keep-alive pings on idle connections, well below `idle_timeout`.
+    pub keep_alive_interval: Duration,
+    /// Largest snapshot accepted by [`PeerNetwork::fetch_snapshot`].
+    pub snapshot_bytes_max: u64,
+    /// Bytes per write when streaming a snapshot.
+    pub snapshot_chunk_bytes: usize,
+    /// Bound on one whole snapshot transfer.
+    pub snapshot_timeout: Duration,
+    /// Incoming peer connections served at once (members reconnecting, and
+    /// strangers being refused).
+    pub peer_connections_max: usize,
+    /// Client connections served at once; more are refused at once.
+    pub client_connections_max: usize,
+    /// Frames queued per client connection in each direction.
+    pub client_queue_frames_max: usize,
+    /// Bytes of server frames gathered into one stream write.
+    pub client_write_batch_bytes_max: usize,
+    /// On shutdown, how long to wait for closed connections to drain (so
+    /// peers hear the close) before giving up; the socket is released once
+    /// they have drained.
+    pub shutdown_drain_timeout: Duration,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits {
+            peer_frame_bytes_max: 16 << 20,
+            client_frame_bytes_max: synod_proto::wire::DEFAULT_MAX_FRAME_BYTES,
+            peer_queue_envelopes_max: 4096,
+            peer_write_batch_bytes_max: 1 << 20,
+            reconnect_backoff_min: Duration::from_millis(50),
+            reconnect_backoff_max: Duration::from_secs(2),
+            handshake_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            keep_alive_interval: Duration::from_secs(1),
+            snapshot_bytes_max: 1 << 30,
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_timeout: Duration::from_secs(300),
+            peer_connections_max: 64,
+            client_connections_max: 10_000,
+            client_queue_frames_max: 1024,
+            client_write_batch_bytes_max: 1 << 20,
+            shutdown_drain_timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl TransportLimits {
+    /// Checks the limits are usable.
+    ///
+    /// # Errors
+    /// [`TransportError::Config`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        let positive = [
+            ("peer_frame_bytes_max", self.peer_frame_bytes_max > 0),
+            ("client_frame_bytes_max", self.client_frame_bytes_max > 0),
+            (
+                "peer_queue_envelopes_max",
+                self.peer_queue_envelopes_max > 0,
+            ),
+            (
+                "peer_write_batch_bytes_max",
+                self.peer_write_batch_bytes_max > 0,
+            ),
+            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes > 0),
+            ("peer_connections_max", self.peer_connections_max > 0),
+            ("client_connections_max", self.client_connections_max > 0),
+            ("client_queue_frames_max", self.client_queue_frames_max > 0),
+            (
+                "client_write_batch_bytes_max",
+                self.client_write_batch_bytes_max > 0,
+            ),
+            (
+                "reconnect_backoff_min",
+                !self.reconnect_backoff_min.is_zero(),
+            ),
+            ("handshake_timeout", !self.handshake_timeout.is_zero()),
+            ("keep_alive_interval", !self.keep_alive_interval.is_zero()),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, ok)| !ok) {
+            return Err(TransportError::Config(format!("{field} must be positive")));
+        }
+        if self.reconnect_backoff_max < self.reconnect_backoff_min {
+            return Err(TransportError::Config(
+                "reconnect_backoff_max is below reconnect_backoff_min".into(),
+            ));
+        }
+        if self.keep_alive_interval >= self.idle_timeout {
+            return Err(TransportError::Config(
+                "keep_alive_interval must be below idle_timeout".into(),
+            ));
+        }
+        if self.peer_frame_bytes_max > u64::from(u32::MAX)
+            || self.client_frame_bytes_max > u64::from(u32::MAX)
+        {
+            return Err(TransportError::Config(
+                "frame bounds must fit the u32 length prefix".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The QUIC transport settings these limits imply.
+    ///
+    /// # Errors
+    /// [`TransportError::Config`] when `idle_timeout` is out of QUIC's range.
+    pub(crate) fn quic_transport(&self) -> Result<Arc<quinn::TransportConfig>> {
+        let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
+            .map_err(|_| TransportError::Config("idle_timeout is out of range".into()))?;
+        let mut transport = quinn::TransportConfig::default();
+        transport
+            .max_idle_timeout(Some(idle))
+            .keep_alive_interval(Some(self.keep_alive_interval));
+        Ok(Arc::new(transport))
+    }
+}
+
+/// A transport error.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The TLS material or configuration is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The UDP socket could not be bound.
+    #[error("cannot bind {address}: {source}")]
+    Bind {
+        /// The address.
+        address: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("invalid transport configuration: {0}")]
+    Config(String),
+    /// The node is not a member (or is this replica).
+    #[error("node {0} is not another member of the cluster")]
+    UnknownPeer(NodeId),
+    /// There is no connection to the node now.
+    #[error("not connected to node {0}")]
+    NotConnected(NodeId),
+    /// The connection failed.
+    #[error("connection failed: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The handshake failed or was refused.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+    /// Writing to a stream failed.
+    #[error("stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Reading from a stream failed.
+    #[error("stream read failed: {0}")]
+    Read(#[from] FrameReadError),
+    /// The peer has no snapshot to give.
+    #[error("node {from} has no snapshot: {reason}")]
+    SnapshotUnavailable {
+        /// The peer asked.
+        from: NodeId,
+        /// Its reason.
+        reason: String,
+    },
+    /// The snapshot announced exceeds [`TransportLimits::snapshot_bytes_max`].
+    #[error("snapshot of {bytes} bytes from node {from} exceeds the limit of {max} bytes")]
+    SnapshotTooLarge {
+        /// The peer asked.
+        from: NodeId,
+        /// The announced size.
+        bytes: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// The snapshot stream ended early or carried more than announced.
+    #[error("snapshot from node {from}: received {received} bytes, {expected} announced")]
+    SnapshotLength {
+        /// The peer asked.
+        from: NodeId,
+        /// Bytes received.
+        received: u64,
+        /// Bytes announced.
+        expected: u64,
+    },
+    /// An operation did not finish in time.
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    /// The transport is shut down.
+    #[error("the transport is shut down")]
+    ShutDown,
+}
+
+/// Result of the transport's operations.
+pub type Result<T, E = TransportError> = std::result::Result<T, E>;
+
+fn close_code(code: u32) -> quinn::VarInt {
+    quinn::VarInt::from_u32(code)
+}
