@@ -1,18 +1,22 @@
 //! Tests of the replica's redb storage (`synod_server::storage`). Round
 //! trips: batches persisted, then the database reopened, must give exactly
 //! the `DurableState` that `DurableState::apply` gives for the same batches
-//! (by hand, and as a proptest of random batch sequences). Refusals: a wrong
-//! cluster or node id, another format version, a damaged record, a file that
-//! is not a database, and a database already open are each refused with an
-//! error naming the file. Crash images: a redb `StorageBackend` records which
-//! bytes were written and which were synced; during a seeded workload, at
-//! every sync (and at random writes between) it takes the image a crash
-//! would leave (the synced bytes, plus none, a prefix with a torn last write,
-//! or a random subset of the unsynced writes), and each image must reopen to
-//! exactly the state before or after the call in flight, so every
-//! acknowledged call survives and none is half-applied. The seed is printed;
-//! `SYNOD_STORAGE_SEED=<seed>` replays a run. Fail-stop: an `fsync` that
-//! fails makes `persist` fail and poisons the storage for good.
+//! (by hand, and as a proptest of random batch sequences with reopens).
+//! Refusals: a wrong cluster or node id, another format version, a damaged
+//! record, inconsistent meta, a file that is not a database, and a database
+//! already open are each refused with an error naming the file. Crash
+//! images: a redb `StorageBackend` records which bytes were written and which
+//! were synced; during a seeded workload, at every sync (and at random writes
+//! between) it takes the image a crash would leave (the synced bytes, plus
+//! none, a prefix with a torn last write, or a random subset of the unsynced
+//! writes), and each image must reopen to exactly the state before or after
+//! the call in flight, so every acknowledged call survives and none is
+//! half-applied; now and then the workload restarts from such an image and
+//! carries on. The seed is printed; `SYNOD_STORAGE_SEED=<seed>` replays a run
+//! and `SYNOD_STORAGE_CALLS=<n>` makes it longer. Fail-stop: a failed `fsync`
+//! or write makes the call fail and poisons the storage for good. Damage:
+//! single flipped bits anywhere in a database are refused or harmless, and
+//! never cause a panic.
 
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
