@@ -588,14 +588,14 @@ fn raw_call_strategy() -> impl Strategy<Value = RawCall> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 96,
+        cases: 512,
         failure_persistence: None,
         ..ProptestConfig::default()
     })]
 
     /// Random batch sequences, with reopens in between, against `DurableState::apply`.
     #[test]
-    fn random_batches_match_durable_state_apply(raw_calls in proptest::collection::vec(raw_call_strategy(), 1..12)) {
+    fn random_batches_match_durable_state_apply(raw_calls in proptest::collection::vec(raw_call_strategy(), 1..24)) {
         let mut backend = CrashBackend::default();
         let mut model = Model::new();
         let mut storage = Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
