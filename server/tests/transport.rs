@@ -6,12 +6,14 @@
 //! replica that restarts on the same port is redialled; a peer of another
 //! cluster, one whose certificate does not name the node it claims, a
 //! client certificate posing as a replica and a certificate from another CA
-//! are all refused, and envelopes from a refused replica never arrive; a
-//! snapshot of a few MiB streams across, and a missing or oversize one is an
-//! error. Clients: a client completes the handshake through
+//! are all refused, and envelopes from a refused replica never arrive;
+//! envelopes naming another sender are dropped, and a malformed or oversize
+//! frame closes only the connection it came on; a snapshot of a few MiB
+//! streams across, and a missing or oversize one is an error. Clients: a client completes the handshake through
 //! `synod_proto::tls::connect` and exchanges frames in order (and a
-//! keep-alive datagram); a wrong protocol version is refused with a readable
-//! reason; a malformed frame and an oversize frame each close only their
+//! keep-alive datagram); a wrong protocol version or a replica's hello is
+//! refused with a readable reason; a session the replica ends is closed
+//! cleanly after its last frame; a malformed frame and an oversize frame each close only their
 //! own connection after an `Unavailable` explaining why, and a certificate
 //! from another CA is refused, while another client keeps working. Every
 //! wait is bounded, and every endpoint is shut down.
@@ -31,7 +33,7 @@ use synod_proto::wire::{encode_frame, ClientFrame, Hello, ServerFrame, DEFAULT_M
 use synod_proto::PROTOCOL_VERSION;
 use synod_server::transport::{
     ClientConnection, ClientListener, ClientListenerConfig, PeerNetwork, PeerNetworkConfig,
-    Snapshot, TransportError, TransportLimits, CLOSE_PROTOCOL_ERROR,
+    Snapshot, TransportError, TransportLimits, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -134,7 +136,7 @@ fn start_cluster(certs: &DevCerts) -> (BTreeMap<NodeId, Node>, BTreeMap<NodeId, 
 }
 
 async fn shutdown_all(nodes: BTreeMap<NodeId, Node>) {
-    for (_, node) in nodes {
+    for node in nodes.values() {
         node.network.shutdown().await;
     }
 }
@@ -213,6 +215,7 @@ async fn a_restarted_peer_is_redialled() {
 
     let old = nodes.remove(&3).expect("node 3");
     old.network.shutdown().await;
+    drop(old);
 
     // The port is free once the old endpoint's connections have drained
     // (three probe timeouts); rebinding may need a moment.
@@ -402,6 +405,84 @@ async fn strangers_are_refused_by_peers() {
     shutdown_all(nodes).await;
 }
 
+/// Waits for `connection` to be closed by the other side with `code`.
+async fn expect_closed_with(connection: &quinn::Connection, code: u32) {
+    match timeout(WAIT, connection.closed()).await.expect("closed") {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, code.into())
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peer_frames_close_only_that_connection() {
+    let (_dir, certs) = certificates();
+    // Nodes 2 and 3 run; node 1 is played by hand, over raw QUIC with node
+    // 1's certificate (a running node 1 would supersede the raw connection).
+    let sockets: BTreeMap<NodeId, UdpSocket> = (1..=3).map(|id| (id, bind_local())).collect();
+    let members: BTreeMap<NodeId, SocketAddr> = sockets
+        .iter()
+        .map(|(&id, socket)| (id, socket.local_addr().expect("address")))
+        .collect();
+    let mut nodes: BTreeMap<NodeId, Node> = sockets
+        .into_iter()
+        .filter(|(id, _)| *id != 1)
+        .map(|(id, socket)| {
+            (
+                id,
+                start_node(id, CLUSTER, socket, &members, load(&certs, id)),
+            )
+        })
+        .collect();
+    let as_node1 = raw_endpoint(&load(&certs, 1));
+    let name2 = node_server_name(2);
+    let hello = Hello::Peer {
+        protocol_version: PROTOCOL_VERSION,
+        cluster_id: CLUSTER.to_string(),
+        node_id: 1,
+    };
+
+    // Envelopes whose sender or recipient is not the connection's are
+    // dropped; the stream goes on.
+    let welcomed = raw_hello(&as_node1, members[&2], &name2, hello.clone())
+        .await
+        .expect("welcomed");
+    let mut stream = welcomed.connection.open_uni().await.expect("stream");
+    let envelopes = [envelope(3, 2, 1), envelope(1, 3, 2), envelope(1, 2, 3)];
+    stream
+        .write_all(&tls::encode_frames(envelopes.iter()))
+        .await
+        .expect("written");
+    let node2 = nodes.get_mut(&2).expect("node 2");
+    let received = receive(&mut node2.inbox).await;
+    assert_eq!((received.from, sequence_of(&received)), (1, 3));
+
+    // A malformed frame closes the connection.
+    let mut garbage = 3u32.to_le_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff, 0xff, 0xff]);
+    stream.write_all(&garbage).await.expect("written");
+    expect_closed_with(&welcomed.connection, CLOSE_PROTOCOL_ERROR).await;
+
+    // So does an oversize one, refused from its length prefix.
+    let welcomed = raw_hello(&as_node1, members[&2], &name2, hello)
+        .await
+        .expect("welcomed");
+    let mut stream = welcomed.connection.open_uni().await.expect("stream");
+    let header = ((limits().peer_frame_bytes_max + 1) as u32).to_le_bytes();
+    stream.write_all(&header).await.expect("written");
+    expect_closed_with(&welcomed.connection, CLOSE_PROTOCOL_ERROR).await;
+
+    // Node 3's link to node 2 never noticed.
+    nodes[&3].network.send(vec![envelope(3, 2, 9)]);
+    let node2 = nodes.get_mut(&2).expect("node 2");
+    let received = receive(&mut node2.inbox).await;
+    assert_eq!((received.from, sequence_of(&received)), (3, 9));
+    assert_silent(&mut node2.inbox, Duration::from_millis(100)).await;
+    as_node1.close(0u32.into(), b"done");
+    shutdown_all(nodes).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_streams_across() {
     let (_dir, certs) = certificates();
@@ -494,7 +575,7 @@ async fn a_snapshot_streams_across() {
 /// A stand-in for the replica: answers `OpenSession { timeout_ms }` with
 /// `SessionReady { session: connection id, timeout_ms, revision: n }` (n
 /// counting the connection's frames) and `KeepAlive` with
-/// `SessionExpired { session: 0 }`.
+/// `SessionExpired { session: 0 }`, and ends the session on `Status`.
 async fn echo_replica(mut connections: mpsc::Receiver<ClientConnection>) {
     while let Some(mut connection) = connections.recv().await {
         tokio::spawn(async move {
@@ -508,6 +589,7 @@ async fn echo_replica(mut connections: mpsc::Receiver<ClientConnection>) {
                         revision: count,
                     },
                     ClientFrame::KeepAlive => ServerFrame::SessionExpired { session: 0 },
+                    ClientFrame::Status => break,
                     _ => ServerFrame::Unavailable {
                         reason: "unexpected".into(),
                     },
@@ -637,8 +719,59 @@ async fn a_client_handshakes_and_exchanges_frames() {
     )
     .await;
     expect_refused(refused, "protocol version 99 is not supported");
+    // So is a replica's hello on the client port.
+    let connection = timeout(
+        WAIT,
+        client.connect(address, "localhost").expect("connecting"),
+    )
+    .await
+    .expect("bounded")
+    .expect("TLS accepted");
+    let refused = handshake(
+        connection,
+        &Hello::Peer {
+            protocol_version: PROTOCOL_VERSION,
+            cluster_id: CLUSTER.to_string(),
+            node_id: 2,
+        },
+        4096,
+        WAIT,
+    )
+    .await;
+    expect_refused(refused, "client port");
 
     // The first session is unaffected.
+    exchange(&mut session, 10).await;
+
+    // When the replica ends a session, what it wrote arrives, then the
+    // stream ends and the connection closes normally.
+    let mut ending = connect_client(&client, address).await.expect("welcomed");
+    let frames = [
+        ClientFrame::OpenSession { timeout_ms: 1 },
+        ClientFrame::Status,
+    ];
+    ending
+        .send
+        .write_all(&tls::encode_frames(frames.iter()))
+        .await
+        .expect("written");
+    assert!(matches!(
+        next_frame(&mut ending).await,
+        ServerFrame::SessionReady { timeout_ms: 1, .. }
+    ));
+    let end = timeout(WAIT, ending.frames.next::<ServerFrame>())
+        .await
+        .expect("bounded");
+    assert!(matches!(end, Ok(None) | Err(_)), "got {end:?}");
+    match timeout(WAIT, ending.connection.closed())
+        .await
+        .expect("closed")
+    {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, CLOSE_NORMAL.into())
+        }
+        other => panic!("expected an application close, got {other}"),
+    }
     exchange(&mut session, 10).await;
     session.connection.close(0u32.into(), b"done");
     client.close(0u32.into(), b"done");

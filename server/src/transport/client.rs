@@ -86,15 +86,40 @@ impl ClientListener {
         config: ClientListenerConfig,
         connections: mpsc::Sender<ClientConnection>,
     ) -> Result<Self> {
-        config.limits.validate()?;
-        let transport = config.limits.quic_transport()?;
-        let server_config = tls::quic_server_config(&config.tls, transport)?;
-        let endpoint = quinn::Endpoint::server(server_config, config.listen).map_err(|source| {
-            TransportError::Bind {
+        let socket =
+            std::net::UdpSocket::bind(config.listen).map_err(|source| TransportError::Bind {
                 address: config.listen,
                 source,
-            }
+            })?;
+        ClientListener::start_on(socket, config, connections)
+    }
+
+    /// As [`ClientListener::start`], on a socket bound beforehand;
+    /// `config.listen` is ignored.
+    ///
+    /// # Errors
+    /// As [`ClientListener::start`].
+    pub fn start_on(
+        socket: std::net::UdpSocket,
+        config: ClientListenerConfig,
+        connections: mpsc::Sender<ClientConnection>,
+    ) -> Result<Self> {
+        config.limits.validate()?;
+        let address = socket.local_addr().map_err(|source| TransportError::Bind {
+            address: config.listen,
+            source,
         })?;
+        let transport = config.limits.quic_transport()?;
+        let server_config = tls::quic_server_config(&config.tls, transport)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Config("no tokio runtime is running".into()))?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_config),
+            socket,
+            runtime,
+        )
+        .map_err(|source| TransportError::Bind { address, source })?;
         let (supervisor, tasks) = Supervisor::new();
         let shared = Arc::new(Shared {
             node_id: config.node_id,
@@ -126,9 +151,11 @@ impl ClientListener {
         self.shared.endpoint.open_connections()
     }
 
-    /// Closes every client connection and the endpoint, and waits
-    /// (boundedly) for the tasks to finish.
-    pub async fn shutdown(mut self) {
+    /// Closes every client connection (telling each session
+    /// `Unavailable`) and the endpoint, and waits (boundedly) for the tasks
+    /// to finish. Calling it again is harmless. The socket is released once
+    /// the connections have drained and the `ClientListener` is dropped.
+    pub async fn shutdown(&self) {
         self.supervisor.signal();
         self.shared
             .endpoint

@@ -283,8 +283,12 @@ impl PeerNetwork {
     }
 
     /// Stops dialling and accepting, closes every connection, and waits
-    /// (boundedly) for the tasks and the endpoint to finish.
-    pub async fn shutdown(mut self) {
+    /// (boundedly) for the tasks and the endpoint to finish. Later calls to
+    /// [`PeerNetwork::send`] drop everything, and
+    /// [`PeerNetwork::fetch_snapshot`] fails. Calling it again is harmless.
+    /// The socket is released once the connections have drained and the
+    /// `PeerNetwork` is dropped.
+    pub async fn shutdown(&self) {
         self.supervisor.signal();
         self.shared
             .endpoint

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Mutex};
 
 /// Handed to every task: spawns more tasks and tells when to stop.
 #[derive(Clone, Debug)]
@@ -42,7 +42,7 @@ pub(crate) async fn cancelled(shutdown: &mut watch::Receiver<bool>) {
 #[derive(Debug)]
 pub(crate) struct Supervisor {
     shutdown: watch::Sender<bool>,
-    done: mpsc::Receiver<()>,
+    done: Mutex<mpsc::Receiver<()>>,
 }
 
 impl Supervisor {
@@ -51,7 +51,10 @@ impl Supervisor {
         let (shutdown, shutdown_receiver) = watch::channel(false);
         let (alive, done) = mpsc::channel(1);
         (
-            Supervisor { shutdown, done },
+            Supervisor {
+                shutdown,
+                done: Mutex::new(done),
+            },
             Tasks {
                 alive,
                 shutdown: shutdown_receiver,
@@ -65,12 +68,11 @@ impl Supervisor {
     }
 
     /// Waits until every task ended, at most `timeout`; `false` if some
-    /// were still running then.
-    pub(crate) async fn wait(&mut self, timeout: Duration) -> bool {
+    /// were still running then. May be called again.
+    pub(crate) async fn wait(&self, timeout: Duration) -> bool {
         // No task ever sends, so `recv` returns `None` once every `Tasks`
-        // clone is dropped.
-        tokio::time::timeout(timeout, self.done.recv())
-            .await
-            .is_ok()
+        // clone is dropped (and at once on later calls).
+        let wait = async { self.done.lock().await.recv().await };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 }
