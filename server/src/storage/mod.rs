@@ -26,6 +26,23 @@
 //! CRC-32 in the header. redb checksums its own pages (which catches a torn
 //! commit); ours catch a value that redb stored faithfully but that is wrong.
 //!
+//! # Use by the replica
+//!
+//! 1. A brand-new member calls [`Storage::create`] with
+//!    [`DurableState::bootstrap`]; every later start calls [`Storage::open`],
+//!    which never creates anything.
+//! 2. It restores [`Recovered::snapshot`] into the state machine, if any, and
+//!    starts the core with `Node::new(config, recovered.durable, through + 1,
+//!    now)`.
+//! 3. Each round of the writer takes every `Persist` batch queued so far,
+//!    calls [`Storage::persist`] once (one `fsync`), and then reports
+//!    `Node::persisted` with the last id.
+//! 4. To compact, it first saves a snapshot through `S` with
+//!    [`Storage::save_snapshot`], and only then calls `Node::compact(S)` (or,
+//!    for a snapshot installed from the leader, `Node::snapshot_installed`),
+//!    whose `compact_below` the next `persist` writes.
+//! 5. On any error it stops the replica, which restarts from step 1.
+//!
 //! # Durability contract
 //!
 //! [`Storage::persist`] and [`Storage::save_snapshot`] each run one redb
@@ -78,7 +95,9 @@
 //!    on open), every record's CRC-32, the format version, the cluster and
 //!    node ids, and the consistency of meta and log; any failure is refused
 //!    with an error naming the file. A redb panic while opening damaged data
-//!    is caught and reported as [`StorageError::Corrupt`].
+//!    is caught and reported as [`StorageError::Corrupt`] (this needs the
+//!    default `panic = "unwind"`). Single flipped bits are tested to be
+//!    refused or harmless (`server/tests/storage.rs`).
 //! 8. **Two processes on one file.** redb locks the file; the second open
 //!    fails with [`StorageError::AlreadyOpen`].
 
