@@ -811,6 +811,40 @@ fn inconsistent_meta_is_refused() {
 }
 
 #[test]
+fn a_damaged_snapshot_is_refused() {
+    let (_directory, path) = database_on_disk();
+    {
+        let (mut storage, _) = Storage::open(&path, &identity()).expect("open");
+        storage
+            .save_snapshot(1, &members(&[1, 2, 3]), &[5u8; 3000])
+            .expect("save");
+        storage.close().expect("close");
+    }
+    {
+        let database = redb::Database::open(&path).expect("raw open");
+        let transaction = database.begin_write().expect("raw write");
+        {
+            let mut chunks = transaction
+                .open_table(TableDefinition::<u64, &[u8]>::new("synod_snapshot_chunks"))
+                .expect("chunks table");
+            let mut chunk = chunks
+                .get(0)
+                .expect("raw read")
+                .expect("chunk 0 exists")
+                .value()
+                .to_vec();
+            chunk[100] ^= 1;
+            chunks.insert(0, chunk.as_slice()).expect("raw insert");
+        }
+        transaction.commit().expect("raw commit");
+    }
+    let error = Storage::open(&path, &identity()).expect_err("damaged snapshot");
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
+    assert!(error.to_string().contains("snapshot CRC-32"), "{error}");
+    assert_mentions_path(&error, &path);
+}
+
+#[test]
 fn a_file_that_is_not_a_database_is_refused() {
     let directory = tempfile::tempdir().expect("temporary directory");
     for (name, contents) in [
