@@ -2,7 +2,9 @@
 //! generated into a temporary directory for each test.
 //!
 //! Peers: three `PeerNetwork`s on ephemeral ports exchange envelopes between
-//! every pair (including a burst that must arrive whole and in order); a
+//! every pair (including a burst that must arrive whole and in order);
+//! `send` drops envelopes to a full queue or above the frame bound instead
+//! of blocking; a
 //! replica that restarts on the same port is redialled; a peer of another
 //! cluster, one whose certificate does not name the node it claims, a
 //! client certificate posing as a replica and a certificate from another CA
@@ -24,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use synod_paxos::{Ballot, Commit, Envelope, Message, NodeId};
+use synod_paxos::{Ballot, Commit, Envelope, Forward, Message, NodeId};
 use synod_proto::tls::{
     self, connect, generate_dev_certs, handshake, node_server_name, DevCerts, HandshakeError,
     Handshaken, TlsMaterial,
@@ -253,6 +255,87 @@ async fn a_restarted_peer_is_redialled() {
     assert!(sequence_of(&received) >= 100);
     nodes.insert(3, restarted);
     shutdown_all(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_drops_rather_than_blocks() {
+    let (_dir, certs) = certificates();
+    // Node 2 is not running, so node 1's queue to it only fills.
+    let sockets: Vec<UdpSocket> = (0..2).map(|_| bind_local()).collect();
+    let members: BTreeMap<NodeId, SocketAddr> = sockets
+        .iter()
+        .enumerate()
+        .map(|(index, socket)| (index as u64 + 1, socket.local_addr().expect("address")))
+        .collect();
+    let mut sockets = sockets.into_iter();
+    let (delivered, _inbox) = mpsc::channel(16);
+    let queue = 10;
+    let network = PeerNetwork::start_on(
+        sockets.next().expect("socket"),
+        PeerNetworkConfig {
+            node_id: 1,
+            cluster_id: CLUSTER.to_string(),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            members: members.clone(),
+            tls: load(&certs, 1),
+            limits: TransportLimits {
+                peer_queue_envelopes_max: queue,
+                peer_frame_bytes_max: 1024,
+                ..limits()
+            },
+        },
+        delivered,
+    )
+    .expect("starts");
+    network.send((0..25).map(|sequence| envelope(1, 2, sequence)).collect());
+    assert_eq!(network.dropped_envelopes(), 25 - queue as u64);
+    network.shutdown().await;
+    drop(network);
+
+    // An envelope above the frame bound is dropped by its sender, and the
+    // link carries on.
+    let mut node2 = start_node(
+        2,
+        CLUSTER,
+        sockets.next().expect("socket"),
+        &members,
+        load(&certs, 2),
+    );
+    // A fresh socket for the new node 1: node 2 checks a peer's identity,
+    // not its address.
+    let socket = bind_local();
+    let mut members = members;
+    members.insert(1, socket.local_addr().expect("address"));
+    let (delivered, _inbox) = mpsc::channel(16);
+    let node1 = PeerNetwork::start_on(
+        socket,
+        PeerNetworkConfig {
+            node_id: 1,
+            cluster_id: CLUSTER.to_string(),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            members,
+            tls: load(&certs, 1),
+            limits: TransportLimits {
+                peer_frame_bytes_max: 1024,
+                ..limits()
+            },
+        },
+        delivered,
+    )
+    .expect("starts");
+    let large = Envelope {
+        from: 1,
+        to: 2,
+        message: Message::Forward(Forward {
+            commands: vec![Bytes::from(vec![7u8; 4096])].into(),
+        }),
+    };
+    node1.send(vec![large, envelope(1, 2, 5)]);
+    let received = receive(&mut node2.inbox).await;
+    assert_eq!(sequence_of(&received), 5);
+    assert_eq!(node1.dropped_envelopes(), 1);
+    node1.shutdown().await;
+    node2.network.shutdown().await;
 }
 
 /// A raw QUIC client presenting `material`, for speaking to a peer port.
