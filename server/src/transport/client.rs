@@ -109,7 +109,7 @@ impl ClientListener {
             address: config.listen,
             source,
         })?;
-        let transport = config.limits.quic_transport()?;
+        let transport = config.limits.client_quic_transport()?;
         let server_config = tls::quic_server_config(&config.tls, transport)?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Config("no tokio runtime is running".into()))?;

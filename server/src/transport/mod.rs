@@ -192,20 +192,45 @@ impl TransportLimits {
         Ok(())
     }
 
-    /// The QUIC transport settings these limits imply.
+    /// The QUIC transport settings these limits imply, for peers.
     ///
     /// # Errors
     /// [`TransportError::Config`] when `idle_timeout` is out of QUIC's range.
     pub(crate) fn quic_transport(&self) -> Result<Arc<quinn::TransportConfig>> {
+        Ok(Arc::new(self.base_transport()?))
+    }
+
+    /// The QUIC transport settings for the client port: a client may have
+    /// one bidirectional stream (its session) and no unidirectional ones,
+    /// so that unaccepted streams cannot pile up buffered data, and a small
+    /// datagram buffer (keep-alives only).
+    ///
+    /// # Errors
+    /// As [`TransportLimits::quic_transport`].
+    pub(crate) fn client_quic_transport(&self) -> Result<Arc<quinn::TransportConfig>> {
+        let mut transport = self.base_transport()?;
+        transport
+            .max_concurrent_bidi_streams(quinn::VarInt::from_u32(CLIENT_STREAMS_MAX))
+            .max_concurrent_uni_streams(quinn::VarInt::from_u32(0))
+            .datagram_receive_buffer_size(Some(CLIENT_DATAGRAM_BUFFER_BYTES));
+        Ok(Arc::new(transport))
+    }
+
+    fn base_transport(&self) -> Result<quinn::TransportConfig> {
         let idle = quinn::IdleTimeout::try_from(self.idle_timeout)
             .map_err(|_| TransportError::Config("idle_timeout is out of range".into()))?;
         let mut transport = quinn::TransportConfig::default();
         transport
             .max_idle_timeout(Some(idle))
             .keep_alive_interval(Some(self.keep_alive_interval));
-        Ok(Arc::new(transport))
+        Ok(transport)
     }
 }
+
+/// Bidirectional streams a client may have open at once: its session.
+const CLIENT_STREAMS_MAX: u32 = 1;
+/// Bytes of received datagrams buffered per client connection.
+const CLIENT_DATAGRAM_BUFFER_BYTES: usize = 64 * 1024;
 
 /// A transport error.
 #[derive(Debug, Error)]
