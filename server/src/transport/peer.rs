@@ -876,9 +876,14 @@ async fn receive_snapshot(
             max: bytes_max,
         });
     }
-    // `total_bytes` is bounded by `bytes_max` here, so this allocation is too.
-    let expected = total_bytes as usize;
-    let mut data = Vec::with_capacity(expected);
+    let expected = usize::try_from(total_bytes).map_err(|_| TransportError::SnapshotTooLarge {
+        from,
+        bytes: total_bytes,
+        max: bytes_max,
+    })?;
+    // Grow with what arrives beyond a first allocation, so that a length
+    // announced but never sent costs little.
+    let mut data = Vec::with_capacity(expected.min(SNAPSHOT_INITIAL_CAPACITY_BYTES));
     data.extend_from_slice(&buffered);
     let length_error = |received: usize| TransportError::SnapshotLength {
         from,
@@ -912,6 +917,9 @@ async fn receive_snapshot(
         data: Bytes::from(data),
     })
 }
+
+/// The most memory reserved up front for an incoming snapshot.
+const SNAPSHOT_INITIAL_CAPACITY_BYTES: usize = 64 << 20;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
