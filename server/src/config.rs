@@ -146,6 +146,9 @@ pub struct Limits {
     pub event_history_max: u64,
     /// Applied slots between two saved snapshots of the state machine.
     pub snapshot_interval_slots: u64,
+    /// Chosen slots kept in the log below the last snapshot, so that a
+    /// replica slightly behind catches up without a snapshot.
+    pub log_retain_slots: u64,
     /// Largest snapshot accepted from another replica.
     pub snapshot_bytes_max: u64,
 }
@@ -161,6 +164,7 @@ impl Default for Limits {
             pending_requests_per_connection_max: 10_000,
             event_history_max: 100_000,
             snapshot_interval_slots: 10_000,
+            log_retain_slots: 10_000,
             snapshot_bytes_max: 8 << 30,
         }
     }
@@ -256,7 +260,10 @@ impl ReplicaConfig {
         let mut addresses = BTreeSet::new();
         for (index, member) in self.members.iter().enumerate() {
             if member.id == 0 {
-                return Err(invalid(&format!("members[{index}].id"), "must be at least 1"));
+                return Err(invalid(
+                    &format!("members[{index}].id"),
+                    "must be at least 1",
+                ));
             }
             if !ids.insert(member.id) {
                 return Err(invalid(
@@ -362,6 +369,7 @@ impl ReplicaConfig {
         config.catch_up_retry_ms = (2 * t.heartbeat_interval_ms).max(20);
         config.read_timeout_ms = t.request_timeout_ms;
         config.max_slot_bytes = (self.limits.frame_bytes_max / 2) as usize;
+        config.log_retain_slots = self.limits.log_retain_slots;
         config
     }
 
@@ -423,10 +431,14 @@ client_address = "127.0.0.1:7103"
 
     #[test]
     fn bad_fields_are_named() {
-        assert!(error_of(&VALID.replace("\nid = 2\ndata_dir", "\nid = 9\ndata_dir")).contains("`id`"));
+        assert!(
+            error_of(&VALID.replace("\nid = 2\ndata_dir", "\nid = 9\ndata_dir")).contains("`id`")
+        );
         assert!(error_of(&VALID.replace("7003", "7002")).contains("members[2].peer_address"));
-        assert!(error_of(&VALID.replace("cluster_id = \"test\"", "cluster_id = \"\""))
-            .contains("cluster_id"));
+        assert!(
+            error_of(&VALID.replace("cluster_id = \"test\"", "cluster_id = \"\""))
+                .contains("cluster_id")
+        );
         let unknown = format!("{VALID}\n[timeouts]\nheartbeat_ms = 5\n");
         assert!(error_of(&unknown).contains("heartbeat_ms"));
         let lease = format!("{VALID}\n[timeouts]\nlease_ms = 5000\n");

@@ -627,7 +627,7 @@ async fn a_snapshot_streams_across() {
     server
         .network
         .register_snapshot_source(Arc::new(move || Some(served.clone())));
-    let (delivered, _inbox) = mpsc::channel(16);
+    let (delivered, _inbox) = mpsc::channel::<Envelope>(16);
     let small = PeerNetwork::start_on(
         sockets.next().expect("socket"),
         PeerNetworkConfig {

@@ -69,6 +69,29 @@ pub const CLOSE_SUPERSEDED: u32 = 4;
 /// Application close code: no hello arrived in time.
 pub const CLOSE_TIMEOUT: u32 = 5;
 
+/// What travels between replicas: anything serde can carry that names its
+/// sender and recipient. The transport checks the sender against the
+/// authenticated peer and the recipient against this replica, and drops
+/// anything else.
+pub trait PeerPayload:
+    serde::Serialize + serde::de::DeserializeOwned + Send + Sync + std::fmt::Debug + 'static
+{
+    /// The replica that sent it.
+    fn sender(&self) -> synod_paxos::NodeId;
+    /// The replica it is for.
+    fn recipient(&self) -> synod_paxos::NodeId;
+}
+
+impl PeerPayload for synod_paxos::Envelope {
+    fn sender(&self) -> synod_paxos::NodeId {
+        self.from
+    }
+
+    fn recipient(&self) -> synod_paxos::NodeId {
+        self.to
+    }
+}
+
 /// Named bounds and timings of the transport, shared by peers and clients.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransportLimits {

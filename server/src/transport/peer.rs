@@ -23,8 +23,9 @@ use tracing::{debug, info, warn};
 use super::snapshot::{PeerRequest, SnapshotHeader, CONTROL_FRAME_BYTES_MAX};
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
-    close_code, Result, Snapshot, SnapshotSource, TransportError, TransportLimits, CLOSE_NORMAL,
-    CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, CLOSE_SHUTDOWN, CLOSE_SUPERSEDED, CLOSE_TIMEOUT,
+    close_code, PeerPayload, Result, Snapshot, SnapshotSource, TransportError, TransportLimits,
+    CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, CLOSE_SHUTDOWN, CLOSE_SUPERSEDED,
+    CLOSE_TIMEOUT,
 };
 
 /// How a [`PeerNetwork`] is set up.
@@ -56,20 +57,20 @@ pub struct PeerNetworkConfig {
 ///
 /// Dropping a `PeerNetwork` signals its tasks and closes its endpoint;
 /// [`PeerNetwork::shutdown`] also waits for them.
-pub struct PeerNetwork {
-    shared: Arc<Shared>,
+pub struct PeerNetwork<M: PeerPayload = Envelope> {
+    shared: Arc<Shared<M>>,
     supervisor: Supervisor,
 }
 
-struct Shared {
+struct Shared<M: PeerPayload> {
     node_id: NodeId,
     cluster_id: String,
     limits: TransportLimits,
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     members: BTreeMap<NodeId, SocketAddr>,
-    outgoing: BTreeMap<NodeId, Outgoing>,
-    delivered: mpsc::Sender<Envelope>,
+    outgoing: BTreeMap<NodeId, Outgoing<M>>,
+    delivered: mpsc::Sender<M>,
     snapshot_source: RwLock<Option<Arc<dyn SnapshotSource>>>,
     incoming_by_node: Mutex<BTreeMap<NodeId, quinn::Connection>>,
     incoming_permits: Arc<Semaphore>,
@@ -77,12 +78,12 @@ struct Shared {
 }
 
 /// This replica's side of the link to one peer.
-struct Outgoing {
-    queue: mpsc::Sender<Envelope>,
+struct Outgoing<M> {
+    queue: mpsc::Sender<M>,
     connection: watch::Receiver<Option<quinn::Connection>>,
 }
 
-impl PeerNetwork {
+impl<M: PeerPayload> PeerNetwork<M> {
     /// Binds the peer endpoint and starts dialling every other member.
     /// Must be called inside a tokio runtime.
     ///
@@ -90,7 +91,7 @@ impl PeerNetwork {
     /// [`TransportError::Config`] when `node_id` is not among `members` or a
     /// limit is unusable, [`TransportError::Tls`] for unusable TLS material,
     /// [`TransportError::Bind`] when the address cannot be bound.
-    pub fn start(config: PeerNetworkConfig, delivered: mpsc::Sender<Envelope>) -> Result<Self> {
+    pub fn start(config: PeerNetworkConfig, delivered: mpsc::Sender<M>) -> Result<Self> {
         let socket =
             std::net::UdpSocket::bind(config.listen).map_err(|source| TransportError::Bind {
                 address: config.listen,
@@ -108,7 +109,7 @@ impl PeerNetwork {
     pub fn start_on(
         socket: std::net::UdpSocket,
         config: PeerNetworkConfig,
-        delivered: mpsc::Sender<Envelope>,
+        delivered: mpsc::Sender<M>,
     ) -> Result<Self> {
         config.limits.validate()?;
         if !config.members.contains_key(&config.node_id) {
@@ -193,9 +194,9 @@ impl PeerNetwork {
     /// large for a frame, is dropped (counted in
     /// [`PeerNetwork::dropped_envelopes`]); the protocol retransmits what
     /// matters. An envelope to this replica itself is delivered locally.
-    pub fn send(&self, envelopes: Vec<Envelope>) {
+    pub fn send(&self, envelopes: Vec<M>) {
         for envelope in envelopes {
-            let to = envelope.to;
+            let to = envelope.recipient();
             let queued = if to == self.shared.node_id {
                 self.shared.delivered.try_send(envelope).is_ok()
             } else if let Some(outgoing) = self.shared.outgoing.get(&to) {
@@ -305,7 +306,7 @@ impl PeerNetwork {
     }
 }
 
-impl Drop for PeerNetwork {
+impl<M: PeerPayload> Drop for PeerNetwork<M> {
     fn drop(&mut self) {
         self.supervisor.signal();
         self.shared
@@ -314,7 +315,7 @@ impl Drop for PeerNetwork {
     }
 }
 
-impl std::fmt::Debug for PeerNetwork {
+impl<M: PeerPayload> std::fmt::Debug for PeerNetwork<M> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PeerNetwork")
             .field("node_id", &self.shared.node_id)
@@ -335,11 +336,11 @@ enum PumpEnd {
     Lost(TransportError),
 }
 
-async fn run_outgoing(
-    shared: Arc<Shared>,
+async fn run_outgoing<M: PeerPayload>(
+    shared: Arc<Shared<M>>,
     peer: NodeId,
     address: SocketAddr,
-    mut queue: mpsc::Receiver<Envelope>,
+    mut queue: mpsc::Receiver<M>,
     connection_sender: watch::Sender<Option<quinn::Connection>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -402,8 +403,8 @@ async fn run_outgoing(
 }
 
 /// Connects to `peer`, introduces this replica and opens the envelope stream.
-async fn dial(
-    shared: &Shared,
+async fn dial<M: PeerPayload>(
+    shared: &Shared<M>,
     peer: NodeId,
     address: SocketAddr,
 ) -> Result<(quinn::Connection, quinn::SendStream)> {
@@ -448,12 +449,12 @@ async fn dial(
 
 /// Writes queued envelopes to `stream`, many per write, until the
 /// connection fails or shutdown.
-async fn pump(
-    shared: &Shared,
+async fn pump<M: PeerPayload>(
+    shared: &Shared<M>,
     peer: NodeId,
     connection: &quinn::Connection,
     mut stream: quinn::SendStream,
-    queue: &mut mpsc::Receiver<Envelope>,
+    queue: &mut mpsc::Receiver<M>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> PumpEnd {
     let limits = &shared.limits;
@@ -489,7 +490,12 @@ async fn pump(
     }
 }
 
-fn append_envelope(shared: &Shared, peer: NodeId, batch: &mut Vec<u8>, envelope: &Envelope) {
+fn append_envelope<M: PeerPayload>(
+    shared: &Shared<M>,
+    peer: NodeId,
+    batch: &mut Vec<u8>,
+    envelope: &M,
+) {
     let frame = encode_frame(envelope);
     let body_bytes = (frame.len() - FRAME_HEADER_BYTES) as u64;
     if body_bytes > shared.limits.peer_frame_bytes_max {
@@ -509,7 +515,7 @@ fn append_envelope(shared: &Shared, peer: NodeId, batch: &mut Vec<u8>, envelope:
 // ---------------------------------------------------------------------------
 // Incoming: authenticate, deliver, serve snapshots.
 
-async fn run_accept(shared: Arc<Shared>, tasks: Tasks) {
+async fn run_accept<M: PeerPayload>(shared: Arc<Shared<M>>, tasks: Tasks) {
     let mut shutdown = tasks.shutdown();
     loop {
         let incoming = tokio::select! {
@@ -537,8 +543,8 @@ async fn run_accept(shared: Arc<Shared>, tasks: Tasks) {
     }
 }
 
-async fn serve_incoming(
-    shared: Arc<Shared>,
+async fn serve_incoming<M: PeerPayload>(
+    shared: Arc<Shared<M>>,
     incoming: quinn::Incoming,
     _permit: OwnedSemaphorePermit,
     tasks: Tasks,
@@ -620,7 +626,10 @@ async fn serve_incoming(
 
 /// Reads the peer's hello and answers it; the peer's node id if welcomed.
 /// A refused connection is closed with the reason.
-async fn accept_hello(shared: &Shared, connection: &quinn::Connection) -> Option<NodeId> {
+async fn accept_hello<M: PeerPayload>(
+    shared: &Shared<M>,
+    connection: &quinn::Connection,
+) -> Option<NodeId> {
     let (mut send, receive) = match connection.accept_bi().await {
         Ok(streams) => streams,
         Err(error) => {
@@ -661,8 +670,8 @@ async fn accept_hello(shared: &Shared, connection: &quinn::Connection) -> Option
     }
 }
 
-fn judge_hello(
-    shared: &Shared,
+fn judge_hello<M: PeerPayload>(
+    shared: &Shared<M>,
     connection: &quinn::Connection,
     hello: Hello,
 ) -> std::result::Result<NodeId, String> {
@@ -724,8 +733,8 @@ pub(super) async fn refuse(
     connection.close(close_code(CLOSE_REFUSED), reason.as_bytes());
 }
 
-async fn read_envelopes(
-    shared: Arc<Shared>,
+async fn read_envelopes<M: PeerPayload>(
+    shared: Arc<Shared<M>>,
     connection: quinn::Connection,
     peer: NodeId,
     stream: quinn::RecvStream,
@@ -735,16 +744,16 @@ async fn read_envelopes(
     loop {
         let next = tokio::select! {
             _ = cancelled(&mut shutdown) => return,
-            next = frames.next::<Envelope>() => next,
+            next = frames.next::<M>() => next,
         };
         match next {
             Ok(Some(envelope)) => {
-                if envelope.from != peer || envelope.to != shared.node_id {
+                if envelope.sender() != peer || envelope.recipient() != shared.node_id {
                     warn!(
                         node = shared.node_id,
                         peer,
-                        from = envelope.from,
-                        to = envelope.to,
+                        from = envelope.sender(),
+                        to = envelope.recipient(),
                         "envelope with a sender or recipient other than the connection's dropped"
                     );
                     continue;
@@ -774,8 +783,8 @@ async fn read_envelopes(
     }
 }
 
-async fn serve_snapshot(
-    shared: Arc<Shared>,
+async fn serve_snapshot<M: PeerPayload>(
+    shared: Arc<Shared<M>>,
     peer: NodeId,
     mut send: quinn::SendStream,
     receive: quinn::RecvStream,

@@ -1,0 +1,89 @@
+//! `synod-server`: one Synod replica.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use synod_server::config::ReplicaConfig;
+use synod_server::replica::{self, StartOptions};
+
+/// Runs one replica of a Synod cluster.
+#[derive(Parser, Debug)]
+#[command(name = "synod-server", version, about)]
+struct Arguments {
+    /// The replica's TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Create the database if the data directory has none, as a founding
+    /// member of a new cluster. Never use it for a replica that lost its disk.
+    #[arg(long)]
+    bootstrap: bool,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("synod-server: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let arguments = Arguments::parse();
+    let config = ReplicaConfig::load(&arguments.config)?;
+    if arguments.check {
+        println!("{}: valid", arguments.config.display());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let options = StartOptions {
+            bootstrap: arguments.bootstrap,
+            ..StartOptions::default()
+        };
+        replica::run(config, options, shutdown_signal())
+            .await
+            .context("replica stopped")
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+    tracing::info!("shutting down");
+}

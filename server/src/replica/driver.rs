@@ -1,0 +1,1018 @@
+//! The replica's single owner of the Paxos core and the state machine.
+//!
+//! [`Driver`] is synchronous: the async runner ([`super::run`]) feeds it
+//! [`Input`]s with the current time and carries out its [`Outbox`] (peer
+//! messages, storage jobs, snapshot fetches). Everything that arrives while
+//! the disk is busy is batched into the next persist round, because the core
+//! accumulates changes until the runner asks for them again.
+//!
+//! How a request is served:
+//! - **Writes** (and `Sync`, sessions, locks, elections) become a
+//!   [`Proposal`] in the log. At a follower the core forwards it to the
+//!   leader; the replica that received it answers once it has applied the
+//!   entry itself, so the client reads its own writes there. With no leader,
+//!   the proposal waits (bounded) and is retried: a client never sees "not
+//!   leader".
+//! - **Linearizable reads** ask the core for a read index (a lease read at
+//!   the leader, a read-index round otherwise) and are served once that slot
+//!   is applied; `at-least(revision)` reads wait for the revision;
+//!   `sequential` reads are served at once.
+//! - **Watches** are registered here with the read that sets them, fired by
+//!   the events of applied entries, and delivered on the same ordered stream
+//!   as responses.
+//! - **Sessions**: keep-alives are collected here and passed to the leader,
+//!   whose [`SessionTracker`] commits expiries and checkpoints.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use synod_paxos::{
+    ChosenEntry, Envelope, Node, ProposeError, ReadOutcome, Ready, Role, Slot, Value,
+};
+use synod_proto::wire::{
+    ClientFrame, ClusterStatus, ReadConsistency, ReplicaStatus, ServerFrame, WatchRegistration,
+};
+use synod_proto::{Error, Op, Request, Response, Revision, SessionId, WatchKind};
+use tokio::sync::mpsc;
+
+use super::proposal::{Origin, Proposal};
+use super::sessions::SessionTracker;
+use crate::config::ReplicaConfig;
+use crate::state::watch::{EventHistory, WatchRegistry};
+use crate::state::{Applied, StateMachine};
+
+/// Identifies one client connection on this replica.
+pub type ConnectionId = u64;
+
+/// Messages between replicas: the Paxos core's, and the keep-alives that
+/// followers pass to the leader.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PeerMessage {
+    /// A message of the Paxos core.
+    Paxos(Envelope),
+    /// Sessions whose clients were heard from at the sender.
+    KeepAlives {
+        /// The sender.
+        from: u64,
+        /// The leader it is for.
+        to: u64,
+        /// The sessions.
+        sessions: Vec<SessionId>,
+    },
+}
+
+impl crate::transport::PeerPayload for PeerMessage {
+    fn sender(&self) -> u64 {
+        match self {
+            PeerMessage::Paxos(envelope) => envelope.from,
+            PeerMessage::KeepAlives { from, .. } => *from,
+        }
+    }
+
+    fn recipient(&self) -> u64 {
+        match self {
+            PeerMessage::Paxos(envelope) => envelope.to,
+            PeerMessage::KeepAlives { to, .. } => *to,
+        }
+    }
+}
+
+/// Everything the driver reacts to.
+#[derive(Debug)]
+pub enum Input {
+    /// A message from another replica.
+    Peer(PeerMessage),
+    /// A client connected; frames for it go to `replies`.
+    ClientConnected {
+        /// The connection.
+        id: ConnectionId,
+        /// Where its frames go, in order.
+        replies: mpsc::Sender<ServerFrame>,
+    },
+    /// A frame from a client.
+    ClientFrame {
+        /// The connection.
+        id: ConnectionId,
+        /// The frame.
+        frame: ClientFrame,
+    },
+    /// A client's connection closed.
+    ClientDisconnected {
+        /// The connection.
+        id: ConnectionId,
+    },
+    /// Every persist batch up to this id is durable.
+    Persisted(u64),
+    /// A snapshot of the state machine through this slot is durable.
+    SnapshotSaved(Slot),
+    /// A snapshot fetched from another replica (the state machine's bytes,
+    /// as saved there, and the slot it covers), or why it failed.
+    SnapshotFetched(Result<(Slot, Vec<u8>), String>),
+    /// Time passed.
+    Tick,
+}
+
+/// A write for the storage thread, in order.
+#[derive(Debug)]
+pub enum StorageJob {
+    /// Make the Paxos core's batch durable (group commit merges many).
+    Persist(synod_paxos::Persist),
+    /// Save a snapshot of the state machine covering every slot through
+    /// `through`.
+    SaveSnapshot {
+        /// The last slot the snapshot covers.
+        through: Slot,
+        /// The membership in force.
+        membership: synod_paxos::Membership,
+        /// [`StateMachine::snapshot`] bytes.
+        bytes: Vec<u8>,
+    },
+    /// Install a snapshot fetched from another replica (durably, like
+    /// [`StorageJob::SaveSnapshot`]) before the core hears of it.
+    InstallSnapshot {
+        /// The last slot it covers.
+        through: Slot,
+        /// The membership in force.
+        membership: synod_paxos::Membership,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+}
+
+/// What the runner must carry out after each input.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    /// Messages to other replicas.
+    pub peer: Vec<(u64, PeerMessage)>,
+    /// Writes, in order.
+    pub storage: Vec<StorageJob>,
+    /// Fetch a snapshot from this replica.
+    pub fetch_snapshot: Option<u64>,
+    /// The replica must stop (a fatal storage error, or a corrupt log).
+    pub fatal: Option<String>,
+}
+
+struct Client {
+    replies: mpsc::Sender<ServerFrame>,
+    session: Option<SessionId>,
+}
+
+#[derive(Debug, Clone)]
+enum ReadKind {
+    Op {
+        request: Request,
+        watch: Option<WatchKind>,
+    },
+    Resume {
+        session: SessionId,
+        last_revision: Revision,
+        watches: Vec<WatchRegistration>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct PendingRead {
+    connection: ConnectionId,
+    kind: ReadKind,
+    deadline_ms: u64,
+}
+
+struct WaitingProposal {
+    proposal: Proposal,
+    deadline_ms: u64,
+}
+
+/// Bound on proposals waiting for a leader at one replica.
+const WAITING_PROPOSALS_MAX: usize = 100_000;
+
+/// The replica's event loop state. See the module docs.
+pub struct Driver {
+    config: ReplicaConfig,
+    node: Node,
+    state: StateMachine,
+    now_ms: u64,
+    clients: HashMap<ConnectionId, Client>,
+    session_connection: HashMap<SessionId, ConnectionId>,
+    watches: WatchRegistry,
+    history: EventHistory,
+    tracker: Option<SessionTracker>,
+    keep_alives: BTreeSet<SessionId>,
+    last_keep_alive_flush_ms: u64,
+    next_origin_token: u64,
+    opening: HashMap<u64, (ConnectionId, u64)>,
+    waiting_writes: HashMap<(SessionId, u64), (ConnectionId, u64)>,
+    unproposed: VecDeque<WaitingProposal>,
+    next_read_id: u64,
+    reads_at_core: HashMap<u64, PendingRead>,
+    reads_retry: Vec<PendingRead>,
+    reads_at_slot: BTreeMap<(Slot, u64), PendingRead>,
+    reads_at_revision: BTreeMap<(Revision, u64), PendingRead>,
+    last_snapshot_slot: Slot,
+    snapshot_in_progress: bool,
+    fetching_snapshot: bool,
+    last_tick_proposal_ms: u64,
+    outbox: Outbox,
+}
+
+fn is_read(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::GetData { .. }
+            | Op::Exists { .. }
+            | Op::GetChildren { .. }
+            | Op::GetLeader { .. }
+            | Op::CheckSequencer { .. }
+    )
+}
+
+fn op_path(op: &Op) -> Option<&str> {
+    match op {
+        Op::GetData { path } | Op::Exists { path } | Op::GetChildren { path } => Some(path),
+        Op::GetLeader { path } => Some(path),
+        _ => None,
+    }
+}
+
+impl Driver {
+    /// A driver over a started core and a restored state machine, which has
+    /// applied every slot below `node.apply_next()`.
+    pub fn new(config: ReplicaConfig, node: Node, state: StateMachine, now_ms: u64) -> Driver {
+        let limits = &config.limits;
+        let watches = WatchRegistry::new(limits.watches_per_session_max);
+        let history = EventHistory::new(limits.event_history_max);
+        let last_snapshot_slot = node.apply_next().saturating_sub(1);
+        Driver {
+            config,
+            node,
+            state,
+            now_ms,
+            clients: HashMap::new(),
+            session_connection: HashMap::new(),
+            watches,
+            history,
+            tracker: None,
+            keep_alives: BTreeSet::new(),
+            last_keep_alive_flush_ms: now_ms,
+            next_origin_token: 1,
+            opening: HashMap::new(),
+            waiting_writes: HashMap::new(),
+            unproposed: VecDeque::new(),
+            next_read_id: 1,
+            reads_at_core: HashMap::new(),
+            reads_retry: Vec::new(),
+            reads_at_slot: BTreeMap::new(),
+            reads_at_revision: BTreeMap::new(),
+            last_snapshot_slot,
+            snapshot_in_progress: false,
+            fetching_snapshot: false,
+            last_tick_proposal_ms: now_ms,
+            outbox: Outbox::default(),
+        }
+    }
+
+    /// The Paxos core, for status.
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The state machine, for status and tests.
+    pub fn state(&self) -> &StateMachine {
+        &self.state
+    }
+
+    /// Takes what the runner must carry out.
+    pub fn take_outbox(&mut self) -> Outbox {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Handles one input at `now_ms` (ms since the Unix epoch, never
+    /// decreasing), then drains the core.
+    pub fn handle(&mut self, input: Input, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let now = self.now_ms;
+        match input {
+            Input::Peer(PeerMessage::Paxos(envelope)) => self.node.step(now, envelope),
+            Input::Peer(PeerMessage::KeepAlives { sessions, .. }) => {
+                for session in sessions {
+                    self.note_keep_alive(session);
+                }
+            }
+            Input::ClientConnected { id, replies } => {
+                self.clients.insert(
+                    id,
+                    Client {
+                        replies,
+                        session: None,
+                    },
+                );
+            }
+            Input::ClientFrame { id, frame } => self.on_client_frame(id, frame),
+            Input::ClientDisconnected { id } => self.on_disconnected(id),
+            Input::Persisted(batch) => self.node.persisted(now, batch),
+            Input::SnapshotSaved(through) => {
+                self.snapshot_in_progress = false;
+                self.node.compact(through);
+            }
+            Input::SnapshotFetched(result) => self.on_snapshot_fetched(result),
+            Input::Tick => self.on_tick(),
+        }
+        self.drain_core();
+    }
+
+    fn send_to(&mut self, connection: ConnectionId, frame: ServerFrame) {
+        let Some(client) = self.clients.get(&connection) else {
+            return;
+        };
+        if client.replies.try_send(frame).is_err() {
+            // A client that does not read its frames is cut off rather than
+            // allowed to grow the replica's memory.
+            self.on_disconnected(connection);
+        }
+    }
+
+    fn respond(&mut self, connection: ConnectionId, sequence: u64, response: Response) {
+        self.send_to(connection, ServerFrame::Response { sequence, response });
+    }
+
+    fn unavailable(&self, reason: &str) -> Response {
+        Response {
+            revision: self.state.revision(),
+            result: Err(Error::Unavailable {
+                reason: reason.into(),
+            }),
+        }
+    }
+
+    fn on_disconnected(&mut self, connection: ConnectionId) {
+        if let Some(client) = self.clients.remove(&connection) {
+            if let Some(session) = client.session {
+                if self.session_connection.get(&session) == Some(&connection) {
+                    self.session_connection.remove(&session);
+                    self.watches.remove_session(session);
+                }
+            }
+        }
+    }
+
+    fn note_keep_alive(&mut self, session: SessionId) {
+        match &mut self.tracker {
+            Some(tracker) => {
+                if let Some(timeout) = self.state.session_timeout_ms(session) {
+                    tracker.keep_alive(session, timeout, self.now_ms);
+                }
+            }
+            None => {
+                self.keep_alives.insert(session);
+            }
+        }
+    }
+
+    fn on_client_frame(&mut self, connection: ConnectionId, frame: ClientFrame) {
+        let deadline = self.now_ms + self.config.timeouts.request_timeout_ms;
+        let session = self.clients.get(&connection).and_then(|c| c.session);
+        match frame {
+            ClientFrame::OpenSession { timeout_ms } => {
+                let token = self.next_origin_token;
+                self.next_origin_token += 1;
+                self.opening.insert(token, (connection, deadline));
+                let origin = Origin {
+                    node: self.config.id,
+                    token,
+                };
+                self.propose(Proposal::OpenSession { timeout_ms, origin }, deadline);
+            }
+            ClientFrame::ResumeSession {
+                session,
+                last_revision,
+                watches,
+            } => {
+                let read = PendingRead {
+                    connection,
+                    kind: ReadKind::Resume {
+                        session,
+                        last_revision,
+                        watches,
+                    },
+                    deadline_ms: deadline,
+                };
+                self.start_linearizable_read(read);
+            }
+            ClientFrame::Request {
+                request,
+                consistency,
+                watch,
+            } => {
+                if session != Some(request.session) {
+                    let response = Response {
+                        revision: self.state.revision(),
+                        result: Err(Error::SessionExpired {
+                            session: request.session,
+                        }),
+                    };
+                    self.respond(connection, request.sequence, response);
+                    return;
+                }
+                self.note_keep_alive(request.session);
+                if is_read(&request.op) {
+                    let read = PendingRead {
+                        connection,
+                        kind: ReadKind::Op { request, watch },
+                        deadline_ms: deadline,
+                    };
+                    match consistency {
+                        ReadConsistency::Sequential => self.serve_read(read),
+                        ReadConsistency::AtLeast(revision) => {
+                            if self.state.revision() >= revision {
+                                self.serve_read(read);
+                            } else {
+                                let id = self.next_read_id;
+                                self.next_read_id += 1;
+                                self.reads_at_revision.insert((revision, id), read);
+                            }
+                        }
+                        ReadConsistency::Linearizable => self.start_linearizable_read(read),
+                    }
+                } else {
+                    self.waiting_writes
+                        .insert((request.session, request.sequence), (connection, deadline));
+                    self.propose(Proposal::Client(request), deadline);
+                }
+            }
+            ClientFrame::AddWatch(WatchRegistration { path, kind }) => {
+                if let Some(session) = session {
+                    if let Err(error) = self.watches.add(session, &path, kind) {
+                        let reason = error.to_string();
+                        self.send_to(connection, ServerFrame::Unavailable { reason });
+                    }
+                }
+            }
+            ClientFrame::RemoveWatch(WatchRegistration { path, kind }) => {
+                if let Some(session) = session {
+                    self.watches.remove(session, &path, kind);
+                }
+            }
+            ClientFrame::KeepAlive => {
+                if let Some(session) = session {
+                    self.note_keep_alive(session);
+                }
+            }
+            ClientFrame::Status => {
+                let status = self.status();
+                self.send_to(connection, ServerFrame::Status(status));
+            }
+        }
+    }
+
+    /// This replica's status for `status` commands.
+    pub fn status(&self) -> ClusterStatus {
+        let core = self.node.status();
+        let role = match core.role {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::PreCandidate | Role::Candidate => "candidate",
+        };
+        ClusterStatus {
+            replica: ReplicaStatus {
+                node_id: self.config.id,
+                role: role.into(),
+                leader: core.leader,
+                ballot: core.promised.to_string(),
+                chosen_through: core.chosen_through,
+                applied_through: core.apply_next.saturating_sub(1),
+                revision: self.state.revision(),
+                sessions: self.state.sessions().len() as u64,
+                watches: self.session_connection.len() as u64,
+                peers: core
+                    .peers
+                    .iter()
+                    .map(|peer| (peer.id, peer.chosen_through))
+                    .collect(),
+            },
+            members: self
+                .config
+                .members
+                .iter()
+                .map(|m| (m.id, m.client_address.to_string()))
+                .collect(),
+        }
+    }
+
+    fn propose(&mut self, proposal: Proposal, deadline_ms: u64) {
+        let bytes = proposal.encode();
+        match self.node.propose(self.now_ms, vec![bytes]) {
+            Ok(()) => {}
+            Err(ProposeError::NoLeader(_)) | Err(ProposeError::Overloaded(_)) => {
+                if self.unproposed.len() < WAITING_PROPOSALS_MAX {
+                    self.unproposed.push_back(WaitingProposal {
+                        proposal,
+                        deadline_ms,
+                    });
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
+    fn start_linearizable_read(&mut self, read: PendingRead) {
+        let id = self.next_read_id;
+        self.next_read_id += 1;
+        self.reads_at_core.insert(id, read);
+        self.node.read(self.now_ms, id);
+    }
+
+    fn serve_read(&mut self, read: PendingRead) {
+        match read.kind {
+            ReadKind::Op { request, watch } => {
+                let result = self.state.read(&request.op);
+                if let (Some(kind), Some(path)) = (watch, op_path(&request.op)) {
+                    let registers = result.is_ok() || kind == WatchKind::Exists;
+                    if registers {
+                        if let Err(error) = self.watches.add(request.session, path, kind) {
+                            let response = Response {
+                                revision: self.state.revision(),
+                                result: Err(error),
+                            };
+                            self.respond(read.connection, request.sequence, response);
+                            return;
+                        }
+                    }
+                }
+                let response = Response {
+                    revision: self.state.revision(),
+                    result,
+                };
+                self.respond(read.connection, request.sequence, response);
+            }
+            ReadKind::Resume {
+                session,
+                last_revision,
+                watches,
+            } => {
+                let Some(timeout_ms) = self.state.session_timeout_ms(session) else {
+                    self.send_to(read.connection, ServerFrame::SessionExpired { session });
+                    return;
+                };
+                if let Some(previous) = self.session_connection.insert(session, read.connection) {
+                    if previous != read.connection {
+                        if let Some(client) = self.clients.get_mut(&previous) {
+                            client.session = None;
+                        }
+                    }
+                }
+                if let Some(client) = self.clients.get_mut(&read.connection) {
+                    client.session = Some(session);
+                }
+                self.watches.remove_session(session);
+                let registered: Vec<(String, WatchKind)> =
+                    watches.into_iter().map(|w| (w.path, w.kind)).collect();
+                let missed = self.history.missed(&registered, last_revision);
+                for (path, kind) in &missed.watches {
+                    let _ = self.watches.add(session, path, *kind);
+                }
+                self.note_keep_alive(session);
+                let ready = ServerFrame::SessionReady {
+                    session,
+                    timeout_ms,
+                    revision: self.state.revision(),
+                };
+                self.send_to(read.connection, ready);
+                for event in missed.events {
+                    self.send_to(read.connection, ServerFrame::Event(event));
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = self.now_ms;
+        self.node.tick(now);
+        // Proposals that found no leader try again.
+        let waiting = std::mem::take(&mut self.unproposed);
+        for item in waiting {
+            if item.deadline_ms <= now {
+                self.fail_proposal(&item.proposal);
+            } else {
+                self.propose(item.proposal, item.deadline_ms);
+            }
+        }
+        for read in std::mem::take(&mut self.reads_retry) {
+            if read.deadline_ms <= now {
+                self.fail_read(read, "no leader could confirm the read in time");
+            } else {
+                self.start_linearizable_read(read);
+            }
+        }
+        self.expire_waiting();
+        self.leader_duties();
+        if now >= self.last_keep_alive_flush_ms + self.config.timeouts.heartbeat_interval_ms {
+            self.last_keep_alive_flush_ms = now;
+            self.flush_keep_alives();
+        }
+    }
+
+    fn fail_proposal(&mut self, proposal: &Proposal) {
+        let response = self.unavailable("no leader accepted the write in time");
+        match proposal {
+            Proposal::Client(request) => {
+                if let Some((connection, _)) = self
+                    .waiting_writes
+                    .remove(&(request.session, request.sequence))
+                {
+                    self.respond(connection, request.sequence, response);
+                }
+            }
+            Proposal::OpenSession { origin, .. } => {
+                if let Some((connection, _)) = self.opening.remove(&origin.token) {
+                    let reason = "no leader could open the session in time".to_string();
+                    self.send_to(connection, ServerFrame::Unavailable { reason });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn fail_read(&mut self, read: PendingRead, reason: &str) {
+        match read.kind {
+            ReadKind::Op { request, .. } => {
+                let response = self.unavailable(reason);
+                self.respond(read.connection, request.sequence, response);
+            }
+            ReadKind::Resume { .. } => {
+                let reason = reason.to_string();
+                self.send_to(read.connection, ServerFrame::Unavailable { reason });
+            }
+        }
+    }
+
+    /// Writes forwarded to a leader that failed are lost with it; their
+    /// clients get `Unavailable` at the deadline and retry safely.
+    fn expire_waiting(&mut self) {
+        let now = self.now_ms;
+        let expired: Vec<(SessionId, u64)> = self
+            .waiting_writes
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in expired {
+            if let Some((connection, _)) = self.waiting_writes.remove(&key) {
+                let response = self.unavailable("the write was not applied in time");
+                self.respond(connection, key.1, response);
+            }
+        }
+        let expired: Vec<u64> = self
+            .opening
+            .iter()
+            .filter(|(_, (_, deadline))| *deadline <= now)
+            .map(|(&token, _)| token)
+            .collect();
+        for token in expired {
+            if let Some((connection, _)) = self.opening.remove(&token) {
+                let reason = "the session was not opened in time".to_string();
+                self.send_to(connection, ServerFrame::Unavailable { reason });
+            }
+        }
+        let expired: Vec<(Slot, u64)> = self
+            .reads_at_slot
+            .iter()
+            .filter(|(_, read)| read.deadline_ms <= now)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in expired {
+            if let Some(read) = self.reads_at_slot.remove(&key) {
+                self.fail_read(read, "the replica did not catch up in time");
+            }
+        }
+        let expired: Vec<(Revision, u64)> = self
+            .reads_at_revision
+            .iter()
+            .filter(|(_, read)| read.deadline_ms <= now)
+            .map(|(&key, _)| key)
+            .collect();
+        for key in expired {
+            if let Some(read) = self.reads_at_revision.remove(&key) {
+                self.fail_read(read, "the revision asked for was not reached in time");
+            }
+        }
+    }
+
+    fn leader_duties(&mut self) {
+        let now = self.now_ms;
+        let leading = self.node.role() == Role::Leader;
+        if !leading {
+            if self.tracker.take().is_some() {
+                tracing::info!(node = self.config.id, "no longer leader");
+            }
+            return;
+        }
+        if self.tracker.is_none() {
+            let tracker =
+                SessionTracker::resume(&self.state, now, self.config.timeouts.session_grace_ms);
+            tracing::info!(
+                node = self.config.id,
+                sessions = tracker.len(),
+                "leading; resumed session deadlines from the last checkpoint"
+            );
+            self.tracker = Some(tracker);
+            for session in std::mem::take(&mut self.keep_alives) {
+                self.note_keep_alive(session);
+            }
+        }
+        let interval = self.config.timeouts.session_checkpoint_interval_ms;
+        let Some(tracker) = self.tracker.as_mut() else {
+            return;
+        };
+        let expired = tracker.take_expired(now);
+        let checkpoint = tracker.checkpoint_due(now, interval);
+        let deadline = now + self.config.timeouts.request_timeout_ms;
+        if !expired.is_empty() {
+            tracing::info!(node = self.config.id, ?expired, "sessions expired");
+            self.propose(Proposal::ExpireSessions(expired), deadline);
+        }
+        if let Some(remaining) = checkpoint {
+            self.propose(Proposal::CheckpointSessions(remaining), deadline);
+        }
+        if let Some(end) = self.state.next_lock_delay_end_ms() {
+            let every = self.config.timeouts.heartbeat_interval_ms;
+            if now >= end && now >= self.last_tick_proposal_ms + every {
+                self.last_tick_proposal_ms = now;
+                self.propose(Proposal::Tick, deadline);
+            }
+        }
+    }
+
+    fn flush_keep_alives(&mut self) {
+        if self.keep_alives.is_empty() {
+            return;
+        }
+        let Some(leader) = self.node.leader().filter(|&l| l != self.config.id) else {
+            return;
+        };
+        let sessions: Vec<SessionId> = std::mem::take(&mut self.keep_alives).into_iter().collect();
+        let message = PeerMessage::KeepAlives {
+            from: self.config.id,
+            to: leader,
+            sessions,
+        };
+        self.outbox.peer.push((leader, message));
+    }
+
+    fn on_snapshot_fetched(&mut self, result: Result<(Slot, Vec<u8>), String>) {
+        self.fetching_snapshot = false;
+        let (through, bytes) = match result {
+            Ok(fetched) => fetched,
+            Err(error) => {
+                tracing::warn!(node = self.config.id, %error, "snapshot fetch failed");
+                return;
+            }
+        };
+        if through < self.node.apply_next() {
+            return;
+        }
+        match StateMachine::restore(self.config.state_config(), &bytes) {
+            Ok(state) => {
+                tracing::info!(node = self.config.id, through, "installing snapshot");
+                self.state = state;
+                let membership = self.node.membership().clone();
+                self.outbox.storage.push(StorageJob::InstallSnapshot {
+                    through,
+                    membership: membership.clone(),
+                    bytes,
+                });
+                // The runner reports SnapshotSaved after the install is
+                // durable; the core may hear of it now because the storage
+                // jobs run in order: no later persist overtakes it.
+                self.node
+                    .snapshot_installed(self.now_ms, through, membership);
+                self.last_snapshot_slot = through;
+                self.after_apply();
+            }
+            Err(error) => {
+                tracing::warn!(node = self.config.id, %error, "fetched snapshot refused");
+            }
+        }
+    }
+
+    /// Takes the core's outputs until it has none.
+    fn drain_core(&mut self) {
+        for _ in 0..1_000 {
+            if !self.node.has_ready() {
+                break;
+            }
+            let ready = self.node.ready();
+            self.carry_out(ready);
+        }
+        self.leader_duties_after_drain();
+    }
+
+    fn leader_duties_after_drain(&mut self) {
+        if self.node.role() != Role::Leader && self.tracker.is_some() {
+            self.tracker = None;
+        }
+    }
+
+    fn carry_out(&mut self, ready: Ready) {
+        let Ready {
+            persist,
+            messages,
+            chosen,
+            reads,
+            snapshot,
+        } = ready;
+        if let Some(batch) = persist {
+            self.outbox.storage.push(StorageJob::Persist(batch));
+        }
+        for envelope in messages {
+            let to = envelope.to;
+            self.outbox.peer.push((to, PeerMessage::Paxos(envelope)));
+        }
+        if !chosen.is_empty() {
+            for entry in chosen {
+                self.apply_entry(entry);
+            }
+            self.after_apply();
+        }
+        for outcome in reads {
+            match outcome {
+                ReadOutcome::Ready { id, read_index } => {
+                    if let Some(read) = self.reads_at_core.remove(&id) {
+                        if self.node.apply_next() > read_index {
+                            self.serve_read(read);
+                        } else {
+                            self.reads_at_slot.insert((read_index, id), read);
+                        }
+                    }
+                }
+                ReadOutcome::Aborted { id } => {
+                    if let Some(read) = self.reads_at_core.remove(&id) {
+                        self.reads_retry.push(read);
+                    }
+                }
+            }
+        }
+        if let Some(request) = snapshot {
+            if !self.fetching_snapshot {
+                self.fetching_snapshot = true;
+                self.outbox.fetch_snapshot = Some(request.from);
+            }
+        }
+    }
+
+    fn apply_entry(&mut self, entry: ChosenEntry) {
+        let Value::Commands(batch) = entry.value else {
+            return;
+        };
+        for bytes in batch.commands.iter() {
+            let proposal = match Proposal::decode(bytes) {
+                Ok(proposal) => proposal,
+                Err(error) => {
+                    // Every replica skips the same bytes, so the state
+                    // machines stay identical.
+                    tracing::error!(slot = entry.slot, %error, "skipping an undecodable log entry");
+                    continue;
+                }
+            };
+            let origin = match &proposal {
+                Proposal::OpenSession { origin, .. } => Some(*origin),
+                _ => None,
+            };
+            let request = match &proposal {
+                Proposal::Client(request) => Some((request.session, request.sequence)),
+                _ => None,
+            };
+            let command = proposal.into_command(batch.stamp_ms);
+            let applied = self.state.apply(&command);
+            self.dispatch(applied, origin, request);
+        }
+    }
+
+    fn dispatch(
+        &mut self,
+        applied: Applied,
+        origin: Option<Origin>,
+        request: Option<(SessionId, u64)>,
+    ) {
+        let Applied {
+            revision: _,
+            response,
+            events,
+            grants,
+            ended_sessions,
+        } = applied;
+        if let Some(response) = response {
+            if let (
+                Some(tracker),
+                Ok(synod_proto::OpResult::SessionOpened {
+                    session,
+                    timeout_ms,
+                }),
+            ) = (self.tracker.as_mut(), &response.result)
+            {
+                // The leader tracks every new session, whoever proposed it.
+                tracker.opened(*session, *timeout_ms, self.now_ms);
+            }
+            if let Some(origin) = origin.filter(|o| o.node == self.config.id) {
+                if let Some((connection, _)) = self.opening.remove(&origin.token) {
+                    self.on_session_opened(connection, &response);
+                }
+            } else if let Some(key) = request {
+                if let Some((connection, _)) = self.waiting_writes.remove(&key) {
+                    self.respond(connection, key.1, response);
+                }
+            }
+        }
+        if !events.is_empty() {
+            self.history.record(&events);
+            for notification in self.watches.dispatch(&events) {
+                if let Some(&connection) = self.session_connection.get(&notification.session) {
+                    self.send_to(connection, ServerFrame::Event(notification.event));
+                }
+            }
+        }
+        for grant in grants {
+            if let Some(&connection) = self.session_connection.get(&grant.session) {
+                let frame = ServerFrame::LockGranted {
+                    sequencer: grant.sequencer,
+                    election: grant.election,
+                };
+                self.send_to(connection, frame);
+            }
+        }
+        if !ended_sessions.is_empty() {
+            if let Some(tracker) = self.tracker.as_mut() {
+                tracker.ended(&ended_sessions);
+            }
+            for session in ended_sessions {
+                self.watches.remove_session(session);
+                self.keep_alives.remove(&session);
+                if let Some(connection) = self.session_connection.remove(&session) {
+                    if let Some(client) = self.clients.get_mut(&connection) {
+                        client.session = None;
+                    }
+                    self.send_to(connection, ServerFrame::SessionExpired { session });
+                }
+            }
+        }
+    }
+
+    fn on_session_opened(&mut self, connection: ConnectionId, response: &Response) {
+        let Ok(synod_proto::OpResult::SessionOpened {
+            session,
+            timeout_ms,
+        }) = &response.result
+        else {
+            let reason = match &response.result {
+                Err(error) => error.to_string(),
+                Ok(_) => "unexpected answer to opening a session".into(),
+            };
+            self.send_to(connection, ServerFrame::Unavailable { reason });
+            return;
+        };
+        if let Some(client) = self.clients.get_mut(&connection) {
+            client.session = Some(*session);
+            self.session_connection.insert(*session, connection);
+        }
+        let frame = ServerFrame::SessionReady {
+            session: *session,
+            timeout_ms: *timeout_ms,
+            revision: response.revision,
+        };
+        self.send_to(connection, frame);
+    }
+
+    /// After entries were applied: serve reads that waited for them, and
+    /// save a snapshot when enough slots have gone by.
+    fn after_apply(&mut self) {
+        let applied = self.node.apply_next().saturating_sub(1);
+        let ready: Vec<(Slot, u64)> = self
+            .reads_at_slot
+            .range(..=(applied, u64::MAX))
+            .map(|(&key, _)| key)
+            .collect();
+        for key in ready {
+            if let Some(read) = self.reads_at_slot.remove(&key) {
+                self.serve_read(read);
+            }
+        }
+        let revision = self.state.revision();
+        let ready: Vec<(Revision, u64)> = self
+            .reads_at_revision
+            .range(..=(revision, u64::MAX))
+            .map(|(&key, _)| key)
+            .collect();
+        for key in ready {
+            if let Some(read) = self.reads_at_revision.remove(&key) {
+                self.serve_read(read);
+            }
+        }
+        let interval = self.config.limits.snapshot_interval_slots;
+        if !self.snapshot_in_progress && applied >= self.last_snapshot_slot + interval {
+            self.snapshot_in_progress = true;
+            self.last_snapshot_slot = applied;
+            self.outbox.storage.push(StorageJob::SaveSnapshot {
+                through: applied,
+                membership: self.node.membership().clone(),
+                bytes: self.state.snapshot(),
+            });
+        }
+    }
+}

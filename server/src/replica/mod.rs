@@ -1,0 +1,443 @@
+//! A running replica: storage, the Paxos core and the state machine joined
+//! by one event loop, with QUIC transport to peers and clients.
+//!
+//! [`Replica::start`] opens (or, with `bootstrap`, creates) the database,
+//! restores the state machine from its saved snapshot, starts the core
+//! (which replays the chosen log after the snapshot), binds the peer and
+//! client endpoints, and runs the event loop until [`Replica::shutdown`] or
+//! a fatal error. One task owns the core and the state machine; one OS
+//! thread owns the database and commits in groups.
+
+pub mod driver;
+mod net;
+pub mod proposal;
+pub mod sessions;
+mod storage_thread;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use synod_paxos::{DurableState, Membership, Node};
+use synod_proto::wire::ClusterStatus;
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::ReplicaConfig;
+use crate::state::StateMachine;
+use crate::storage::{database_path, Identity, Storage};
+use crate::transport::{ClientConnection, Snapshot};
+
+pub use driver::{Driver, Input, PeerMessage, StorageJob};
+use net::Endpoints;
+use storage_thread::{WriterEvent, WriterRequest};
+
+/// How often the event loop ticks the core.
+const TICK_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The published status is refreshed every this many ticks.
+const STATUS_EVERY_TICKS: u64 = 5;
+
+/// Most inputs handled before the loop flushes its outputs.
+const INPUTS_PER_ROUND_MAX: usize = 1024;
+
+/// How a replica starts.
+#[derive(Debug, Default)]
+pub struct StartOptions {
+    /// Create a new database when the data directory has none, as a
+    /// founding member of a new cluster. Without it, a missing database is
+    /// an error: a replica whose disk was lost must not vote with promises
+    /// it no longer remembers.
+    pub bootstrap: bool,
+    /// An already bound socket for the peer endpoint (tests bind port 0
+    /// first so every replica knows every address before any starts).
+    pub peer_socket: Option<UdpSocket>,
+    /// An already bound socket for the client endpoint.
+    pub client_socket: Option<UdpSocket>,
+}
+
+/// Why a replica could not start or had to stop.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ReplicaError {
+    /// The data directory holds no database and `bootstrap` was not given.
+    #[error(
+        "data directory {0} holds no database: pass --bootstrap to found a new cluster \
+         (never for a replica that lost its disk)"
+    )]
+    NoDatabase(String),
+    /// The database could not be opened, created or written.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    /// The saved snapshot or the configuration could not be used.
+    #[error("cannot start: {0}")]
+    Start(String),
+    /// The transport could not start.
+    #[error(transparent)]
+    Transport(#[from] crate::transport::TransportError),
+    /// A write failed while running; the replica stopped (fail-stop) and
+    /// recovers from disk on restart.
+    #[error("stopped after a storage failure: {0}")]
+    Fatal(String),
+}
+
+/// Milliseconds since the Unix epoch, never decreasing within the process.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    start_wall_ms: u64,
+    start: Instant,
+}
+
+impl Clock {
+    fn new() -> Clock {
+        let start_wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Clock {
+            start_wall_ms,
+            start: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.start_wall_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// A replica running in this process.
+pub struct Replica {
+    id: u64,
+    client_address: SocketAddr,
+    peer_address: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ReplicaError>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    status: watch::Receiver<ClusterStatus>,
+}
+
+impl std::fmt::Debug for Replica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Replica")
+            .field("id", &self.id)
+            .field("client_address", &self.client_address)
+            .finish()
+    }
+}
+
+fn open_storage(
+    config: &ReplicaConfig,
+    bootstrap: bool,
+) -> Result<(Storage, crate::storage::Recovered), ReplicaError> {
+    let identity = Identity {
+        cluster_id: config.cluster_id.clone(),
+        node_id: config.id,
+    };
+    let path = database_path(&config.data_dir);
+    if !path.exists() {
+        if !bootstrap {
+            return Err(ReplicaError::NoDatabase(
+                config.data_dir.display().to_string(),
+            ));
+        }
+        std::fs::create_dir_all(&config.data_dir).map_err(|error| {
+            ReplicaError::Start(format!(
+                "cannot create data directory {}: {error}",
+                config.data_dir.display()
+            ))
+        })?;
+        let ids: Vec<u64> = config.members.iter().map(|m| m.id).collect();
+        let membership =
+            Membership::new(&ids).map_err(|error| ReplicaError::Start(error.to_string()))?;
+        let durable = DurableState::bootstrap(membership);
+        let storage = Storage::create(&path, identity, &durable)?;
+        return Ok((
+            storage,
+            crate::storage::Recovered {
+                durable,
+                snapshot: None,
+            },
+        ));
+    }
+    Ok(Storage::open(&path, &identity)?)
+}
+
+impl Replica {
+    /// Starts a replica in this process.
+    ///
+    /// # Errors
+    /// A missing database without `bootstrap`, a database that cannot be
+    /// used, a snapshot that does not restore, or endpoints that cannot bind.
+    pub async fn start(
+        config: ReplicaConfig,
+        options: StartOptions,
+    ) -> Result<Replica, ReplicaError> {
+        let clock = Clock::new();
+        let (storage, recovered) = open_storage(&config, options.bootstrap)?;
+        let (state, apply_from) = match &recovered.snapshot {
+            Some(saved) => {
+                let state = StateMachine::restore(config.state_config(), &saved.bytes)
+                    .map_err(|error| ReplicaError::Start(format!("saved snapshot: {error}")))?;
+                (state, saved.through + 1)
+            }
+            None => (StateMachine::new(config.state_config()), 0),
+        };
+        let seed = clock.now_ms() ^ u64::from(std::process::id()).rotate_left(32) ^ config.id;
+        let node = Node::new(
+            config.paxos_config(seed),
+            recovered.durable.clone(),
+            apply_from,
+            clock.now_ms(),
+        )
+        .map_err(|error| ReplicaError::Start(error.to_string()))?;
+
+        let (writer_requests, writer_receiver) = std_mpsc::channel::<WriterRequest>();
+        let (writer_events, writer_events_receiver) = mpsc::unbounded_channel();
+        let writer = storage_thread::spawn(storage, writer_receiver, writer_events)
+            .map_err(|error| ReplicaError::Start(format!("cannot start the writer: {error}")))?;
+
+        let (peer_inbound, peer_receiver) = mpsc::channel::<PeerMessage>(65_536);
+        let (connections, connection_receiver) = mpsc::channel::<ClientConnection>(1024);
+        let served = Arc::new(std::sync::RwLock::new(recovered.snapshot.as_ref().map(
+            |saved| Snapshot {
+                through_slot: saved.through,
+                data: bytes::Bytes::from(saved.bytes.clone()),
+            },
+        )));
+        let endpoints = Endpoints::start(
+            &config,
+            options.peer_socket,
+            options.client_socket,
+            peer_inbound,
+            connections,
+            served,
+        )?;
+        let client_address = endpoints.client_address();
+        let peer_address = endpoints.peer_address();
+        let (shutdown, shutdown_receiver) = watch::channel(false);
+        let driver = Driver::new(config.clone(), node, state, clock.now_ms());
+        let (status_sender, status) = watch::channel(driver.status());
+        let id = config.id;
+        let task = tokio::spawn(event_loop(EventLoop {
+            driver,
+            clock,
+            endpoints,
+            writer: writer_requests,
+            writer_events: writer_events_receiver,
+            peer_receiver,
+            connection_receiver,
+            shutdown: shutdown_receiver,
+            status: status_sender,
+        }));
+        tracing::info!(node = id, %client_address, %peer_address, "replica started");
+        Ok(Replica {
+            id,
+            client_address,
+            peer_address,
+            shutdown,
+            task,
+            writer: Some(writer),
+            status,
+        })
+    }
+
+    /// The replica's status, refreshed every few ticks: role, leader,
+    /// ballot, slots, sessions.
+    pub fn status(&self) -> ClusterStatus {
+        self.status.borrow().clone()
+    }
+
+    /// The replica's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Where clients reach it.
+    pub fn client_address(&self) -> SocketAddr {
+        self.client_address
+    }
+
+    /// Where peers reach it.
+    pub fn peer_address(&self) -> SocketAddr {
+        self.peer_address
+    }
+
+    /// Stops cleanly: the event loop ends, every acknowledged write is
+    /// already durable, and the database is closed.
+    ///
+    /// # Errors
+    /// The error that had already stopped the replica, if any.
+    pub async fn shutdown(mut self) -> Result<(), ReplicaError> {
+        let _ = self.shutdown.send(true);
+        let result = (&mut self.task)
+            .await
+            .unwrap_or_else(|error| Err(ReplicaError::Fatal(error.to_string())));
+        self.join_writer().await;
+        result
+    }
+
+    /// Stops abruptly, as a crash would: the event loop is aborted wherever
+    /// it is, and writes not yet committed may or may not reach the disk.
+    pub async fn kill(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        self.join_writer().await;
+    }
+
+    /// Waits until the replica stops by itself (a fatal error).
+    ///
+    /// # Errors
+    /// Why it stopped.
+    pub async fn wait(mut self) -> Result<(), ReplicaError> {
+        let result = (&mut self.task)
+            .await
+            .unwrap_or_else(|error| Err(ReplicaError::Fatal(error.to_string())));
+        self.join_writer().await;
+        result
+    }
+
+    async fn join_writer(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+struct EventLoop {
+    driver: Driver,
+    clock: Clock,
+    endpoints: Endpoints,
+    writer: std_mpsc::Sender<WriterRequest>,
+    writer_events: mpsc::UnboundedReceiver<WriterEvent>,
+    peer_receiver: mpsc::Receiver<PeerMessage>,
+    connection_receiver: mpsc::Receiver<ClientConnection>,
+    shutdown: watch::Receiver<bool>,
+    status: watch::Sender<ClusterStatus>,
+}
+
+async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
+    let (client_inputs, mut client_receiver) = mpsc::channel::<Input>(65_536);
+    let (fetched, mut fetched_receiver) = mpsc::channel::<Input>(4);
+    let mut next_connection = 1u64;
+    let mut ticks = 0u64;
+    let mut tick = tokio::time::interval(TICK_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let result = loop {
+        let first = tokio::select! {
+            changed = run.shutdown.changed() => {
+                if changed.is_err() || *run.shutdown.borrow() {
+                    break Ok(());
+                }
+                continue;
+            }
+            Some(message) = run.peer_receiver.recv() => Input::Peer(message),
+            Some(connection) = run.connection_receiver.recv() => {
+                let id = next_connection;
+                next_connection += 1;
+                accept_connection(id, connection, client_inputs.clone())
+            }
+            Some(input) = client_receiver.recv() => input,
+            Some(event) = run.writer_events.recv() => match event {
+                WriterEvent::Done(input) => input,
+                WriterEvent::Failed(error) => {
+                    tracing::error!(%error, "storage failed; stopping");
+                    break Err(ReplicaError::Fatal(error));
+                }
+            },
+            Some(input) = fetched_receiver.recv() => input,
+            _ = tick.tick() => {
+                ticks += 1;
+                if ticks % STATUS_EVERY_TICKS == 0 {
+                    let _ = run.status.send(run.driver.status());
+                }
+                Input::Tick
+            }
+        };
+        run.driver.handle(first, run.clock.now_ms());
+        // Take whatever else is already waiting before flushing, so that
+        // everything that arrived meanwhile shares one persist round.
+        let mut handled = 1;
+        while handled < INPUTS_PER_ROUND_MAX {
+            let next = if let Ok(message) = run.peer_receiver.try_recv() {
+                Input::Peer(message)
+            } else if let Ok(input) = client_receiver.try_recv() {
+                input
+            } else if let Ok(WriterEvent::Done(input)) = run.writer_events.try_recv() {
+                input
+            } else {
+                break;
+            };
+            run.driver.handle(next, run.clock.now_ms());
+            handled += 1;
+        }
+        let outbox = run.driver.take_outbox();
+        if let Some(error) = outbox.fatal {
+            break Err(ReplicaError::Fatal(error));
+        }
+        for job in outbox.storage {
+            if let StorageJob::SaveSnapshot { through, bytes, .. }
+            | StorageJob::InstallSnapshot { through, bytes, .. } = &job
+            {
+                // Peers may be served this snapshot at once: it reflects
+                // chosen entries only, whether or not it is durable here yet.
+                run.endpoints.set_snapshot(*through, bytes.clone());
+            }
+            if run.writer.send(WriterRequest::Job(job)).is_err() {
+                break;
+            }
+        }
+        if !outbox.peer.is_empty() {
+            run.endpoints.send(outbox.peer);
+        }
+        if let Some(from) = outbox.fetch_snapshot {
+            let fetch = run.endpoints.fetch_snapshot(from);
+            let fetched = fetched.clone();
+            tokio::spawn(async move {
+                let result = fetch.await;
+                let _ = fetched.send(Input::SnapshotFetched(result)).await;
+            });
+        }
+    };
+    run.endpoints.close().await;
+    drop(run.writer);
+    result
+}
+
+/// Hands a client connection's frames to the event loop, in order, and
+/// reports its end.
+fn accept_connection(id: u64, connection: ClientConnection, inputs: mpsc::Sender<Input>) -> Input {
+    let ClientConnection {
+        mut frames,
+        replies,
+        ..
+    } = connection;
+    tokio::spawn(async move {
+        while let Some(frame) = frames.recv().await {
+            if inputs.send(Input::ClientFrame { id, frame }).await.is_err() {
+                return;
+            }
+        }
+        let _ = inputs.send(Input::ClientDisconnected { id }).await;
+    });
+    Input::ClientConnected { id, replies }
+}
+
+/// Runs one replica until `shutdown` resolves (the binary's entry point).
+///
+/// # Errors
+/// Why it could not start, or why it stopped.
+pub async fn run(
+    config: ReplicaConfig,
+    options: StartOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ReplicaError> {
+    let mut replica = Replica::start(config, options).await?;
+    tokio::select! {
+        _ = shutdown => replica.shutdown().await,
+        result = &mut replica.task => {
+            replica.join_writer().await;
+            result.unwrap_or_else(|error| Err(ReplicaError::Fatal(error.to_string())))
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! The replica's two endpoints, as the event loop sees them: peer messages
+//! out and in, client connections in, and snapshots served and fetched.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use synod_proto::tls::TlsFiles;
+use tokio::sync::mpsc;
+
+use super::driver::PeerMessage;
+use super::ReplicaError;
+use crate::config::ReplicaConfig;
+use crate::transport::{
+    ClientConnection, ClientListener, ClientListenerConfig, PeerNetwork, PeerNetworkConfig,
+    Snapshot, TransportLimits,
+};
+
+/// The latest saved snapshot, handed to peers that need it.
+pub type SharedSnapshot = Arc<RwLock<Option<Snapshot>>>;
+
+/// The peer network and the client listener of one replica.
+pub struct Endpoints {
+    peers: Arc<PeerNetwork<PeerMessage>>,
+    clients: Option<ClientListener>,
+    peer_address: SocketAddr,
+    client_address: SocketAddr,
+    snapshot: SharedSnapshot,
+}
+
+/// The transport's limits from the replica's configuration.
+fn limits(config: &ReplicaConfig) -> TransportLimits {
+    let limits = &config.limits;
+    TransportLimits {
+        client_frame_bytes_max: limits.frame_bytes_max,
+        peer_frame_bytes_max: (limits.frame_bytes_max * 8).max(16 << 20),
+        snapshot_bytes_max: limits.snapshot_bytes_max,
+        client_connections_max: limits.client_connections_max as usize,
+        client_queue_frames_max: (limits.pending_requests_per_connection_max as usize).max(1024),
+        idle_timeout: Duration::from_millis(
+            (config.timeouts.election_timeout_max_ms * 5).max(5_000),
+        ),
+        ..TransportLimits::default()
+    }
+}
+
+impl Endpoints {
+    /// Binds both endpoints. Peer messages arrive on `inbound`, client
+    /// connections on `connections`; peers asking for a snapshot get the
+    /// one in `snapshot`.
+    ///
+    /// # Errors
+    /// Unreadable TLS files, or an address that cannot be bound.
+    pub fn start(
+        config: &ReplicaConfig,
+        peer_socket: Option<UdpSocket>,
+        client_socket: Option<UdpSocket>,
+        inbound: mpsc::Sender<PeerMessage>,
+        connections: mpsc::Sender<ClientConnection>,
+        snapshot: SharedSnapshot,
+    ) -> Result<Endpoints, ReplicaError> {
+        let files = TlsFiles {
+            ca: config.tls.ca.clone(),
+            cert: config.tls.cert.clone(),
+            key: config.tls.key.clone(),
+        };
+        let material = files
+            .load()
+            .map_err(|error| ReplicaError::Start(error.to_string()))?;
+        let me = config.me();
+        let limits = limits(config);
+        let members: BTreeMap<u64, SocketAddr> = config
+            .members
+            .iter()
+            .map(|m| (m.id, m.peer_address))
+            .collect();
+        let peer_config = PeerNetworkConfig {
+            node_id: config.id,
+            cluster_id: config.cluster_id.clone(),
+            listen: me.peer_address,
+            members,
+            tls: material.clone(),
+            limits: limits.clone(),
+        };
+        let peers = match peer_socket {
+            Some(socket) => PeerNetwork::start_on(socket, peer_config, inbound)?,
+            None => PeerNetwork::start(peer_config, inbound)?,
+        };
+        let served = snapshot.clone();
+        peers.register_snapshot_source(Arc::new(move || {
+            served.read().ok().and_then(|guard| guard.clone())
+        }));
+        let client_config = ClientListenerConfig {
+            node_id: config.id,
+            listen: me.client_address,
+            tls: material,
+            limits,
+        };
+        let clients = match client_socket {
+            Some(socket) => ClientListener::start_on(socket, client_config, connections)?,
+            None => ClientListener::start(client_config, connections)?,
+        };
+        let peer_address = peers
+            .local_addr()
+            .map_err(|error| ReplicaError::Start(error.to_string()))?;
+        let client_address = clients
+            .local_addr()
+            .map_err(|error| ReplicaError::Start(error.to_string()))?;
+        Ok(Endpoints {
+            peers: Arc::new(peers),
+            clients: Some(clients),
+            peer_address,
+            client_address,
+            snapshot,
+        })
+    }
+
+    /// Where peers reach this replica.
+    pub fn peer_address(&self) -> SocketAddr {
+        self.peer_address
+    }
+
+    /// Where clients reach this replica.
+    pub fn client_address(&self) -> SocketAddr {
+        self.client_address
+    }
+
+    /// Queues messages for their peers; never blocks.
+    pub fn send(&self, messages: Vec<(u64, PeerMessage)>) {
+        self.peers
+            .send(messages.into_iter().map(|(_, message)| message).collect());
+    }
+
+    /// Makes a newly saved snapshot the one served to peers.
+    pub fn set_snapshot(&self, through_slot: u64, data: Vec<u8>) {
+        if let Ok(mut guard) = self.snapshot.write() {
+            *guard = Some(Snapshot {
+                through_slot,
+                data: Bytes::from(data),
+            });
+        }
+    }
+
+    /// Fetches the latest snapshot of peer `from`: the slot it covers and
+    /// the state machine's bytes.
+    pub fn fetch_snapshot(
+        &self,
+        from: u64,
+    ) -> impl Future<Output = Result<(u64, Vec<u8>), String>> + Send + 'static {
+        let peers = self.peers.clone();
+        async move {
+            peers
+                .fetch_snapshot(from)
+                .await
+                .map(|snapshot| (snapshot.through_slot, snapshot.data.to_vec()))
+                .map_err(|error| error.to_string())
+        }
+    }
+
+    /// Closes both endpoints.
+    pub async fn close(mut self) {
+        if let Some(clients) = self.clients.take() {
+            clients.shutdown().await;
+        }
+        self.peers.shutdown().await;
+    }
+}
