@@ -53,9 +53,6 @@ pub struct ReplicaConfig {
     /// Size and count bounds.
     #[serde(default)]
     pub limits: Limits,
-    /// Serve Prometheus metrics and `/health` over HTTP on this address.
-    #[serde(default)]
-    pub metrics_address: Option<SocketAddr>,
 }
 
 /// PEM files for mutual TLS against the cluster CA.

@@ -67,7 +67,6 @@ impl Cluster {
                 members: members.clone(),
                 timeouts: Timeouts::default(),
                 limits: Limits::default(),
-                metrics_address: None,
             };
             tweak(&mut config);
             config.validate().expect("valid test config");
