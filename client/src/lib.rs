@@ -22,28 +22,101 @@
 //! the client fails over to another replica and retries them. Reads are
 //! linearizable unless the builder or the call says otherwise.
 
+mod blocking_impl;
+mod election;
 mod error;
+mod lock;
 mod session;
+mod watch;
 
+use std::collections::BTreeSet;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use synod_proto::tls::TlsFiles;
 use synod_proto::wire::{ClusterStatus, ReadConsistency, WatchRegistration};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch as state_watch};
 
-pub use error::{ClientError, Result};
+pub use election::{LeaderStream, Leadership};
+pub use error::{ClientError, ErrorKind, Result};
+pub use lock::{LockGuard, LockOptions};
 pub use session::{Grant, SessionState};
+pub use synod_proto::tls::TlsFiles as Tls;
 pub use synod_proto::wire::ReadConsistency as Consistency;
 pub use synod_proto::{
     CreateMode, Event, EventType, LeaderInfo, LockMode, MultiOp, MultiResult, Op, OpResult,
     Response, Revision, Sequencer, SessionId, Stat, WatchKind, PROTOCOL_VERSION,
 };
+pub use watch::{StateStream, Watch, WatchStream};
+
+/// A small blocking facade over [`Client`] for programs that do not run
+/// tokio: it owns a runtime with one worker thread for the session.
+pub mod blocking {
+    pub use crate::blocking_impl::{Client, LeadershipGuard, LockGuard};
+}
 
 use session::{Call, SessionSettings, Shared};
 
-/// Builds a [`Client`].
+/// How a request answered `Unavailable` (no leader, no quorum in time) is
+/// retried. Retries resend the same `(session, sequence)`, which the cluster
+/// applies at most once, so they are safe for every operation.
+///
+/// ```
+/// use synod_client::RetryPolicy;
+/// let patient = RetryPolicy { attempts_max: 10, ..RetryPolicy::default() };
+/// assert!(patient.attempts_max > RetryPolicy::default().attempts_max);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; `1` never retries.
+    pub attempts_max: u32,
+    /// Wait before the first retry; doubled for each further one.
+    pub backoff_initial_ms: u64,
+    /// Longest wait between two attempts.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts_max: 5,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 1000,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after attempt number `attempt` (1 for the first).
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        let doublings = attempt.saturating_sub(1).min(20);
+        let wait = self.backoff_initial_ms.saturating_mul(1u64 << doublings);
+        Duration::from_millis(wait.min(self.backoff_max_ms))
+    }
+}
+
+/// Builds a [`Client`]: endpoints, TLS files, session timeout, default read
+/// consistency, retry policy and request timeout.
+///
+/// ```no_run
+/// # async fn example() -> synod_client::Result<()> {
+/// use synod_client::{Client, Consistency, RetryPolicy};
+///
+/// let client = Client::builder()
+///     .endpoints(["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"])
+///     .tls_dir("synod-dev/certs")
+///     .session_timeout_ms(5_000)
+///     .request_timeout_ms(3_000)
+///     .consistency(Consistency::Linearizable)
+///     .retry_policy(RetryPolicy::default())
+///     .connect()
+///     .await?;
+/// # let _ = client;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
     endpoints: Vec<String>,
@@ -52,6 +125,7 @@ pub struct ClientBuilder {
     request_timeout_ms: u64,
     consistency: ReadConsistency,
     frame_bytes_max: u64,
+    retry: RetryPolicy,
 }
 
 impl Default for ClientBuilder {
@@ -63,6 +137,7 @@ impl Default for ClientBuilder {
             request_timeout_ms: 10_000,
             consistency: ReadConsistency::Linearizable,
             frame_bytes_max: synod_proto::wire::DEFAULT_MAX_FRAME_BYTES,
+            retry: RetryPolicy::default(),
         }
     }
 }
@@ -70,6 +145,11 @@ impl Default for ClientBuilder {
 impl ClientBuilder {
     /// The replicas' client addresses (`host:port`); the client tries them
     /// in order and fails over between them.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder().endpoints(["127.0.0.1:7101"]);
+    /// # let _ = builder;
+    /// ```
     pub fn endpoints<I, S>(mut self, endpoints: I) -> Self
     where
         I: IntoIterator<Item = S>,
@@ -80,6 +160,13 @@ impl ClientBuilder {
     }
 
     /// TLS files: the cluster CA, and this client's certificate and key.
+    ///
+    /// ```
+    /// use synod_client::{Client, Tls};
+    /// let files = Tls::in_dir(std::path::Path::new("certs"), "client");
+    /// let builder = Client::builder().tls(files);
+    /// # let _ = builder;
+    /// ```
     pub fn tls(mut self, files: TlsFiles) -> Self {
         self.tls = Some(files);
         self
@@ -87,26 +174,61 @@ impl ClientBuilder {
 
     /// TLS files named as `synod certs` writes them in `dir`: `ca.pem`,
     /// `client.pem`, `client-key.pem`.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder().tls_dir("synod-dev/certs");
+    /// # let _ = builder;
+    /// ```
     pub fn tls_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.tls = Some(TlsFiles::in_dir(dir.as_ref(), "client"));
         self
     }
 
-    /// How long the session survives without contact (clamped by the cluster).
+    /// How long the session survives without contact (clamped by the
+    /// cluster). Locks are released and ephemeral nodes deleted this long
+    /// after the client's process dies; a failover must complete within it.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder().session_timeout_ms(5_000);
+    /// # let _ = builder;
+    /// ```
     pub fn session_timeout_ms(mut self, timeout_ms: u64) -> Self {
         self.session_timeout_ms = timeout_ms;
         self
     }
 
-    /// How long a call waits for its answer.
+    /// How long a call waits for its answer, retries included.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder().request_timeout_ms(3_000);
+    /// # let _ = builder;
+    /// ```
     pub fn request_timeout_ms(mut self, timeout_ms: u64) -> Self {
         self.request_timeout_ms = timeout_ms;
         self
     }
 
     /// The consistency of reads that do not say otherwise.
+    ///
+    /// ```
+    /// use synod_client::{Client, Consistency};
+    /// let builder = Client::builder().consistency(Consistency::Sequential);
+    /// # let _ = builder;
+    /// ```
     pub fn consistency(mut self, consistency: ReadConsistency) -> Self {
         self.consistency = consistency;
+        self
+    }
+
+    /// How requests answered `Unavailable` are retried.
+    ///
+    /// ```
+    /// use synod_client::{Client, RetryPolicy};
+    /// let builder = Client::builder().retry_policy(RetryPolicy { attempts_max: 1, ..RetryPolicy::default() });
+    /// # let _ = builder;
+    /// ```
+    pub fn retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
         self
     }
 
@@ -116,10 +238,9 @@ impl ClientBuilder {
     /// [`ClientError::Config`] for bad endpoints or TLS files;
     /// [`ClientError::ConnectionLost`] when no replica answers.
     pub async fn connect(self) -> Result<Client> {
-        let tls = self
-            .tls
-            .clone()
-            .ok_or_else(|| ClientError::Config("no TLS files given".into()))?;
+        let tls = self.tls.clone().ok_or_else(|| {
+            ClientError::Config("no TLS files given; call tls() or tls_dir()".into())
+        })?;
         let material = tls
             .load()
             .map_err(|error| ClientError::Config(error.to_string()))?;
@@ -138,59 +259,111 @@ impl ClientBuilder {
                 .to_string();
             endpoints.push((address, host));
         }
-        if endpoints.is_empty() {
-            return Err(ClientError::Config("no endpoints given".into()));
-        }
-        let bind: SocketAddr = if endpoints[0].0.is_ipv6() {
-            "[::]:0"
-                .parse()
-                .map_err(|_| ClientError::Config("bind".into()))?
-        } else {
-            "0.0.0.0:0"
-                .parse()
-                .map_err(|_| ClientError::Config("bind".into()))?
+        let Some(first) = endpoints.first() else {
+            return Err(ClientError::Config(
+                "no endpoints given; call endpoints() with the replicas' client addresses".into(),
+            ));
         };
+        if self.session_timeout_ms == 0 || self.request_timeout_ms == 0 {
+            return Err(ClientError::Config(
+                "session and request timeouts must be positive".into(),
+            ));
+        }
+        let bind = if first.0.is_ipv6() {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        } else {
+            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        };
+        // The session task detects a silent replica itself; QUIC's idle
+        // timeout is the backstop, and its pings keep NAT bindings warm.
+        let idle_ms = (self.session_timeout_ms / 2).clamp(500, 10_000);
         let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(std::time::Duration::from_millis(500)));
-        transport.max_idle_timeout(Some(quinn::VarInt::from_u32(3_000).into()));
+        transport.keep_alive_interval(Some(Duration::from_millis(idle_ms / 4)));
+        transport.max_idle_timeout(Some(
+            quinn::VarInt::from_u32(u32::try_from(idle_ms).unwrap_or(10_000)).into(),
+        ));
         let endpoint = synod_proto::tls::client_endpoint(&material, bind, Arc::new(transport))
             .map_err(|error| ClientError::Config(error.to_string()))?;
-        let (events, _) = broadcast::channel(4096);
-        let (grants, _) = broadcast::channel(256);
-        let (state, state_receiver) = watch::channel(SessionState::Suspended);
-        let shared = Arc::new(Shared {
-            events,
-            grants,
-            state,
-        });
+        let shared = Arc::new(Shared::new());
         let settings = SessionSettings {
             endpoints,
             endpoint,
             session_timeout_ms: self.session_timeout_ms,
             request_timeout_ms: self.request_timeout_ms,
             frame_bytes_max: self.frame_bytes_max,
+            retry: self.retry,
         };
         let calls = session::start(settings, shared.clone()).await?;
+        let session = match *shared.state.borrow() {
+            SessionState::Connected { session, .. } => session,
+            _ => {
+                return Err(ClientError::ConnectionLost(
+                    "the session ended at once".into(),
+                ))
+            }
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 calls,
+                state: shared.state.subscribe(),
                 shared,
-                state: state_receiver,
+                session,
                 consistency: self.consistency,
+                session_timeout_ms: self.session_timeout_ms,
+                claimed: Mutex::new(BTreeSet::new()),
             }),
         })
+    }
+
+    /// Connects as [`ClientBuilder::connect`] does, for programs without
+    /// tokio: the returned client blocks on each call.
+    ///
+    /// # Errors
+    /// As [`ClientBuilder::connect`], and [`ClientError::Config`] when the
+    /// runtime cannot start.
+    pub fn connect_blocking(self) -> Result<blocking::Client> {
+        blocking::Client::connect(self)
     }
 }
 
 struct Inner {
     calls: mpsc::Sender<Call>,
     shared: Arc<Shared>,
-    state: watch::Receiver<SessionState>,
+    state: state_watch::Receiver<SessionState>,
+    session: SessionId,
     consistency: ReadConsistency,
+    session_timeout_ms: u64,
+    /// Locks and elections this client holds or is acquiring, so that a
+    /// second acquire of the same path from this client is refused at once
+    /// and a `LockAlreadyRequested` from the cluster can only mean an
+    /// earlier attempt of ours whose answer was lost.
+    claimed: Mutex<BTreeSet<String>>,
 }
 
 /// A connection to a Synod cluster with one session. Cheap to clone; every
 /// clone shares the session.
+///
+/// Dropping the last clone without [`Client::close`] leaves the session to
+/// expire after its timeout, as if the process had died; locks held through
+/// guards keep the session alive while the guards live.
+///
+/// ```no_run
+/// # async fn example() -> synod_client::Result<()> {
+/// use synod_client::{Client, CreateMode};
+///
+/// let client = Client::builder()
+///     .endpoints(["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"])
+///     .tls_dir("synod-dev/certs")
+///     .connect()
+///     .await?;
+/// client.create("/app", b"", CreateMode::Persistent).await?;
+/// let guard = client.lock("/app/lock").await?;
+/// println!("holding with token {}", guard.token().generation);
+/// guard.release().await?;
+/// client.close().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -199,6 +372,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
+            .field("session", &self.inner.session)
             .field("state", &*self.inner.state.borrow())
             .finish()
     }
@@ -210,11 +384,24 @@ fn unexpected(result: OpResult) -> ClientError {
 
 impl Client {
     /// Starts building a client.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder();
+    /// # let _ = builder;
+    /// ```
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
 
-    /// The session's id.
+    /// The session's id, while the session is attached to a replica.
+    ///
+    /// ```no_run
+    /// # fn example(client: &synod_client::Client) {
+    /// if let Some(session) = client.session() {
+    ///     println!("session {session:#x}");
+    /// }
+    /// # }
+    /// ```
     pub fn session(&self) -> Option<SessionId> {
         match *self.inner.state.borrow() {
             SessionState::Connected { session, .. } => Some(session),
@@ -222,17 +409,79 @@ impl Client {
         }
     }
 
-    /// The session's state now, and its changes: `changed().await` on the
-    /// receiver waits for the next one.
-    pub fn state(&self) -> watch::Receiver<SessionState> {
+    /// The session's id, whatever its state: the owner recorded in its
+    /// ephemeral nodes and in the leader of an election it leads.
+    ///
+    /// ```no_run
+    /// # fn example(client: &synod_client::Client) {
+    /// println!("session {}", client.session_id());
+    /// # }
+    /// ```
+    pub fn session_id(&self) -> SessionId {
+        self.inner.session
+    }
+
+    /// The session timeout this client asked for, in milliseconds.
+    ///
+    /// ```no_run
+    /// # fn example(client: &synod_client::Client) {
+    /// assert!(client.session_timeout_ms() > 0);
+    /// # }
+    /// ```
+    pub fn session_timeout_ms(&self) -> u64 {
+        self.inner.session_timeout_ms
+    }
+
+    /// The session's state now, and its latest changes: `changed().await`
+    /// on the receiver waits for the next one. Fast transitions may be
+    /// coalesced; [`Client::state_changes`] sees each of them.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) {
+    /// use synod_client::SessionState;
+    /// let mut state = client.state();
+    /// while state.changed().await.is_ok() {
+    ///     if *state.borrow() == SessionState::Expired { break; }
+    /// }
+    /// # }
+    /// ```
+    pub fn state(&self) -> state_watch::Receiver<SessionState> {
         self.inner.state.clone()
     }
 
-    /// Sends one request and waits for its answer.
+    /// Every transition of the session's state from now on, in order
+    /// (connected, suspended, connected again, expired or closed).
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) {
+    /// let mut changes = client.state_changes();
+    /// while let Some(state) = changes.next().await {
+    ///     println!("session is now {state:?}");
+    /// }
+    /// # }
+    /// ```
+    pub fn state_changes(&self) -> StateStream {
+        StateStream::new(
+            self.inner.shared.transitions.subscribe(),
+            self.inner.state.clone(),
+        )
+    }
+
+    /// Sends one request and waits for its answer (after retries of
+    /// `Unavailable` answers as the retry policy says).
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// use synod_client::Op;
+    /// let response = client.request(Op::Sync, None, None).await?;
+    /// println!("at revision {}", response.revision);
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
-    /// The cluster's refusal as [`ClientError::Refused`], or a failure of
-    /// the client or session.
+    /// A failure of the client or session; the cluster's refusal is in
+    /// [`Response::result`].
     pub async fn request(
         &self,
         op: Op,
@@ -266,8 +515,26 @@ impl Client {
         Ok(response.result?)
     }
 
+    async fn read_with(
+        &self,
+        op: Op,
+        consistency: Option<ReadConsistency>,
+    ) -> Result<(Revision, OpResult)> {
+        let response = self.request(op, consistency, None).await?;
+        Ok((response.revision, response.result?))
+    }
+
     /// Creates a node and returns its path (with the counter for sequential
     /// modes).
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// use synod_client::CreateMode;
+    /// let path = client.create("/jobs/job-", b"payload", CreateMode::PersistentSequential).await?;
+    /// assert!(path.starts_with("/jobs/job-"));
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// `NodeExists`, `NoNode` (no parent), `NoChildrenForEphemerals`, bad paths.
@@ -285,6 +552,14 @@ impl Client {
 
     /// A node's data and stat.
     ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// let (data, stat) = client.get("/config").await?;
+    /// println!("{} bytes at version {}", data.len(), stat.version);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `NoNode`.
     pub async fn get(&self, path: &str) -> Result<(Vec<u8>, Stat)> {
@@ -292,6 +567,15 @@ impl Client {
     }
 
     /// A node's data and stat, read with the given consistency.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// use synod_client::Consistency;
+    /// let (data, _) = client.get_with("/config", Some(Consistency::Sequential)).await?;
+    /// # let _ = data;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// `NoNode`.
@@ -301,13 +585,21 @@ impl Client {
         consistency: Option<ReadConsistency>,
     ) -> Result<(Vec<u8>, Stat)> {
         let op = Op::GetData { path: path.into() };
-        match self.request(op, consistency, None).await?.result? {
+        match self.read_with(op, consistency).await?.1 {
             OpResult::Data { data, stat } => Ok((data, stat)),
             other => Err(unexpected(other)),
         }
     }
 
     /// Replaces a node's data, if its version is `expected_version` when given.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// let (_, stat) = client.get("/config").await?;
+    /// client.set("/config", b"v2", Some(stat.version)).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// `NoNode`, `BadVersion`, `DataTooLarge`.
@@ -330,6 +622,13 @@ impl Client {
 
     /// Deletes a childless node, if its version is `expected_version` when given.
     ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// client.delete("/config", None).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `NoNode`, `BadVersion`, `NotEmpty`.
     pub async fn delete(&self, path: &str, expected_version: Option<u64>) -> Result<()> {
@@ -345,6 +644,15 @@ impl Client {
 
     /// A node's stat, or `None` when it does not exist.
     ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// if client.exists("/config").await?.is_none() {
+    ///     println!("not configured yet");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// Bad paths, or a failure of the session.
     pub async fn exists(&self, path: &str) -> Result<Option<Stat>> {
@@ -356,6 +664,15 @@ impl Client {
 
     /// A node's children's names, sorted.
     ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// for name in client.children("/").await? {
+    ///     println!("/{name}");
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// `NoNode`.
     pub async fn children(&self, path: &str) -> Result<Vec<String>> {
@@ -366,6 +683,17 @@ impl Client {
     }
 
     /// Applies the operations atomically: all or none.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// use synod_client::{CreateMode, MultiOp};
+    /// client.multi(vec![
+    ///     MultiOp::Check { path: "/config".into(), expected_version: Some(3) },
+    ///     MultiOp::Create { path: "/config/applied".into(), data: vec![], mode: CreateMode::Persistent },
+    /// ]).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// `MultiOpFailed` naming the operation that failed.
@@ -379,6 +707,13 @@ impl Client {
     /// Waits until the replica serving this session has applied every write
     /// committed before the call.
     ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// client.sync().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
     /// # Errors
     /// A failure of the session.
     pub async fn sync(&self) -> Result<()> {
@@ -389,15 +724,37 @@ impl Client {
     }
 
     /// Reads `path` and leaves a one-shot watch of `kind` on it atomically;
-    /// events arrive on [`Client::events`].
+    /// events arrive on [`Client::events`]. [`Client::get_watch`],
+    /// [`Client::exists_watch`] and [`Client::children_watch`] are the
+    /// convenient forms.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// use synod_client::{Op, WatchKind};
+    /// let response = client.read_and_watch(Op::GetData { path: "/a".into() }, WatchKind::Data).await?;
+    /// # let _ = response;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
-    /// The read's errors (an exists watch is left even on a missing node).
+    /// A failure of the session; the read's refusal is in the response (an
+    /// exists watch is left even on a missing node).
     pub async fn read_and_watch(&self, op: Op, kind: WatchKind) -> Result<Response> {
         self.request(op, None, Some(kind)).await
     }
 
-    /// Registers a persistent watch (recursive on a path, or on an election).
+    /// Registers a watch without reading (persistent recursive, or leader).
+    /// Each call must be matched by a [`Client::remove_watch`];
+    /// [`Client::watch`] does both for you.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// use synod_client::WatchKind;
+    /// client.add_watch("/config", WatchKind::PersistentRecursive).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// [`ClientError::Closed`].
@@ -413,7 +770,15 @@ impl Client {
             .map_err(|_| self.closed_error())
     }
 
-    /// Removes a watch.
+    /// Removes a watch registered with [`Client::add_watch`].
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// use synod_client::WatchKind;
+    /// client.remove_watch("/config", WatchKind::PersistentRecursive).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// [`ClientError::Closed`].
@@ -429,17 +794,70 @@ impl Client {
             .map_err(|_| self.closed_error())
     }
 
-    /// Every event delivered to this session from now on, in order.
+    /// Removes a watch without waiting (for `Drop`).
+    pub(crate) fn remove_watch_soon(&self, registration: WatchRegistration) {
+        let _ = self
+            .inner
+            .calls
+            .try_send(Call::RemoveWatch { registration });
+    }
+
+    /// Sends a request without waiting for its answer (for `Drop`).
+    pub(crate) fn request_soon(&self, op: Op) {
+        let (reply, _) = oneshot::channel();
+        let call = Call::Request {
+            op,
+            consistency: ReadConsistency::Linearizable,
+            watch: None,
+            reply,
+        };
+        let _ = self.inner.calls.try_send(call);
+    }
+
+    /// Every event delivered to this session from now on, in order, each
+    /// once. The typed streams ([`Client::watch`], [`Watch`]) filter it.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) {
+    /// let mut events = client.events();
+    /// while let Ok(event) = events.recv().await {
+    ///     println!("{:?} at {}", event.event_type, event.path);
+    /// }
+    /// # }
+    /// ```
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.inner.shared.events.subscribe()
     }
 
     /// Lock and election grants delivered to this session from now on.
+    /// [`Client::lock`] and [`Client::campaign`] wait for them for you.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) {
+    /// let mut grants = client.grants();
+    /// if let Ok(grant) = grants.recv().await {
+    ///     println!("granted {}", grant.sequencer.path);
+    /// }
+    /// # }
+    /// ```
     pub fn grants(&self) -> broadcast::Receiver<Grant> {
         self.inner.shared.grants.subscribe()
     }
 
+    /// Counts the connections the session has been served on.
+    pub(crate) fn connections(&self) -> state_watch::Receiver<u64> {
+        self.inner.shared.connections.subscribe()
+    }
+
     /// The status of the replica serving this session.
+    ///
+    /// ```no_run
+    /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+    /// let status = client.status().await?;
+    /// println!("replica {} is {}", status.replica.node_id, status.replica.role);
+    /// # Ok(())
+    /// # }
+    /// ```
     ///
     /// # Errors
     /// A failure of the session.
@@ -455,15 +873,61 @@ impl Client {
 
     /// Closes the session: its ephemeral nodes are deleted and its locks
     /// released at once, instead of after the session timeout.
+    ///
+    /// ```no_run
+    /// # async fn example(client: synod_client::Client) {
+    /// client.close().await;
+    /// # }
+    /// ```
     pub async fn close(&self) {
         let (reply, answer) = oneshot::channel();
         if self.inner.calls.send(Call::Close { reply }).await.is_ok() {
             let _ = answer.await;
         }
     }
+
+    /// Marks `path` as held or being acquired by this client.
+    ///
+    /// # Errors
+    /// `LockAlreadyRequested` when it already is.
+    pub(crate) fn claim(&self, path: &str) -> Result<Claim> {
+        let mut claimed = self
+            .inner
+            .claimed
+            .lock()
+            .map_err(|_| ClientError::Protocol("poisoned lock table".into()))?;
+        if !claimed.insert(path.to_string()) {
+            return Err(ClientError::Refused(
+                synod_proto::Error::LockAlreadyRequested { path: path.into() },
+            ));
+        }
+        Ok(Claim {
+            client: self.clone(),
+            path: path.to_string(),
+        })
+    }
+}
+
+/// A path this client holds or is acquiring; released on drop.
+pub(crate) struct Claim {
+    pub(crate) client: Client,
+    pub(crate) path: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if let Ok(mut claimed) = self.client.inner.claimed.lock() {
+            claimed.remove(&self.path);
+        }
+    }
 }
 
 /// Where `synod dev` and `synod certs` put the client's TLS files.
+///
+/// ```
+/// let dir = synod_client::default_tls_dir(std::path::Path::new("synod-dev"));
+/// assert!(dir.ends_with("certs"));
+/// ```
 pub fn default_tls_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("certs")
 }

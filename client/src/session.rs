@@ -3,14 +3,28 @@
 //!
 //! Requests are numbered by the session's sequence and pipelined on the
 //! session stream; answers are matched by sequence. Events and lock grants
-//! arrive on the same ordered stream and go to their subscribers. When the
-//! connection fails, the task tries the other endpoints until the session
-//! timeout runs out, resumes the session there (re-registering watches with
-//! the last revision seen, so missed events are replayed), and sends again
-//! every request not yet answered: the replica's state machine answers a
-//! repeated `(session, sequence)` with its original result.
+//! arrive on the same ordered stream and go to their subscribers.
+//!
+//! Liveness: every sixth of the session timeout the task sends a keep-alive
+//! and a status request; the status answer proves the replica still reads
+//! the stream. A replica silent for a third of the timeout is given up
+//! (a killed replica sends no close, and QUIC's idle timeout alone would be
+//! slow), and the task tries the other endpoints until the session's
+//! deadline: the last time the replica was heard from plus the timeout,
+//! less a margin, so the client never believes in a session the cluster
+//! has already expired. It resumes the session there, re-registering
+//! watches with the last revision through which it has seen every event,
+//! and sends again every request not yet answered: the replica's state
+//! machine answers a repeated `(session, sequence)` with its original result.
+//!
+//! Revisions: a replica sends a write's response before the events of that
+//! same write, so a write answered at revision `r` proves only that events
+//! through `r - 1` were seen; a read answered at `r` proves all through `r`.
+//! The resume point is the highest revision so proven, and events replayed
+//! at or below what was already delivered are dropped, so subscribers see
+//! each event exactly once, in order.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,12 +33,17 @@ use synod_proto::tls::{connect, FrameReader, Handshaken};
 use synod_proto::wire::{
     encode_frame, ClientFrame, ClusterStatus, ReadConsistency, ServerFrame, WatchRegistration,
 };
-use synod_proto::{Event, Op, Request, Response, Revision, Sequencer, SessionId, WatchKind};
+use synod_proto::{
+    Error, Event, EventType, Op, OpResult, Request, Response, Revision, Sequencer, SessionId,
+    WatchKind,
+};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::error::ClientError;
+use crate::RetryPolicy;
 
-/// The session's state, observable as a stream with [`crate::Client::state`].
+/// The session's state, observable with [`crate::Client::state`] and, as
+/// a stream of every transition, [`crate::Client::state_changes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
     /// Attached to a replica.
@@ -34,12 +53,28 @@ pub enum SessionState {
         /// The replica serving it.
         node_id: u64,
     },
-    /// The connection failed; looking for another replica.
+    /// The connection failed; looking for another replica. Locks and
+    /// ephemeral nodes are still held, unless the session expires before a
+    /// replica is found.
     Suspended,
-    /// The session is gone for good.
+    /// The session is gone for good: its locks are released and its
+    /// ephemeral nodes deleted.
     Expired,
     /// The client was closed.
     Closed,
+}
+
+impl SessionState {
+    /// Whether the session is over (expired or closed).
+    ///
+    /// ```
+    /// use synod_client::SessionState;
+    /// assert!(SessionState::Expired.is_ended());
+    /// assert!(!SessionState::Suspended.is_ended());
+    /// ```
+    pub fn is_ended(self) -> bool {
+        matches!(self, SessionState::Expired | SessionState::Closed)
+    }
 }
 
 /// A lock grant that arrived for a queued acquire or campaign.
@@ -81,20 +116,124 @@ pub(crate) struct SessionSettings {
     pub session_timeout_ms: u64,
     pub request_timeout_ms: u64,
     pub frame_bytes_max: u64,
+    pub retry: RetryPolicy,
 }
+
+/// Bound on calls queued for the session task.
+pub(crate) const CALLS_QUEUED_MAX: usize = 1024;
+/// Bound on events buffered per subscriber before it is told it lagged.
+pub(crate) const EVENTS_BUFFERED_MAX: usize = 4096;
+/// Bound on grants buffered per subscriber.
+pub(crate) const GRANTS_BUFFERED_MAX: usize = 1024;
+/// Bound on state transitions buffered per subscriber.
+pub(crate) const TRANSITIONS_BUFFERED_MAX: usize = 256;
 
 struct Outstanding {
     request: Request,
     consistency: ReadConsistency,
     watch: Option<WatchKind>,
     reply: oneshot::Sender<Result<Response, ClientError>>,
-    sent_at: Instant,
+    deadline: Instant,
+    attempts: u32,
+    /// Set while waiting to be sent again after an `Unavailable` answer.
+    retry_at: Option<Instant>,
 }
 
+/// What the session task shares with the client handles.
 pub(crate) struct Shared {
     pub events: broadcast::Sender<Event>,
     pub grants: broadcast::Sender<Grant>,
     pub state: watch::Sender<SessionState>,
+    pub transitions: broadcast::Sender<SessionState>,
+    /// Counts the connections the session was served on; a change means the
+    /// session moved, and lock grants sent meanwhile may have been lost.
+    pub connections: watch::Sender<u64>,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Shared {
+        let (events, _) = broadcast::channel(EVENTS_BUFFERED_MAX);
+        let (grants, _) = broadcast::channel(GRANTS_BUFFERED_MAX);
+        let (transitions, _) = broadcast::channel(TRANSITIONS_BUFFERED_MAX);
+        let (state, _) = watch::channel(SessionState::Suspended);
+        let (connections, _) = watch::channel(0);
+        Shared {
+            events,
+            grants,
+            state,
+            transitions,
+            connections,
+        }
+    }
+
+    fn set_state(&self, state: SessionState) {
+        let previous = self.state.send_replace(state);
+        if previous != state {
+            let _ = self.transitions.send(state);
+        }
+    }
+}
+
+/// Which revisions' events the client has certainly seen, and the events
+/// above that point already delivered (to drop their replays).
+#[derive(Debug, Default)]
+struct Revisions {
+    complete_through: Revision,
+    delivered_above: BTreeSet<Event>,
+}
+
+impl Revisions {
+    fn complete(&mut self, revision: Revision) {
+        if revision > self.complete_through {
+            self.complete_through = revision;
+            let keep = self
+                .delivered_above
+                .split_off(&Event {
+                    path: String::new(),
+                    event_type: EventType::NodeCreated,
+                    revision: revision + 1,
+                })
+                .into_iter()
+                .filter(|event| event.revision > revision)
+                .collect();
+            self.delivered_above = keep;
+        }
+    }
+
+    /// Whether `event` is new; records it.
+    fn admit(&mut self, event: &Event) -> bool {
+        if event.event_type == EventType::HistoryCompacted {
+            self.complete(event.revision);
+            return true;
+        }
+        if event.revision <= self.complete_through || self.delivered_above.contains(event) {
+            return false;
+        }
+        self.complete(event.revision.saturating_sub(1));
+        self.delivered_above.insert(event.clone());
+        true
+    }
+}
+
+fn is_read(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::GetData { .. }
+            | Op::Exists { .. }
+            | Op::GetChildren { .. }
+            | Op::GetLeader { .. }
+            | Op::CheckSequencer { .. }
+    )
+}
+
+fn read_path(op: &Op) -> Option<&str> {
+    match op {
+        Op::GetData { path }
+        | Op::Exists { path }
+        | Op::GetChildren { path }
+        | Op::GetLeader { path } => Some(path),
+        _ => None,
+    }
 }
 
 /// Opens a session on the first replica that answers, and starts the task.
@@ -104,24 +243,33 @@ pub(crate) async fn start(
 ) -> Result<mpsc::Sender<Call>, ClientError> {
     let mut last_error = String::from("no endpoints");
     let deadline = Instant::now() + Duration::from_millis(settings.session_timeout_ms.max(2000));
-    while Instant::now() < deadline {
-        for (address, name) in &settings.endpoints {
+    for round in 0..1_000u32 {
+        if Instant::now() >= deadline {
+            break;
+        }
+        for (index, (address, name)) in settings.endpoints.iter().enumerate() {
             match open(&settings, *address, name).await {
                 Ok((link, session, timeout_ms, revision)) => {
-                    let (calls, receiver) = mpsc::channel(1024);
+                    let (calls, receiver) = mpsc::channel(CALLS_QUEUED_MAX);
                     let task = SessionTask {
                         settings: settings.clone(),
                         shared: shared.clone(),
                         session,
                         timeout_ms,
                         next_sequence: 1,
-                        last_revision: revision,
+                        revisions: Revisions {
+                            complete_through: revision,
+                            ..Revisions::default()
+                        },
                         outstanding: BTreeMap::new(),
-                        watches: BTreeSet::new(),
-                        status_waiters: Vec::new(),
-                        endpoint_index: 0,
+                        watches: BTreeMap::new(),
+                        status_waiters: VecDeque::new(),
+                        endpoint_index: index,
+                        last_heard: Instant::now(),
+                        unavailable_in_a_row: 0,
                     };
-                    let _ = shared.state.send(SessionState::Connected {
+                    shared.connections.send_modify(|count| *count += 1);
+                    shared.set_state(SessionState::Connected {
                         session,
                         node_id: link.node_id,
                     });
@@ -131,6 +279,7 @@ pub(crate) async fn start(
                 Err(error) => last_error = format!("{address}: {error}"),
             }
         }
+        tracing::debug!(round, %last_error, "no replica opened a session yet");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     Err(ClientError::ConnectionLost(last_error))
@@ -143,8 +292,16 @@ struct Link {
     connection: quinn::Connection,
 }
 
-async fn dial(settings: &SessionSettings, address: SocketAddr, name: &str) -> Result<Link, String> {
-    let timeout = Duration::from_millis(settings.request_timeout_ms.min(5000));
+fn dial_timeout(settings: &SessionSettings) -> Duration {
+    Duration::from_millis((settings.session_timeout_ms / 4).clamp(250, 2000))
+}
+
+async fn dial(
+    settings: &SessionSettings,
+    address: SocketAddr,
+    name: &str,
+    timeout: Duration,
+) -> Result<Link, String> {
     let Handshaken {
         connection,
         send,
@@ -173,7 +330,7 @@ async fn open(
     address: SocketAddr,
     name: &str,
 ) -> Result<(Link, SessionId, u64, Revision), String> {
-    let mut link = dial(settings, address, name).await?;
+    let mut link = dial(settings, address, name, dial_timeout(settings)).await?;
     let frame = ClientFrame::OpenSession {
         timeout_ms: settings.session_timeout_ms,
     };
@@ -184,16 +341,22 @@ async fn open(
     let timeout = Duration::from_millis(settings.request_timeout_ms);
     let answer = tokio::time::timeout(timeout, link.frames.next::<ServerFrame>())
         .await
-        .map_err(|_| "no answer to opening a session".to_string())?
-        .map_err(|error| error.to_string())?;
+        .map_err(|_| "no answer to opening a session".to_string())
+        .and_then(|read| read.map_err(|error| error.to_string()));
     match answer {
-        Some(ServerFrame::SessionReady {
+        Ok(Some(ServerFrame::SessionReady {
             session,
             timeout_ms,
             revision,
-        }) => Ok((link, session, timeout_ms, revision)),
-        Some(ServerFrame::Unavailable { reason }) => Err(reason),
-        other => Err(format!("unexpected answer {other:?}")),
+        })) => Ok((link, session, timeout_ms, revision)),
+        other => {
+            link.connection.close(0u32.into(), b"no session");
+            match other {
+                Ok(Some(ServerFrame::Unavailable { reason })) => Err(reason),
+                Ok(other) => Err(format!("unexpected answer {other:?}")),
+                Err(error) => Err(error),
+            }
+        }
     }
 }
 
@@ -203,11 +366,20 @@ struct SessionTask {
     session: SessionId,
     timeout_ms: u64,
     next_sequence: u64,
-    last_revision: Revision,
+    revisions: Revisions,
     outstanding: BTreeMap<u64, Outstanding>,
-    watches: BTreeSet<WatchRegistration>,
-    status_waiters: Vec<oneshot::Sender<Result<ClusterStatus, ClientError>>>,
+    /// Watches to re-register on resume, with the number of handles using
+    /// each persistent one.
+    watches: BTreeMap<WatchRegistration, u64>,
+    /// Status requests in flight, in order; `None` for the task's own pings.
+    status_waiters: VecDeque<(
+        Option<oneshot::Sender<Result<ClusterStatus, ClientError>>>,
+        Instant,
+    )>,
     endpoint_index: usize,
+    /// When the replica was last heard from.
+    last_heard: Instant,
+    unavailable_in_a_row: u32,
 }
 
 enum Exit {
@@ -216,29 +388,52 @@ enum Exit {
     Disconnected,
 }
 
+/// Consecutive `Unavailable` answers after which the task tries another
+/// replica.
+const UNAVAILABLE_SWITCH_AFTER: u32 = 2;
+
 impl SessionTask {
+    fn ping_interval(&self) -> Duration {
+        Duration::from_millis((self.timeout_ms / 6).max(50))
+    }
+
+    /// A replica silent this long while a ping waits is given up.
+    fn silence_max(&self) -> Duration {
+        Duration::from_millis((self.timeout_ms / 3).max(300))
+    }
+
+    /// When the cluster may expire the session if it hears nothing more.
+    fn session_deadline(&self) -> Instant {
+        let margin = (self.timeout_ms / 10).max(50);
+        self.last_heard + Duration::from_millis(self.timeout_ms.saturating_sub(margin))
+    }
+
     async fn run(mut self, mut link: Link, mut calls: mpsc::Receiver<Call>) {
         loop {
             let exit = self.serve(&mut link, &mut calls).await;
             link.connection.close(0u32.into(), b"client leaving");
             match exit {
                 Exit::Closed => {
-                    let _ = self.shared.state.send(SessionState::Closed);
+                    self.shared.set_state(SessionState::Closed);
                     self.fail_all(ClientError::Closed);
                     return;
                 }
                 Exit::Expired => {
-                    let _ = self.shared.state.send(SessionState::Expired);
-                    self.fail_all(ClientError::SessionExpired);
+                    self.expire();
                     return;
                 }
                 Exit::Disconnected => {
-                    let _ = self.shared.state.send(SessionState::Suspended);
+                    self.shared.set_state(SessionState::Suspended);
+                    self.fail_status_waiters();
                     match self.reconnect(&mut calls).await {
                         Some(new_link) => link = new_link,
+                        None if calls.is_closed() => {
+                            self.shared.set_state(SessionState::Closed);
+                            self.fail_all(ClientError::Closed);
+                            return;
+                        }
                         None => {
-                            let _ = self.shared.state.send(SessionState::Expired);
-                            self.fail_all(ClientError::SessionExpired);
+                            self.expire();
                             return;
                         }
                     }
@@ -247,12 +442,30 @@ impl SessionTask {
         }
     }
 
+    fn expire(&mut self) {
+        tracing::info!(session = self.session, "session expired");
+        self.shared.set_state(SessionState::Expired);
+        self.fail_all(ClientError::SessionExpired);
+    }
+
+    fn fail_status_waiters(&mut self) {
+        for (waiter, _) in self.status_waiters.drain(..) {
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Err(ClientError::ConnectionLost(
+                    "the replica was lost while answering".into(),
+                )));
+            }
+        }
+    }
+
     fn fail_all(&mut self, error: ClientError) {
         for (_, outstanding) in std::mem::take(&mut self.outstanding) {
             let _ = outstanding.reply.send(Err(error.clone()));
         }
-        for waiter in self.status_waiters.drain(..) {
-            let _ = waiter.send(Err(error.clone()));
+        for (waiter, _) in self.status_waiters.drain(..) {
+            if let Some(waiter) = waiter {
+                let _ = waiter.send(Err(error.clone()));
+            }
         }
     }
 
@@ -260,100 +473,197 @@ impl SessionTask {
         link.send.write_all(&encode_frame(frame)).await.is_ok()
     }
 
+    fn request_frame(outstanding: &Outstanding) -> ClientFrame {
+        ClientFrame::Request {
+            request: outstanding.request.clone(),
+            consistency: outstanding.consistency,
+            watch: outstanding.watch,
+        }
+    }
+
+    /// Takes a call into the task's records; returns the frame to send now,
+    /// if any, and whether the call asks to close.
+    fn accept(
+        &mut self,
+        call: Call,
+        connected: bool,
+    ) -> (Option<ClientFrame>, Option<oneshot::Sender<()>>) {
+        match call {
+            Call::Request {
+                op,
+                consistency,
+                watch,
+                reply,
+            } => {
+                let sequence = self.next_sequence;
+                self.next_sequence += 1;
+                let outstanding = Outstanding {
+                    request: Request {
+                        session: self.session,
+                        sequence,
+                        op,
+                    },
+                    consistency,
+                    watch,
+                    reply,
+                    deadline: Instant::now()
+                        + Duration::from_millis(self.settings.request_timeout_ms),
+                    attempts: 1,
+                    retry_at: None,
+                };
+                let frame = Self::request_frame(&outstanding);
+                self.outstanding.insert(sequence, outstanding);
+                (Some(frame), None)
+            }
+            Call::AddWatch { registration } => {
+                let count = self.watches.entry(registration.clone()).or_insert(0);
+                *count += 1;
+                // Registering twice is one watch at the replica; sending it
+                // again is harmless and keeps one-shot and persistent
+                // registrations of the same key simple.
+                (Some(ClientFrame::AddWatch(registration)), None)
+            }
+            Call::RemoveWatch { registration } => {
+                let remove = match self.watches.get_mut(&registration) {
+                    Some(count) if *count > 1 => {
+                        *count -= 1;
+                        false
+                    }
+                    Some(_) => true,
+                    None => false,
+                };
+                if remove {
+                    self.watches.remove(&registration);
+                    (Some(ClientFrame::RemoveWatch(registration)), None)
+                } else {
+                    (None, None)
+                }
+            }
+            Call::Status { reply } => {
+                if connected {
+                    self.status_waiters.push_back((Some(reply), Instant::now()));
+                    (Some(ClientFrame::Status), None)
+                } else {
+                    let _ = reply.send(Err(ClientError::ConnectionLost(
+                        "the session is looking for a replica".into(),
+                    )));
+                    (None, None)
+                }
+            }
+            Call::Close { reply } => (None, Some(reply)),
+        }
+    }
+
     async fn serve(&mut self, link: &mut Link, calls: &mut mpsc::Receiver<Call>) -> Exit {
-        let keep_alive_every = Duration::from_millis((self.timeout_ms / 3).max(50));
-        let mut keep_alive = tokio::time::interval(keep_alive_every);
-        let mut timeouts = tokio::time::interval(Duration::from_millis(100));
+        let mut ping = tokio::time::interval(self.ping_interval());
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(50));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 call = calls.recv() => {
                     let Some(call) = call else { return Exit::Closed };
-                    match call {
-                        Call::Request { op, consistency, watch, reply } => {
-                            let sequence = self.next_sequence;
-                            self.next_sequence += 1;
-                            let request = Request { session: self.session, sequence, op };
-                            let frame = ClientFrame::Request {
-                                request: request.clone(),
-                                consistency,
-                                watch,
-                            };
-                            self.outstanding.insert(sequence, Outstanding {
-                                request,
-                                consistency,
-                                watch,
-                                reply,
-                                sent_at: Instant::now(),
-                            });
-                            if !self.write(link, &frame).await {
-                                return Exit::Disconnected;
-                            }
-                        }
-                        Call::AddWatch { registration } => {
-                            self.watches.insert(registration.clone());
-                            if !self.write(link, &ClientFrame::AddWatch(registration)).await {
-                                return Exit::Disconnected;
-                            }
-                        }
-                        Call::RemoveWatch { registration } => {
-                            self.watches.remove(&registration);
-                            if !self.write(link, &ClientFrame::RemoveWatch(registration)).await {
-                                return Exit::Disconnected;
-                            }
-                        }
-                        Call::Status { reply } => {
-                            self.status_waiters.push(reply);
-                            if !self.write(link, &ClientFrame::Status).await {
-                                return Exit::Disconnected;
-                            }
-                        }
-                        Call::Close { reply } => {
-                            let sequence = self.next_sequence;
-                            self.next_sequence += 1;
-                            let frame = ClientFrame::Request {
-                                request: Request { session: self.session, sequence, op: Op::CloseSession },
-                                consistency: ReadConsistency::Linearizable,
-                                watch: None,
-                            };
-                            if self.write(link, &frame).await {
-                                let wait = Duration::from_millis(self.settings.request_timeout_ms);
-                                let _ = tokio::time::timeout(wait, async {
-                                    while let Ok(Some(frame)) = link.frames.next::<ServerFrame>().await {
-                                        if matches!(&frame, ServerFrame::Response { sequence: s, .. } if *s == sequence) {
-                                            break;
-                                        }
-                                        self.on_frame(frame);
-                                    }
-                                }).await;
-                            }
-                            let _ = reply.send(());
-                            return Exit::Closed;
+                    let (frame, close) = self.accept(call, true);
+                    if let Some(reply) = close {
+                        self.close(link).await;
+                        let _ = reply.send(());
+                        return Exit::Closed;
+                    }
+                    if let Some(frame) = frame {
+                        if !self.write(link, &frame).await {
+                            return Exit::Disconnected;
                         }
                     }
                 }
                 frame = link.frames.next::<ServerFrame>() => {
                     match frame {
                         Ok(Some(ServerFrame::SessionExpired { .. })) => return Exit::Expired,
-                        Ok(Some(frame)) => self.on_frame(frame),
+                        Ok(Some(frame)) => {
+                            self.last_heard = Instant::now();
+                            if self.on_frame(frame) {
+                                return Exit::Disconnected;
+                            }
+                        }
                         Ok(None) | Err(_) => return Exit::Disconnected,
                     }
                 }
-                _ = keep_alive.tick() => {
-                    if !self.write(link, &ClientFrame::KeepAlive).await {
+                _ = ping.tick() => {
+                    if !self.write(link, &ClientFrame::KeepAlive).await
+                        || !self.write(link, &ClientFrame::Status).await
+                    {
                         return Exit::Disconnected;
                     }
+                    self.status_waiters.push_back((None, Instant::now()));
                 }
-                _ = timeouts.tick() => self.expire_requests(),
+                _ = housekeeping.tick() => {
+                    self.expire_requests();
+                    if let Some((_, sent)) = self.status_waiters.front() {
+                        if sent.elapsed() > self.silence_max()
+                            && self.last_heard.elapsed() > self.silence_max()
+                        {
+                            tracing::info!(session = self.session, node = link.node_id, "replica silent; failing over");
+                            return Exit::Disconnected;
+                        }
+                    }
+                    let now = Instant::now();
+                    let due: Vec<u64> = self
+                        .outstanding
+                        .iter()
+                        .filter(|(_, o)| o.retry_at.is_some_and(|at| at <= now))
+                        .map(|(&sequence, _)| sequence)
+                        .collect();
+                    for sequence in due {
+                        let Some(outstanding) = self.outstanding.get_mut(&sequence) else { continue };
+                        outstanding.retry_at = None;
+                        outstanding.attempts += 1;
+                        let frame = Self::request_frame(outstanding);
+                        if !self.write(link, &frame).await {
+                            return Exit::Disconnected;
+                        }
+                    }
+                }
             }
         }
     }
 
+    /// Ends the session at the cluster, waiting for the answer within the
+    /// request timeout.
+    async fn close(&mut self, link: &mut Link) {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let frame = ClientFrame::Request {
+            request: Request {
+                session: self.session,
+                sequence,
+                op: Op::CloseSession,
+            },
+            consistency: ReadConsistency::Linearizable,
+            watch: None,
+        };
+        if !self.write(link, &frame).await {
+            return;
+        }
+        let wait = Duration::from_millis(self.settings.request_timeout_ms);
+        let _ = tokio::time::timeout(wait, async {
+            for _ in 0..100_000u32 {
+                match link.frames.next::<ServerFrame>().await {
+                    Ok(Some(ServerFrame::Response { sequence: s, .. })) if s == sequence => break,
+                    Ok(Some(ServerFrame::SessionExpired { .. })) | Ok(None) | Err(_) => break,
+                    Ok(Some(frame)) => {
+                        self.on_frame(frame);
+                    }
+                }
+            }
+        })
+        .await;
+    }
+
     fn expire_requests(&mut self) {
-        let limit = Duration::from_millis(self.settings.request_timeout_ms);
+        let now = Instant::now();
         let expired: Vec<u64> = self
             .outstanding
             .iter()
-            .filter(|(_, o)| o.sent_at.elapsed() > limit)
+            .filter(|(_, o)| o.deadline <= now)
             .map(|(&sequence, _)| sequence)
             .collect();
         for sequence in expired {
@@ -365,24 +675,19 @@ impl SessionTask {
         }
     }
 
-    fn on_frame(&mut self, frame: ServerFrame) {
+    /// Handles one frame; returns whether to try another replica.
+    fn on_frame(&mut self, frame: ServerFrame) -> bool {
         match frame {
             ServerFrame::Response { sequence, response } => {
-                self.last_revision = self.last_revision.max(response.revision);
-                if let Some(outstanding) = self.outstanding.remove(&sequence) {
-                    let result = match &response.result {
-                        Err(synod_proto::Error::StaleRequestSequence { .. }) => {
-                            Err(ClientError::OutcomeUnknown)
-                        }
-                        _ => Ok(response),
-                    };
-                    let _ = outstanding.reply.send(result);
-                }
+                return self.on_response(sequence, response);
             }
             ServerFrame::Event(event) => {
-                self.last_revision = self.last_revision.max(event.revision);
+                if !self.revisions.admit(&event) {
+                    tracing::debug!(?event, "dropping a replayed event");
+                    return false;
+                }
                 // One-shot watches are gone once they fire.
-                self.watches.retain(|w| {
+                self.watches.retain(|w, _| {
                     w.kind.is_persistent()
                         || !w.kind.fires_on(&w.path, &event.path, event.event_type)
                 });
@@ -398,62 +703,147 @@ impl SessionTask {
                 });
             }
             ServerFrame::Status(status) => {
-                if !self.status_waiters.is_empty() {
-                    let waiter = self.status_waiters.remove(0);
+                if let Some((Some(waiter), _)) = self.status_waiters.pop_front() {
                     let _ = waiter.send(Ok(status));
                 }
             }
-            ServerFrame::SessionReady { revision, .. } => {
-                self.last_revision = self.last_revision.max(revision);
-            }
+            ServerFrame::SessionReady { .. } => {}
             ServerFrame::Unavailable { reason } => {
                 tracing::debug!(%reason, "replica unavailable");
             }
             ServerFrame::SessionExpired { .. } => {}
         }
+        false
     }
 
-    /// Finds another replica within the session timeout and resumes there.
+    fn on_response(&mut self, sequence: u64, response: Response) -> bool {
+        let Some(mut outstanding) = self.outstanding.remove(&sequence) else {
+            return false;
+        };
+        if let Err(Error::Unavailable { reason }) = &response.result {
+            self.unavailable_in_a_row += 1;
+            let retry = &self.settings.retry;
+            let backoff = retry.backoff(outstanding.attempts);
+            if outstanding.attempts < retry.attempts_max
+                && Instant::now() + backoff < outstanding.deadline
+            {
+                tracing::debug!(sequence, %reason, attempts = outstanding.attempts, "retrying");
+                outstanding.retry_at = Some(Instant::now() + backoff);
+                self.outstanding.insert(sequence, outstanding);
+                return self.unavailable_in_a_row >= UNAVAILABLE_SWITCH_AFTER;
+            }
+            let _ = outstanding.reply.send(Ok(response));
+            return false;
+        }
+        self.unavailable_in_a_row = 0;
+        if is_read(&outstanding.request.op) {
+            self.revisions.complete(response.revision);
+        } else {
+            self.revisions.complete(response.revision.saturating_sub(1));
+        }
+        if let (Some(kind), Some(path)) = (outstanding.watch, read_path(&outstanding.request.op)) {
+            let registered = response.result.is_ok() || kind == WatchKind::Exists;
+            if registered {
+                self.watches
+                    .entry(WatchRegistration {
+                        path: path.to_string(),
+                        kind,
+                    })
+                    .or_insert(1);
+            }
+        }
+        let result = match &response.result {
+            Err(Error::StaleRequestSequence { .. }) => Err(ClientError::OutcomeUnknown),
+            Ok(OpResult::SessionClosed) => Ok(response),
+            _ => Ok(response),
+        };
+        let _ = outstanding.reply.send(result);
+        false
+    }
+
+    /// Finds another replica before the session's deadline and resumes
+    /// there; `None` when the session is lost (or the client dropped).
     async fn reconnect(&mut self, calls: &mut mpsc::Receiver<Call>) -> Option<Link> {
-        let give_up = Instant::now() + Duration::from_millis(self.timeout_ms);
-        let count = self.settings.endpoints.len();
+        let count = self.settings.endpoints.len().max(1);
         let mut delay = Duration::from_millis(20);
-        while Instant::now() < give_up {
-            self.endpoint_index = (self.endpoint_index + 1) % count.max(1);
+        for attempt in 0..10_000u32 {
+            let give_up = self.session_deadline();
+            let now = Instant::now();
+            if now >= give_up {
+                tracing::info!(
+                    session = self.session,
+                    attempt,
+                    "no replica resumed the session in time"
+                );
+                return None;
+            }
+            // Calls made meanwhile are recorded, and sent once resumed.
+            loop {
+                match calls.try_recv() {
+                    Ok(call) => {
+                        let (_, close) = self.accept(call, false);
+                        if let Some(reply) = close {
+                            let _ = reply.send(());
+                            return None;
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                }
+            }
+            self.expire_requests();
+            self.endpoint_index = (self.endpoint_index + 1) % count;
             let (address, name) = self.settings.endpoints[self.endpoint_index].clone();
-            if let Ok(mut link) = dial(&self.settings, address, &name).await {
+            let remaining = give_up - now;
+            let dial_within = dial_timeout(&self.settings).min(remaining);
+            if let Ok(mut link) = dial(&self.settings, address, &name, dial_within).await {
                 let frame = ClientFrame::ResumeSession {
                     session: self.session,
-                    last_revision: self.last_revision,
-                    watches: self.watches.iter().cloned().collect(),
+                    last_revision: self.revisions.complete_through,
+                    watches: self.watches.keys().cloned().collect(),
                 };
                 if self.write(&mut link, &frame).await {
-                    let wait = Duration::from_millis(self.settings.request_timeout_ms.min(3000));
+                    let wait = give_up
+                        .saturating_duration_since(Instant::now())
+                        .min(Duration::from_millis(self.settings.request_timeout_ms));
                     match tokio::time::timeout(wait, link.frames.next::<ServerFrame>()).await {
-                        Ok(Ok(Some(ServerFrame::SessionReady { revision, .. }))) => {
-                            self.last_revision = self.last_revision.max(revision);
-                            let _ = self.shared.state.send(SessionState::Connected {
+                        Ok(Ok(Some(ServerFrame::SessionReady { .. }))) => {
+                            // The events it missed follow this frame; the
+                            // resume point moves only as they arrive.
+                            self.last_heard = Instant::now();
+                            self.unavailable_in_a_row = 0;
+                            tracing::info!(
+                                session = self.session,
+                                node = link.node_id,
+                                "session resumed"
+                            );
+                            self.shared.connections.send_modify(|count| *count += 1);
+                            self.shared.set_state(SessionState::Connected {
                                 session: self.session,
                                 node_id: link.node_id,
                             });
                             if self.resend(&mut link).await {
                                 return Some(link);
                             }
+                            self.shared.set_state(SessionState::Suspended);
                         }
-                        Ok(Ok(Some(ServerFrame::SessionExpired { .. }))) => return None,
-                        _ => {}
+                        Ok(Ok(Some(ServerFrame::SessionExpired { .. }))) => {
+                            link.connection.close(0u32.into(), b"session expired");
+                            return None;
+                        }
+                        other => {
+                            tracing::debug!(?address, ?other, "resume failed");
+                        }
                     }
                 }
                 link.connection.close(0u32.into(), b"resume failed");
             }
-            // Callers that gave up meanwhile are answered as usual; new
-            // calls wait for the connection.
-            self.expire_requests();
-            if calls.is_closed() {
-                return None;
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_millis(500));
+            let pause = delay.min(
+                self.session_deadline()
+                    .saturating_duration_since(Instant::now()),
+            );
+            tokio::time::sleep(pause).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
         }
         None
     }
@@ -462,11 +852,10 @@ impl SessionTask {
     async fn resend(&mut self, link: &mut Link) -> bool {
         let frames: Vec<ClientFrame> = self
             .outstanding
-            .values()
-            .map(|o| ClientFrame::Request {
-                request: o.request.clone(),
-                consistency: o.consistency,
-                watch: o.watch,
+            .values_mut()
+            .map(|o| {
+                o.retry_at = None;
+                Self::request_frame(o)
             })
             .collect();
         for frame in frames {
@@ -475,5 +864,34 @@ impl SessionTask {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(path: &str, revision: Revision) -> Event {
+        Event {
+            path: path.into(),
+            event_type: EventType::NodeDataChanged,
+            revision,
+        }
+    }
+
+    #[test]
+    fn replayed_events_are_dropped_and_the_resume_point_is_proven() {
+        let mut revisions = Revisions::default();
+        assert!(revisions.admit(&event("/a", 5)));
+        assert_eq!(revisions.complete_through, 4, "more events at 5 may follow");
+        assert!(revisions.admit(&event("/b", 5)));
+        assert!(!revisions.admit(&event("/a", 5)), "a replay");
+        revisions.complete(6);
+        assert!(revisions.delivered_above.is_empty());
+        assert!(!revisions.admit(&event("/b", 5)));
+        assert!(revisions.admit(&event("/b", 7)));
+        // A write answered at 9: its own events may still come.
+        revisions.complete(8);
+        assert!(revisions.admit(&event("/c", 9)));
     }
 }
