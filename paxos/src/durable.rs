@@ -36,6 +36,8 @@ pub struct Persist {
     pub compact_below: Option<Slot>,
     /// The membership in force after a snapshot was installed.
     pub membership: Option<Membership>,
+    /// `Some(false)` once a rejoining replica may vote again.
+    pub joining: Option<bool>,
 }
 
 impl Persist {
@@ -47,6 +49,7 @@ impl Persist {
             && self.chosen_through.is_none()
             && self.compact_below.is_none()
             && self.membership.is_none()
+            && self.joining.is_none()
     }
 }
 
@@ -75,6 +78,10 @@ pub struct DurableState {
     pub log_start: Slot,
     /// Accepted and chosen values by slot, none below `log_start`.
     pub log: BTreeMap<Slot, LogRecord>,
+    /// The replica lost its disk and is rejoining: it does not vote until
+    /// it has learned what it may have forgotten (see [`DurableState::rejoin`]).
+    #[serde(default)]
+    pub joining: bool,
 }
 
 impl DurableState {
@@ -95,6 +102,20 @@ impl DurableState {
             chosen_through: 0,
             log_start: 0,
             log,
+            joining: false,
+        }
+    }
+
+    /// The state of a member that lost its disk (or was given a new, empty
+    /// one) and rejoins the cluster it belonged to. Such a replica may have
+    /// forgotten promises and acceptances it made, so it votes in nothing
+    /// until every other member has told it the highest ballot it promised
+    /// and the highest slot it accepted, it has promised at least that
+    /// ballot, and it has learned the chosen values through that slot.
+    pub fn rejoin(membership: Membership) -> DurableState {
+        DurableState {
+            joining: true,
+            ..DurableState::bootstrap(membership)
         }
     }
 
@@ -136,6 +157,9 @@ impl DurableState {
         }
         if let Some(membership) = &batch.membership {
             self.membership = membership.clone();
+        }
+        if let Some(joining) = batch.joining {
+            self.joining = joining;
         }
     }
 

@@ -57,6 +57,11 @@ pub enum Message {
     ReadIndex(ReadIndex),
     /// The leader's answer to a [`ReadIndex`].
     ReadIndexReply(ReadIndexReply),
+    /// A replica rejoining after losing its disk asks what it may have
+    /// forgotten.
+    JoinProbe(JoinProbe),
+    /// A voting member's answer to a [`JoinProbe`].
+    JoinProbeReply(JoinProbeReply),
 }
 
 /// Would the recipient promise ballot `(round, sender)`? Sent before a real
@@ -207,6 +212,22 @@ pub struct Forward {
 pub struct ReadIndex {
     /// Chosen by the follower to match the reply.
     pub request: u64,
+}
+
+/// Asked by a replica that rejoins with an empty disk: what is the highest
+/// ballot you promised and the highest slot you accepted?
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinProbe {}
+
+/// A voting member's state, for a rejoining replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinProbeReply {
+    /// The member's promised ballot.
+    pub promised: Ballot,
+    /// The highest slot it holds an accepted or chosen value for.
+    pub highest_accepted_slot: Slot,
+    /// Its chosen prefix.
+    pub chosen_through: Slot,
 }
 
 /// The leader's answer to a [`ReadIndex`].

@@ -214,6 +214,17 @@ struct Leader {
     reads_waiting_quorum: VecDeque<(u64, Reader, Slot, u64)>,
 }
 
+/// A replica rejoining after losing its disk: what the other members told it.
+#[derive(Debug, Default)]
+struct Joining {
+    replies: BTreeMap<NodeId, JoinProbeReply>,
+    /// Once every other member replied: the ballot to promise at least, and
+    /// the slot the chosen prefix must reach before voting.
+    target: Option<(Ballot, Slot)>,
+    last_probe_ms: Option<u64>,
+    last_nudge_ms: u64,
+}
+
 #[derive(Debug)]
 enum RoleState {
     Follower,
@@ -274,6 +285,7 @@ pub struct Node {
     next_read_request: u64,
     forwarded_reads: BTreeMap<u64, (ReadId, u64)>,
     reads_waiting_chosen: Vec<(ReadId, Slot, u64)>,
+    joining: Option<Joining>,
 }
 
 impl Node {
@@ -298,6 +310,7 @@ impl Node {
         };
         state.check(apply_from)?;
         let chosen_through = state.chosen_through.max(apply_from.saturating_sub(1));
+        let joining = state.joining.then(Joining::default);
         let log = state
             .log
             .into_iter()
@@ -353,6 +366,7 @@ impl Node {
             next_read_request,
             forwarded_reads: BTreeMap::new(),
             reads_waiting_chosen: Vec::new(),
+            joining,
             config,
         })
     }
@@ -407,6 +421,12 @@ impl Node {
     /// The first slot retained in the log.
     pub fn log_start(&self) -> Slot {
         self.log_start
+    }
+
+    /// Whether this replica is rejoining after losing its disk (and so does
+    /// not vote yet).
+    pub fn is_joining(&self) -> bool {
+        self.joining.is_some()
     }
 
     /// Whether this replica leads and holds a lease at `now_ms` (its clock).
@@ -527,7 +547,9 @@ impl Node {
         if matches!(self.role, RoleState::Leader(_)) {
             self.leader_tick();
         } else {
-            if self.now_ms >= self.election_deadline_ms {
+            if self.joining.is_some() {
+                self.joining_tick();
+            } else if self.now_ms >= self.election_deadline_ms {
                 self.start_pre_vote();
             }
             self.retry_catch_up();
@@ -666,6 +688,7 @@ impl Node {
                 self.request_catch_up(leader);
             }
         }
+        self.check_join_complete();
         self.drain_loopback();
     }
 
@@ -761,6 +784,8 @@ impl Node {
             Message::Forward(m) => self.on_forward(from, m),
             Message::ReadIndex(m) => self.on_read_index(from, m),
             Message::ReadIndexReply(m) => self.on_read_index_reply(from, m),
+            Message::JoinProbe(_) => self.on_join_probe(from),
+            Message::JoinProbeReply(m) => self.on_join_probe_reply(from, m),
         }
     }
 
@@ -768,6 +793,9 @@ impl Node {
     /// not within a lease it granted to another leader, and not within one
     /// lease duration of its own start.
     fn may_promise_to(&self, candidate: NodeId) -> bool {
+        if self.joining.is_some() {
+            return false;
+        }
         if self.now_ms < self.no_promise_until_ms {
             return false;
         }
@@ -858,6 +886,9 @@ impl Node {
 
     fn on_prepare(&mut self, from: NodeId, message: Prepare) {
         self.note_ballot(message.ballot);
+        if self.joining.is_some() {
+            return;
+        }
         let repeat = message.ballot == self.promised && message.ballot.node == from;
         if !repeat {
             if message.ballot <= self.promised {
@@ -1093,6 +1124,11 @@ impl Node {
         if !self.follow(from, message.ballot) {
             return;
         }
+        if self.joining.is_some() {
+            // Not a voter yet: learn what is chosen, accept nothing.
+            self.learn_chosen_through(from, message.ballot, message.chosen_through);
+            return;
+        }
         if message.ballot > self.promised {
             self.promised = message.ballot;
             self.building.promised = Some(message.ballot);
@@ -1147,6 +1183,7 @@ impl Node {
         if self.chosen_through > before {
             self.building.chosen_through = Some(self.chosen_through);
             self.complete_reads_waiting_chosen();
+            self.check_join_complete();
         }
         if self.chosen_through < announced {
             self.request_catch_up(from);
@@ -1466,6 +1503,10 @@ impl Node {
         if !self.follow(from, message.ballot) {
             return;
         }
+        if self.joining.is_some() {
+            self.learn_chosen_through(from, message.ballot, message.chosen_through);
+            return;
+        }
         // Acknowledging grants a lease: promise no other ballot until one
         // lease duration after this receipt.
         self.lease_granted_until_ms = self.now_ms + self.config.lease_ms;
@@ -1729,6 +1770,7 @@ impl Node {
         if progressed {
             self.complete_reads_waiting_chosen();
             self.catch_up_sent = None;
+            self.check_join_complete();
         }
         if self.chosen_through < self.announced_chosen_through && progressed {
             self.request_catch_up(from);
@@ -1778,6 +1820,135 @@ impl Node {
                 covering_through: message.log_start - 1,
             });
         }
+    }
+
+    // ----- Rejoining after a lost disk -----
+
+    /// Asks every member that has not answered yet, and nudges the log
+    /// forward when the slots to learn are not chosen yet.
+    fn joining_tick(&mut self) {
+        self.election_deadline_ms = self.now_ms + self.config.election_timeout_max_ms;
+        let now = self.now_ms;
+        let retry = self.config.catch_up_retry_ms;
+        let nudge_every = self.config.election_timeout_min_ms;
+        let chosen_through = self.chosen_through;
+        let leader = self.leader_hint.filter(|&l| l != self.id());
+        let Some(joining) = self.joining.as_mut() else {
+            return;
+        };
+        let mut probe = Vec::new();
+        if joining.target.is_none()
+            && joining
+                .last_probe_ms
+                .is_none_or(|last| now >= last + retry)
+        {
+            joining.last_probe_ms = Some(now);
+            probe = self
+                .membership
+                .members()
+                .iter()
+                .copied()
+                .filter(|&member| member != self.config.id && !joining.replies.contains_key(&member))
+                .collect();
+        }
+        let mut nudge = None;
+        if let (Some((_, slot)), Some(leader)) = (joining.target, leader) {
+            if chosen_through < slot && now >= joining.last_nudge_ms + nudge_every {
+                // Slots some member accepted but nobody chose yet: an empty
+                // command makes the leader fill the log past them.
+                joining.last_nudge_ms = now;
+                nudge = Some(leader);
+            }
+        }
+        for member in probe {
+            self.send(member, Message::JoinProbe(JoinProbe {}), After::Now);
+        }
+        if let Some(leader) = nudge {
+            let commands: Arc<[Command]> = Arc::from(vec![Command::new()]);
+            self.send(leader, Message::Forward(Forward { commands }), After::Now);
+        }
+    }
+
+    fn on_join_probe(&mut self, from: NodeId) {
+        if self.joining.is_some() {
+            // A replica that lost its own disk knows nothing worth telling.
+            return;
+        }
+        let highest_accepted_slot = self
+            .log
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(self.chosen_through)
+            .max(self.chosen_through);
+        let reply = Message::JoinProbeReply(JoinProbeReply {
+            promised: self.promised,
+            highest_accepted_slot,
+            chosen_through: self.chosen_through,
+        });
+        self.send(from, reply, After::Now);
+    }
+
+    fn on_join_probe_reply(&mut self, from: NodeId, message: JoinProbeReply) {
+        let others = self.membership.members().len().saturating_sub(1);
+        let Some(joining) = self.joining.as_mut() else {
+            return;
+        };
+        if joining.target.is_some() {
+            return;
+        }
+        joining.replies.insert(from, message);
+        if joining.replies.len() < others {
+            return;
+        }
+        // Every other member answered. Any candidate that may hold a promise
+        // this replica forgot made its own ballot durable before asking, so
+        // the highest promise reported covers it; any value chosen with an
+        // acceptance this replica forgot was accepted by another member too,
+        // so it lies at or below the highest slot reported.
+        let ballot = joining
+            .replies
+            .values()
+            .map(|reply| reply.promised)
+            .max()
+            .unwrap_or(Ballot::ZERO);
+        let slot = joining
+            .replies
+            .values()
+            .map(|reply| reply.highest_accepted_slot.max(reply.chosen_through))
+            .max()
+            .unwrap_or(0);
+        let known_chosen = joining
+            .replies
+            .values()
+            .map(|reply| reply.chosen_through)
+            .max()
+            .unwrap_or(0);
+        joining.target = Some((ballot, slot));
+        self.note_ballot(ballot);
+        if ballot > self.promised {
+            self.promised = ballot;
+            self.building.promised = Some(ballot);
+        }
+        self.announced_chosen_through = self.announced_chosen_through.max(known_chosen);
+        self.check_join_complete();
+    }
+
+    /// Becomes a voter once the promise is raised and the chosen prefix
+    /// covers every slot another member had accepted.
+    fn check_join_complete(&mut self) {
+        let Some(joining) = &self.joining else {
+            return;
+        };
+        let Some((_, slot)) = joining.target else {
+            return;
+        };
+        if self.chosen_through < slot {
+            return;
+        }
+        self.joining = None;
+        self.building.joining = Some(false);
+        self.reset_election_deadline();
     }
 
     fn on_forward(&mut self, _from: NodeId, message: Forward) {

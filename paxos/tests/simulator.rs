@@ -69,7 +69,7 @@ fn run_mix(mix_index: u64) {
         seed += mixes;
     }
     println!(
-        "{:?}: {runs} seeds in {:.1?}: {} events, {} slots chosen, {} commands, {} reads, {} crashes, {} snapshots, {} elections; {} failed {:?}",
+        "{:?}: {runs} seeds in {:.1?}: {} events, {} slots chosen, {} commands, {} reads, {} crashes ({} disks lost), {} snapshots, {} elections; {} failed {:?}",
         MIXES[mix_index as usize],
         started.elapsed(),
         sum.events,
@@ -77,6 +77,7 @@ fn run_mix(mix_index: u64) {
         sum.commands_chosen,
         sum.reads_served,
         sum.crashes,
+        sum.disk_losses,
         sum.snapshots,
         sum.elections,
         failures.len(),
@@ -93,6 +94,7 @@ fn add(sum: &mut Report, report: &Report) {
     sum.crashes += report.crashes;
     sum.snapshots += report.snapshots;
     sum.elections += report.elections;
+    sum.disk_losses += report.disk_losses;
 }
 
 #[test]

@@ -101,6 +101,9 @@ pub struct Params {
     pub clock_drift_margin_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
+    /// Chance that a crash also loses the replica's disk: it restarts
+    /// empty and rejoins ([`DurableState::rejoin`]).
+    pub disk_loss: f64,
 }
 
 impl Params {
@@ -136,6 +139,7 @@ impl Params {
             clock_drift_margin_ms: 20,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
+            disk_loss: 0.0,
         };
         match mix {
             Mix::Lossy => {
@@ -146,6 +150,7 @@ impl Params {
             Mix::Crashes => {
                 params.loss = rng.random_range(0.0..0.05);
                 params.crashes = true;
+                params.disk_loss = rng.random_range(0.0..0.5);
                 params.long_delay = rng.random_range(0.0..0.03);
                 params.sync_crash = rng.random_range(0.0..0.02);
             }
@@ -174,6 +179,7 @@ impl Params {
             }
             Mix::Durability => {
                 params.crashes = true;
+                params.disk_loss = rng.random_range(0.0..0.3);
                 params.partitions = true;
                 params.leader_isolation = true;
                 params.long_delay = rng.random_range(0.05..0.15);
@@ -181,6 +187,7 @@ impl Params {
                 params.sync_crash = rng.random_range(0.03..0.08);
             }
             Mix::Chaos => {
+                params.disk_loss = rng.random_range(0.0..0.2);
                 params.long_delay = rng.random_range(0.0..0.02);
                 params.sync_crash = rng.random_range(0.0..0.01);
                 params.loss = rng.random_range(0.0..0.1);
@@ -296,6 +303,7 @@ pub struct Report {
     pub crashes: u64,
     pub snapshots: u64,
     pub elections: u64,
+    pub disk_losses: u64,
 }
 
 pub struct Simulation {
@@ -607,6 +615,10 @@ impl Simulation {
                 .wrapping_add(entry.slot.wrapping_mul(31));
             if let Value::Commands(batch) = &entry.value {
                 for command in batch.commands.iter() {
+                    if command.is_empty() {
+                        // A rejoining replica's nudge.
+                        continue;
+                    }
                     let id = u64::from_le_bytes(command[..8].try_into().expect("8-byte command"));
                     if self.commands_chosen.insert(id) {
                         self.report.commands_chosen += 1;
@@ -719,6 +731,31 @@ impl Simulation {
             let node = &mut self.nodes[index];
             node.lease_believed_until_us = node.lease_believed_until_us.min(now);
         }
+    }
+
+    /// Whether every replica but `index` has its disk and votes: losing a
+    /// second disk before the first rejoined could lose chosen values, which
+    /// no protocol survives.
+    fn nobody_else_joining(&self, index: usize) -> bool {
+        self.nodes.iter().enumerate().all(|(i, node)| {
+            i == index
+                || (!node.durable.joining
+                    && node.core.as_ref().is_none_or(|core| !core.is_joining()))
+        })
+    }
+
+    /// The crashed replica's disk is gone: it restarts empty, rejoining, and
+    /// its state machine starts from nothing.
+    fn lose_disk(&mut self, index: usize) {
+        self.report.disk_losses += 1;
+        let membership = self.membership.clone();
+        let node = &mut self.nodes[index];
+        node.durable = DurableState::rejoin(membership.clone());
+        node.machine = Machine {
+            apply_next: 0,
+            digest: 0,
+            membership,
+        };
     }
 
     fn live_nodes(&self) -> Vec<usize> {
@@ -957,6 +994,12 @@ impl Simulation {
                     .filter(|_| self.rng.random_bool(0.5))
                     .unwrap_or_else(|| self.rng.random_range(0..n));
                 self.crash(victim);
+                if self.params.disk_loss > 0.0
+                    && self.rng.random_bool(self.params.disk_loss)
+                    && self.nobody_else_joining(victim)
+                {
+                    self.lose_disk(victim);
+                }
                 let down = self.rng.random_range(
                     10_000..if self.params.mix == Mix::Snapshots {
                         1_500_000
