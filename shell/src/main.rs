@@ -1,33 +1,126 @@
-//! The `synod` command.
+//! The `synod` command: the interactive shell, the same commands one at a
+//! time from the command line (`synod ls /`, `synod --json get /a`), a local
+//! development cluster (`synod dev`) and certificates (`synod certs`).
+//!
+//! `main` only parses arguments and dispatches: the commands are one table
+//! (`table.rs`) read by completion, help and dispatch alike.
 
-use clap::{Parser, Subcommand};
+mod certs;
+mod commands;
+mod connect;
+mod dev;
+mod paths;
+mod render;
+mod repl;
+mod table;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+
+use commands::{Interrupted, Shell};
+use connect::ConnectArgs;
+use table::UsageError;
 
 /// Synod: a coordination service with locks, leader election and watches.
+///
+/// Without a command, opens the interactive shell on the cluster named by
+/// the connection flags, the SYNOD_* environment variables, or the config
+/// file `synod dev` writes.
 #[derive(Parser)]
-#[command(name = "synod", version)]
+#[command(name = "synod", version, disable_help_subcommand = true)]
 struct Cli {
+    #[command(flatten)]
+    connection: ConnectArgs,
+    /// Print results as JSON, one document per line, for scripts.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
-    command: Command,
+    command: Option<TopCommand>,
 }
 
 #[derive(Subcommand)]
-enum Command {
-    /// Start a local 3-replica cluster with the shell attached.
-    Dev,
+enum TopCommand {
+    /// Start a local 3-replica cluster on 127.0.0.1 and open the shell on it.
+    Dev(dev::DevArgs),
+    /// Make a CA and certificates for replicas and clients.
+    Certs(certs::CertsArgs),
+    /// Open the interactive shell (what `synod` alone does).
+    Shell,
+    /// Any shell command, run once (see the list below).
+    #[command(external_subcommand)]
+    Command(Vec<String>),
 }
 
-fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    let after_help = format!(
+        "Shell commands, also run one at a time as `synod COMMAND ...` (add --json for scripts):\n{}",
+        table::overview()
+    );
+    let matches = Cli::command().after_help(after_help).get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.is::<Interrupted>() => ExitCode::from(130),
+        Err(error) if error.is::<UsageError>() => {
+            eprintln!("synod: {error}");
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("synod: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Dev => {
+        Some(TopCommand::Dev(args)) => dev::run(&runtime, &args),
+        Some(TopCommand::Certs(args)) => certs::run(&args),
+        None | Some(TopCommand::Shell) => {
+            let config = cli.connection.resolve()?;
+            let client = runtime.block_on(connect::connect(&config))?;
             println!(
-                "synod {} (protocol {}): the replica binary and the shell are not built yet.",
-                env!("CARGO_PKG_VERSION"),
-                synod_client::PROTOCOL_VERSION
+                "connected to {}; `help` lists the commands, Ctrl-D leaves",
+                config.endpoints.join(", ")
             );
-            println!("What exists: the Multi-Paxos core (crate synod-paxos) and its simulator;");
-            println!("run `cargo test -p synod-paxos --release` to exercise it.");
-            Ok(())
+            let mut shell = Shell::new(Some(client), Some(config), true);
+            shell.json = cli.json;
+            repl::run(&runtime, &mut shell)
+        }
+        Some(TopCommand::Command(words)) => {
+            let spec = words
+                .first()
+                .and_then(|name| table::find(name))
+                .ok_or_else(|| {
+                    UsageError(format!(
+                        "unknown command `{}`; `synod --help` lists the commands",
+                        words.first().map(String::as_str).unwrap_or("")
+                    ))
+                })?;
+            let (client, config) = if spec.needs_cluster {
+                let config = cli.connection.resolve()?;
+                let client = runtime.block_on(connect::connect(&config))?;
+                (Some(client), Some(config))
+            } else {
+                (None, None)
+            };
+            let mut shell = Shell::new(client.clone(), config, false);
+            shell.json = cli.json;
+            let result = runtime.block_on(shell.execute(&words));
+            if let Some(client) = client {
+                runtime.block_on(client.close());
+            }
+            result.map(|_| ())
         }
     }
 }

@@ -1,0 +1,171 @@
+//! One-shot commands against a real cluster: `synod dev --detach` starts
+//! three `synod-server` processes on free loopback ports in a temporary
+//! directory and writes the client config file into a private home, so every
+//! later `synod COMMAND` finds the cluster without flags. The test checks
+//! that `--json` output parses as JSON with the expected fields (create, get
+//! of text and binary data, set, stat, ls, tree, status of every replica,
+//! leader), that errors exit non-zero with a plain message (missing node,
+//! unknown command, bad arguments, no cluster configured), that `synod
+//! certs` writes a CA and certificates, and that a second `synod dev` on the
+//! same data directory finds the data written before it was stopped.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{run_bounded, synod_with_home, DevCluster, COMMAND_TIMEOUT};
+use serde_json::Value;
+
+fn run(mut command: Command, args: &[&str]) -> Output {
+    command.args(args);
+    run_bounded(command, COMMAND_TIMEOUT)
+}
+
+fn json(cluster: &DevCluster, args: &[&str]) -> Value {
+    let mut full = vec!["--json"];
+    full.extend_from_slice(args);
+    let output = run(cluster.synod(), &full);
+    assert!(
+        output.status.success(),
+        "synod {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout).expect("UTF-8 output");
+    serde_json::from_str(text.trim()).unwrap_or_else(|error| {
+        panic!("synod {args:?} printed something that is not JSON ({error}): {text}")
+    })
+}
+
+fn fails(cluster: &DevCluster, args: &[&str]) -> (i32, String) {
+    let output = run(cluster.synod(), args);
+    assert!(!output.status.success(), "synod {args:?} should fail");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn one_shot_commands_print_json_and_fail_plainly() {
+    let cluster = DevCluster::start();
+
+    let created = json(&cluster, &["create", "/app", "hello world"]);
+    assert_eq!(created["path"], "/app");
+    let got = json(&cluster, &["get", "/app"]);
+    assert_eq!(got["data"], "hello world");
+    assert_eq!(got["stat"]["version"], 0);
+    assert_eq!(got["stat"]["data_length"], 11);
+
+    // --json may also follow the command, and set takes @FILE.
+    let file = cluster.home.path().join("value.bin");
+    std::fs::write(&file, [0u8, 159, 146, 150, 0x1b]).expect("write value");
+    let at_file = format!("@{}", file.display());
+    let set = run(cluster.synod(), &["set", "/app", &at_file, "--json"]);
+    assert!(set.status.success());
+    let set: Value = serde_json::from_slice(&set.stdout).expect("set prints JSON");
+    assert_eq!(set["stat"]["version"], 1);
+    let got = json(&cluster, &["get", "/app"]);
+    assert_eq!(got["data"], Value::Null);
+    assert_eq!(got["data_hex"], "009f92961b");
+    // Without --json, binary data is a hex dump, never raw bytes.
+    let text = run(cluster.synod(), &["get", "/app"]);
+    let shown = String::from_utf8(text.stdout).expect("text output is UTF-8");
+    assert!(shown.contains("5 bytes of binary data"), "{shown}");
+    assert!(!shown.contains('\x1b'));
+
+    let sequential = json(&cluster, &["create", "-s", "/app/job-"]);
+    let path = sequential["path"].as_str().expect("path");
+    assert!(path.starts_with("/app/job-") && path.len() == "/app/job-".len() + 10);
+    let listed = json(&cluster, &["ls", "/app"]);
+    assert_eq!(listed["children"].as_array().map(Vec::len), Some(1));
+    let long = json(&cluster, &["ls", "-l", "/"]);
+    assert_eq!(long["children"][0]["name"], "app");
+    assert_eq!(long["children"][0]["stat"]["children_count"], 1);
+    let tree = json(&cluster, &["tree", "/"]);
+    assert_eq!(tree["nodes"].as_array().map(Vec::len), Some(3));
+    let stat = json(&cluster, &["stat", "/app"]);
+    assert_eq!(stat["stat"]["ephemeral_owner"], 0);
+
+    let status = json(&cluster, &["status"]);
+    let replicas = status["replicas"].as_array().expect("replicas");
+    assert_eq!(replicas.len(), 3);
+    assert!(replicas.iter().all(|r| r["reachable"] == true));
+    let leaders = replicas.iter().filter(|r| r["role"] == "leader").count();
+    assert_eq!(leaders, 1, "{status}");
+    let text = run(cluster.synod(), &["status"]);
+    let table = String::from_utf8_lossy(&text.stdout);
+    assert!(table.contains("ROLE") && table.contains("LAG"), "{table}");
+
+    let leader = json(&cluster, &["leader", "/elections/db"]);
+    assert_eq!(leader["leader"], Value::Null);
+    let help = json(&cluster, &["help", "lock"]);
+    assert_eq!(help["command"], "lock");
+
+    // Errors: plain messages, non-zero status.
+    let (code, message) = fails(&cluster, &["get", "/missing"]);
+    assert_eq!(code, 1);
+    assert!(message.contains("/missing does not exist"), "{message}");
+    let (code, message) = fails(&cluster, &["frobnicate"]);
+    assert_eq!(code, 2);
+    assert!(message.contains("unknown command"), "{message}");
+    let (code, message) = fails(&cluster, &["get"]);
+    assert_eq!(code, 2);
+    assert!(message.contains("usage: get PATH"), "{message}");
+    let (_, message) = fails(&cluster, &["rm", "/app"]);
+    assert!(message.contains("rm -r /app"), "{message}");
+    let removed = json(&cluster, &["rm", "-r", "/app"]);
+    assert_eq!(removed["deleted"].as_array().map(Vec::len), Some(2));
+
+    // With no config anywhere, the message says how to get a cluster.
+    let empty_home = tempfile::tempdir().expect("home");
+    let output = run(synod_with_home(empty_home.path()), &["ls", "/"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("synod dev"));
+
+    // Certificates for replicas and clients.
+    let certs = empty_home.path().join("certs");
+    let certs_arg = certs.display().to_string();
+    let output = run(
+        synod_with_home(empty_home.path()),
+        &[
+            "certs",
+            "--dir",
+            &certs_arg,
+            "--node",
+            "1=localhost,127.0.0.1",
+            "--client",
+            "app",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for file in [
+        "ca.pem",
+        "ca-key.pem",
+        "node-1.pem",
+        "node-1-key.pem",
+        "app.pem",
+        "app-key.pem",
+    ] {
+        assert!(certs.join(file).exists(), "{file} missing");
+    }
+    let again = run(
+        synod_with_home(empty_home.path()),
+        &["certs", "--dir", &certs_arg],
+    );
+    assert!(
+        !again.status.success(),
+        "an existing CA is not overwritten silently"
+    );
+
+    // A second `synod dev` on the same data finds what the first one kept.
+    json(&cluster, &["create", "/kept", "yes"]);
+    let stopped = cluster.stop();
+    assert!(String::from_utf8_lossy(&stopped.stdout).contains("stopped the dev cluster"));
+    cluster.start_again();
+    let kept = json(&cluster, &["get", "/kept"]);
+    assert_eq!(kept["data"], "yes");
+}
