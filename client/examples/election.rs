@@ -33,8 +33,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let endpoints = std::env::var("SYNOD_ENDPOINTS")
         .unwrap_or_else(|_| "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103".into());
     let certs = std::env::var("SYNOD_CERTS").unwrap_or_else(|_| "synod-dev/certs".into());
-    let session_timeout_ms: u64 = std::env::var("SYNOD_SESSION_TIMEOUT_MS")
-        .map_or(Ok(5000), |s| s.parse())?;
+    let session_timeout_ms: u64 =
+        std::env::var("SYNOD_SESSION_TIMEOUT_MS").map_or(Ok(5000), |s| s.parse())?;
 
     let client = Client::builder()
         .endpoints(endpoints.split(',').map(str::trim))

@@ -19,7 +19,7 @@ use synod_proto::{
 use tokio::sync::{broadcast, watch as state_watch};
 use tokio::time::Instant;
 
-use crate::lock::{wait_for_grant, Waited};
+use crate::lock::{wait_for_grant, Standing, Waited};
 use crate::{Claim, Client, ClientError, Result, SessionState};
 
 /// Attempts of one campaign, each after a lost answer.
@@ -45,7 +45,7 @@ pub struct Leadership {
     claim: Option<Claim>,
     sequencer: Sequencer,
     value: Vec<u8>,
-    state: state_watch::Receiver<SessionState>,
+    standing: Standing,
 }
 
 impl Leadership {
@@ -83,7 +83,8 @@ impl Leadership {
     }
 
     /// Whether this client still leads as far as it knows: the session has
-    /// not ended.
+    /// not ended, nor been suspended long enough that the cluster may have
+    /// expired it.
     ///
     /// ```no_run
     /// # fn example(leadership: &synod_client::Leadership) {
@@ -91,11 +92,13 @@ impl Leadership {
     /// # }
     /// ```
     pub fn is_leader(&self) -> bool {
-        !self.state.borrow().is_ended()
+        self.standing.stands()
     }
 
-    /// Resolves when the leadership is lost because the session ended,
-    /// with [`ClientError::LockLost`]; stop acting as leader then.
+    /// Resolves with [`ClientError::LockLost`] as soon as the leadership
+    /// may be lost: the session ended, or has been suspended past the point
+    /// where the cluster may expire it (before any other candidate can be
+    /// elected). Stop acting as leader then.
     ///
     /// ```no_run
     /// # async fn example(leadership: &synod_client::Leadership) {
@@ -104,7 +107,7 @@ impl Leadership {
     /// # }
     /// ```
     pub fn lost(&self) -> impl Future<Output = ClientError> + Send + 'static {
-        crate::lock::lost(self.state.clone(), self.sequencer.path.clone())
+        self.standing.clone().lost(self.sequencer.path.clone())
     }
 
     /// Stops leading; the next candidate is elected.
@@ -124,12 +127,21 @@ impl Leadership {
         let Some(claim) = self.claim.take() else {
             return Ok(());
         };
-        if self.state.borrow().is_ended() {
+        if self.standing.ended() {
             return Err(ClientError::LockLost {
                 path: self.sequencer.path.clone(),
             });
         }
-        claim.client.resign(&claim.path).await
+        claim
+            .client
+            .resign(&claim.path)
+            .await
+            .map_err(|error| match error.kind() {
+                crate::ErrorKind::SessionExpired => ClientError::LockLost {
+                    path: claim.path.clone(),
+                },
+                _ => error,
+            })
     }
 }
 
@@ -331,7 +343,7 @@ impl Client {
             claim: Some(claim),
             sequencer,
             value: value.to_vec(),
-            state: self.state(),
+            standing: Standing::of(self),
         }
     }
 

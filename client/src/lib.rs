@@ -844,6 +844,11 @@ impl Client {
         self.inner.shared.grants.subscribe()
     }
 
+    /// While suspended, when the cluster may expire the session.
+    pub(crate) fn jeopardy(&self) -> state_watch::Receiver<Option<tokio::time::Instant>> {
+        self.inner.shared.jeopardy.subscribe()
+    }
+
     /// Counts the connections the session has been served on.
     pub(crate) fn connections(&self) -> state_watch::Receiver<u64> {
         self.inner.shared.connections.subscribe()

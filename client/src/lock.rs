@@ -16,10 +16,13 @@
 //! and acquires again. The lock is never held without the client knowing
 //! its token, at the price of the place in the queue.
 //!
-//! The lock is lost only when the session ends (expired or closed): watch
-//! [`LockGuard::lost`] and stop the protected work when it resolves. While
-//! the session is suspended (see [`crate::SessionState`]) the lock is
-//! still held but in jeopardy: pause work that is not fenced.
+//! The cluster takes the lock away only when the session ends (expired or
+//! closed). [`LockGuard::lost`] resolves as soon as that may have happened:
+//! when the session ended, or when it has been suspended (see
+//! [`crate::SessionState`]) past the point where the cluster may expire it,
+//! which is before the cluster could grant the lock to anyone else. Stop
+//! the protected work then; if the session resumes after all,
+//! [`LockGuard::check`] says whether the lock is still held.
 
 use std::future::Future;
 use std::time::Duration;
@@ -158,7 +161,65 @@ impl LockOptions {
 pub struct LockGuard {
     claim: Option<Claim>,
     sequencer: Sequencer,
+    standing: Standing,
+}
+
+/// Whether a session still stands: not ended, and not suspended past the
+/// point where the cluster may expire it.
+#[derive(Debug, Clone)]
+pub(crate) struct Standing {
     state: state_watch::Receiver<SessionState>,
+    jeopardy: state_watch::Receiver<Option<Instant>>,
+}
+
+impl Standing {
+    pub(crate) fn of(client: &Client) -> Standing {
+        Standing {
+            state: client.state(),
+            jeopardy: client.jeopardy(),
+        }
+    }
+
+    pub(crate) fn ended(&self) -> bool {
+        self.state.borrow().is_ended()
+    }
+
+    pub(crate) fn stands(&self) -> bool {
+        let in_jeopardy = self
+            .jeopardy
+            .borrow()
+            .is_some_and(|at| Instant::now() >= at);
+        !self.ended() && !in_jeopardy
+    }
+
+    /// Resolves when the session no longer stands.
+    pub(crate) async fn lost(mut self, path: String) -> ClientError {
+        for _ in 0..u32::MAX {
+            if self.state.borrow_and_update().is_ended() {
+                break;
+            }
+            let jeopardy = *self.jeopardy.borrow_and_update();
+            let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+            tokio::select! {
+                changed = self.state.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                changed = self.jeopardy.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep_until(jeopardy.unwrap_or(far)) => {
+                    if jeopardy.is_some() {
+                        break;
+                    }
+                }
+            }
+        }
+        ClientError::LockLost { path }
+    }
 }
 
 impl std::fmt::Debug for Claim {
@@ -192,7 +253,8 @@ impl LockGuard {
     }
 
     /// Whether the lock is still held as far as this client knows: the
-    /// session has not ended.
+    /// session has not ended, nor been suspended long enough that the
+    /// cluster may have expired it.
     ///
     /// ```no_run
     /// # async fn example(guard: &synod_client::LockGuard) {
@@ -200,12 +262,14 @@ impl LockGuard {
     /// # }
     /// ```
     pub fn is_held(&self) -> bool {
-        !self.state.borrow().is_ended()
+        self.standing.stands()
     }
 
-    /// Resolves when the lock is lost because the session ended (expired
-    /// or closed), with [`ClientError::LockLost`]. The future owns what it
-    /// needs, so it can be spawned or raced with the protected work.
+    /// Resolves with [`ClientError::LockLost`] as soon as the lock may be
+    /// lost: the session ended (expired or closed), or has been suspended
+    /// past the point where the cluster may expire it, which comes before
+    /// the cluster could grant the lock to anyone else. The future owns what
+    /// it needs, so it can be spawned or raced with the protected work.
     ///
     /// ```no_run
     /// # async fn example(guard: &synod_client::LockGuard) {
@@ -217,7 +281,7 @@ impl LockGuard {
     /// # }
     /// ```
     pub fn lost(&self) -> impl Future<Output = ClientError> + Send + 'static {
-        lost(self.state.clone(), self.sequencer.path.clone())
+        self.standing.clone().lost(self.sequencer.path.clone())
     }
 
     /// Checks with the cluster that the token is still current.
@@ -264,12 +328,21 @@ impl LockGuard {
         let Some(claim) = self.claim.take() else {
             return Ok(());
         };
-        if self.state.borrow().is_ended() {
+        if self.standing.ended() {
             return Err(ClientError::LockLost {
                 path: self.sequencer.path.clone(),
             });
         }
-        claim.client.cancel_lock(&claim.path).await
+        claim
+            .client
+            .cancel_lock(&claim.path)
+            .await
+            .map_err(|error| match error.kind() {
+                crate::ErrorKind::SessionExpired => ClientError::LockLost {
+                    path: claim.path.clone(),
+                },
+                _ => error,
+            })
     }
 }
 
@@ -281,14 +354,6 @@ impl Drop for LockGuard {
             });
         }
     }
-}
-
-pub(crate) async fn lost(
-    mut state: state_watch::Receiver<SessionState>,
-    path: String,
-) -> ClientError {
-    let _ = state.wait_for(|state| state.is_ended()).await;
-    ClientError::LockLost { path }
 }
 
 /// How waiting for a grant ended.
@@ -518,7 +583,7 @@ impl Client {
         LockGuard {
             claim: Some(claim),
             sequencer,
-            state: self.state(),
+            standing: Standing::of(self),
         }
     }
 

@@ -9,10 +9,14 @@
 //! and a status request; the status answer proves the replica still reads
 //! the stream. A replica silent for a third of the timeout is given up
 //! (a killed replica sends no close, and QUIC's idle timeout alone would be
-//! slow), and the task tries the other endpoints until the session's
-//! deadline: the last time the replica was heard from plus the timeout,
-//! less a margin, so the client never believes in a session the cluster
-//! has already expired. It resumes the session there, re-registering
+//! slow), and the task tries the other endpoints. From the session's
+//! deadline on (the last time the replica was heard from plus the timeout,
+//! less a margin) the session is in jeopardy: the cluster may have expired
+//! it, so locks and leaderships report themselves lost, never later than
+//! the cluster could have granted them to someone else. The task keeps
+//! trying for as long again (a new Paxos leader gives sessions a grace to
+//! find it), until a replica says the session expired or the time is up.
+//! It resumes the session on the first replica that answers, re-registering
 //! watches with the last revision through which it has seen every event,
 //! and sends again every request not yet answered: the replica's state
 //! machine answers a repeated `(session, sequence)` with its original result.
@@ -128,6 +132,9 @@ pub(crate) const GRANTS_BUFFERED_MAX: usize = 1024;
 /// Bound on state transitions buffered per subscriber.
 pub(crate) const TRANSITIONS_BUFFERED_MAX: usize = 256;
 
+/// Where the answer to a status request goes.
+type StatusReply = oneshot::Sender<Result<ClusterStatus, ClientError>>;
+
 struct Outstanding {
     request: Request,
     consistency: ReadConsistency,
@@ -148,6 +155,8 @@ pub(crate) struct Shared {
     /// Counts the connections the session was served on; a change means the
     /// session moved, and lock grants sent meanwhile may have been lost.
     pub connections: watch::Sender<u64>,
+    /// While suspended: when the cluster may expire the session.
+    pub jeopardy: watch::Sender<Option<tokio::time::Instant>>,
 }
 
 impl Shared {
@@ -157,7 +166,9 @@ impl Shared {
         let (transitions, _) = broadcast::channel(TRANSITIONS_BUFFERED_MAX);
         let (state, _) = watch::channel(SessionState::Suspended);
         let (connections, _) = watch::channel(0);
+        let (jeopardy, _) = watch::channel(None);
         Shared {
+            jeopardy,
             events,
             grants,
             state,
@@ -372,10 +383,7 @@ struct SessionTask {
     /// each persistent one.
     watches: BTreeMap<WatchRegistration, u64>,
     /// Status requests in flight, in order; `None` for the task's own pings.
-    status_waiters: VecDeque<(
-        Option<oneshot::Sender<Result<ClusterStatus, ClientError>>>,
-        Instant,
-    )>,
+    status_waiters: VecDeque<(Option<StatusReply>, Instant)>,
     endpoint_index: usize,
     /// When the replica was last heard from.
     last_heard: Instant,
@@ -406,6 +414,13 @@ impl SessionTask {
     fn session_deadline(&self) -> Instant {
         let margin = (self.timeout_ms / 10).max(50);
         self.last_heard + Duration::from_millis(self.timeout_ms.saturating_sub(margin))
+    }
+
+    /// When to stop looking for a replica: the deadline plus as long again
+    /// (at least 2 s), the time a new Paxos leader may add for sessions to
+    /// find it.
+    fn give_up_at(&self) -> Instant {
+        self.session_deadline() + Duration::from_millis(self.timeout_ms.max(2000))
     }
 
     async fn run(mut self, mut link: Link, mut calls: mpsc::Receiver<Call>) {
@@ -767,7 +782,13 @@ impl SessionTask {
         let count = self.settings.endpoints.len().max(1);
         let mut delay = Duration::from_millis(20);
         for attempt in 0..10_000u32 {
-            let give_up = self.session_deadline();
+            let jeopardy = Some(tokio::time::Instant::from_std(self.session_deadline()));
+            self.shared.jeopardy.send_if_modified(|at| {
+                let changed = *at != jeopardy;
+                *at = jeopardy;
+                changed
+            });
+            let give_up = self.give_up_at();
             let now = Instant::now();
             if now >= give_up {
                 tracing::info!(
@@ -818,6 +839,7 @@ impl SessionTask {
                                 "session resumed"
                             );
                             self.shared.connections.send_modify(|count| *count += 1);
+                            self.shared.jeopardy.send_replace(None);
                             self.shared.set_state(SessionState::Connected {
                                 session: self.session,
                                 node_id: link.node_id,
@@ -838,10 +860,7 @@ impl SessionTask {
                 }
                 link.connection.close(0u32.into(), b"resume failed");
             }
-            let pause = delay.min(
-                self.session_deadline()
-                    .saturating_duration_since(Instant::now()),
-            );
+            let pause = delay.min(self.give_up_at().saturating_duration_since(Instant::now()));
             tokio::time::sleep(pause).await;
             delay = (delay * 2).min(Duration::from_millis(200));
         }

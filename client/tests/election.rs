@@ -49,9 +49,7 @@ async fn an_election_fails_over_when_the_leaders_process_dies_and_observers_see_
         (helper, lines)
     };
     let (mut first, mut first_lines) = start(1, "first");
-    let elected = first_lines
-        .expect("elected", Duration::from_secs(15))
-        .await;
+    let elected = first_lines.expect("elected", Duration::from_secs(15)).await;
     let first_token = token_in(&elected);
     let (mut second, mut second_lines) = start(2, "second");
     second_lines
@@ -69,7 +67,11 @@ async fn an_election_fails_over_when_the_leaders_process_dies_and_observers_see_
     assert_eq!(seen.value, b"first");
     assert_eq!(seen.sequencer.generation, first_token);
     assert_eq!(
-        observer.leader(name).await.expect("leader").map(|l| l.value),
+        observer
+            .leader(name)
+            .await
+            .expect("leader")
+            .map(|l| l.value),
         Some(b"first".to_vec())
     );
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -50,13 +50,13 @@ async fn contending_clients_hold_the_lock_one_at_a_time_with_increasing_tokens()
             let mut mine = Vec::new();
             for _ in 0..4 {
                 let guard = client.lock("/locks/contended").await.expect("lock");
-                assert!(
-                    !inside.swap(true, Ordering::SeqCst),
-                    "two holders at once"
-                );
+                assert!(!inside.swap(true, Ordering::SeqCst), "two holders at once");
                 let generation = guard.token().generation;
                 grants.lock().expect("not poisoned").push(generation);
-                assert!(downstream.accept(generation), "a holder's token was refused");
+                assert!(
+                    downstream.accept(generation),
+                    "a holder's token was refused"
+                );
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 inside.store(false, Ordering::SeqCst);
                 mine.push(guard.token().clone());
@@ -157,7 +157,10 @@ async fn try_lock_timeouts_shared_locks_and_release_on_drop() {
         (writer, guard)
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiting.is_finished(), "the exclusive waiter waits for readers");
+    assert!(
+        !waiting.is_finished(),
+        "the exclusive waiter waits for readers"
+    );
     reader_a.release().await.expect("release");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiting.is_finished(), "one reader still holds it");
@@ -212,7 +215,10 @@ async fn killing_the_holders_replica_does_not_lose_the_lock() {
     assert!(guard.is_held());
     assert!(holder.check_sequencer(&token).await.expect("check"));
     assert!(waiter.check_sequencer(&token).await.expect("check"));
-    assert!(!waiting.is_finished(), "the waiter must not get a held lock");
+    assert!(
+        !waiting.is_finished(),
+        "the waiter must not get a held lock"
+    );
     guard.release().await.expect("release after the failover");
     let next = tokio::time::timeout(Duration::from_secs(5), waiting)
         .await
