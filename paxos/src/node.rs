@@ -1837,10 +1837,7 @@ impl Node {
             return;
         };
         let mut probe = Vec::new();
-        if joining.target.is_none()
-            && joining
-                .last_probe_ms
-                .is_none_or(|last| now >= last + retry)
+        if joining.target.is_none() && joining.last_probe_ms.is_none_or(|last| now >= last + retry)
         {
             joining.last_probe_ms = Some(now);
             probe = self
@@ -1848,7 +1845,9 @@ impl Node {
                 .members()
                 .iter()
                 .copied()
-                .filter(|&member| member != self.config.id && !joining.replies.contains_key(&member))
+                .filter(|&member| {
+                    member != self.config.id && !joining.replies.contains_key(&member)
+                })
                 .collect();
         }
         let mut nudge = None;

@@ -17,6 +17,8 @@
 //! - `read NODE ID`: ask a node for a linearizable read.
 //! - `partition A.. | B..`: cut every link between the two groups; `heal`.
 //! - `crash NODE`, `restart NODE`: lose volatile state, start again from disk.
+//! - `lose-disk NODE`: after a crash, the disk is gone: the replica restarts
+//!   empty and rejoins.
 //! - `compact NODE THROUGH`: report applied state durable through a slot.
 //! - `status`: one line per live node.
 
@@ -141,6 +143,11 @@ fn message(message: &Message) -> String {
         }
         Message::ReadIndex(_) => "ReadIndex".into(),
         Message::ReadIndexReply(m) => format!("ReadIndexReply index={:?}", m.read_index),
+        Message::JoinProbe(_) => "JoinProbe".into(),
+        Message::JoinProbeReply(m) => format!(
+            "JoinProbeReply promised={} accepted<={} chosen={}",
+            m.promised, m.highest_accepted_slot, m.chosen_through
+        ),
     }
 }
 
@@ -212,6 +219,9 @@ impl Harness {
             }
             if let Some(chosen) = batch.chosen_through {
                 parts.push(format!("chosen={chosen}"));
+            }
+            if let Some(joining) = batch.joining {
+                parts.push(format!("joining={joining}"));
             }
             if let Some(below) = batch.compact_below {
                 parts.push(format!("compact<{below}"));
@@ -396,6 +406,12 @@ impl Harness {
                 self.in_flight.retain(|e| e.to != id);
             }
             "restart" => self.start(number(1)),
+            "lose-disk" => {
+                let id = number(1);
+                let replica = &mut self.replicas[(id - 1) as usize];
+                replica.durable = DurableState::rejoin(self.membership.clone());
+                replica.apply_next = 0;
+            }
             "compact" => {
                 let id = number(1);
                 if let Some(core) = self.replicas[(id - 1) as usize].core.as_mut() {
@@ -503,4 +519,9 @@ fn catch_up_by_snapshot() {
 #[test]
 fn lease_hand_over() {
     scenario("lease_hand_over");
+}
+
+#[test]
+fn rejoin_after_disk_loss() {
+    scenario("rejoin_after_disk_loss");
 }

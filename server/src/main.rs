@@ -17,8 +17,13 @@ struct Arguments {
     config: PathBuf,
     /// Create the database if the data directory has none, as a founding
     /// member of a new cluster. Never use it for a replica that lost its disk.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "join")]
     bootstrap: bool,
+    /// Create an empty database if the data directory has none, for a
+    /// member that lost its disk: it rejoins its cluster and votes only
+    /// once every other member has told it what it may have forgotten.
+    #[arg(long)]
+    join: bool,
     /// Check the configuration and exit.
     #[arg(long)]
     check: bool,
@@ -55,6 +60,7 @@ fn run() -> anyhow::Result<()> {
     runtime.block_on(async move {
         let options = StartOptions {
             bootstrap: arguments.bootstrap,
+            join: arguments.join,
             ..StartOptions::default()
         };
         replica::run(config, options, shutdown_signal())

@@ -320,3 +320,60 @@ async fn an_empty_data_directory_is_refused_without_bootstrap() {
     assert!(error.to_string().contains("--bootstrap"));
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_that_lost_its_disk_rejoins_only_when_told_and_votes_once_caught_up() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster
+        .leader(Duration::from_secs(10))
+        .await
+        .expect("leader");
+    let lost = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let client = cluster.client(leader).await;
+    for i in 0..100 {
+        client
+            .create(&format!("/kept-{i}"), b"k", CreateMode::Persistent)
+            .await
+            .expect("write");
+    }
+    // The disk of one replica is lost.
+    cluster.kill(lost).await;
+    std::fs::remove_dir_all(&cluster.configs[lost].data_dir).expect("wipe");
+    // Without being told, it refuses to start.
+    let refused = Replica::start(cluster.configs[lost].clone(), StartOptions::default()).await;
+    assert!(matches!(refused, Err(ReplicaError::NoDatabase(_))));
+    // Told to join while another member is down, it must not vote: it cannot
+    // learn what it may have forgotten, so the two of them make no quorum.
+    cluster.kill(other).await;
+    cluster.restart_with(lost, true).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let status = cluster.replicas[lost].as_ref().expect("up").status();
+    assert_eq!(status.replica.role, "joining", "it does not vote yet");
+    // Once every member answers, it catches up and votes again.
+    cluster.restart(other).await;
+    let joined = eventually(Duration::from_secs(15), || async {
+        cluster.replicas[lost]
+            .as_ref()
+            .expect("up")
+            .status()
+            .replica
+            .role
+            != "joining"
+    })
+    .await;
+    assert!(joined, "it rejoins once every other member answered");
+    let reader = cluster.client(lost).await;
+    let (data, _) = reader
+        .get_with("/kept-99", Some(synod_client::Consistency::Sequential))
+        .await
+        .expect("the rejoined replica serves what was written before");
+    assert_eq!(data, b"k");
+    // It now counts in the quorum: with another replica down, writes go on.
+    cluster.kill(other).await;
+    client
+        .create("/after-rejoin", b"r", CreateMode::Persistent)
+        .await
+        .expect("a write needs the rejoined replica's vote");
+    cluster.shutdown().await;
+}

@@ -545,26 +545,30 @@ fn batch_strategy() -> impl Strategy<Value = Persist> {
         proptest::option::of(0u64..32),
         proptest::option::weighted(0.2, 0u64..32),
         proptest::option::weighted(0.1, membership_strategy()),
+        proptest::option::weighted(0.1, proptest::bool::ANY),
     )
         .prop_map(
-            |(promised, accepted, learned, chosen_through, compact_below, membership)| Persist {
-                id: 0,
-                promised,
-                accepted: accepted
-                    .into_iter()
-                    .map(|(slot, ballot, value)| AcceptedEntry {
-                        slot,
-                        ballot,
-                        value,
-                    })
-                    .collect(),
-                learned: learned
-                    .into_iter()
-                    .map(|(slot, value)| ChosenEntry { slot, value })
-                    .collect(),
-                chosen_through,
-                compact_below,
-                membership,
+            |(promised, accepted, learned, chosen_through, compact_below, membership, joining)| {
+                Persist {
+                    id: 0,
+                    promised,
+                    accepted: accepted
+                        .into_iter()
+                        .map(|(slot, ballot, value)| AcceptedEntry {
+                            slot,
+                            ballot,
+                            value,
+                        })
+                        .collect(),
+                    learned: learned
+                        .into_iter()
+                        .map(|(slot, value)| ChosenEntry { slot, value })
+                        .collect(),
+                    chosen_through,
+                    compact_below,
+                    membership,
+                    joining,
+                }
             },
         )
 }

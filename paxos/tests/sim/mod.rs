@@ -631,7 +631,7 @@ impl Simulation {
             }
         }
         let applied = self.nodes[index].machine.apply_next.saturating_sub(1);
-        if applied % 4 == 0 {
+        if applied.is_multiple_of(4) {
             if let Some(core) = self.nodes[index].core.as_mut() {
                 core.compact(applied);
             }

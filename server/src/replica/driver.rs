@@ -473,7 +473,11 @@ impl Driver {
         ClusterStatus {
             replica: ReplicaStatus {
                 node_id: self.config.id,
-                role: role.into(),
+                role: if self.node.is_joining() {
+                    "joining".into()
+                } else {
+                    role.into()
+                },
                 leader: core.leader,
                 ballot: core.promised.to_string(),
                 chosen_through: core.chosen_through,
@@ -862,6 +866,10 @@ impl Driver {
             return;
         };
         for bytes in batch.commands.iter() {
+            if bytes.is_empty() {
+                // A rejoining replica's nudge: fills a slot, changes nothing.
+                continue;
+            }
             let proposal = match Proposal::decode(bytes) {
                 Ok(proposal) => proposal,
                 Err(error) => {

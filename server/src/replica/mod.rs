@@ -51,6 +51,11 @@ pub struct StartOptions {
     /// an error: a replica whose disk was lost must not vote with promises
     /// it no longer remembers.
     pub bootstrap: bool,
+    /// Create an empty database, when the data directory has none, for a
+    /// member that lost its disk and rejoins its cluster: it votes in
+    /// nothing until every other member has told it what it may have
+    /// forgotten and it has caught up (see `DurableState::rejoin`).
+    pub join: bool,
     /// An already bound socket for the peer endpoint (tests bind port 0
     /// first so every replica knows every address before any starts).
     pub peer_socket: Option<UdpSocket>,
@@ -64,8 +69,8 @@ pub struct StartOptions {
 pub enum ReplicaError {
     /// The data directory holds no database and `bootstrap` was not given.
     #[error(
-        "data directory {0} holds no database: pass --bootstrap to found a new cluster \
-         (never for a replica that lost its disk)"
+        "data directory {0} holds no database: pass --bootstrap to found a new cluster, \
+         or --join for a member that lost its disk and rejoins its cluster"
     )]
     NoDatabase(String),
     /// The database could not be opened, created or written.
@@ -129,6 +134,7 @@ impl std::fmt::Debug for Replica {
 fn open_storage(
     config: &ReplicaConfig,
     bootstrap: bool,
+    join: bool,
 ) -> Result<(Storage, crate::storage::Recovered), ReplicaError> {
     let identity = Identity {
         cluster_id: config.cluster_id.clone(),
@@ -136,7 +142,12 @@ fn open_storage(
     };
     let path = database_path(&config.data_dir);
     if !path.exists() {
-        if !bootstrap {
+        if bootstrap && join {
+            return Err(ReplicaError::Start(
+                "--bootstrap and --join exclude each other".into(),
+            ));
+        }
+        if !bootstrap && !join {
             return Err(ReplicaError::NoDatabase(
                 config.data_dir.display().to_string(),
             ));
@@ -150,7 +161,15 @@ fn open_storage(
         let ids: Vec<u64> = config.members.iter().map(|m| m.id).collect();
         let membership =
             Membership::new(&ids).map_err(|error| ReplicaError::Start(error.to_string()))?;
-        let durable = DurableState::bootstrap(membership);
+        let durable = if join {
+            tracing::warn!(
+                node = config.id,
+                "rejoining with an empty data directory: not voting until caught up"
+            );
+            DurableState::rejoin(membership)
+        } else {
+            DurableState::bootstrap(membership)
+        };
         let storage = Storage::create(&path, identity, &durable)?;
         return Ok((
             storage,
@@ -174,7 +193,7 @@ impl Replica {
         options: StartOptions,
     ) -> Result<Replica, ReplicaError> {
         let clock = Clock::new();
-        let (storage, recovered) = open_storage(&config, options.bootstrap)?;
+        let (storage, recovered) = open_storage(&config, options.bootstrap, options.join)?;
         let (state, apply_from) = match &recovered.snapshot {
             Some(saved) => {
                 let state = StateMachine::restore(config.state_config(), &saved.bytes)
@@ -348,7 +367,7 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
             Some(input) = fetched_receiver.recv() => input,
             _ = tick.tick() => {
                 ticks += 1;
-                if ticks % STATUS_EVERY_TICKS == 0 {
+                if ticks.is_multiple_of(STATUS_EVERY_TICKS) {
                     let _ = run.status.send(run.driver.status());
                 }
                 Input::Tick

@@ -36,6 +36,8 @@ pub(crate) const KEY_PROMISED: &str = "promised";
 pub(crate) const KEY_CHOSEN_THROUGH: &str = "chosen_through";
 pub(crate) const KEY_LOG_START: &str = "log_start";
 pub(crate) const KEY_MEMBERSHIP: &str = "membership";
+/// Whether the replica is rejoining after losing its disk (absent: no).
+pub(crate) const KEY_JOINING: &str = "joining";
 pub(crate) const SNAPSHOT_HEADER_KEY: &str = "header";
 
 /// Snapshot bytes are stored in chunks of this size, so no single redb value

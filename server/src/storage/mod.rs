@@ -121,9 +121,9 @@ use synod_paxos::{Ballot, DurableState, LogRecord, Membership, Persist, Slot};
 
 use codec::{
     log_domain, meta_domain, seal, snapshot_domain, unseal, valid_membership, SnapshotHeader,
-    FORMAT_VERSION, KEY_CHOSEN_THROUGH, KEY_FORMAT_VERSION, KEY_IDENTITY, KEY_LOG_START,
-    KEY_MEMBERSHIP, KEY_PROMISED, LOG, META, SNAPSHOT, SNAPSHOT_CHUNKS, SNAPSHOT_CHUNK_BYTES_MAX,
-    SNAPSHOT_HEADER_KEY,
+    FORMAT_VERSION, KEY_CHOSEN_THROUGH, KEY_FORMAT_VERSION, KEY_IDENTITY, KEY_JOINING,
+    KEY_LOG_START, KEY_MEMBERSHIP, KEY_PROMISED, LOG, META, SNAPSHOT, SNAPSHOT_CHUNKS,
+    SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_HEADER_KEY,
 };
 pub use error::{Result, StorageError};
 
@@ -474,6 +474,7 @@ impl Storage {
         let mut chosen_through = self.chosen_through;
         let mut log_start = self.log_start;
         let mut membership = None;
+        let mut joining = None;
         for batch in batches {
             if let Some(last) = last_batch_id.filter(|&last| batch.id <= last) {
                 return Err(self.refused(format!(
@@ -505,6 +506,9 @@ impl Storage {
                 valid_membership(new)
                     .map_err(|detail| self.refused(format!("batch {}: {detail}", batch.id)))?;
                 membership = Some(new.clone());
+            }
+            if let Some(flag) = batch.joining {
+                joining = Some(flag);
             }
         }
         if batches.iter().all(Persist::is_empty) {
@@ -576,6 +580,9 @@ impl Storage {
             }
             if let Some(membership) = &membership {
                 put_meta(&mut meta, path, KEY_MEMBERSHIP, membership)?;
+            }
+            if let Some(joining) = &joining {
+                put_meta(&mut meta, path, KEY_JOINING, joining)?;
             }
         }
         transaction
@@ -697,6 +704,7 @@ impl Storage {
         let chosen_through: Slot = require_meta(&meta, &path, KEY_CHOSEN_THROUGH)?;
         let log_start: Slot = require_meta(&meta, &path, KEY_LOG_START)?;
         let membership: Membership = require_meta(&meta, &path, KEY_MEMBERSHIP)?;
+        let joining: bool = get_meta(&meta, &path, KEY_JOINING)?.unwrap_or(false);
         valid_membership(&membership)
             .map_err(|detail| corrupt(&path, format!("meta: {detail}")))?;
 
@@ -744,6 +752,7 @@ impl Storage {
             chosen_through,
             log_start,
             log,
+            joining,
         };
         let storage = Storage {
             path,
@@ -885,6 +894,9 @@ fn write_initial(
         put_meta(&mut meta, path, KEY_CHOSEN_THROUGH, &state.chosen_through)?;
         put_meta(&mut meta, path, KEY_LOG_START, &state.log_start)?;
         put_meta(&mut meta, path, KEY_MEMBERSHIP, &state.membership)?;
+        if state.joining {
+            put_meta(&mut meta, path, KEY_JOINING, &true)?;
+        }
         let mut log = transaction
             .open_table(LOG)
             .map_err(|error| redb_error(path, "create the log table", error))?;

@@ -78,6 +78,7 @@ impl Cluster {
                 bootstrap: true,
                 peer_socket: Some(peer),
                 client_socket: Some(client),
+                ..StartOptions::default()
             };
             let replica = Replica::start(config.clone(), options)
                 .await
@@ -159,6 +160,12 @@ impl Cluster {
 
     /// Starts replica `index` again from its data directory, on its ports.
     pub async fn restart(&mut self, index: usize) {
+        self.restart_with(index, false).await;
+    }
+
+    /// Starts replica `index` again; with `join`, on an emptied data
+    /// directory, as a member that lost its disk.
+    pub async fn restart_with(&mut self, index: usize, join: bool) {
         let config = self.configs[index].clone();
         let me = config.me().clone();
         let mut last_error = None;
@@ -169,6 +176,7 @@ impl Cluster {
                 (Ok(peer), Ok(client)) => {
                     let options = StartOptions {
                         bootstrap: false,
+                        join,
                         peer_socket: Some(peer),
                         client_socket: Some(client),
                     };
