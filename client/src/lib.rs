@@ -1,5 +1,7 @@
 //! Async client library for Synod: sessions with failover, the namespace,
-//! watches, locks with fencing tokens and leader election.
+//! watches, locks with fencing tokens and leader election, on tokio.
+//!
+//! # Connecting
 //!
 //! ```no_run
 //! # async fn example() -> synod_client::Result<()> {
@@ -8,6 +10,7 @@
 //! let client = Client::builder()
 //!     .endpoints(["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"])
 //!     .tls_dir("synod-dev/certs")
+//!     .session_timeout_ms(5_000)
 //!     .connect()
 //!     .await?;
 //! client.create("/config", b"v1", CreateMode::Persistent).await?;
@@ -18,9 +21,77 @@
 //! # }
 //! ```
 //!
-//! Every call goes through one session. Writes are applied once, even when
-//! the client fails over to another replica and retries them. Reads are
-//! linearizable unless the builder or the call says otherwise.
+//! Every call goes through one session. Reads are linearizable unless the
+//! builder or the call says otherwise. Refusals come back as
+//! [`ClientError::Refused`] with ZooKeeper's meanings; match on
+//! [`ClientError::kind`].
+//!
+//! # Sessions and failover
+//!
+//! The session sends keep-alives and pings the replica it is attached to.
+//! When that replica dies, the client resumes the same session on another
+//! one, re-registers its watches with the last revision it has fully seen
+//! (the replica replays what was missed) and resends unanswered requests
+//! with their `(session, sequence)`, which the cluster applies at most once.
+//! Its state ([`SessionState`]: connected, suspended, expired, closed) is
+//! observable with [`Client::state`] and [`Client::state_changes`]. A request
+//! whose answer was lost in a failover, and which the cluster can no longer
+//! replay, fails with [`ClientError::OutcomeUnknown`]: read the state to
+//! find out. Locks and elections handle this themselves.
+//!
+//! # Watches
+//!
+//! ```no_run
+//! # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+//! // One-shot, set atomically with the read:
+//! let (data, _stat, changed) = client.get_watch("/config").await?;
+//! # let _ = data;
+//! let event = changed.await?;
+//! # let _ = event;
+//! // Persistent and recursive, as a stream:
+//! let mut changes = client.watch("/services").await?;
+//! while let Ok(event) = changes.next().await {
+//!     println!("{:?} {}", event.event_type, event.path);
+//! }
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Locks and fencing tokens
+//!
+//! ```no_run
+//! # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+//! let guard = client.lock("/locks/report").await?;
+//! // Hand the token to the services the lock protects; they refuse older
+//! // tokens, or check it: `client.check_sequencer(&token)`.
+//! let token = guard.token().clone();
+//! client.set_fenced("/report", b"done", &token).await?;
+//! tokio::select! {
+//!     lost = guard.lost() => eprintln!("stop: {lost}"),
+//!     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+//! }
+//! guard.release().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Leader election
+//!
+//! ```no_run
+//! # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+//! let mut leaders = client.observe("/elections/scheduler").await?;
+//! let leadership = client.campaign("/elections/scheduler", b"10.0.0.7:8080").await?;
+//! println!("leading with token {}", leadership.token().generation);
+//! let current = leaders.next().await?;
+//! # let _ = current;
+//! leadership.resign().await?;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! Programs without tokio use [`blocking::Client`]
+//! ([`ClientBuilder::connect_blocking`]). `examples/lock.rs` and
+//! `examples/election.rs` run against `synod dev`.
 
 mod blocking_impl;
 mod election;

@@ -59,7 +59,8 @@ pub enum SessionState {
     },
     /// The connection failed; looking for another replica. Locks and
     /// ephemeral nodes are still held, unless the session expires before a
-    /// replica is found.
+    /// replica is found; past the point where the cluster may expire it,
+    /// lock guards and leaderships report themselves lost.
     Suspended,
     /// The session is gone for good: its locks are released and its
     /// ephemeral nodes deleted.
@@ -441,13 +442,15 @@ impl SessionTask {
                     self.shared.set_state(SessionState::Suspended);
                     self.fail_status_waiters();
                     match self.reconnect(&mut calls).await {
-                        Some(new_link) => link = new_link,
-                        None if calls.is_closed() => {
+                        Ok(new_link) => link = new_link,
+                        Err(Exit::Closed) => {
+                            // Closed while no replica could be told: the
+                            // cluster ends the session at its timeout.
                             self.shared.set_state(SessionState::Closed);
                             self.fail_all(ClientError::Closed);
                             return;
                         }
-                        None => {
+                        Err(_) => {
                             self.expire();
                             return;
                         }
@@ -776,9 +779,10 @@ impl SessionTask {
         false
     }
 
-    /// Finds another replica before the session's deadline and resumes
-    /// there; `None` when the session is lost (or the client dropped).
-    async fn reconnect(&mut self, calls: &mut mpsc::Receiver<Call>) -> Option<Link> {
+    /// Finds another replica and resumes there; `Exit::Expired` when the
+    /// session is lost, `Exit::Closed` when the client was closed or dropped
+    /// meanwhile.
+    async fn reconnect(&mut self, calls: &mut mpsc::Receiver<Call>) -> Result<Link, Exit> {
         let count = self.settings.endpoints.len().max(1);
         let mut delay = Duration::from_millis(20);
         for attempt in 0..10_000u32 {
@@ -796,7 +800,7 @@ impl SessionTask {
                     attempt,
                     "no replica resumed the session in time"
                 );
-                return None;
+                return Err(Exit::Expired);
             }
             // Calls made meanwhile are recorded, and sent once resumed.
             loop {
@@ -805,11 +809,11 @@ impl SessionTask {
                         let (_, close) = self.accept(call, false);
                         if let Some(reply) = close {
                             let _ = reply.send(());
-                            return None;
+                            return Err(Exit::Closed);
                         }
                     }
                     Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Err(Exit::Closed),
                 }
             }
             self.expire_requests();
@@ -845,13 +849,13 @@ impl SessionTask {
                                 node_id: link.node_id,
                             });
                             if self.resend(&mut link).await {
-                                return Some(link);
+                                return Ok(link);
                             }
                             self.shared.set_state(SessionState::Suspended);
                         }
                         Ok(Ok(Some(ServerFrame::SessionExpired { .. }))) => {
                             link.connection.close(0u32.into(), b"session expired");
-                            return None;
+                            return Err(Exit::Expired);
                         }
                         other => {
                             tracing::debug!(?address, ?other, "resume failed");
@@ -864,7 +868,7 @@ impl SessionTask {
             tokio::time::sleep(pause).await;
             delay = (delay * 2).min(Duration::from_millis(200));
         }
-        None
+        Err(Exit::Expired)
     }
 
     /// Sends every unanswered request again, in order, with its sequence.
