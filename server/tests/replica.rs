@@ -7,7 +7,9 @@
 //! restart from disk keeps every acknowledged write, live sessions' ephemeral
 //! nodes and lock holders; a replica kept down through 10,000 writes and
 //! compaction catches up by snapshot; an empty data directory is refused
-//! without `--bootstrap`.
+//! without `--bootstrap`, and a replica that lost its disk rejoins with
+//! `--join` and votes only once caught up; malformed and oversize frames and
+//! a certificate from another CA are refused while the cluster keeps serving.
 
 mod cluster;
 
@@ -166,6 +168,7 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
         .expect("a new leader");
     let elected_after = killed_at.elapsed();
     assert_ne!(new_leader, leader);
+    println!("new leader {elected_after:?} after the old one was killed");
     assert!(
         elected_after < Duration::from_secs(2),
         "new leader after {elected_after:?}"
@@ -375,5 +378,81 @@ async fn a_replica_that_lost_its_disk_rejoins_only_when_told_and_votes_once_caug
         .create("/after-rejoin", b"r", CreateMode::Persistent)
         .await
         .expect("a write needs the rejoined replica's vote");
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_frames_and_foreign_certificates_are_refused_while_the_cluster_serves() {
+    use std::sync::Arc;
+    use synod_proto::tls::{client_endpoint, connect, generate_dev_certs};
+    use synod_proto::wire::{ServerFrame, DEFAULT_MAX_FRAME_BYTES};
+
+    let cluster = Cluster::start(3, |_| {}).await;
+    let honest = cluster.client(0).await;
+    honest
+        .create("/serving", b"yes", CreateMode::Persistent)
+        .await
+        .expect("write");
+    let address = cluster.client_address(0);
+    let timeout = Duration::from_secs(5);
+    let bind = "127.0.0.1:0".parse().expect("address");
+    let transport = Arc::new(quinn::TransportConfig::default());
+
+    // A client whose certificate another CA signed is refused in TLS.
+    let foreign_dir = cluster.dir.path().join("foreign");
+    let foreign =
+        generate_dev_certs(&foreign_dir, &[1], &["127.0.0.1".to_string()]).expect("foreign certs");
+    let material = foreign.client().load().expect("load");
+    let endpoint = client_endpoint(&material, bind, transport.clone()).expect("endpoint");
+    let refused = connect(
+        &endpoint,
+        address,
+        "127.0.0.1",
+        DEFAULT_MAX_FRAME_BYTES,
+        timeout,
+    )
+    .await;
+    assert!(
+        refused.is_err(),
+        "a foreign certificate must not get through"
+    );
+
+    // A malformed frame and an oversize frame close only their connection,
+    // with a reason the client can read.
+    let material = cluster.certs.client().load().expect("load");
+    let endpoint = client_endpoint(&material, bind, transport).expect("endpoint");
+    for garbage in [
+        vec![3, 0, 0, 0, 0xff, 0xff, 0xff],
+        (64u32 << 20).to_le_bytes().to_vec(),
+    ] {
+        let mut link = connect(
+            &endpoint,
+            address,
+            "127.0.0.1",
+            DEFAULT_MAX_FRAME_BYTES,
+            timeout,
+        )
+        .await
+        .expect("handshake");
+        link.send.write_all(&garbage).await.expect("write garbage");
+        let answer = tokio::time::timeout(timeout, link.frames.next::<ServerFrame>())
+            .await
+            .expect("an answer in time");
+        match answer {
+            Ok(Some(ServerFrame::Unavailable { reason })) => {
+                assert!(
+                    reason.contains("malformed") || reason.contains("exceeds"),
+                    "reason: {reason}"
+                );
+            }
+            other => panic!("expected a readable refusal, got {other:?}"),
+        }
+    }
+
+    // Everyone else is still served.
+    let (data, _) = honest.get("/serving").await.expect("still serving");
+    assert_eq!(data, b"yes");
+    let newcomer = cluster.client(0).await;
+    assert!(newcomer.exists("/serving").await.expect("read").is_some());
     cluster.shutdown().await;
 }
