@@ -6,14 +6,18 @@
 //! arrive on the same ordered stream and go to their subscribers.
 //!
 //! Liveness: every sixth of the session timeout the task sends a keep-alive
-//! and a status request; the status answer proves the replica still reads
-//! the stream. A replica silent for a third of the timeout is given up
-//! (a killed replica sends no close, and QUIC's idle timeout alone would be
-//! slow), and the task tries the other endpoints. From the session's
-//! deadline on (the last time the replica was heard from plus the timeout,
-//! less a margin) the session is in jeopardy: the cluster may have expired
-//! it, so locks and leaderships report themselves lost, never later than
-//! the cluster could have granted them to someone else. The task keeps
+//! and, unless one is still in flight, a linearizable read of `/` (the
+//! "confirm ping"). Its answer proves more than that the replica is alive:
+//! the replica reached a leader backed by a quorum, which is where the
+//! keep-alives go. A confirm ping unanswered for a third of the timeout
+//! makes the task try another replica: the replica died (a killed replica
+//! sends no close, and QUIC's idle timeout alone would be slow), lost the
+//! quorum, or is waiting on a leader that died. The session's deadline is
+//! the send time of the last request the cluster confirmed (any write, or
+//! linearizable read, answered) plus the timeout, less a margin: past it,
+//! the session is in jeopardy, since the cluster may have expired it, so
+//! locks and leaderships report themselves lost, never later than the
+//! cluster could grant them to someone else. The task keeps
 //! trying for as long again (a new Paxos leader gives sessions a grace to
 //! find it), until a replica says the session expired or the time is up.
 //! It resumes the session on the first replica that answers, re-registering
@@ -137,6 +141,10 @@ pub(crate) const TRANSITIONS_BUFFERED_MAX: usize = 256;
 type StatusReply = oneshot::Sender<Result<ClusterStatus, ClientError>>;
 
 struct Outstanding {
+    /// A confirm ping of the task's own, not a caller's request.
+    internal: bool,
+    /// When the current attempt was sent.
+    sent_at: Instant,
     request: Request,
     consistency: ReadConsistency,
     watch: Option<WatchKind>,
@@ -277,7 +285,8 @@ pub(crate) async fn start(
                         watches: BTreeMap::new(),
                         status_waiters: VecDeque::new(),
                         endpoint_index: index,
-                        last_heard: Instant::now(),
+                        last_confirmed: Instant::now(),
+                        confirm_ping: None,
                         unavailable_in_a_row: 0,
                     };
                     shared.connections.send_modify(|count| *count += 1);
@@ -386,8 +395,10 @@ struct SessionTask {
     /// Status requests in flight, in order; `None` for the task's own pings.
     status_waiters: VecDeque<(Option<StatusReply>, Instant)>,
     endpoint_index: usize,
-    /// When the replica was last heard from.
-    last_heard: Instant,
+    /// When the last request the cluster confirmed was sent.
+    last_confirmed: Instant,
+    /// The sequence of the confirm ping in flight.
+    confirm_ping: Option<u64>,
     unavailable_in_a_row: u32,
 }
 
@@ -406,7 +417,8 @@ impl SessionTask {
         Duration::from_millis((self.timeout_ms / 6).max(50))
     }
 
-    /// A replica silent this long while a ping waits is given up.
+    /// A confirm ping unanswered this long makes the task try another
+    /// replica; and, on resume, how long one replica is given.
     fn silence_max(&self) -> Duration {
         Duration::from_millis((self.timeout_ms / 3).max(300))
     }
@@ -414,7 +426,44 @@ impl SessionTask {
     /// When the cluster may expire the session if it hears nothing more.
     fn session_deadline(&self) -> Instant {
         let margin = (self.timeout_ms / 10).max(50);
-        self.last_heard + Duration::from_millis(self.timeout_ms.saturating_sub(margin))
+        self.last_confirmed + Duration::from_millis(self.timeout_ms.saturating_sub(margin))
+    }
+
+    /// Records that the cluster confirmed a request sent at `sent_at`, and
+    /// publishes the session's new deadline.
+    fn confirmed(&mut self, sent_at: Instant) {
+        if sent_at > self.last_confirmed {
+            self.last_confirmed = sent_at;
+            let deadline = tokio::time::Instant::from_std(self.session_deadline());
+            self.shared.jeopardy.send_replace(Some(deadline));
+        }
+    }
+
+    /// A confirm ping, as an outstanding request of the task's own.
+    fn confirm_ping(&mut self) -> ClientFrame {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let (reply, _) = oneshot::channel();
+        let now = Instant::now();
+        let outstanding = Outstanding {
+            internal: true,
+            sent_at: now,
+            request: Request {
+                session: self.session,
+                sequence,
+                op: Op::Exists { path: "/".into() },
+            },
+            consistency: ReadConsistency::Linearizable,
+            watch: None,
+            reply,
+            deadline: now + Duration::from_millis(self.settings.request_timeout_ms),
+            attempts: 1,
+            retry_at: None,
+        };
+        let frame = Self::request_frame(&outstanding);
+        self.outstanding.insert(sequence, outstanding);
+        self.confirm_ping = Some(sequence);
+        frame
     }
 
     /// When to stop looking for a replica: the deadline plus as long again
@@ -425,6 +474,8 @@ impl SessionTask {
     }
 
     async fn run(mut self, mut link: Link, mut calls: mpsc::Receiver<Call>) {
+        let deadline = tokio::time::Instant::from_std(self.session_deadline());
+        self.shared.jeopardy.send_replace(Some(deadline));
         loop {
             let exit = self.serve(&mut link, &mut calls).await;
             link.connection.close(0u32.into(), b"client leaving");
@@ -516,6 +567,8 @@ impl SessionTask {
                 let sequence = self.next_sequence;
                 self.next_sequence += 1;
                 let outstanding = Outstanding {
+                    internal: false,
+                    sent_at: Instant::now(),
                     request: Request {
                         session: self.session,
                         sequence,
@@ -597,7 +650,6 @@ impl SessionTask {
                     match frame {
                         Ok(Some(ServerFrame::SessionExpired { .. })) => return Exit::Expired,
                         Ok(Some(frame)) => {
-                            self.last_heard = Instant::now();
                             if self.on_frame(frame) {
                                 return Exit::Disconnected;
                             }
@@ -606,22 +658,29 @@ impl SessionTask {
                     }
                 }
                 _ = ping.tick() => {
-                    if !self.write(link, &ClientFrame::KeepAlive).await
-                        || !self.write(link, &ClientFrame::Status).await
-                    {
+                    if !self.write(link, &ClientFrame::KeepAlive).await {
                         return Exit::Disconnected;
                     }
-                    self.status_waiters.push_back((None, Instant::now()));
+                    if self.confirm_ping.is_none() {
+                        let frame = self.confirm_ping();
+                        if !self.write(link, &frame).await {
+                            return Exit::Disconnected;
+                        }
+                    }
                 }
                 _ = housekeeping.tick() => {
                     self.expire_requests();
-                    if let Some((_, sent)) = self.status_waiters.front() {
-                        if sent.elapsed() > self.silence_max()
-                            && self.last_heard.elapsed() > self.silence_max()
-                        {
-                            tracing::info!(session = self.session, node = link.node_id, "replica silent; failing over");
-                            return Exit::Disconnected;
-                        }
+                    let stuck = self
+                        .confirm_ping
+                        .and_then(|sequence| self.outstanding.get(&sequence))
+                        .is_some_and(|ping| ping.sent_at.elapsed() > self.silence_max());
+                    if stuck && self.last_confirmed.elapsed() > self.silence_max() {
+                        tracing::info!(
+                            session = self.session,
+                            node = link.node_id,
+                            "the replica confirms nothing; failing over"
+                        );
+                        return Exit::Disconnected;
                     }
                     let now = Instant::now();
                     let due: Vec<u64> = self
@@ -634,6 +693,7 @@ impl SessionTask {
                         let Some(outstanding) = self.outstanding.get_mut(&sequence) else { continue };
                         outstanding.retry_at = None;
                         outstanding.attempts += 1;
+                        outstanding.sent_at = Instant::now();
                         let frame = Self::request_frame(outstanding);
                         if !self.write(link, &frame).await {
                             return Exit::Disconnected;
@@ -685,6 +745,9 @@ impl SessionTask {
             .map(|(&sequence, _)| sequence)
             .collect();
         for sequence in expired {
+            if self.confirm_ping == Some(sequence) {
+                self.confirm_ping = None;
+            }
             if let Some(outstanding) = self.outstanding.remove(&sequence) {
                 let _ = outstanding
                     .reply
@@ -738,8 +801,14 @@ impl SessionTask {
         let Some(mut outstanding) = self.outstanding.remove(&sequence) else {
             return false;
         };
+        if outstanding.internal {
+            self.confirm_ping = None;
+        }
         if let Err(Error::Unavailable { reason }) = &response.result {
             self.unavailable_in_a_row += 1;
+            if outstanding.internal {
+                return self.unavailable_in_a_row >= UNAVAILABLE_SWITCH_AFTER;
+            }
             let retry = &self.settings.retry;
             let backoff = retry.backoff(outstanding.attempts);
             if outstanding.attempts < retry.attempts_max
@@ -754,6 +823,11 @@ impl SessionTask {
             return false;
         }
         self.unavailable_in_a_row = 0;
+        let linearizable = !is_read(&outstanding.request.op)
+            || outstanding.consistency == ReadConsistency::Linearizable;
+        if linearizable {
+            self.confirmed(outstanding.sent_at);
+        }
         if is_read(&outstanding.request.op) {
             self.revisions.complete(response.revision);
         } else {
@@ -786,12 +860,6 @@ impl SessionTask {
         let count = self.settings.endpoints.len().max(1);
         let mut delay = Duration::from_millis(20);
         for attempt in 0..10_000u32 {
-            let jeopardy = Some(tokio::time::Instant::from_std(self.session_deadline()));
-            self.shared.jeopardy.send_if_modified(|at| {
-                let changed = *at != jeopardy;
-                *at = jeopardy;
-                changed
-            });
             let give_up = self.give_up_at();
             let now = Instant::now();
             if now >= give_up {
@@ -827,15 +895,18 @@ impl SessionTask {
                     last_revision: self.revisions.complete_through,
                     watches: self.watches.keys().cloned().collect(),
                 };
+                let sent_at = Instant::now();
                 if self.write(&mut link, &frame).await {
+                    // A replica whose leader died may hold the resume until
+                    // its request timeout; another may answer sooner.
                     let wait = give_up
                         .saturating_duration_since(Instant::now())
-                        .min(Duration::from_millis(self.settings.request_timeout_ms));
+                        .min(self.silence_max().max(Duration::from_millis(500)));
                     match tokio::time::timeout(wait, link.frames.next::<ServerFrame>()).await {
                         Ok(Ok(Some(ServerFrame::SessionReady { .. }))) => {
                             // The events it missed follow this frame; the
                             // resume point moves only as they arrive.
-                            self.last_heard = Instant::now();
+                            self.confirmed(sent_at);
                             self.unavailable_in_a_row = 0;
                             tracing::info!(
                                 session = self.session,
@@ -843,7 +914,6 @@ impl SessionTask {
                                 "session resumed"
                             );
                             self.shared.connections.send_modify(|count| *count += 1);
-                            self.shared.jeopardy.send_replace(None);
                             self.shared.set_state(SessionState::Connected {
                                 session: self.session,
                                 node_id: link.node_id,
@@ -878,6 +948,7 @@ impl SessionTask {
             .values_mut()
             .map(|o| {
                 o.retry_at = None;
+                o.sent_at = Instant::now();
                 Self::request_frame(o)
             })
             .collect();
