@@ -167,6 +167,20 @@ impl Shell {
         }
     }
 
+    /// After the session expired: opens a new one (locks, leaderships and
+    /// ephemeral nodes of the old one are gone) and returns it.
+    ///
+    /// # Errors
+    /// No cluster configured, or it cannot be reached.
+    pub async fn reconnect(&mut self) -> anyhow::Result<Client> {
+        let config = self.config.clone().context("no cluster configured")?;
+        let client = connect::connect(&config).await?;
+        self.client = Some(client.clone());
+        self.locks.clear();
+        self.leading.clear();
+        Ok(client)
+    }
+
     /// Whether the session holds locks or leads elections.
     pub fn holds_anything(&self) -> bool {
         !self.locks.is_empty() || !self.leading.is_empty()
@@ -231,8 +245,7 @@ fn sequencer_json(sequencer: &Sequencer) -> Value {
 
 fn token_text(sequencer: &Sequencer) -> String {
     format!(
-        "fencing token {} (generation {}, {})",
-        sequencer.generation,
+        "fencing token generation {} ({})",
         sequencer.generation,
         format!("{:?}", sequencer.mode).to_lowercase()
     )

@@ -14,7 +14,7 @@ use rustyline::hint::Hinter;
 use rustyline::history::DefaultHistory;
 use rustyline::validate::Validator;
 use rustyline::{CompletionType, Config, Context, Editor, Helper};
-use synod_client::Client;
+use synod_client::{Client, ClientError};
 use tokio::runtime::Runtime;
 
 use crate::commands::{Flow, Interrupted, Shell};
@@ -181,6 +181,34 @@ pub fn history_path() -> Option<PathBuf> {
         .map(|home| PathBuf::from(home).join(".synod_history"))
 }
 
+fn session_expired(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<ClientError>(),
+        Some(
+            ClientError::SessionExpired
+                | ClientError::Refused(synod_proto::Error::SessionExpired { .. })
+        )
+    )
+}
+
+/// Opens a new session after the old one expired, so the shell goes on.
+fn reconnect(
+    runtime: &Runtime,
+    shell: &mut Shell,
+    editor: &mut Editor<ShellHelper, DefaultHistory>,
+) {
+    eprintln!("the session expired: its locks, leaderships and ephemeral nodes are gone; opening a new one");
+    match runtime.block_on(shell.reconnect()) {
+        Ok(client) => {
+            if let Some(helper) = editor.helper_mut() {
+                helper.client = Some(client);
+            }
+            eprintln!("connected again");
+        }
+        Err(error) => eprintln!("error: {error:#}"),
+    }
+}
+
 fn prompt(shell: &Shell) -> String {
     let mut held: Vec<String> = shell
         .locks
@@ -246,7 +274,12 @@ pub fn run(runtime: &Runtime, shell: &mut Shell) -> anyhow::Result<()> {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Exit) => break,
                     Err(error) if error.is::<Interrupted>() => eprintln!("^C (cancelled)"),
-                    Err(error) => eprintln!("error: {error:#}"),
+                    Err(error) => {
+                        eprintln!("error: {error:#}");
+                        if session_expired(&error) {
+                            reconnect(runtime, shell, &mut editor);
+                        }
+                    }
                 }
             }
             Err(ReadlineError::Interrupted) => {
