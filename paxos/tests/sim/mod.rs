@@ -14,7 +14,8 @@
 //!
 //! Checked after every event:
 //! - one value per slot: a value is chosen when a majority durably accepted
-//!   it under one ballot, and no slot ever has two chosen values (nor one
+//!   it under one ballot (acceptances lost with a disk before they made a
+//!   majority do not count), and no slot ever has two chosen values (nor one
 //!   ballot two proposed values);
 //! - every value a replica applies is the chosen one, in slot order, so all
 //!   applied sequences are prefixes of one sequence;
@@ -457,6 +458,9 @@ impl Simulation {
             return;
         }
         self.report.crashes += 1;
+        if std::env::var("SYNOD_SIM_TRACE").is_ok() {
+            eprintln!("{} node {} CRASHES", self.now_us, index + 1);
+        }
         // A random prefix of the writes issued but not yet synced reached the
         // disk anyway; the rest is lost.
         let unsynced: Vec<Persist> = self.nodes[index].unsynced.drain(..).collect();
@@ -747,7 +751,18 @@ impl Simulation {
     /// The crashed replica's disk is gone: it restarts empty, rejoining, and
     /// its state machine starts from nothing.
     fn lose_disk(&mut self, index: usize) {
+        if std::env::var("SYNOD_SIM_TRACE").is_ok() {
+            eprintln!("{} node {} LOSES ITS DISK", self.now_us, index + 1);
+        }
         self.report.disk_losses += 1;
+        // Acceptances lost with the disk no longer count towards choosing a
+        // value; a value already chosen stays chosen and must survive.
+        let bit = 1u64 << index;
+        for ((slot, _), (_, mask)) in self.accepted.iter_mut() {
+            if !self.chosen.contains_key(slot) {
+                *mask &= !bit;
+            }
+        }
         let membership = self.membership.clone();
         let node = &mut self.nodes[index];
         node.durable = DurableState::rejoin(membership.clone());
@@ -943,6 +958,9 @@ impl Simulation {
                 }
             }
             Event::Restart { node } => {
+                if std::env::var("SYNOD_SIM_TRACE").is_ok() {
+                    eprintln!("{} node {} RESTARTS", self.now_us, node + 1);
+                }
                 if self.nodes[node].core.is_none() {
                     self.start_node(node);
                 }
