@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use synod_client::{
-    Client, ClientError, CreateMode, EventType, LeaderInfo, LockMode, Op, OpResult, Sequencer,
-    WatchKind,
+    Client, ClientError, CreateMode, EventType, LeaderInfo, Leadership, LockGuard, LockOptions, Op,
+    Sequencer, WatchKind,
 };
 use synod_proto::wire::ClusterStatus;
 use tokio::sync::broadcast;
@@ -58,9 +58,9 @@ pub struct Shell {
     /// rather than one command from the command line (they last until Ctrl-C).
     pub interactive: bool,
     /// Locks this session holds, by path.
-    pub locks: BTreeMap<String, Sequencer>,
+    pub locks: BTreeMap<String, LockGuard>,
     /// Elections this session leads, by path.
-    pub leading: BTreeMap<String, Sequencer>,
+    pub leading: BTreeMap<String, Leadership>,
     /// Set by `exit`.
     exit_requested: bool,
 }
@@ -186,13 +186,38 @@ impl Shell {
         !self.locks.is_empty() || !self.leading.is_empty()
     }
 
+    /// Forgets locks and leaderships the session may have lost (it was
+    /// suspended past the point where the cluster may expire it, or it
+    /// ended), saying so.
+    pub fn forget_lost(&mut self) {
+        self.locks.retain(|path, guard| {
+            let held = guard.is_held();
+            if !held {
+                eprintln!(
+                    "lock {} may be lost: the session was cut off too long (run `lock` again)",
+                    render::name(path)
+                );
+            }
+            held
+        });
+        self.leading.retain(|path, leadership| {
+            let leads = leadership.is_leader();
+            if !leads {
+                eprintln!(
+                    "leadership of {} may be lost: the session was cut off too long",
+                    render::name(path)
+                );
+            }
+            leads
+        });
+    }
+
     async fn release_lock(&mut self, path: &str) -> anyhow::Result<()> {
-        let client = self.client()?.clone();
-        client
-            .request(Op::ReleaseLock { path: path.into() }, None, None)
-            .await?
-            .result?;
-        self.locks.remove(path);
+        let guard = self
+            .locks
+            .remove(path)
+            .with_context(|| format!("this shell holds no lock {path}"))?;
+        guard.release().await?;
         self.emit(
             format!("released lock {}", render::name(path)),
             || json!({"released": path}),
@@ -201,12 +226,11 @@ impl Shell {
     }
 
     async fn resign_election(&mut self, path: &str) -> anyhow::Result<()> {
-        let client = self.client()?.clone();
-        client
-            .request(Op::Resign { path: path.into() }, None, None)
-            .await?
-            .result?;
-        self.leading.remove(path);
+        let leadership = self
+            .leading
+            .remove(path)
+            .with_context(|| format!("this shell leads no election {path}"))?;
+        leadership.resign().await?;
         self.emit(
             format!("resigned from {}", render::name(path)),
             || json!({"resigned": path}),
@@ -579,37 +603,6 @@ pub async fn watch(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     result
 }
 
-/// Waits for the grant of a queued lock or campaign, or for Ctrl-C
-/// (`Ok(None)`).
-async fn wait_for_grant(
-    grants: &mut broadcast::Receiver<synod_client::Grant>,
-    path: &str,
-    election: bool,
-) -> anyhow::Result<Option<Sequencer>> {
-    loop {
-        let grant = tokio::select! {
-            grant = grants.recv() => grant,
-            () = interrupted() => return Ok(None),
-        };
-        match grant {
-            Ok(grant) if grant.sequencer.path == path && grant.election == election => {
-                return Ok(Some(grant.sequencer))
-            }
-            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-            Err(broadcast::error::RecvError::Closed) => bail!("the session ended"),
-        }
-    }
-}
-
-/// ", next in line" or ", 3 waiters ahead".
-fn in_line(ahead: u64, what: &str) -> String {
-    match ahead {
-        0 => ", next in line".into(),
-        1 => format!(", 1 {what} ahead"),
-        n => format!(", {n} {what}s ahead"),
-    }
-}
-
 /// In one-shot mode, holds what was just acquired until Ctrl-C, then gives
 /// it up.
 async fn hold_until_interrupted(shell: &mut Shell, what: &str) -> anyhow::Result<()> {
@@ -622,54 +615,41 @@ async fn hold_until_interrupted(shell: &mut Shell, what: &str) -> anyhow::Result
     Ok(())
 }
 
-/// `lock [-s] PATH`.
+/// `lock [-s] PATH`: the client's lock recipe, first without waiting so
+/// the person learns when the lock is held by someone else.
 pub async fn lock(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     let client = shell.client()?.clone();
     let path = shell.path(parsed.arg(0).unwrap_or("."));
     if shell.locks.contains_key(&path) {
         bail!("this shell already holds lock {path}");
     }
-    let mode = if parsed.flag('s') {
-        LockMode::Shared
+    let options = if parsed.flag('s') {
+        LockOptions::shared()
     } else {
-        LockMode::Exclusive
+        LockOptions::exclusive()
     };
-    let mut grants = client.grants();
-    let op = Op::AcquireLock {
-        path: path.clone(),
-        mode,
-        wait: true,
-        lock_delay_ms: 0,
-    };
-    let response = tokio::select! {
-        response = client.request(op, None, None) => response?,
-        () = interrupted() => {
-            let _ = client.request(Op::ReleaseLock { path: path.clone() }, None, None).await;
-            return Err(Interrupted.into());
-        }
-    };
-    let sequencer = match response.result? {
-        OpResult::LockAcquired { sequencer } => sequencer,
-        OpResult::LockQueued { waiters_ahead } => {
+    let guard = match client.lock_with(&path, options.try_once()).await {
+        Ok(guard) => guard,
+        Err(ClientError::Refused(synod_proto::Error::LockBusy { .. })) => {
             shell.note(format!(
-                "waiting for lock {}: it is held{}; Ctrl-C gives up",
-                render::name(&path),
-                in_line(waiters_ahead, "waiter")
+                "waiting for lock {}: it is held; Ctrl-C gives up",
+                render::name(&path)
             ));
-            match wait_for_grant(&mut grants, &path, false).await? {
-                Some(sequencer) => sequencer,
-                None => {
+            tokio::select! {
+                guard = client.lock_with(&path, options) => guard?,
+                () = interrupted() => {
+                    // The wait may already be queued in the cluster: leave the queue.
                     client
                         .request(Op::ReleaseLock { path: path.clone() }, None, None)
-                        .await?
-                        .result?;
+                        .await?;
                     shell.note("gave up waiting");
                     return Err(Interrupted.into());
                 }
             }
         }
-        other => bail!("unexpected answer to a lock request: {other:?}"),
+        Err(error) => return Err(error.into()),
     };
+    let sequencer = guard.token().clone();
     shell.emit(
         format!(
             "acquired lock {}: {}",
@@ -678,7 +658,7 @@ pub async fn lock(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
         ),
         || json!({"lock": path, "sequencer": sequencer_json(&sequencer)}),
     );
-    shell.locks.insert(path.clone(), sequencer);
+    shell.locks.insert(path.clone(), guard);
     hold_until_interrupted(shell, &format!("lock {path}")).await
 }
 
@@ -700,45 +680,30 @@ pub async fn unlock(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     }
 }
 
-/// `elect NAME VALUE`.
+/// `elect NAME VALUE`: the client's campaign recipe.
 pub async fn elect(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     let client = shell.client()?.clone();
     let path = shell.path(parsed.arg(0).unwrap_or("."));
     let value = parsed.arg(1).unwrap_or("").as_bytes().to_vec();
-    let mut grants = client.grants();
-    let op = Op::Campaign {
-        path: path.clone(),
-        value,
-    };
-    let response = tokio::select! {
-        response = client.request(op, None, None) => response?,
+    if shell.leading.contains_key(&path) {
+        bail!("this shell already leads {path}");
+    }
+    if let Some(leader) = client.leader(&path).await? {
+        shell.note(format!(
+            "campaigning for {}: session {:#x} leads it now; Ctrl-C withdraws",
+            render::name(&path),
+            leader.session
+        ));
+    }
+    let leadership = tokio::select! {
+        leadership = client.campaign(&path, &value) => leadership?,
         () = interrupted() => {
-            let _ = client.request(Op::Resign { path: path.clone() }, None, None).await;
+            client.resign(&path).await?;
+            shell.note("withdrew from the election");
             return Err(Interrupted.into());
         }
     };
-    let sequencer = match response.result? {
-        OpResult::Elected { sequencer } => sequencer,
-        OpResult::CampaignQueued { candidates_ahead } => {
-            shell.note(format!(
-                "campaigning for {}: it has a leader{}; Ctrl-C withdraws",
-                render::name(&path),
-                in_line(candidates_ahead, "candidate")
-            ));
-            match wait_for_grant(&mut grants, &path, true).await? {
-                Some(sequencer) => sequencer,
-                None => {
-                    client
-                        .request(Op::Resign { path: path.clone() }, None, None)
-                        .await?
-                        .result?;
-                    shell.note("withdrew from the election");
-                    return Err(Interrupted.into());
-                }
-            }
-        }
-        other => bail!("unexpected answer to a campaign: {other:?}"),
-    };
+    let sequencer = leadership.token().clone();
     shell.emit(
         format!(
             "elected leader of {}: {}",
@@ -747,7 +712,7 @@ pub async fn elect(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
         ),
         || json!({"election": path, "sequencer": sequencer_json(&sequencer)}),
     );
-    shell.leading.insert(path.clone(), sequencer);
+    shell.leading.insert(path.clone(), leadership);
     hold_until_interrupted(shell, &format!("leadership of {path}")).await
 }
 
@@ -794,53 +759,31 @@ fn leader_json(path: &str, leader: &Option<LeaderInfo>) -> Value {
     }
 }
 
-async fn read_leader(client: &Client, path: &str) -> anyhow::Result<Option<LeaderInfo>> {
-    match client
-        .request(Op::GetLeader { path: path.into() }, None, None)
-        .await?
-        .result?
-    {
-        OpResult::Leader { leader } => Ok(leader),
-        other => bail!("unexpected answer to a leader request: {other:?}"),
-    }
-}
-
 /// `leader [-w] NAME`.
 pub async fn leader(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     let client = shell.client()?.clone();
     let path = shell.path(parsed.arg(0).unwrap_or("."));
     if !parsed.flag('w') {
         let leader = tokio::select! {
-            leader = read_leader(&client, &path) => leader?,
+            leader = client.leader(&path) => leader?,
             () = interrupted() => return Err(Interrupted.into()),
         };
         shell.emit(leader_text(&path, &leader), || leader_json(&path, &leader));
         return Ok(());
     }
-    let mut events = client.events();
-    client.add_watch(&path, WatchKind::Leader).await?;
-    let result = async {
-        let leader = read_leader(&client, &path).await?;
+    let mut leaders = client.observe(&path).await?;
+    let mut first = true;
+    loop {
+        let leader = tokio::select! {
+            leader = leaders.next() => leader?,
+            () = interrupted() => return Ok(()),
+        };
         shell.emit(leader_text(&path, &leader), || leader_json(&path, &leader));
-        shell.note("watching for changes of leader; Ctrl-C stops");
-        loop {
-            let event = tokio::select! {
-                event = events.recv() => event,
-                () = interrupted() => return Ok::<(), anyhow::Error>(()),
-            };
-            match event {
-                Ok(event) if event.path == path => {
-                    let leader = read_leader(&client, &path).await?;
-                    shell.emit(leader_text(&path, &leader), || leader_json(&path, &leader));
-                }
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => bail!("the session ended"),
-            }
+        if first {
+            shell.note("watching for changes of leader; Ctrl-C stops");
+            first = false;
         }
     }
-    .await;
-    let _ = client.remove_watch(&path, WatchKind::Leader).await;
-    result
 }
 
 /// One replica's answer to `status`, or why there is none.

@@ -256,6 +256,7 @@ pub fn run(runtime: &Runtime, shell: &mut Shell) -> anyhow::Result<()> {
         if let Some(helper) = editor.helper_mut() {
             helper.cwd = shell.cwd.clone();
         }
+        shell.forget_lost();
         match editor.readline(&prompt(shell)) {
             Ok(line) => {
                 let trimmed = line.trim();

@@ -152,7 +152,7 @@ fn holding_a_lock(cluster: &DevCluster) {
 
     second.send_line("lock /locks/db").expect("type");
     second
-        .exp_string("waiting for lock /locks/db: it is held, next in line")
+        .exp_string("waiting for lock /locks/db: it is held")
         .expect("second shell waits");
 
     first.send_line("unlock").expect("type");
@@ -180,6 +180,34 @@ fn holding_a_lock(cluster: &DevCluster) {
     second
         .exp_string("released lock /locks/db")
         .expect("released by Ctrl-C");
+    second.exp_string(PROMPT).expect("prompt without the lock");
+
+    // Leader election: one shell leads, the other sees who.
+    first
+        .send_line("elect /elections/api 10.0.0.7:8080")
+        .expect("type");
+    first
+        .exp_string("elected leader of /elections/api: fencing token")
+        .expect("first shell leads");
+    first
+        .exp_string("[leader /elections/api]> ")
+        .expect("prompt shows the leadership");
+    second.send_line("leader /elections/api").expect("type");
+    second
+        .exp_string("with value \"10.0.0.7:8080\"")
+        .expect("second shell sees the leader");
+    second.exp_string(PROMPT).expect("prompt");
+    first.send_line("resign").expect("type");
+    first
+        .exp_string("resigned from /elections/api")
+        .expect("resigned");
+    first.exp_string(PROMPT).expect("prompt");
+    second.send_line("leader /elections/api").expect("type");
+    second
+        .exp_string("nobody leads /elections/api")
+        .expect("nobody leads after the resignation");
+    second.exp_string(PROMPT).expect("prompt");
+
     second.send_control('d').expect("ctrl-d");
     second.exp_eof().expect("leaves");
     first.send_control('d').expect("ctrl-d");
