@@ -4,7 +4,8 @@
 //! later `synod COMMAND` finds the cluster without flags. The test checks
 //! that `--json` output parses as JSON with the expected fields (create, get
 //! of text and binary data, set, stat, ls, tree, status of every replica,
-//! leader), that errors exit non-zero with a plain message (missing node,
+//! leader), that the connection may also come from SYNOD_* environment
+//! variables, that errors exit non-zero with a plain message (missing node,
 //! unknown command, bad arguments, no cluster configured), that `synod
 //! certs` writes a CA and certificates, and that a second `synod dev` on the
 //! same data directory finds the data written before it was stopped.
@@ -121,6 +122,32 @@ fn one_shot_commands_print_json_and_fail_plainly() {
     let output = run(synod_with_home(empty_home.path()), &["ls", "/"]);
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("synod dev"));
+
+    // The connection may come from environment variables instead.
+    let client_config = std::fs::read_to_string(cluster.data.path().join("client.toml"))
+        .expect("synod dev writes client.toml");
+    let endpoints = client_config
+        .lines()
+        .find_map(|line| line.strip_prefix("endpoints = "))
+        .expect("endpoints line")
+        .trim_matches(|c| c == '[' || c == ']')
+        .replace(['"', ' '], "");
+    let certs_dir = cluster.data.path().join("certs");
+    let mut command = synod_with_home(empty_home.path());
+    command
+        .env("SYNOD_ENDPOINTS", &endpoints)
+        .env("SYNOD_CA", certs_dir.join("ca.pem"))
+        .env("SYNOD_CERT", certs_dir.join("client.pem"))
+        .env("SYNOD_KEY", certs_dir.join("client-key.pem"));
+    let output = run(command, &["--json", "ls", "/"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(listed["path"], "/");
+    assert!(listed["children"].is_array());
 
     // Certificates for replicas and clients.
     let certs = empty_home.path().join("certs");

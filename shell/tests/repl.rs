@@ -109,6 +109,10 @@ fn typing_completion_and_errors(cluster: &DevCluster) {
     step(&mut p, "help watch", "usage: watch [PATH]", PROMPT);
     p.send_control('d').expect("ctrl-d");
     p.exp_eof().expect("Ctrl-D leaves the shell");
+
+    // The history outlives the shell.
+    let history = std::fs::read_to_string(cluster.home.path().join("history")).expect("history");
+    assert!(history.contains("create /config 'a b c'"), "{history}");
 }
 
 fn watching_a_node(cluster: &DevCluster) {
