@@ -18,6 +18,19 @@ use thiserror::Error;
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// Why a call failed.
+///
+/// ```no_run
+/// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
+/// use synod_client::{ClientError, CreateMode, ErrorKind};
+/// match client.create("/app", b"", CreateMode::Persistent).await {
+///     Ok(_) => {}
+///     Err(error) if error.kind() == ErrorKind::NodeExists => {}
+///     Err(ClientError::SessionExpired) => panic!("connect again"),
+///     Err(error) => return Err(error),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientError {
@@ -61,6 +74,12 @@ pub enum ClientError {
 
 /// What went wrong, as one flat list with ZooKeeper's meanings: the
 /// cluster's refusals and the client's own failures alike.
+///
+/// ```
+/// use synod_client::{ClientError, ErrorKind};
+/// let error = ClientError::Timeout(3_000);
+/// assert_eq!(error.kind(), ErrorKind::Timeout);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum ErrorKind {

@@ -168,6 +168,25 @@ impl RetryPolicy {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_backoff_doubles_up_to_its_bound() {
+        let policy = RetryPolicy {
+            attempts_max: 10,
+            backoff_initial_ms: 50,
+            backoff_max_ms: 300,
+        };
+        let waits: Vec<u64> = (1..=6)
+            .map(|attempt| policy.backoff(attempt).as_millis() as u64)
+            .collect();
+        assert_eq!(waits, vec![50, 100, 200, 300, 300, 300]);
+        assert_eq!(policy.backoff(u32::MAX), Duration::from_millis(300));
+    }
+}
+
 /// Builds a [`Client`]: endpoints, TLS files, session timeout, default read
 /// consistency, retry policy and request timeout.
 ///

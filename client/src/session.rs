@@ -52,6 +52,17 @@ use crate::RetryPolicy;
 
 /// The session's state, observable with [`crate::Client::state`] and, as
 /// a stream of every transition, [`crate::Client::state_changes`].
+///
+/// ```no_run
+/// # fn example(client: &synod_client::Client) {
+/// use synod_client::SessionState;
+/// match *client.state().borrow() {
+///     SessionState::Connected { node_id, .. } => println!("served by replica {node_id}"),
+///     SessionState::Suspended => println!("looking for a replica"),
+///     SessionState::Expired | SessionState::Closed => println!("over"),
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionState {
     /// Attached to a replica.
@@ -86,7 +97,17 @@ impl SessionState {
     }
 }
 
-/// A lock grant that arrived for a queued acquire or campaign.
+/// A lock grant that arrived for a queued acquire or campaign
+/// ([`crate::Client::grants`]; [`crate::Client::lock`] and
+/// [`crate::Client::campaign`] wait for it for you).
+///
+/// ```no_run
+/// # async fn example(client: &synod_client::Client) {
+/// if let Ok(grant) = client.grants().recv().await {
+///     println!("{} granted at generation {}", grant.sequencer.path, grant.sequencer.generation);
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     /// The fencing token.
