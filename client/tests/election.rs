@@ -5,7 +5,9 @@
 //! an observer sees every leader in order with increasing tokens, then
 //! nobody after the last resigns; and that a leader whose session is lost
 //! (its only replica killed) learns it has lost the leadership before any
-//! other candidate is elected.
+//! other candidate is elected; and that a candidate elected while its
+//! replica is dead (the grant has nowhere to go) learns it leads, with the
+//! right token, once its session resumes elsewhere.
 
 mod support;
 
@@ -180,4 +182,45 @@ async fn a_leader_that_loses_its_session_knows_before_anyone_else_leads() {
     let error = leader.sync().await.expect_err("the session is gone");
     assert_eq!(error.kind(), ErrorKind::SessionExpired, "{error}");
     next.resign().await.expect("resign");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_candidate_elected_while_it_moves_between_replicas_learns_it_leads() {
+    init_logging();
+    let mut cluster = ProcessCluster::start().await;
+    let name = "/elections/moving";
+    let probe = cluster.client(0, 3000).await;
+    let paxos_leader = cluster.leader(&probe).await.expect("a leader");
+    let follower = (paxos_leader + 1) % 3;
+    let incumbent = cluster.client(paxos_leader, 3000).await;
+    let candidate = cluster.client(follower, 3000).await;
+    let leadership = incumbent
+        .campaign(name, b"incumbent")
+        .await
+        .expect("campaign");
+    let campaign = {
+        let candidate = candidate.clone();
+        tokio::spawn(async move { candidate.campaign(name, b"candidate").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!campaign.is_finished());
+    // Elected while its replica is dead: the grant has nowhere to go.
+    cluster.kill(follower);
+    let token = leadership.token().clone();
+    leadership.resign().await.expect("resign");
+    let elected = tokio::time::timeout(Duration::from_secs(10), campaign)
+        .await
+        .expect("the candidate learns it leads after resuming")
+        .expect("task")
+        .expect("campaign");
+    assert!(elected.token().generation > token.generation);
+    let leader = incumbent
+        .leader(name)
+        .await
+        .expect("leader")
+        .expect("someone leads");
+    assert_eq!(leader.session, candidate.session_id());
+    assert_eq!(&leader.sequencer, elected.token());
+    assert_eq!(leader.value, b"candidate");
+    elected.resign().await.expect("resign");
 }

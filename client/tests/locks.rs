@@ -6,7 +6,10 @@
 //! that killing (SIGKILL) the replica a holder is connected to does not lose
 //! the lock while the session survives the failover; and that killing the
 //! holder's own process (the `lock` example run as a child) releases the
-//! lock after the session timeout and not before, to the next waiter.
+//! lock after the session timeout and not before, to the next waiter; and
+//! that a waiter whose replica dies just as the lock is granted to it (the
+//! grant has nowhere to go) still ends up holding it, with a token it
+//! knows.
 
 mod support;
 
@@ -286,4 +289,44 @@ async fn killing_the_holders_process_releases_the_lock_after_the_session_timeout
         !matches!(error, Err(ClientError::SessionExpired)),
         "the waiter's session is fine"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_made_while_the_waiter_moves_between_replicas_is_not_lost() {
+    init_logging();
+    let mut cluster = ProcessCluster::start().await;
+    let probe = cluster.client(0, 3000).await;
+    let leader = cluster.leader(&probe).await.expect("a leader");
+    // The waiter sits on a follower; the holder on the Paxos leader, which
+    // stays up.
+    let follower = (leader + 1) % 3;
+    let holder = cluster.client(leader, 3000).await;
+    let waiter = cluster.client(follower, 3000).await;
+    let guard = holder.lock("/locks/moving").await.expect("lock");
+    let token = guard.token().clone();
+    let waiting = {
+        let waiter = waiter.clone();
+        tokio::spawn(async move { waiter.lock("/locks/moving").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The grant is made while the waiter's replica is dead: it has nowhere
+    // to go, and no replica sends it again when the waiter resumes.
+    cluster.kill(follower);
+    guard.release().await.expect("release");
+    let granted = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter gets the lock after resuming")
+        .expect("task")
+        .expect("lock");
+    assert!(granted.token().generation > token.generation);
+    assert!(granted.is_held());
+    assert!(holder
+        .check_sequencer(granted.token())
+        .await
+        .expect("check"));
+    let busy = holder.try_lock("/locks/moving").await.expect_err("held");
+    assert_eq!(busy.kind(), ErrorKind::LockBusy, "{busy}");
+    granted.release().await.expect("release");
+    let again = holder.try_lock("/locks/moving").await.expect("free again");
+    again.release().await.expect("release");
 }
