@@ -305,6 +305,9 @@ pub async fn ls(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
         let nodes = walk(&client, &path).await?;
         let listed: Vec<String> = nodes.into_iter().skip(1).map(|(p, _, _)| p).collect();
         let mut lines = Vec::new();
+        if parsed.flag('l') {
+            lines.push(LONG_HEADER.to_string());
+        }
         let mut entries = Vec::new();
         for node in &listed {
             if parsed.flag('l') {
@@ -323,7 +326,7 @@ pub async fn ls(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     }
     let children = client.children(&path).await?;
     if parsed.flag('l') {
-        let mut lines = Vec::new();
+        let mut lines = vec![LONG_HEADER.to_string()];
         let mut entries = Vec::new();
         for name in &children {
             let child = paths::child(&path, name);
@@ -347,19 +350,22 @@ pub async fn ls(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The header of `ls -l`.
+const LONG_HEADER: &str = "version      bytes  children  modified (UTC)       name";
+
 fn long_line(name: &str, stat: &synod_client::Stat) -> String {
     format!(
-        "v{:<4} {:>8} B {:>5} ch {} {}  {}",
+        "{:>7}  {:>9}  {:>8}  {}  {}{}",
         stat.version,
         stat.data_length,
         stat.children_count,
-        if stat.ephemeral_owner != 0 {
-            "eph"
-        } else {
-            "   "
-        },
         render::time_ms(stat.modified_time_ms),
-        name
+        name,
+        if stat.ephemeral_owner != 0 {
+            "  (ephemeral)"
+        } else {
+            ""
+        }
     )
 }
 
