@@ -19,7 +19,7 @@ use synod_proto::{
 use tokio::sync::{broadcast, watch as state_watch};
 use tokio::time::Instant;
 
-use crate::lock::{wait_for_grant, Standing, Waited};
+use crate::lock::{wait_for_grant, Pending, Standing, Waited};
 use crate::{Claim, Client, ClientError, Result, SessionState};
 
 /// Attempts of one campaign, each after a lost answer.
@@ -254,7 +254,7 @@ impl Client {
     /// `LockAlreadyRequested` when this client already campaigns there;
     /// `BadArgument` when `name` is a plain lock; [`ClientError::SessionExpired`].
     pub async fn campaign(&self, name: &str, value: &[u8]) -> Result<Leadership> {
-        let claim = self.claim(name)?;
+        let mut pending = Pending::new(self.claim(name)?, Op::Resign { path: name.into() });
         let mut state = self.state();
         let check_every = Duration::from_millis((self.session_timeout_ms() / 2).clamp(200, 2000));
         for attempt in 0..CAMPAIGN_ATTEMPTS_MAX {
@@ -267,7 +267,7 @@ impl Client {
             };
             let queued = match self.request(op, None, None).await.map(|r| r.result) {
                 Ok(Ok(OpResult::Elected { sequencer })) => {
-                    return Ok(self.leadership(claim, sequencer, value));
+                    return Ok(self.leadership(pending.complete()?, sequencer, value));
                 }
                 Ok(Ok(OpResult::CampaignQueued { candidates_ahead })) => {
                     tracing::debug!(name, candidates_ahead, "queued for leadership");
@@ -287,7 +287,7 @@ impl Client {
                 Err(error) => return Err(error),
             };
             if let Some(leader) = self.leader_if_me(name).await? {
-                return Ok(self.leadership(claim, leader.sequencer, value));
+                return Ok(self.leadership(pending.complete()?, leader.sequencer, value));
             }
             if !queued {
                 tracing::debug!(name, attempt, "campaign outcome unknown; asking again");
@@ -306,13 +306,17 @@ impl Client {
                 .await
                 {
                     Waited::Granted(sequencer) => {
-                        return Ok(self.leadership(claim, sequencer, value))
+                        return Ok(self.leadership(pending.complete()?, sequencer, value))
                     }
                     Waited::Ended(error) => return Err(error),
                     // A grant may have been lost, or is just slow: look.
                     Waited::Moved | Waited::TimedOut => {
                         if let Some(leader) = self.leader_if_me(name).await? {
-                            return Ok(self.leadership(claim, leader.sequencer, value));
+                            return Ok(self.leadership(
+                                pending.complete()?,
+                                leader.sequencer,
+                                value,
+                            ));
                         }
                     }
                 }

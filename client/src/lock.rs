@@ -356,6 +356,40 @@ impl Drop for LockGuard {
     }
 }
 
+/// An acquire or campaign in progress. If it is abandoned (its future
+/// dropped, say by a timeout around it, or it failed), whatever the session
+/// may hold or wait for at the path is given up, so a grant that arrives
+/// later is not held by nobody until the session ends.
+pub(crate) struct Pending {
+    claim: Option<Claim>,
+    give_up: Option<Op>,
+}
+
+impl Pending {
+    pub(crate) fn new(claim: Claim, give_up: Op) -> Pending {
+        Pending {
+            claim: Some(claim),
+            give_up: Some(give_up),
+        }
+    }
+
+    /// The acquire succeeded: the claim moves to the guard.
+    pub(crate) fn complete(&mut self) -> Result<Claim> {
+        self.give_up = None;
+        self.claim
+            .take()
+            .ok_or_else(|| ClientError::Protocol("an acquire completed twice".into()))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let (Some(claim), Some(op)) = (&self.claim, self.give_up.take()) {
+            claim.client.request_soon(op);
+        }
+    }
+}
+
 /// How waiting for a grant ended.
 pub(crate) enum Waited {
     Granted(Sequencer),
@@ -500,7 +534,7 @@ impl Client {
     /// # Errors
     /// As [`Client::lock`], [`Client::try_lock`] and [`Client::lock_timeout`].
     pub async fn lock_with(&self, path: &str, options: LockOptions) -> Result<LockGuard> {
-        let claim = self.claim(path)?;
+        let mut pending = Pending::new(self.claim(path)?, Op::ReleaseLock { path: path.into() });
         let deadline = match options.wait {
             Wait::Until(timeout) => Some(Instant::now() + timeout),
             _ => None,
@@ -520,7 +554,7 @@ impl Client {
             let answer = self.request(op, None, None).await;
             let queued = match answer.map(|response| response.result) {
                 Ok(Ok(OpResult::LockAcquired { sequencer })) => {
-                    return Ok(self.guard(claim, sequencer));
+                    return Ok(self.guard(pending.complete()?, sequencer));
                 }
                 Ok(Ok(OpResult::LockQueued { waiters_ahead })) => {
                     tracing::debug!(path, waiters_ahead, "queued for the lock");
@@ -552,7 +586,9 @@ impl Client {
                 )
                 .await
                 {
-                    Waited::Granted(sequencer) => return Ok(self.guard(claim, sequencer)),
+                    Waited::Granted(sequencer) => {
+                        return Ok(self.guard(pending.complete()?, sequencer))
+                    }
                     Waited::Ended(error) => return Err(error),
                     Waited::TimedOut => {
                         self.cancel_lock(path).await?;

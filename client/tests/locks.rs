@@ -2,7 +2,8 @@
 //! `support/mod.rs`). Checks that clients contending for one lock through
 //! different replicas hold it one at a time with strictly increasing fencing
 //! tokens, and that a downstream service checking tokens refuses a former
-//! holder; that try-lock, acquire with a timeout and shared locks behave;
+//! holder; that try-lock, acquire with a timeout, an abandoned acquire and
+//! shared locks behave;
 //! that killing (SIGKILL) the replica a holder is connected to does not lose
 //! the lock while the session survives the failover; and that killing the
 //! holder's own process (the `lock` example run as a child) releases the
@@ -147,6 +148,22 @@ async fn try_lock_timeouts_shared_locks_and_release_on_drop() {
     })
     .await;
     assert!(ok, "a dropped guard releases the lock");
+
+    // An acquire abandoned by a timeout around it gives up its place: the
+    // lock is not granted to a session nobody waits in.
+    let held = a.lock("/locks/abandoned").await.expect("lock");
+    let abandoned =
+        tokio::time::timeout(Duration::from_millis(300), b.lock("/locks/abandoned")).await;
+    assert!(abandoned.is_err(), "still waiting when abandoned");
+    held.release().await.expect("release");
+    let free = support::eventually(Duration::from_secs(5), || async {
+        match a.try_lock("/locks/abandoned").await {
+            Ok(guard) => guard.release().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
+    assert!(free, "the abandoned wait was given up");
 
     // Shared holders together; an exclusive waiter after them.
     let reader_a = a.lock_shared("/locks/s").await.expect("shared");
