@@ -10,13 +10,15 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use synod_client::{
     Client, ClientError, CreateMode, EventType, LeaderInfo, Leadership, LockGuard, LockOptions, Op,
-    Sequencer, WatchKind,
+    Sequencer, SessionState, WatchKind,
 };
+use synod_proto::tls::node_server_name;
 use synod_proto::wire::ClusterStatus;
 use tokio::sync::broadcast;
 
 use crate::connect::{self, ClientConfig};
 use crate::paths;
+use crate::probe::{self, Prober};
 use crate::render;
 use crate::table::{self, Interrupt, Parsed, UsageError};
 
@@ -799,66 +801,56 @@ struct ReplicaReport {
     status: Result<ClusterStatus, String>,
 }
 
-/// Opens a session on the replica at `address` alone.
-async fn connect_to_replica(config: ClientConfig, address: String) -> Result<Client, String> {
-    let single = ClientConfig {
-        endpoints: vec![address],
-        ..config
-    };
-    connect::connect_within(&single, STATUS_TIMEOUT_MS)
-        .await
-        .map_err(|error| format!("{error:#}"))
-}
-
-async fn status_within(client: &Client) -> Result<ClusterStatus, String> {
-    match tokio::time::timeout(Duration::from_millis(STATUS_TIMEOUT_MS), client.status()).await {
-        Ok(Ok(status)) => Ok(status),
-        Ok(Err(error)) => Err(error.to_string()),
-        Err(_) => Err("no answer".to_string()),
-    }
-}
-
-/// `status`.
+/// `status`: asks every member over a connection of its own, without a
+/// session, so it works while the cluster has no leader.
 pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
-    let client = shell.client()?.clone();
-    let own = client.status().await?;
-    let config = shell
-        .config
-        .clone()
-        .context("status needs the cluster's TLS files")?;
-    // Connect to every other member first (opening a session is a write),
-    // then ask all replicas at once, so the numbers compare.
-    let mut connecting = tokio::task::JoinSet::new();
-    for (node_id, address) in own.members.clone() {
-        if node_id != own.replica.node_id {
-            let config = config.clone();
-            connecting.spawn(async move {
-                let client = connect_to_replica(config, address.clone()).await;
-                (node_id, address, client)
-            });
+    let config = shell.config.clone().context(
+        "no cluster to talk to: run `synod dev`, or give --endpoints, --ca, --cert and --key",
+    )?;
+    let attached = shell
+        .client
+        .as_ref()
+        .and_then(|client| match *client.state().borrow() {
+            SessionState::Connected { node_id, .. } => Some(node_id),
+            _ => None,
+        });
+    let material = config.tls().load().context("cannot load the TLS files")?;
+    let first_address = config
+        .endpoints
+        .first()
+        .context("no endpoints configured")?;
+    let prober = Prober::new(
+        &material,
+        probe::resolve(first_address)?,
+        Duration::from_millis(STATUS_TIMEOUT_MS),
+    )?;
+    // The members and their addresses come from the first replica that
+    // answers.
+    let mut first = None;
+    let mut failures = Vec::new();
+    for endpoint in &config.endpoints {
+        match prober.status(endpoint, probe::host_of(endpoint)).await {
+            Ok(status) => {
+                first = Some(status);
+                break;
+            }
+            Err(error) => failures.push(format!("{endpoint}: {error:#}")),
         }
     }
-    let own_address = own
-        .members
-        .iter()
-        .find(|(id, _)| *id == own.replica.node_id)
-        .map(|(_, address)| address.clone())
-        .unwrap_or_default();
-    let mut targets = vec![(own.replica.node_id, own_address, Ok(client.clone()), false)];
-    while let Some(joined) = connecting.join_next().await {
-        let (node_id, address, client) = joined.context("status task failed")?;
-        targets.push((node_id, address, client, true));
-    }
+    let Some(first) = first else {
+        bail!("no replica answered: {}", failures.join("; "));
+    };
     let mut asking = tokio::task::JoinSet::new();
-    for (node_id, address, client, close) in targets {
+    for (node_id, address) in first.members.clone() {
+        if node_id == first.replica.node_id {
+            continue;
+        }
+        let prober = prober.clone();
         asking.spawn(async move {
-            let status = match &client {
-                Ok(client) => status_within(client).await,
-                Err(error) => Err(error.clone()),
-            };
-            if let (Ok(client), true) = (&client, close) {
-                client.close().await;
-            }
+            let status = prober
+                .status(&address, &node_server_name(node_id))
+                .await
+                .map_err(|error| format!("{error:#}"));
             ReplicaReport {
                 node_id,
                 address,
@@ -866,7 +858,16 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
             }
         });
     }
-    let mut reports = Vec::new();
+    let mut reports = vec![ReplicaReport {
+        node_id: first.replica.node_id,
+        address: first
+            .members
+            .iter()
+            .find(|(id, _)| *id == first.replica.node_id)
+            .map(|(_, address)| address.clone())
+            .unwrap_or_default(),
+        status: Ok(first.clone()),
+    }];
     while let Some(report) = asking.join_next().await {
         reports.push(report.context("status task failed")?);
     }
@@ -877,7 +878,6 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
         .map(|status| status.replica.chosen_through)
         .max()
         .unwrap_or(0);
-    let attached = own.replica.node_id;
     let mut rows = vec![[
         "ID", "ADDRESS", "ROLE", "LEADER", "BALLOT", "CHOSEN", "APPLIED", "REVISION", "SESSIONS",
         "LAG",
@@ -886,7 +886,8 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
     .to_vec()];
     let mut replicas = Vec::new();
     for report in &reports {
-        let mark = if report.node_id == attached { "*" } else { " " };
+        let is_attached = attached == Some(report.node_id);
+        let mark = if is_attached { "*" } else { " " };
         match &report.status {
             Ok(status) => {
                 let replica = &status.replica;
@@ -907,7 +908,7 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
                     "node_id": report.node_id,
                     "address": report.address,
                     "reachable": true,
-                    "attached": report.node_id == attached,
+                    "attached": is_attached,
                     "role": replica.role,
                     "leader": replica.leader,
                     "ballot": replica.ballot,
@@ -917,7 +918,11 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
                     "sessions": replica.sessions,
                     "watches": replica.watches,
                     "lag_slots": lag,
-                    "peers": replica.peers.iter().map(|(id, chosen)| json!({"node_id": id, "chosen_through": chosen})).collect::<Vec<_>>(),
+                    "peers": replica
+                        .peers
+                        .iter()
+                        .map(|(id, chosen)| json!({"node_id": id, "chosen_through": chosen}))
+                        .collect::<Vec<_>>(),
                 }));
             }
             Err(error) => {
@@ -932,6 +937,7 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
                     "node_id": report.node_id,
                     "address": report.address,
                     "reachable": false,
+                    "attached": is_attached,
                     "error": error,
                 }));
             }
@@ -945,7 +951,7 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
                 .unwrap_or(0)
         })
         .collect();
-    let text = rows
+    let mut text = rows
         .iter()
         .map(|row| {
             row.iter()
@@ -958,6 +964,11 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
         })
         .collect::<Vec<_>>()
         .join("\n");
+    for report in &reports {
+        if let Err(error) = &report.status {
+            text.push_str(&format!("\nreplica {}: {error}", report.node_id));
+        }
+    }
     shell.emit(text, || json!({"replicas": replicas}));
     Ok(())
 }

@@ -10,6 +10,7 @@ mod commands;
 mod connect;
 mod dev;
 mod paths;
+mod probe;
 mod render;
 mod repl;
 mod table;
@@ -112,7 +113,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 let client = runtime.block_on(connect::connect(&config))?;
                 (Some(client), Some(config))
             } else {
-                (None, None)
+                // `status` and `help` need no session; `status` needs to
+                // know where the cluster is.
+                (None, cli.connection.resolve().ok())
             };
             let mut shell = Shell::new(client.clone(), config, false);
             shell.json = cli.json;

@@ -451,14 +451,15 @@ pub static COMMANDS: &[CommandSpec] = &[
         aliases: &[],
         summary: "Show every replica: role, leader, ballot, chosen and applied slots, \
                   sessions, lag.",
-        details: "Asks each member on its own connection; a replica that does not answer \
-                  is shown as unreachable. Lag is how many slots a replica has applied \
+        details: "Asks each member on its own connection, without a session, so it works \
+                  while the cluster has no leader; a replica that does not answer is shown as \
+                  unreachable. Lag is how many slots a replica has applied \
                   fewer than the highest chosen slot seen. * marks the replica this \
                   shell's session is attached to.",
         flags: &[],
         args: &[],
         interrupt: Interrupt::Cancel,
-        needs_cluster: true,
+        needs_cluster: false,
         run: handler!(commands::status),
     },
     CommandSpec {

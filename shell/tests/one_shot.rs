@@ -7,8 +7,10 @@
 //! leader), that the connection may also come from SYNOD_* environment
 //! variables, that errors exit non-zero with a plain message (missing node,
 //! unknown command, bad arguments, no cluster configured), that `synod
-//! certs` writes a CA and certificates, and that a second `synod dev` on the
-//! same data directory finds the data written before it was stopped.
+//! certs` writes a CA and certificates, that a second `synod dev` on the
+//! same data directory finds the data written before it was stopped, and
+//! that `status` still answers, marking the lost replicas unreachable, when
+//! two of the three replicas are stopped.
 
 mod common;
 
@@ -195,4 +197,23 @@ fn one_shot_commands_print_json_and_fail_plainly() {
     cluster.start_again();
     let kept = json(&cluster, &["get", "/kept"]);
     assert_eq!(kept["data"], "yes");
+
+    // With two replicas down there is no quorum and no session can open,
+    // but `status` still reports every member.
+    let pids = std::fs::read_to_string(cluster.data.path().join("pids")).expect("pids");
+    for line in pids.lines().filter(|line| !line.starts_with("1 ")) {
+        let pid = line.split_whitespace().nth(1).expect("pid");
+        let status = Command::new("kill")
+            .args(["-TERM", pid])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+    let status = json(&cluster, &["status"]);
+    let replicas = status["replicas"].as_array().expect("replicas");
+    let reachable: Vec<bool> = replicas
+        .iter()
+        .map(|r| r["reachable"].as_bool().unwrap_or(false))
+        .collect();
+    assert_eq!(reachable, vec![true, false, false], "{status}");
 }
