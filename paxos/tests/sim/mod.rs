@@ -14,11 +14,14 @@
 //!
 //! Checked after every event:
 //! - one value per slot: a value is chosen when a majority durably accepted
-//!   it under one ballot (acceptances lost with a disk before they made a
-//!   majority do not count), and no slot ever has two chosen values (nor one
-//!   ballot two proposed values);
-//! - every value a replica applies is the chosen one, in slot order, so all
-//!   applied sequences are prefixes of one sequence;
+//!   it under one ballot, and no slot ever has two chosen values (nor one
+//!   ballot two proposed values). Once a replica has lost its disk, an
+//!   acceptance it forgot may pair with a later one into a majority nobody
+//!   can learn; then two such values are tolerated only while neither was
+//!   learned;
+//! - every value a replica applies was accepted by a majority and equals
+//!   the value every other replica applied at that slot, in slot order, so
+//!   all applied sequences are prefixes of one sequence;
 //! - no two replicas believe they hold a lease at overlapping real times;
 //! - a read's index covers every entry any replica knew chosen when the
 //!   read began.
@@ -323,7 +326,15 @@ pub struct Simulation {
     /// `(slot, ballot)` -> the value accepted and the mask of acceptors that
     /// made it durable.
     accepted: HashMap<(Slot, Ballot), (Value, u64)>,
-    chosen: HashMap<Slot, Value>,
+    /// Values a majority durably accepted under one ballot, per slot, at
+    /// any time (acceptances later lost with a disk included): more than one
+    /// only after a disk loss, and then never one that was learned.
+    chosen: HashMap<Slot, Vec<Value>>,
+    /// The value first learned (applied) at each slot; every later learner
+    /// must agree.
+    learned: HashMap<Slot, Value>,
+    /// Whether a replica lost its disk during this run.
+    disk_lost: bool,
     max_known_chosen: Slot,
     next_command: u64,
     pending_commands: BTreeMap<u64, u64>,
@@ -376,7 +387,9 @@ impl Simulation {
             });
         }
         let mut chosen = HashMap::new();
-        chosen.insert(0, membership.to_value());
+        chosen.insert(0, vec![membership.to_value()]);
+        let mut learned = HashMap::new();
+        learned.insert(0, membership.to_value());
         let mut sim = Simulation {
             loss: params.loss,
             duplicate: params.duplicate,
@@ -392,6 +405,8 @@ impl Simulation {
             healed: false,
             accepted: HashMap::new(),
             chosen,
+            learned,
+            disk_lost: false,
             max_known_chosen: 0,
             next_command: 1,
             pending_commands: BTreeMap::new(),
@@ -497,18 +512,27 @@ impl Simulation {
                 quorum = self.membership.is_quorum(record.1);
             }
             if quorum {
-                match self.chosen.get(&entry.slot) {
-                    Some(value) if *value != entry.value => {
-                        let message = format!(
-                            "slot {} chosen twice: {:?} and then {:?} under ballot {}",
-                            entry.slot, value, entry.value, entry.ballot
-                        );
-                        self.fail(&message);
-                    }
-                    Some(_) => {}
-                    None => {
-                        self.chosen.insert(entry.slot, entry.value.clone());
-                        self.report.chosen_slots += 1;
+                let values = self.chosen.entry(entry.slot).or_default();
+                if values.is_empty() {
+                    self.report.chosen_slots += 1;
+                }
+                if !values.contains(&entry.value) {
+                    let earlier = values.first().cloned();
+                    values.push(entry.value.clone());
+                    if let Some(earlier) = earlier {
+                        // Without a lost disk, acceptances are permanent and
+                        // two chosen values are a violation outright. After
+                        // one, an acceptance the lost replica made can pair
+                        // with a later one that nobody could ever learn; it
+                        // is a violation only if it contradicts a learned value.
+                        let learned = self.learned.get(&entry.slot);
+                        if !self.disk_lost || learned.is_some_and(|l| *l != entry.value) {
+                            let message = format!(
+                                "slot {} chosen twice: {:?} and then {:?} under ballot {}",
+                                entry.slot, earlier, entry.value, entry.ballot
+                            );
+                            self.fail(&message);
+                        }
                     }
                 }
             }
@@ -588,11 +612,23 @@ impl Simulation {
                 );
                 self.fail(&message);
             }
-            match self.chosen.get(&entry.slot) {
-                Some(value) if *value == entry.value => {}
-                Some(value) => {
+            let accepted_by_majority = self
+                .chosen
+                .get(&entry.slot)
+                .is_some_and(|values| values.contains(&entry.value));
+            if !accepted_by_majority {
+                let message = format!(
+                    "node {} applied {:?} at slot {}, which no majority accepted",
+                    index + 1,
+                    entry.value,
+                    entry.slot
+                );
+                self.fail(&message);
+            }
+            match self.learned.get(&entry.slot) {
+                Some(value) if *value != entry.value => {
                     let message = format!(
-                        "node {} applied {:?} at slot {} but {:?} was chosen",
+                        "node {} applied {:?} at slot {} but {:?} was learned there before",
                         index + 1,
                         entry.value,
                         entry.slot,
@@ -600,16 +636,12 @@ impl Simulation {
                     );
                     self.fail(&message);
                 }
+                Some(_) => {}
                 None => {
-                    let message = format!(
-                        "node {} applied {:?} at slot {}, which no majority accepted",
-                        index + 1,
-                        entry.value,
-                        entry.slot
-                    );
-                    self.fail(&message);
+                    self.learned.insert(entry.slot, entry.value.clone());
                 }
             }
+
             let node = &mut self.nodes[index];
             node.machine.apply_next += 1;
             node.machine.digest = node
@@ -755,14 +787,7 @@ impl Simulation {
             eprintln!("{} node {} LOSES ITS DISK", self.now_us, index + 1);
         }
         self.report.disk_losses += 1;
-        // Acceptances lost with the disk no longer count towards choosing a
-        // value; a value already chosen stays chosen and must survive.
-        let bit = 1u64 << index;
-        for ((slot, _), (_, mask)) in self.accepted.iter_mut() {
-            if !self.chosen.contains_key(slot) {
-                *mask &= !bit;
-            }
-        }
+        self.disk_lost = true;
         let membership = self.membership.clone();
         let node = &mut self.nodes[index];
         node.durable = DurableState::rejoin(membership.clone());
