@@ -7,7 +7,7 @@
 //!
 //! The client crate cannot depend on `synod-server`, so the binary is found
 //! at `<target>/release/synod-server` and built once per test process when
-//! missing. Helper programs (the `lock` and `election` examples) are found
+//! missing or older than its sources. Helper programs (the `lock` and `election` examples) are found
 //! beside it in `<target>/release/examples/`.
 
 #![allow(dead_code)]
@@ -47,12 +47,44 @@ fn cargo_build(args: &[&str]) {
     assert!(status.success(), "cargo {args:?} failed");
 }
 
-/// The `synod-server` binary, built once if missing.
+/// The newest modification time of any file under `dir`.
+fn newest_change(dir: &Path) -> Option<std::time::SystemTime> {
+    let mut newest = None;
+    let mut stack = vec![dir.to_path_buf()];
+    for _ in 0..10_000 {
+        let Some(dir) = stack.pop() else { break };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(modified) = entry.metadata().and_then(|m| m.modified()) {
+                newest = newest.max(Some(modified));
+            }
+        }
+    }
+    newest
+}
+
+/// The `synod-server` binary, built once if missing or older than the
+/// sources it is built from (CI's `cargo test --workspace` builds it
+/// anyway).
 pub fn server_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| {
         let path = target_dir().join("release").join("synod-server");
-        if !path.is_file() {
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace")
+            .to_path_buf();
+        let sources = ["server/src", "paxos/src", "proto/src"]
+            .iter()
+            .filter_map(|dir| newest_change(&workspace.join(dir)))
+            .max();
+        let built = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        if built.is_none() || built < sources {
             cargo_build(&["build", "--release", "-p", "synod-server"]);
         }
         assert!(path.is_file(), "{} was not built", path.display());
