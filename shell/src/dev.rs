@@ -133,11 +133,15 @@ fn is_live_replica(pid: u32) -> bool {
     }
 }
 
-fn read_pids(data: &Path) -> Vec<u32> {
+/// The `(node id, pid)` lines of `data/pids`.
+fn read_pids(data: &Path) -> Vec<(u64, u32)> {
     std::fs::read_to_string(data.join("pids"))
         .unwrap_or_default()
         .lines()
-        .filter_map(|line| line.split_whitespace().nth(1)?.parse().ok())
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
+        })
         .collect()
 }
 
@@ -145,6 +149,7 @@ fn read_pids(data: &Path) -> Vec<u32> {
 fn stop(data: &Path) -> anyhow::Result<()> {
     let pids: Vec<u32> = read_pids(data)
         .into_iter()
+        .map(|(_, pid)| pid)
         .filter(|&pid| is_live_replica(pid))
         .collect();
     if pids.is_empty() {
@@ -286,8 +291,8 @@ fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     )
 }
 
-fn check_ports_free(base: u16) -> anyhow::Result<()> {
-    for id in NODE_IDS {
+fn check_ports_free(base: u16, ids: &[u64]) -> anyhow::Result<()> {
+    for &id in ids {
         for address in [peer_address(base, id), client_address(base, id)] {
             if std::net::UdpSocket::bind(&address).is_err() {
                 bail!(
@@ -300,14 +305,25 @@ fn check_ports_free(base: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_replicas(data: &Path, server: &Path, detached: bool) -> anyhow::Result<Replicas> {
+/// Starts the replicas `ids`; `running` are the others, already running,
+/// recorded in the pids file alongside.
+fn start_replicas(
+    data: &Path,
+    server: &Path,
+    ids: &[u64],
+    running: &[(u64, u32)],
+    detached: bool,
+) -> anyhow::Result<Replicas> {
     let mut replicas = Replicas {
         children: Vec::new(),
         data: data.to_owned(),
         detached,
     };
-    let mut pids = String::new();
-    for id in NODE_IDS {
+    let mut pids: String = running
+        .iter()
+        .map(|(id, pid)| format!("{id} {pid}\n"))
+        .collect();
+    for &id in ids {
         let config = data.join(format!("node-{id}.toml"));
         let log_path = data.join(format!("node-{id}.log"));
         let log = OpenOptions::new()
@@ -446,31 +462,49 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot write {}", client_file.display()))?;
 
-    let running: Vec<u32> = read_pids(&data)
+    let running: Vec<(u64, u32)> = read_pids(&data)
         .into_iter()
-        .filter(|&pid| is_live_replica(pid))
+        .filter(|&(_, pid)| is_live_replica(pid))
         .collect();
-    let mut replicas = if running.is_empty() {
-        check_ports_free(base)?;
-        let server = server_binary(args.server.as_deref())?;
-        let fresh = !data.join("node-1/synod.redb").exists();
+    let missing: Vec<u64> = NODE_IDS
+        .into_iter()
+        .filter(|id| !running.iter().any(|(running_id, _)| running_id == id))
+        .collect();
+    let mut replicas = if missing.is_empty() {
         println!(
-            "starting 3 replicas ({}) with {}",
-            if fresh {
-                "new cluster"
-            } else {
-                "reusing their data"
-            },
-            server.display()
-        );
-        Some(start_replicas(&data, &server, args.detach)?)
-    } else {
-        println!(
-            "a dev cluster is already running from {} (pids {:?}); attaching to it",
-            data.display(),
-            running
+            "a dev cluster is already running from {}; attaching to it",
+            data.display()
         );
         None
+    } else {
+        check_ports_free(base, &missing)?;
+        let server = server_binary(args.server.as_deref())?;
+        let detached = if running.is_empty() {
+            let fresh = !data.join("node-1/synod.redb").exists();
+            println!(
+                "starting 3 replicas ({}) with {}",
+                if fresh {
+                    "new cluster"
+                } else {
+                    "reusing their data"
+                },
+                server.display()
+            );
+            args.detach
+        } else {
+            // The others were left running by an earlier `synod dev`: this
+            // run adds the missing ones to them and leaves all running.
+            println!(
+                "replicas {:?} are running; starting the missing {:?} with {}",
+                running.iter().map(|(id, _)| id).collect::<Vec<_>>(),
+                missing,
+                server.display()
+            );
+            true
+        };
+        Some(start_replicas(
+            &data, &server, &missing, &running, detached,
+        )?)
     };
     let client = runtime.block_on(async {
         tokio::select! {
@@ -510,7 +544,7 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
             client_file.display()
         ),
     }
-    let detached = args.detach || replicas.is_none();
+    let detached = replicas.as_ref().is_none_or(|replicas| replicas.detached);
     if detached {
         println!("The cluster keeps running after the shell; `synod dev --stop` stops it.");
     } else {

@@ -13,8 +13,9 @@ use rustyline::highlight::Highlighter;
 use rustyline::hint::Hinter;
 use rustyline::history::DefaultHistory;
 use rustyline::validate::Validator;
+use rustyline::ExternalPrinter;
 use rustyline::{CompletionType, Config, Context, Editor, Helper};
-use synod_client::{Client, ClientError};
+use synod_client::{Client, ClientError, SessionState};
 use tokio::runtime::Runtime;
 
 use crate::commands::{Flow, Interrupted, Shell};
@@ -181,6 +182,48 @@ pub fn history_path() -> Option<PathBuf> {
         .map(|home| PathBuf::from(home).join(".synod_history"))
 }
 
+/// Prints changes of the session's connection above the prompt, as they
+/// happen: lost, attached again, expired.
+fn report_session_changes(
+    runtime: &Runtime,
+    editor: &mut Editor<ShellHelper, DefaultHistory>,
+    client: &Client,
+) {
+    let Ok(mut printer) = editor.create_external_printer() else {
+        return;
+    };
+    let mut state = client.state();
+    runtime.spawn(async move {
+        let mut last = *state.borrow_and_update();
+        while state.changed().await.is_ok() {
+            let now = *state.borrow_and_update();
+            let message = match (last, now) {
+                (_, SessionState::Suspended) => Some(
+                    "(lost the connection to the replica; looking for another: locks and \
+                     ephemeral nodes are kept meanwhile)"
+                        .to_string(),
+                ),
+                (SessionState::Suspended, SessionState::Connected { node_id, .. }) => {
+                    Some(format!("(connected again, through replica {node_id})"))
+                }
+                (_, SessionState::Expired) => Some(
+                    "(the session expired: its locks and ephemeral nodes are gone; the next \
+                     command opens a new one)"
+                        .to_string(),
+                ),
+                _ => None,
+            };
+            if let Some(message) = message {
+                let _ = printer.print(format!("{message}\n"));
+            }
+            last = now;
+            if now.is_ended() {
+                break;
+            }
+        }
+    });
+}
+
 fn session_expired(error: &anyhow::Error) -> bool {
     matches!(
         error.downcast_ref::<ClientError>(),
@@ -200,6 +243,7 @@ fn reconnect(
     eprintln!("the session expired: its locks, leaderships and ephemeral nodes are gone; opening a new one");
     match runtime.block_on(shell.reconnect()) {
         Ok(client) => {
+            report_session_changes(runtime, editor, &client);
             if let Some(helper) = editor.helper_mut() {
                 helper.client = Some(client);
             }
@@ -247,6 +291,9 @@ pub fn run(runtime: &Runtime, shell: &mut Shell) -> anyhow::Result<()> {
         runtime: runtime.handle().clone(),
         cwd: shell.cwd.clone(),
     }));
+    if let Some(client) = &shell.client {
+        report_session_changes(runtime, &mut editor, client);
+    }
     let history = history_path();
     if let Some(path) = &history {
         // A missing history file is the normal first run.
@@ -271,6 +318,12 @@ pub fn run(runtime: &Runtime, shell: &mut Shell) -> anyhow::Result<()> {
                     eprintln!("error: unclosed quote");
                     continue;
                 };
+                let expired = shell.client.as_ref().is_some_and(|client| {
+                    matches!(*client.state().borrow(), SessionState::Expired)
+                });
+                if expired {
+                    reconnect(runtime, shell, &mut editor);
+                }
                 match runtime.block_on(shell.execute(&words)) {
                     Ok(Flow::Continue) => {}
                     Ok(Flow::Exit) => break,

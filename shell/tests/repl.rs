@@ -234,6 +234,17 @@ fn dev_opens_the_shell_and_stops_on_leaving() {
     p.exp_string(PROMPT).expect("shell opened");
     p.send_line("create /hello world").expect("type");
     p.exp_string("created /hello").expect("works");
+    // Ctrl-C reaches the shell only: the replicas run in their own
+    // process group and keep serving.
+    p.exp_string(PROMPT).expect("prompt");
+    p.send_line("watch /").expect("type");
+    p.exp_string("watching / and below").expect("watching");
+    p.send_control('c').expect("ctrl-c");
+    p.exp_string("watch stopped").expect("stopped");
+    p.exp_string(PROMPT).expect("prompt");
+    p.send_line("get /hello").expect("type");
+    p.exp_string("world").expect("the cluster survived Ctrl-C");
+    p.exp_string(PROMPT).expect("prompt");
     p.send_line("status").expect("type");
     p.exp_string("leader").expect("status shows a leader");
     p.send_control('d').expect("ctrl-d");
