@@ -4,8 +4,10 @@
 //! it is connected to is killed (SIGKILL) in the middle of a stream of
 //! writes made through another replica; that a one-shot watch set before the
 //! failover fires with a change made while the watcher was between
-//! replicas; and that one-shot data, exists and children watches fire on
-//! the events ZooKeeper's would, once.
+//! replicas; that a watcher that missed more events than the replicas keep
+//! is told so with a `HistoryCompacted` event (never a silent gap) and its
+//! watch goes on; and that one-shot data, exists and children watches fire
+//! on the events ZooKeeper's would, once.
 
 mod support;
 
@@ -173,4 +175,64 @@ async fn one_shot_watches_fire_once_on_zookeepers_events() {
         .await
         .expect("children")
         .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_that_missed_more_than_the_history_is_told_to_re_read() {
+    init_logging();
+    let mut cluster = ProcessCluster::start_with("[limits]\nevent_history_max = 5\n").await;
+    let probe = cluster.client(0, 3000).await;
+    let paxos_leader = cluster.leader(&probe).await.expect("a leader");
+    let watched = (paxos_leader + 1) % 3;
+    let writer = cluster.client(paxos_leader, 3000).await;
+    let watcher = cluster.client(watched, 3000).await;
+    writer
+        .create("/h", b"0", CreateMode::Persistent)
+        .await
+        .expect("create");
+    let mut stream = watcher.watch("/h").await.expect("watch");
+    let mut revisions = Vec::new();
+    for i in 0..3u64 {
+        let stat = writer.set("/h", b"before", Some(i)).await.expect("set");
+        revisions.push(stat.modified_revision);
+    }
+    for &revision in &revisions {
+        let event = stream.next().await.expect("event");
+        assert_eq!(event.revision, revision);
+    }
+    cluster.kill(watched);
+    // Twenty changes while the watcher is between replicas: more than the
+    // replicas keep.
+    let mut last = 0;
+    for i in 3..23u64 {
+        last = writer
+            .set("/h", b"while away", Some(i))
+            .await
+            .expect("set")
+            .modified_revision;
+    }
+    let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("the watcher hears of the gap")
+        .expect("event");
+    assert_eq!(
+        event.event_type,
+        EventType::HistoryCompacted,
+        "an explicit gap, not a silent one: {event:?}"
+    );
+    // Re-reading gives the state after the gap, and the watch goes on.
+    let (data, stat) = watcher.get("/h").await.expect("re-read");
+    assert_eq!(
+        (data.as_slice(), stat.modified_revision),
+        (b"while away".as_slice(), last)
+    );
+    let next = writer.set("/h", b"after", None).await.expect("set");
+    let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("the watch goes on")
+        .expect("event");
+    assert_eq!(
+        (event.event_type, event.revision),
+        (EventType::NodeDataChanged, next.modified_revision)
+    );
 }

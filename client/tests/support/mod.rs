@@ -115,6 +115,8 @@ pub struct Member {
 
 /// A running cluster of replica processes.
 pub struct ProcessCluster {
+    /// Extra TOML appended to every replica's configuration.
+    extra_toml: String,
     pub dir: TempDir,
     pub certs: DevCerts,
     pub members: Vec<Member>,
@@ -128,6 +130,12 @@ fn free_port() -> UdpSocket {
 impl ProcessCluster {
     /// Starts a 3-replica cluster and waits until it serves a write.
     pub async fn start() -> ProcessCluster {
+        ProcessCluster::start_with("").await
+    }
+
+    /// As [`ProcessCluster::start`], appending `extra_toml` (tables such as
+    /// `[limits]`) to every replica's configuration.
+    pub async fn start_with(extra_toml: &str) -> ProcessCluster {
         let binary = server_binary().to_path_buf();
         let dir = tempfile::tempdir().expect("temp dir");
         let ids = [1u64, 2, 3];
@@ -146,6 +154,7 @@ impl ProcessCluster {
             sockets.push((peer, client));
         }
         let mut cluster = ProcessCluster {
+            extra_toml: extra_toml.to_string(),
             dir,
             certs,
             members,
@@ -184,6 +193,7 @@ impl ProcessCluster {
                 member.id, member.peer, member.client
             ));
         }
+        text.push_str(&self.extra_toml);
         text
     }
 
