@@ -80,7 +80,7 @@ fn write(dir: &Path, name: &str, issued: &IssuedCertificate, force: bool) -> any
         .open(&key)
         .and_then(|mut file| file.write_all(issued.key_pem.as_bytes()))
         .with_context(|| format!("cannot write {}", key.display()))?;
-    println!("  {}  {}", cert.display(), key.display());
+    say!("  {}  {}", cert.display(), key.display());
     Ok(())
 }
 
@@ -114,7 +114,7 @@ pub fn run(args: &CertsArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let ca = CertificateAuthority::generate("Synod CA").context("cannot generate the CA")?;
-    println!("wrote (certificate, private key):");
+    say!("wrote (certificate, private key):");
     write(&args.dir, "ca", &ca.certificate(), args.force)?;
     for (id, hosts) in &nodes {
         let issued = ca
@@ -128,7 +128,7 @@ pub fn run(args: &CertsArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot issue the client certificate {name}"))?;
         write(&args.dir, name, &issued, args.force)?;
     }
-    println!(
+    say!(
         "Keep ca-key.pem secret. Each replica's [tls] names ca.pem, node-<id>.pem and \
          node-<id>-key.pem; clients use --ca ca.pem --cert NAME.pem --key NAME-key.pem."
     );

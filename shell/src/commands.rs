@@ -94,11 +94,11 @@ impl Shell {
     /// Prints a result: `text` for a person, or `json()` as one line.
     fn emit(&self, text: impl Display, json: impl FnOnce() -> Value) {
         if self.json {
-            println!("{}", json());
+            say!("{}", json());
         } else {
             let text = text.to_string();
             if !text.is_empty() {
-                println!("{text}");
+                say!("{text}");
             }
         }
     }
@@ -106,7 +106,7 @@ impl Shell {
     /// Prints a progress note for a person (nothing in JSON mode).
     fn note(&self, text: impl Display) {
         if !self.json {
-            println!("{text}");
+            say!("{text}");
         }
     }
 
@@ -277,8 +277,10 @@ fn token_text(sequencer: &Sequencer) -> String {
     )
 }
 
-/// Visits `root` and its descendants depth first, children in name order,
-/// calling `visit(path, depth, is_last_child_chain)`. Bounded by
+/// `root` and its descendants, depth first with children in name order,
+/// each as `(path, depth, lasts)` where `lasts[i]` says whether the node's
+/// ancestor at depth `i + 1` (or the node itself, last) is the last child of
+/// its parent, which is what `tree` needs to draw its branches. Bounded by
 /// [`SUBTREE_NODES_MAX`].
 async fn walk(client: &Client, root: &str) -> anyhow::Result<Vec<(String, usize, Vec<bool>)>> {
     let mut out = Vec::new();
@@ -706,7 +708,12 @@ pub async fn elect(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     let leadership = tokio::select! {
         leadership = client.campaign(&path, &value) => leadership?,
         () = interrupted() => {
-            client.resign(&path).await?;
+            // The client gives up an abandoned campaign's place itself; this
+            // makes sure, and "not held" means it already did.
+            match client.resign(&path).await {
+                Ok(()) | Err(ClientError::Refused(synod_proto::Error::LockNotHeld { .. })) => {}
+                Err(error) => return Err(error.into()),
+            }
             shell.note("withdrew from the election");
             return Err(Interrupted.into());
         }

@@ -85,7 +85,7 @@ impl Drop for Replicas {
         if self.detached || self.children.is_empty() {
             return;
         }
-        println!("stopping the replicas...");
+        say!("stopping the replicas...");
         for (_, child) in &self.children {
             signal(child.id(), Signal::SIGTERM);
         }
@@ -105,7 +105,7 @@ impl Drop for Replicas {
             }
         }
         let _ = std::fs::remove_file(self.data.join("pids"));
-        println!("cluster stopped; its data stays in {}", self.data.display());
+        say!("cluster stopped; its data stays in {}", self.data.display());
     }
 }
 
@@ -154,7 +154,7 @@ fn stop(data: &Path) -> anyhow::Result<()> {
         .collect();
     if pids.is_empty() {
         let _ = std::fs::remove_file(data.join("pids"));
-        println!("no dev cluster is running from {}", data.display());
+        say!("no dev cluster is running from {}", data.display());
         return Ok(());
     }
     for &pid in &pids {
@@ -172,7 +172,7 @@ fn stop(data: &Path) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = std::fs::remove_file(data.join("pids"));
-    println!(
+    say!(
         "stopped the dev cluster in {} ({} replicas)",
         data.display(),
         pids.len()
@@ -263,7 +263,7 @@ fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
         if release {
             command.arg("--release");
         }
-        println!(
+        say!(
             "synod-server is not built yet: running `cargo build{} -p synod-server` in {}",
             if release { " --release" } else { "" },
             workspace.display()
@@ -439,7 +439,7 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
         synod_proto::tls::generate_dev_certs(&certs, &NODE_IDS, &hosts)
             .context("cannot generate the development certificates")?;
-        println!("generated a CA and certificates in {}", certs.display());
+        say!("generated a CA and certificates in {}", certs.display());
     }
     for id in NODE_IDS {
         let path = data.join(format!("node-{id}.toml"));
@@ -471,7 +471,7 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         .filter(|id| !running.iter().any(|(running_id, _)| running_id == id))
         .collect();
     let mut replicas = if missing.is_empty() {
-        println!(
+        say!(
             "a dev cluster is already running from {}; attaching to it",
             data.display()
         );
@@ -481,7 +481,7 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         let server = server_binary(args.server.as_deref())?;
         let detached = if running.is_empty() {
             let fresh = !data.join("node-1/synod.redb").exists();
-            println!(
+            say!(
                 "starting 3 replicas ({}) with {}",
                 if fresh {
                     "new cluster"
@@ -494,7 +494,7 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         } else {
             // The others were left running by an earlier `synod dev`: this
             // run adds the missing ones to them and leaves all running.
-            println!(
+            say!(
                 "replicas {:?} are running; starting the missing {:?} with {}",
                 running.iter().map(|(id, _)| id).collect::<Vec<_>>(),
                 missing,
@@ -513,13 +513,13 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         }
     })?;
     let user_config = write_user_config(&client_config);
-    println!();
-    println!("Synod dev cluster is up: 3 replicas on 127.0.0.1");
-    println!(
+    say!();
+    say!("Synod dev cluster is up: 3 replicas on 127.0.0.1");
+    say!(
         "  clients connect to  {}",
         client_config.endpoints.join(", ")
     );
-    println!(
+    say!(
         "  peers talk on       {}",
         NODE_IDS
             .iter()
@@ -527,34 +527,34 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    println!("  data and configs    {}", data.display());
-    println!("  certificates        {}", certs.display());
-    println!(
+    say!("  data and configs    {}", data.display());
+    say!("  certificates        {}", certs.display());
+    say!(
         "  replica logs        {}",
         data.join("node-<id>.log").display()
     );
-    println!("  client config       {}", client_file.display());
+    say!("  client config       {}", client_file.display());
     match &user_config {
-        Some(path) => println!(
+        Some(path) => say!(
             "  also written to     {} (so `synod ls /` and friends find this cluster)",
             path.display()
         ),
-        None => println!(
+        None => say!(
             "  connect with        synod --config {} ...",
             client_file.display()
         ),
     }
     let detached = replicas.as_ref().is_none_or(|replicas| replicas.detached);
     if detached {
-        println!("The cluster keeps running after the shell; `synod dev --stop` stops it.");
+        say!("The cluster keeps running after the shell; `synod dev --stop` stops it.");
     } else {
-        println!("Leaving the shell (Ctrl-D or `exit`) stops the cluster.");
+        say!("Leaving the shell (Ctrl-D or `exit`) stops the cluster.");
     }
     let outcome = if args.no_shell {
         runtime.block_on(client.close());
         Ok(())
     } else {
-        println!("Type `help` for the commands.\n");
+        say!("Type `help` for the commands.\n");
         let mut shell = Shell::new(Some(client), Some(client_config), true);
         repl::run(runtime, &mut shell)
     };

@@ -5,6 +5,10 @@
 //! `main` only parses arguments and dispatches: the commands are one table
 //! (`table.rs`) read by completion, help and dispatch alike.
 
+// First, so that its `say!` macro is visible in the modules below.
+#[macro_use]
+mod output;
+
 mod certs;
 mod commands;
 mod connect;
@@ -90,7 +94,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         None | Some(TopCommand::Shell) => {
             let config = cli.connection.resolve()?;
             let client = runtime.block_on(connect::connect(&config))?;
-            println!(
+            say!(
                 "connected to {}; `help` lists the commands, Ctrl-D leaves",
                 config.endpoints.join(", ")
             );

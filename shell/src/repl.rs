@@ -340,7 +340,7 @@ pub fn run(runtime: &Runtime, shell: &mut Shell) -> anyhow::Result<()> {
                 if shell.holds_anything() {
                     runtime.block_on(shell.release_all());
                 } else {
-                    println!("(Ctrl-D or `exit` leaves the shell)");
+                    say!("(Ctrl-D or `exit` leaves the shell)");
                 }
             }
             Err(ReadlineError::Eof) => break,

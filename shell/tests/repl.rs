@@ -201,6 +201,17 @@ fn holding_a_lock(cluster: &DevCluster) {
         .exp_string("with value \"10.0.0.7:8080\"")
         .expect("second shell sees the leader");
     second.exp_string(PROMPT).expect("prompt");
+    second
+        .send_line("elect /elections/api other")
+        .expect("type");
+    second
+        .exp_string("campaigning for /elections/api: session")
+        .expect("second shell campaigns behind the leader");
+    second.send_control('c').expect("ctrl-c");
+    second
+        .exp_string("withdrew from the election")
+        .expect("Ctrl-C withdraws");
+    second.exp_string(PROMPT).expect("prompt");
     first.send_line("resign").expect("type");
     first
         .exp_string("resigned from /elections/api")
