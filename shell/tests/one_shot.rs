@@ -16,6 +16,9 @@ mod common;
 
 use std::process::{Command, Output};
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
 use common::{run_bounded, synod_with_home, DevCluster, COMMAND_TIMEOUT};
 use serde_json::Value;
 
@@ -202,12 +205,12 @@ fn one_shot_commands_print_json_and_fail_plainly() {
     // but `status` still reports every member.
     let pids = std::fs::read_to_string(cluster.data.path().join("pids")).expect("pids");
     for line in pids.lines().filter(|line| !line.starts_with("1 ")) {
-        let pid = line.split_whitespace().nth(1).expect("pid");
-        let status = Command::new("kill")
-            .args(["-TERM", pid])
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        let pid: i32 = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|pid| pid.parse().ok())
+            .expect("pid");
+        kill(Pid::from_raw(pid), Signal::SIGTERM).expect("replica signalled");
     }
     let status = json(&cluster, &["status"]);
     let replicas = status["replicas"].as_array().expect("replicas");
