@@ -261,6 +261,19 @@ fn value(argument: &str) -> anyhow::Result<Vec<u8>> {
     Ok(argument.as_bytes().to_vec())
 }
 
+/// The `-v VERSION` flag, if given.
+fn expected_version(parsed: &Parsed) -> anyhow::Result<Option<u64>> {
+    parsed
+        .value('v')
+        .map(|version| {
+            version
+                .parse()
+                .map_err(|_| UsageError(format!("-v takes a version number, not {version:?}")))
+        })
+        .transpose()
+        .map_err(Into::into)
+}
+
 fn sequencer_json(sequencer: &Sequencer) -> Value {
     json!({
         "path": sequencer.path,
@@ -447,7 +460,10 @@ pub async fn stat(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
 pub async fn set(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
     let path = shell.path(parsed.arg(0).unwrap_or("."));
     let data = value(parsed.arg(1).unwrap_or(""))?;
-    let stat = shell.client()?.set(&path, &data, None).await?;
+    let stat = shell
+        .client()?
+        .set(&path, &data, expected_version(&parsed)?)
+        .await?;
     shell.emit(
         format!(
             "set {} (version {}, {} bytes)",
@@ -496,6 +512,9 @@ pub async fn rm(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
         bail!("the root node cannot be deleted");
     }
     let mut deleted = Vec::new();
+    if parsed.flag('r') && parsed.flag('v') {
+        bail!("rm -r deletes whatever versions it finds; -v works without -r only");
+    }
     if parsed.flag('r') {
         let nodes = walk(&client, &path).await?;
         // Deepest first, so every node is childless when its turn comes.
@@ -506,8 +525,9 @@ pub async fn rm(shell: &mut Shell, parsed: Parsed) -> anyhow::Result<()> {
             deleted.push(node);
         }
     } else {
+        let expected = expected_version(&parsed)?;
         client
-            .delete(&path, None)
+            .delete(&path, expected)
             .await
             .map_err(|error| match error {
                 ClientError::Refused(synod_proto::Error::NotEmpty { .. }) => {

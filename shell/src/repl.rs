@@ -89,6 +89,28 @@ fn words_before(line: &str) -> (Vec<&str>, bool) {
     )
 }
 
+/// How many of `words` (after the command name) are positional arguments:
+/// not flags, nor the values of flags that take one.
+fn positional_count(spec: &table::CommandSpec, words: &[&str]) -> usize {
+    let mut count = 0;
+    let mut words = words.iter();
+    while let Some(word) = words.next() {
+        if word.len() > 1 && word.starts_with('-') {
+            let takes_value = word[1..].chars().last().is_some_and(|letter| {
+                spec.flags
+                    .iter()
+                    .any(|flag| flag.letter == letter && flag.value.is_some())
+            });
+            if takes_value {
+                words.next();
+            }
+        } else {
+            count += 1;
+        }
+    }
+    count
+}
+
 impl Completer for ShellHelper {
     type Candidate = Pair;
 
@@ -122,10 +144,7 @@ impl Completer for ShellHelper {
         if current.starts_with('-') {
             return Ok((start, Vec::new()));
         }
-        let index = words[1..]
-            .iter()
-            .filter(|word| !word.starts_with('-'))
-            .count();
+        let index = positional_count(spec, &words[1..]);
         let candidates = match spec.arg_kind(index) {
             Some(ArgKind::Path) => self.complete_path(current),
             Some(ArgKind::Command) => table::COMMANDS

@@ -2,7 +2,7 @@
 //! arguments and handler. Completion, help, argument checking and dispatch
 //! all read this one table, in the REPL and from the command line alike.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -43,6 +43,17 @@ pub struct Flag {
     pub letter: char,
     /// What it does.
     pub help: &'static str,
+    /// The name of the value it takes (`-v VERSION`), if it takes one.
+    pub value: Option<&'static str>,
+}
+
+impl Flag {
+    fn usage(&self) -> String {
+        match self.value {
+            Some(value) => format!("-{} {value}", self.letter),
+            None => format!("-{}", self.letter),
+        }
+    }
 }
 
 /// Whether the dispatcher cancels the command on Ctrl-C, or the command
@@ -91,7 +102,7 @@ impl CommandSpec {
     pub fn usage(&self) -> String {
         let mut usage = self.name.to_string();
         for flag in self.flags {
-            usage.push_str(&format!(" [-{}]", flag.letter));
+            usage.push_str(&format!(" [{}]", flag.usage()));
         }
         for arg in self.args {
             if arg.optional {
@@ -112,7 +123,7 @@ impl CommandSpec {
         if !self.flags.is_empty() {
             help.push('\n');
             for flag in self.flags {
-                help.push_str(&format!("\n  -{}  {}", flag.letter, flag.help));
+                help.push_str(&format!("\n  {:<10}  {}", flag.usage(), flag.help));
             }
         }
         if !self.aliases.is_empty() {
@@ -134,17 +145,31 @@ impl CommandSpec {
     pub fn parse(&self, words: &[String]) -> Result<Parsed, UsageError> {
         let mut parsed = Parsed::default();
         let mut flags_done = false;
-        for word in words {
+        let mut words = words.iter();
+        while let Some(word) = words.next() {
             if !flags_done && word == "--" {
                 flags_done = true;
             } else if word == "--json" {
                 parsed.json = true;
             } else if !flags_done && word.len() > 1 && word.starts_with('-') {
-                for letter in word[1..].chars() {
-                    if !self.flags.iter().any(|flag| flag.letter == letter) {
+                for (index, letter) in word[1..].char_indices() {
+                    let Some(flag) = self.flags.iter().find(|flag| flag.letter == letter) else {
                         return Err(self.usage_error(format!("unknown flag -{letter}")));
-                    }
+                    };
                     parsed.flags.insert(letter);
+                    if let Some(name) = flag.value {
+                        // `-v3` or `-v 3`.
+                        let attached = &word[1 + index + letter.len_utf8()..];
+                        let value = if attached.is_empty() {
+                            words.next().cloned().ok_or_else(|| {
+                                self.usage_error(format!("-{letter} needs a {name}"))
+                            })?
+                        } else {
+                            attached.to_string()
+                        };
+                        parsed.values.insert(letter, value);
+                        break;
+                    }
                 }
             } else {
                 parsed.args.push(word.clone());
@@ -178,12 +203,19 @@ pub struct Parsed {
     pub args: Vec<String>,
     /// Whether `--json` was given.
     pub json: bool,
+    /// The values of flags that take one.
+    pub values: BTreeMap<char, String>,
 }
 
 impl Parsed {
     /// Whether flag `letter` was given.
     pub fn flag(&self, letter: char) -> bool {
         self.flags.contains(&letter)
+    }
+
+    /// The value of flag `letter`, if given.
+    pub fn value(&self, letter: char) -> Option<&str> {
+        self.values.get(&letter).map(String::as_str)
     }
 
     /// The `index`-th argument, if given.
@@ -213,6 +245,12 @@ const NAME: Arg = Arg {
     optional: false,
 };
 
+const VERSION_FLAG: Flag = Flag {
+    letter: 'v',
+    help: "only if the node is at this version (compare and set)",
+    value: Some("VERSION"),
+};
+
 macro_rules! handler {
     ($function:path) => {
         |shell, parsed| Box::pin($function(shell, parsed))
@@ -231,10 +269,12 @@ pub static COMMANDS: &[CommandSpec] = &[
             Flag {
                 letter: 'l',
                 help: "long listing with each child's stat",
+                value: None,
             },
             Flag {
                 letter: 'R',
                 help: "list every descendant, as full paths",
+                value: None,
             },
         ],
         args: &[OPTIONAL_PATH],
@@ -304,7 +344,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         summary: "Replace a node's data.",
         details: "VALUE is taken as it is; @FILE reads the value from a file \
                   (write @@ for a value starting with @).",
-        flags: &[],
+        flags: &[VERSION_FLAG],
         args: &[
             PATH,
             Arg {
@@ -327,10 +367,12 @@ pub static COMMANDS: &[CommandSpec] = &[
             Flag {
                 letter: 'e',
                 help: "ephemeral: deleted when this session ends",
+                value: None,
             },
             Flag {
                 letter: 's',
                 help: "sequential: a 10-digit counter is appended to the name",
+                value: None,
             },
         ],
         args: &[
@@ -350,10 +392,14 @@ pub static COMMANDS: &[CommandSpec] = &[
         aliases: &["delete"],
         summary: "Delete a node.",
         details: "A node with children is deleted only with -r.",
-        flags: &[Flag {
-            letter: 'r',
-            help: "delete the node and everything below it",
-        }],
+        flags: &[
+            Flag {
+                letter: 'r',
+                help: "delete the node and everything below it",
+                value: None,
+            },
+            VERSION_FLAG,
+        ],
         args: &[PATH],
         interrupt: Interrupt::Cancel,
         needs_cluster: true,
@@ -381,6 +427,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: &[Flag {
             letter: 's',
             help: "shared instead of exclusive",
+            value: None,
         }],
         args: &[PATH],
         interrupt: Interrupt::Handled,
@@ -440,6 +487,7 @@ pub static COMMANDS: &[CommandSpec] = &[
         flags: &[Flag {
             letter: 'w',
             help: "watch: print every change of leader",
+            value: None,
         }],
         args: &[NAME],
         interrupt: Interrupt::Handled,
@@ -542,6 +590,12 @@ mod tests {
         let set = find("set").expect("set");
         let parsed = set.parse(&words("/a -- -1")).expect("parses");
         assert_eq!(parsed.args, vec!["/a".to_string(), "-1".to_string()]);
+        let parsed = set.parse(&words("-v 3 /a x")).expect("parses");
+        assert_eq!(parsed.value('v'), Some("3"));
+        assert_eq!(parsed.args.len(), 2);
+        assert_eq!(set.parse(&words("-v4 /a x")).expect("parses").value('v'), Some("4"));
+        assert!(set.parse(&words("/a x -v")).expect_err("no value").0.contains("VERSION"));
+        assert_eq!(set.usage(), "set [-v VERSION] PATH VALUE|@FILE");
     }
 
     #[test]

@@ -3,14 +3,14 @@
 //! directory and writes the client config file into a private home, so every
 //! later `synod COMMAND` finds the cluster without flags. The test checks
 //! that `--json` output parses as JSON with the expected fields (create, get
-//! of text and binary data, set, stat, ls, tree, status of every replica,
-//! leader), that the connection may also come from SYNOD_* environment
-//! variables, that errors exit non-zero with a plain message (missing node,
-//! unknown command, bad arguments, no cluster configured), that `synod
-//! certs` writes a CA and certificates, that a second `synod dev` on the
-//! same data directory finds the data written before it was stopped, and
-//! that `status` still answers, marking the lost replicas unreachable, when
-//! two of the three replicas are stopped.
+//! of text and binary data, set and compare-and-set, stat, ls, tree, status
+//! of every replica, leader), that the connection may also come from SYNOD_*
+//! environment variables, that errors exit non-zero with a plain message
+//! (missing node, wrong version, unknown command, bad arguments, no cluster
+//! configured), that `synod certs` writes a CA and certificates, that a
+//! second `synod dev` on the same data directory finds the data written
+//! before it was stopped, and that `status` still answers, marking the lost
+//! replicas unreachable, when two of the three replicas are stopped.
 
 mod common;
 
@@ -91,6 +91,15 @@ fn one_shot_commands_print_json_and_fail_plainly() {
     assert_eq!(tree["nodes"].as_array().map(Vec::len), Some(3));
     let stat = json(&cluster, &["stat", "/app"]);
     assert_eq!(stat["stat"]["ephemeral_owner"], 0);
+
+    // Compare and set: -v names the version the node must be at.
+    json(&cluster, &["create", "/cas", "a"]);
+    let set = json(&cluster, &["set", "-v", "0", "/cas", "b"]);
+    assert_eq!(set["stat"]["version"], 1);
+    let (code, message) = fails(&cluster, &["set", "-v", "0", "/cas", "c"]);
+    assert_eq!(code, 1);
+    assert!(message.contains("not the expected 0"), "{message}");
+    json(&cluster, &["rm", "-v1", "/cas"]);
 
     let status = json(&cluster, &["status"]);
     let replicas = status["replicas"].as_array().expect("replicas");
