@@ -593,8 +593,15 @@ mod tests {
         let parsed = set.parse(&words("-v 3 /a x")).expect("parses");
         assert_eq!(parsed.value('v'), Some("3"));
         assert_eq!(parsed.args.len(), 2);
-        assert_eq!(set.parse(&words("-v4 /a x")).expect("parses").value('v'), Some("4"));
-        assert!(set.parse(&words("/a x -v")).expect_err("no value").0.contains("VERSION"));
+        assert_eq!(
+            set.parse(&words("-v4 /a x")).expect("parses").value('v'),
+            Some("4")
+        );
+        assert!(set
+            .parse(&words("/a x -v"))
+            .expect_err("no value")
+            .0
+            .contains("VERSION"));
         assert_eq!(set.usage(), "set [-v VERSION] PATH VALUE|@FILE");
     }
 
