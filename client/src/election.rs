@@ -212,7 +212,7 @@ impl LeaderStream {
             )
             .await?;
             self.after = self.after.max(event.revision);
-            let leader = self.client.leader(&self.name).await?;
+            let leader = self.client.leader_patiently(&self.name).await?;
             let now = identity(&leader);
             if now != self.last {
                 self.last = now;
@@ -328,18 +328,23 @@ impl Client {
     }
 
     async fn leader_if_me(&self, name: &str) -> Result<Option<LeaderInfo>> {
+        let leader = self.leader_patiently(name).await?;
+        Ok(leader.filter(|leader| leader.session == self.session_id()))
+    }
+
+    /// [`Client::leader`], retried while the failure is transient.
+    async fn leader_patiently(&self, name: &str) -> Result<Option<LeaderInfo>> {
+        let mut last_error = None;
         for _ in 0..CAMPAIGN_ATTEMPTS_MAX {
             match self.leader(name).await {
-                Ok(leader) => {
-                    return Ok(leader.filter(|leader| leader.session == self.session_id()))
-                }
-                Err(error) if error.is_transient() => continue,
+                Ok(leader) => return Ok(leader),
+                Err(error) if error.is_transient() => last_error = Some(error),
                 Err(error) => return Err(error),
             }
         }
-        Err(ClientError::ConnectionLost(format!(
-            "could not read the leader of {name}"
-        )))
+        Err(last_error.unwrap_or_else(|| {
+            ClientError::ConnectionLost(format!("could not read the leader of {name}"))
+        }))
     }
 
     fn leadership(&self, claim: Claim, sequencer: Sequencer, value: &[u8]) -> Leadership {
