@@ -66,8 +66,8 @@ pub struct DevArgs {
     /// Do not open the shell (with --detach: start the cluster and return).
     #[arg(long)]
     pub no_shell: bool,
-    /// The synod-server binary (default: beside this binary, built with
-    /// cargo when missing in a source checkout).
+    /// The synod-server binary (default: beside this binary; in a source
+    /// checkout, built with cargo when missing or older than its sources).
     #[arg(long, env = "SYNOD_SERVER_BIN", value_name = "FILE")]
     pub server: Option<PathBuf>,
 }
@@ -237,8 +237,9 @@ fn node_config(data: &Path, base: u16, id: u64) -> String {
     text
 }
 
-/// Finds `synod-server`: the flag, beside this binary, built with cargo in
-/// the source checkout this binary came from, or on `PATH`.
+/// Finds `synod-server`: the flag, beside this binary (built with cargo
+/// first when this binary runs from a source checkout and the server is
+/// missing or older than its sources), or on `PATH`.
 fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = explicit {
         return Ok(path.to_owned());
@@ -246,14 +247,17 @@ fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find this program's path")?;
     let dir = exe.parent().context("this program has no directory")?;
     let beside = dir.join("synod-server");
-    if beside.exists() {
-        return Ok(beside);
-    }
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_owned)
         .unwrap_or_default();
-    if workspace.join("server/Cargo.toml").exists() && exe.starts_with(&workspace) {
+    let in_checkout = workspace.join("server/Cargo.toml").exists() && exe.starts_with(&workspace);
+    // In a source checkout, a binary older than the sources (after a pull)
+    // would run yesterday's replica: build it again.
+    if beside.exists() && !(in_checkout && older_than_sources(&beside, &workspace)) {
+        return Ok(beside);
+    }
+    if in_checkout {
         let release = dir.file_name().is_some_and(|name| name == "release");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
@@ -264,7 +268,7 @@ fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
             command.arg("--release");
         }
         say!(
-            "synod-server is not built yet: running `cargo build{} -p synod-server` in {}",
+            "synod-server is missing or older than its sources: running `cargo build{} -p synod-server` in {}",
             if release { " --release" } else { "" },
             workspace.display()
         );
@@ -289,6 +293,48 @@ fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
          `cargo build --release -p synod-server`, or pass --server FILE",
         exe.display()
     )
+}
+
+/// Most files looked at when comparing a binary with its sources.
+const SOURCE_FILES_MAX: usize = 10_000;
+
+/// Whether any source of `synod-server` (the server, paxos and proto
+/// crates) changed after `binary` was built.
+fn older_than_sources(binary: &Path, workspace: &Path) -> bool {
+    let Ok(built) = std::fs::metadata(binary).and_then(|meta| meta.modified()) else {
+        return true;
+    };
+    let mut stack: Vec<PathBuf> = ["server/src", "paxos/src", "proto/src"]
+        .iter()
+        .map(|dir| workspace.join(dir))
+        .collect();
+    stack.extend(
+        [
+            "server/Cargo.toml",
+            "paxos/Cargo.toml",
+            "proto/Cargo.toml",
+            "Cargo.lock",
+        ]
+        .iter()
+        .map(|file| workspace.join(file)),
+    );
+    let mut seen = 0;
+    while let Some(path) = stack.pop() {
+        seen += 1;
+        if seen > SOURCE_FILES_MAX {
+            break;
+        }
+        if path.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|entry| entry.path()));
+            }
+        } else if let Ok(modified) = std::fs::metadata(&path).and_then(|meta| meta.modified()) {
+            if modified > built {
+                return true;
+            }
+        }
+    }
+    false
 }
 
 fn check_ports_free(base: u16, ids: &[u64]) -> anyhow::Result<()> {
