@@ -1048,7 +1048,17 @@ impl Node {
             heartbeat_sent_at: VecDeque::new(),
             acked_sequence: vec![0; members],
             last_heard_ms: vec![self.now_ms; members],
-            peer_chosen_through: vec![0; members],
+            peer_chosen_through: self
+                .membership
+                .members()
+                .iter()
+                .map(|member| {
+                    candidate
+                        .promises
+                        .get(member)
+                        .map_or(0, |promise| promise.chosen_through)
+                })
+                .collect(),
             elected_at_ms: self.now_ms,
             lease_until_ms: 0,
             reads_waiting_barrier: Vec::new(),

@@ -484,7 +484,7 @@ impl Driver {
                 applied_through: core.apply_next.saturating_sub(1),
                 revision: self.state.revision(),
                 sessions: self.state.sessions().len() as u64,
-                watches: self.session_connection.len() as u64,
+                watches: self.watches.len(),
                 peers: core
                     .peers
                     .iter()

@@ -43,6 +43,16 @@ impl WatchRegistry {
         }
     }
 
+    /// The number of watches registered, over all sessions.
+    pub fn len(&self) -> u64 {
+        self.by_session.values().map(|set| set.len() as u64).sum()
+    }
+
+    /// Whether no watch is registered.
+    pub fn is_empty(&self) -> bool {
+        self.by_session.values().all(|set| set.is_empty())
+    }
+
     /// Registers a watch (registering the same watch twice is one watch).
     ///
     /// # Errors
