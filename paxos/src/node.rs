@@ -1090,8 +1090,19 @@ impl Node {
                 self.finish_read(reader, None);
             }
         }
+        if self.leader_hint != leader {
+            self.abort_forwarded_reads();
+        }
         self.leader_hint = leader;
         self.reset_election_deadline();
+    }
+
+    /// Reads forwarded to a leader this replica no longer follows will not
+    /// be answered in time; the caller may retry them at once.
+    fn abort_forwarded_reads(&mut self) {
+        for (_, (id, _)) in mem::take(&mut self.forwarded_reads) {
+            self.reads_out.push(ReadOutcome::Aborted { id });
+        }
     }
 
     /// A message under `ballot` from its owner `from` shows a live leader.
@@ -1119,6 +1130,7 @@ impl Node {
         if self.leader_hint != Some(from) {
             self.leader_hint = Some(from);
             self.catch_up_sent = None;
+            self.abort_forwarded_reads();
         }
         self.reset_election_deadline();
         true

@@ -906,6 +906,16 @@ impl Driver {
             grants,
             ended_sessions,
         } = applied;
+        // Events go out before the response of the command that fired them:
+        // a client never sees a revision before the events at it.
+        if !events.is_empty() {
+            self.history.record(&events);
+            for notification in self.watches.dispatch(&events) {
+                if let Some(&connection) = self.session_connection.get(&notification.session) {
+                    self.send_to(connection, ServerFrame::Event(notification.event));
+                }
+            }
+        }
         if let Some(response) = response {
             if let (
                 Some(tracker),
@@ -925,14 +935,6 @@ impl Driver {
             } else if let Some(key) = request {
                 if let Some((connection, _)) = self.waiting_writes.remove(&key) {
                     self.respond(connection, key.1, response);
-                }
-            }
-        }
-        if !events.is_empty() {
-            self.history.record(&events);
-            for notification in self.watches.dispatch(&events) {
-                if let Some(&connection) = self.session_connection.get(&notification.session) {
-                    self.send_to(connection, ServerFrame::Event(notification.event));
                 }
             }
         }
