@@ -456,3 +456,51 @@ async fn bad_frames_and_foreign_certificates_are_refused_while_the_cluster_serve
     assert!(newcomer.exists("/serving").await.expect("read").is_some());
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_forwarded_to_a_dead_leader_complete_soon_after_a_new_one_leads() {
+    let mut cluster = Cluster::start(3, |_| {}).await;
+    let leader = cluster
+        .leader(Duration::from_secs(10))
+        .await
+        .expect("leader");
+    let follower = (leader + 1) % 3;
+    // A long session timeout keeps the client on its replica: what is
+    // measured is the replica's handling of writes it forwarded.
+    let client = cluster.client_with(follower, 30_000).await;
+    client
+        .create("/inflight", b"", CreateMode::Persistent)
+        .await
+        .expect("parent");
+    // The leader dies; the follower still believes in it for a moment and
+    // forwards these writes into the void.
+    cluster.kill(leader).await;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            client
+                .create(&format!("/inflight/w-{i}"), b"x", CreateMode::Persistent)
+                .await
+                .map(|_| Instant::now())
+        }));
+    }
+    let mut slowest = Duration::ZERO;
+    for task in tasks {
+        let done = task.await.expect("task").expect("write completes");
+        slowest = slowest.max(done - started);
+    }
+    println!("every write forwarded to the dead leader completed within {slowest:?}");
+    // They are proposed again as soon as a new leader is known (about
+    // 1-2 s), not after the 10 s request timeout.
+    assert!(
+        slowest < Duration::from_secs(6),
+        "slowest write took {slowest:?}"
+    );
+    assert_eq!(
+        client.children("/inflight").await.expect("children").len(),
+        20
+    );
+    cluster.shutdown().await;
+}

@@ -176,6 +176,13 @@ struct PendingRead {
     deadline_ms: u64,
 }
 
+/// A client's write proposed from this replica, waiting to be applied here.
+struct WaitingWrite {
+    connection: ConnectionId,
+    deadline_ms: u64,
+    request: Request,
+}
+
 struct WaitingProposal {
     proposal: Proposal,
     deadline_ms: u64,
@@ -199,7 +206,9 @@ pub struct Driver {
     last_keep_alive_flush_ms: u64,
     next_origin_token: u64,
     opening: HashMap<u64, (ConnectionId, u64)>,
-    waiting_writes: HashMap<(SessionId, u64), (ConnectionId, u64)>,
+    waiting_writes: BTreeMap<(SessionId, u64), WaitingWrite>,
+    /// The last leader seen, to notice a change of leader.
+    last_leader: Option<u64>,
     unproposed: VecDeque<WaitingProposal>,
     next_read_id: u64,
     reads_at_core: HashMap<u64, PendingRead>,
@@ -254,7 +263,8 @@ impl Driver {
             last_keep_alive_flush_ms: now_ms,
             next_origin_token: 1,
             opening: HashMap::new(),
-            waiting_writes: HashMap::new(),
+            waiting_writes: BTreeMap::new(),
+            last_leader: None,
             unproposed: VecDeque::new(),
             next_read_id: 1,
             reads_at_core: HashMap::new(),
@@ -432,8 +442,14 @@ impl Driver {
                         ReadConsistency::Linearizable => self.start_linearizable_read(read),
                     }
                 } else {
-                    self.waiting_writes
-                        .insert((request.session, request.sequence), (connection, deadline));
+                    self.waiting_writes.insert(
+                        (request.session, request.sequence),
+                        WaitingWrite {
+                            connection,
+                            deadline_ms: deadline,
+                            request: request.clone(),
+                        },
+                    );
                     self.propose(Proposal::Client(request), deadline);
                 }
             }
@@ -589,6 +605,7 @@ impl Driver {
     fn on_tick(&mut self) {
         let now = self.now_ms;
         self.node.tick(now);
+        self.repropose_after_leader_change();
         // Proposals that found no leader try again.
         let waiting = std::mem::take(&mut self.unproposed);
         for item in waiting {
@@ -613,15 +630,46 @@ impl Driver {
         }
     }
 
+    /// Writes this replica forwarded to a leader that has since been
+    /// replaced may have died with it: propose them again to the new one, in
+    /// `(session, sequence)` order. The state machine applies a request at
+    /// most once, and only the first application is answered, so a write
+    /// the old leader did get chosen is not applied twice.
+    fn repropose_after_leader_change(&mut self) {
+        let Some(leader) = self.node.leader() else {
+            return;
+        };
+        let previous = self.last_leader.replace(leader);
+        if previous.is_none_or(|previous| previous == leader) {
+            return;
+        }
+        let again: Vec<(Request, u64)> = self
+            .waiting_writes
+            .values()
+            .map(|waiting| (waiting.request.clone(), waiting.deadline_ms))
+            .collect();
+        if !again.is_empty() {
+            tracing::info!(
+                node = self.config.id,
+                leader,
+                writes = again.len(),
+                "leader changed; proposing waiting writes again"
+            );
+        }
+        for (request, deadline) in again {
+            self.propose(Proposal::Client(request), deadline);
+        }
+    }
+
     fn fail_proposal(&mut self, proposal: &Proposal) {
         let response = self.unavailable("no leader accepted the write in time");
         match proposal {
             Proposal::Client(request) => {
-                if let Some((connection, _)) = self
+                if let Some(waiting) = self
                     .waiting_writes
                     .remove(&(request.session, request.sequence))
                 {
-                    self.respond(connection, request.sequence, response);
+                    self.respond(waiting.connection, request.sequence, response);
                 }
             }
             Proposal::OpenSession { origin, .. } => {
@@ -647,20 +695,21 @@ impl Driver {
         }
     }
 
-    /// Writes forwarded to a leader that failed are lost with it; their
-    /// clients get `Unavailable` at the deadline and retry safely.
+    /// Requests not answered by their deadline (no leader for that long, or
+    /// a write lost with a leader and not proposed again in time) get
+    /// `Unavailable`; the client may retry them safely.
     fn expire_waiting(&mut self) {
         let now = self.now_ms;
         let expired: Vec<(SessionId, u64)> = self
             .waiting_writes
             .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
+            .filter(|(_, waiting)| waiting.deadline_ms <= now)
             .map(|(&key, _)| key)
             .collect();
         for key in expired {
-            if let Some((connection, _)) = self.waiting_writes.remove(&key) {
+            if let Some(waiting) = self.waiting_writes.remove(&key) {
                 let response = self.unavailable("the write was not applied in time");
-                self.respond(connection, key.1, response);
+                self.respond(waiting.connection, key.1, response);
             }
         }
         let expired: Vec<u64> = self
@@ -933,8 +982,8 @@ impl Driver {
                     self.on_session_opened(connection, &response);
                 }
             } else if let Some(key) = request {
-                if let Some((connection, _)) = self.waiting_writes.remove(&key) {
-                    self.respond(connection, key.1, response);
+                if let Some(waiting) = self.waiting_writes.remove(&key) {
+                    self.respond(waiting.connection, key.1, response);
                 }
             }
         }
