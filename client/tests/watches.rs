@@ -39,6 +39,8 @@ async fn a_watcher_sees_every_change_in_order_across_a_failover() {
         .create("/w/once", b"start", CreateMode::Persistent)
         .await
         .expect("create");
+    // Sync so the watch starts after the creates on the watcher's replica.
+    watcher.sync().await.expect("sync");
     let mut stream = watcher.watch("/w/node").await.expect("watch");
     let (data, _, once) = watcher.get_watch("/w/once").await.expect("get and watch");
     assert_eq!(data, b"start");
@@ -190,6 +192,9 @@ async fn a_watcher_that_missed_more_than_the_history_is_told_to_re_read() {
         .create("/h", b"0", CreateMode::Persistent)
         .await
         .expect("create");
+    // The watcher's replica may not have applied the create yet; a watch
+    // registered there now would see it. Sync first, so it starts after.
+    watcher.sync().await.expect("sync");
     let mut stream = watcher.watch("/h").await.expect("watch");
     let mut revisions = Vec::new();
     for i in 0..3u64 {
