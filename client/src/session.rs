@@ -256,27 +256,6 @@ impl Revisions {
     }
 }
 
-fn is_read(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::GetData { .. }
-            | Op::Exists { .. }
-            | Op::GetChildren { .. }
-            | Op::GetLeader { .. }
-            | Op::CheckSequencer { .. }
-    )
-}
-
-fn read_path(op: &Op) -> Option<&str> {
-    match op {
-        Op::GetData { path }
-        | Op::Exists { path }
-        | Op::GetChildren { path }
-        | Op::GetLeader { path } => Some(path),
-        _ => None,
-    }
-}
-
 /// Opens a session on the first replica that answers, and starts the task.
 pub(crate) async fn start(
     settings: SessionSettings,
@@ -844,17 +823,17 @@ impl SessionTask {
             return false;
         }
         self.unavailable_in_a_row = 0;
-        let linearizable = !is_read(&outstanding.request.op)
+        let linearizable = !outstanding.request.op.is_read()
             || outstanding.consistency == ReadConsistency::Linearizable;
         if linearizable {
             self.confirmed(outstanding.sent_at);
         }
-        if is_read(&outstanding.request.op) {
+        if outstanding.request.op.is_read() {
             self.revisions.complete(response.revision);
         } else {
             self.revisions.complete(response.revision.saturating_sub(1));
         }
-        if let (Some(kind), Some(path)) = (outstanding.watch, read_path(&outstanding.request.op)) {
+        if let (Some(kind), Some(path)) = (outstanding.watch, outstanding.request.op.read_path()) {
             let registered = response.result.is_ok() || kind == WatchKind::Exists;
             if registered {
                 self.watches

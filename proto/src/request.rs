@@ -170,6 +170,32 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Whether the op only reads (`GetData`, `Exists`, `GetChildren`,
+    /// `GetLeader`, `CheckSequencer`): a replica may serve it without the log.
+    pub fn is_read(&self) -> bool {
+        matches!(
+            self,
+            Op::GetData { .. }
+                | Op::Exists { .. }
+                | Op::GetChildren { .. }
+                | Op::GetLeader { .. }
+                | Op::CheckSequencer { .. }
+        )
+    }
+
+    /// The path a read names, where a watch set with the read is left.
+    pub fn read_path(&self) -> Option<&str> {
+        match self {
+            Op::GetData { path }
+            | Op::Exists { path }
+            | Op::GetChildren { path }
+            | Op::GetLeader { path } => Some(path),
+            _ => None,
+        }
+    }
+}
+
 /// One operation inside a [`Op::Multi`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MultiOp {

@@ -31,7 +31,7 @@ use synod_paxos::{
 use synod_proto::wire::{
     ClientFrame, ClusterStatus, ReadConsistency, ReplicaStatus, ServerFrame, WatchRegistration,
 };
-use synod_proto::{Error, Op, Request, Response, Revision, SessionId, WatchKind};
+use synod_proto::{Error, Request, Response, Revision, SessionId, WatchKind};
 use tokio::sync::mpsc;
 
 use super::proposal::{Origin, Proposal};
@@ -205,7 +205,7 @@ pub struct Driver {
     keep_alives: BTreeSet<SessionId>,
     last_keep_alive_flush_ms: u64,
     next_origin_token: u64,
-    opening: HashMap<u64, (ConnectionId, u64)>,
+    opening: BTreeMap<u64, (ConnectionId, u64)>,
     waiting_writes: BTreeMap<(SessionId, u64), WaitingWrite>,
     /// The last leader seen, to notice a change of leader.
     last_leader: Option<u64>,
@@ -220,25 +220,6 @@ pub struct Driver {
     fetching_snapshot: bool,
     last_tick_proposal_ms: u64,
     outbox: Outbox,
-}
-
-fn is_read(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::GetData { .. }
-            | Op::Exists { .. }
-            | Op::GetChildren { .. }
-            | Op::GetLeader { .. }
-            | Op::CheckSequencer { .. }
-    )
-}
-
-fn op_path(op: &Op) -> Option<&str> {
-    match op {
-        Op::GetData { path } | Op::Exists { path } | Op::GetChildren { path } => Some(path),
-        Op::GetLeader { path } => Some(path),
-        _ => None,
-    }
 }
 
 impl Driver {
@@ -262,7 +243,7 @@ impl Driver {
             keep_alives: BTreeSet::new(),
             last_keep_alive_flush_ms: now_ms,
             next_origin_token: 1,
-            opening: HashMap::new(),
+            opening: BTreeMap::new(),
             waiting_writes: BTreeMap::new(),
             last_leader: None,
             unproposed: VecDeque::new(),
@@ -422,7 +403,7 @@ impl Driver {
                     return;
                 }
                 self.note_keep_alive(request.session);
-                if is_read(&request.op) {
+                if request.op.is_read() {
                     let read = PendingRead {
                         connection,
                         kind: ReadKind::Op { request, watch },
@@ -543,7 +524,7 @@ impl Driver {
         match read.kind {
             ReadKind::Op { request, watch } => {
                 let result = self.state.read(&request.op);
-                if let (Some(kind), Some(path)) = (watch, op_path(&request.op)) {
+                if let (Some(kind), Some(path)) = (watch, request.op.read_path()) {
                     let registers = result.is_ok() || kind == WatchKind::Exists;
                     if registers {
                         if let Err(error) = self.watches.add(request.session, path, kind) {
@@ -700,51 +681,23 @@ impl Driver {
     /// `Unavailable`; the client may retry them safely.
     fn expire_waiting(&mut self) {
         let now = self.now_ms;
-        let expired: Vec<(SessionId, u64)> = self
-            .waiting_writes
-            .iter()
-            .filter(|(_, waiting)| waiting.deadline_ms <= now)
-            .map(|(&key, _)| key)
-            .collect();
-        for key in expired {
-            if let Some(waiting) = self.waiting_writes.remove(&key) {
-                let response = self.unavailable("the write was not applied in time");
-                self.respond(waiting.connection, key.1, response);
-            }
+        for ((_, sequence), waiting) in
+            take_expired(&mut self.waiting_writes, |w| w.deadline_ms <= now)
+        {
+            let response = self.unavailable("the write was not applied in time");
+            self.respond(waiting.connection, sequence, response);
         }
-        let expired: Vec<u64> = self
-            .opening
-            .iter()
-            .filter(|(_, (_, deadline))| *deadline <= now)
-            .map(|(&token, _)| token)
-            .collect();
-        for token in expired {
-            if let Some((connection, _)) = self.opening.remove(&token) {
-                let reason = "the session was not opened in time".to_string();
-                self.send_to(connection, ServerFrame::Unavailable { reason });
-            }
+        for (_, (connection, _)) in
+            take_expired(&mut self.opening, |(_, deadline)| *deadline <= now)
+        {
+            let reason = "the session was not opened in time".to_string();
+            self.send_to(connection, ServerFrame::Unavailable { reason });
         }
-        let expired: Vec<(Slot, u64)> = self
-            .reads_at_slot
-            .iter()
-            .filter(|(_, read)| read.deadline_ms <= now)
-            .map(|(&key, _)| key)
-            .collect();
-        for key in expired {
-            if let Some(read) = self.reads_at_slot.remove(&key) {
-                self.fail_read(read, "the replica did not catch up in time");
-            }
+        for (_, read) in take_expired(&mut self.reads_at_slot, |r| r.deadline_ms <= now) {
+            self.fail_read(read, "the replica did not catch up in time");
         }
-        let expired: Vec<(Revision, u64)> = self
-            .reads_at_revision
-            .iter()
-            .filter(|(_, read)| read.deadline_ms <= now)
-            .map(|(&key, _)| key)
-            .collect();
-        for key in expired {
-            if let Some(read) = self.reads_at_revision.remove(&key) {
-                self.fail_read(read, "the revision asked for was not reached in time");
-            }
+        for (_, read) in take_expired(&mut self.reads_at_revision, |r| r.deadline_ms <= now) {
+            self.fail_read(read, "the revision asked for was not reached in time");
         }
     }
 
@@ -1074,4 +1027,20 @@ impl Driver {
             });
         }
     }
+}
+
+/// Removes and returns, in key order, the entries of `map` that `expired`
+/// says are past their deadline.
+fn take_expired<K: Ord + Clone, V>(
+    map: &mut BTreeMap<K, V>,
+    expired: impl Fn(&V) -> bool,
+) -> Vec<(K, V)> {
+    let keys: Vec<K> = map
+        .iter()
+        .filter(|(_, value)| expired(value))
+        .map(|(key, _)| key.clone())
+        .collect();
+    keys.into_iter()
+        .filter_map(|key| map.remove(&key).map(|value| (key, value)))
+        .collect()
 }
