@@ -353,6 +353,18 @@ pub fn certificate_names(certificate: &CertificateDer<'_>, name: &str) -> bool {
     rustls::client::verify_server_name(&parsed, &server_name).is_ok()
 }
 
+/// The identity a client certificate gives its holder: the certificate's
+/// subject distinguished name in RFC 4514 form (for example
+/// `CN=billing-service`), or `None` when the certificate cannot be parsed or
+/// has an empty subject. Sessions belong to this identity, and the
+/// per-identity bounds count by it: every certificate with the same subject
+/// is the same client (so a renewed certificate keeps its sessions).
+pub fn client_identity(certificate: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+    let subject = parsed.subject().to_string();
+    (!subject.is_empty()).then_some(subject)
+}
+
 /// The certificate chain a connection's peer presented (leaf first), if any.
 pub fn peer_certificates(connection: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
     connection
@@ -584,6 +596,7 @@ pub struct FrameReader {
     buffer: Vec<u8>,
     start: usize,
     frame_bytes_max: u64,
+    last_frame_bytes: u64,
 }
 
 impl FrameReader {
@@ -594,7 +607,14 @@ impl FrameReader {
             buffer: Vec::new(),
             start: 0,
             frame_bytes_max,
+            last_frame_bytes: 0,
         }
+    }
+
+    /// Bytes (prefix included) of the frame [`FrameReader::next`] returned
+    /// last: what it cost on the wire, for byte budgets.
+    pub fn last_frame_bytes(&self) -> u64 {
+        self.last_frame_bytes
     }
 
     /// The stream, to stop it.
@@ -637,6 +657,7 @@ impl FrameReader {
         };
         let body = body.to_vec();
         self.start += FRAME_HEADER_BYTES + length;
+        self.last_frame_bytes = (FRAME_HEADER_BYTES + length) as u64;
         if self.start == self.buffer.len() {
             self.buffer.clear();
             self.start = 0;
