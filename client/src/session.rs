@@ -43,7 +43,7 @@ use synod_proto::wire::{
 };
 use synod_proto::{
     Error, Event, EventType, Op, OpResult, Request, Response, Revision, Sequencer, SessionId,
-    WatchKind,
+    SessionSecret, WatchKind,
 };
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -151,6 +151,10 @@ pub(crate) struct SessionSettings {
 
 /// Bound on calls queued for the session task.
 pub(crate) const CALLS_QUEUED_MAX: usize = 1024;
+/// Bound on requests sent and not yet answered; later calls wait in the
+/// queue. Well below a replica's default `pending_requests_per_connection_max`
+/// (4,096), so a busy client is held back here rather than refused there.
+pub(crate) const REQUESTS_IN_FLIGHT_MAX: usize = 1024;
 /// Bound on events buffered per subscriber before it is told it lagged.
 pub(crate) const EVENTS_BUFFERED_MAX: usize = 4096;
 /// Bound on grants buffered per subscriber.
@@ -269,12 +273,13 @@ pub(crate) async fn start(
         }
         for (index, (address, name)) in settings.endpoints.iter().enumerate() {
             match open(&settings, *address, name).await {
-                Ok((link, session, timeout_ms, revision)) => {
+                Ok((link, session, secret, timeout_ms, revision)) => {
                     let (calls, receiver) = mpsc::channel(CALLS_QUEUED_MAX);
                     let task = SessionTask {
                         settings: settings.clone(),
                         shared: shared.clone(),
                         session,
+                        secret,
                         timeout_ms,
                         next_sequence: 1,
                         revisions: Revisions {
@@ -350,7 +355,7 @@ async fn open(
     settings: &SessionSettings,
     address: SocketAddr,
     name: &str,
-) -> Result<(Link, SessionId, u64, Revision), String> {
+) -> Result<(Link, SessionId, SessionSecret, u64, Revision), String> {
     let mut link = dial(settings, address, name, dial_timeout(settings)).await?;
     let frame = ClientFrame::OpenSession {
         timeout_ms: settings.session_timeout_ms,
@@ -367,9 +372,10 @@ async fn open(
     match answer {
         Ok(Some(ServerFrame::SessionReady {
             session,
+            secret,
             timeout_ms,
             revision,
-        })) => Ok((link, session, timeout_ms, revision)),
+        })) => Ok((link, session, secret, timeout_ms, revision)),
         other => {
             link.connection.close(0u32.into(), b"no session");
             match other {
@@ -385,6 +391,8 @@ struct SessionTask {
     settings: SessionSettings,
     shared: Arc<Shared>,
     session: SessionId,
+    /// Shown with the client's certificate to resume the session elsewhere.
+    secret: SessionSecret,
     timeout_ms: u64,
     next_sequence: u64,
     revisions: Revisions,
@@ -632,7 +640,7 @@ impl SessionTask {
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                call = calls.recv() => {
+                call = calls.recv(), if self.outstanding.len() < REQUESTS_IN_FLIGHT_MAX => {
                     let Some(call) = call else { return Exit::Closed };
                     let (frame, close) = self.accept(call, true);
                     if let Some(reply) = close {
@@ -792,7 +800,13 @@ impl SessionTask {
             ServerFrame::Unavailable { reason } => {
                 tracing::debug!(%reason, "replica unavailable");
             }
-            ServerFrame::SessionExpired { .. } => {}
+            ServerFrame::SessionExpired { .. } | ServerFrame::SessionRefused { .. } => {}
+            ServerFrame::WatchRefused { watch, error } => {
+                // Not re-registered on resume either: it would be refused
+                // again.
+                tracing::warn!(path = %watch.path, kind = ?watch.kind, %error, "watch refused");
+                self.watches.remove(&watch);
+            }
         }
         false
     }
@@ -871,7 +885,7 @@ impl SessionTask {
                 return Err(Exit::Expired);
             }
             // Calls made meanwhile are recorded, and sent once resumed.
-            loop {
+            while self.outstanding.len() < REQUESTS_IN_FLIGHT_MAX {
                 match calls.try_recv() {
                     Ok(call) => {
                         let (_, close) = self.accept(call, false);
@@ -892,6 +906,7 @@ impl SessionTask {
             if let Ok(mut link) = dial(&self.settings, address, &name, dial_within).await {
                 let frame = ClientFrame::ResumeSession {
                     session: self.session,
+                    secret: self.secret,
                     last_revision: self.revisions.complete_through,
                     watches: self.watches.keys().cloned().collect(),
                 };
@@ -925,6 +940,13 @@ impl SessionTask {
                         }
                         Ok(Ok(Some(ServerFrame::SessionExpired { .. }))) => {
                             link.connection.close(0u32.into(), b"session expired");
+                            return Err(Exit::Expired);
+                        }
+                        Ok(Ok(Some(ServerFrame::SessionRefused { reason, .. }))) => {
+                            // Only this client's identity with the secret
+                            // may resume it: a refusal will not change.
+                            tracing::warn!(session = self.session, %reason, "resume refused");
+                            link.connection.close(0u32.into(), b"resume refused");
                             return Err(Exit::Expired);
                         }
                         other => {

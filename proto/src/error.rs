@@ -129,6 +129,17 @@ pub enum Error {
         /// What stood in the way.
         reason: String,
     },
+    /// A bound of the replica's or the cluster's `[limits]` was reached; the
+    /// request changed nothing. Other clients are not affected.
+    #[error("{message} (limit `{limit}` is {max})")]
+    LimitExceeded {
+        /// The bound, as named in the config file (`limits.<name>`).
+        limit: String,
+        /// Its value.
+        max: u64,
+        /// What was refused and what to do about it.
+        message: String,
+    },
     /// One operation of a `multi` failed, so none was applied.
     #[error("operation {index} of the multi failed, so nothing was applied: {cause}")]
     MultiOpFailed {
@@ -140,6 +151,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// A [`Error::LimitExceeded`] for the bound `limit` (named without the
+    /// `limits.` prefix) of value `max`.
+    pub fn limit_exceeded(limit: &str, max: u64, message: impl Into<String>) -> Self {
+        Error::LimitExceeded {
+            limit: format!("limits.{limit}"),
+            max,
+            message: message.into(),
+        }
+    }
+
     /// A [`Error::BadArgument`] with the given explanation.
     pub fn bad_argument(message: impl Into<String>) -> Self {
         Error::BadArgument {

@@ -19,11 +19,16 @@ pub use response::{LeaderInfo, MultiResult, OpResult, Response, Stat};
 
 /// Version of the client and peer protocol, exchanged in the handshake.
 /// A peer speaking another version is refused with a clear error.
-pub const PROTOCOL_VERSION: u64 = 1;
+pub const PROTOCOL_VERSION: u64 = 2;
 
 /// A session's identifier, assigned by the state machine; `0` is never a
 /// session and means "no owner" in [`Stat::ephemeral_owner`].
 pub type SessionId = u64;
+
+/// A session's secret: 128 random bits drawn by the replica that opened
+/// it. With the owner's certificate identity it makes a session handle
+/// unguessable: session ids are small counters, secrets are not.
+pub type SessionSecret = u128;
 
 /// A position in the totally ordered history of mutations (like ZooKeeper's
 /// zxid): every applied mutation takes the next revision.

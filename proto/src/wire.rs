@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::{Event, Request, Response, Revision, Sequencer, SessionId, WatchKind};
+use crate::{Event, Request, Response, Revision, Sequencer, SessionId, SessionSecret, WatchKind};
 
 /// Bytes of the length prefix.
 pub const FRAME_HEADER_BYTES: usize = 4;
@@ -91,6 +91,10 @@ pub enum ClientFrame {
     ResumeSession {
         /// The session.
         session: SessionId,
+        /// The session's secret, from [`ServerFrame::SessionReady`]: only
+        /// the client identity that opened the session, holding its secret,
+        /// may resume it.
+        secret: SessionSecret,
         /// The newest revision the client has seen.
         last_revision: Revision,
         /// The watches to re-register.
@@ -133,6 +137,10 @@ pub enum ServerFrame {
     SessionReady {
         /// The session.
         session: SessionId,
+        /// The session's secret: the proof, with the client's certificate,
+        /// that a later [`ClientFrame::ResumeSession`] comes from its owner.
+        /// Keep it private.
+        secret: SessionSecret,
         /// Its timeout as the cluster granted it.
         timeout_ms: u64,
         /// The revision the replica has applied.
@@ -162,6 +170,23 @@ pub enum ServerFrame {
     },
     /// The cluster's status.
     Status(ClusterStatus),
+    /// A resume was refused (the session belongs to another client
+    /// identity, or the secret is wrong); nothing changed, and the session
+    /// stays with its owner.
+    SessionRefused {
+        /// The session named.
+        session: SessionId,
+        /// Why, in words for a person.
+        reason: String,
+    },
+    /// A watch could not be registered (a bad path, or a bound reached);
+    /// the session goes on without it.
+    WatchRefused {
+        /// The watch.
+        watch: WatchRegistration,
+        /// Why.
+        error: crate::Error,
+    },
     /// This replica cannot serve the session now (not caught up, shutting
     /// down); the client should try another.
     Unavailable {

@@ -67,6 +67,8 @@ fn main() {
     let region = Region::new(GLOBAL);
     let mut state = StateMachine::new(StateConfig::default());
     state.apply(&Command::OpenSession {
+        owner: "CN=test".into(),
+        secret: 1,
         timeout_ms: 10_000,
         now_ms: 1_700_000_000_000,
     });

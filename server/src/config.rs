@@ -135,10 +135,30 @@ pub struct Limits {
     pub frame_bytes_max: u64,
     /// Most watches one session may hold on a replica.
     pub watches_per_session_max: u64,
+    /// Most bytes of watched paths one session may hold on a replica.
+    pub watch_path_bytes_per_session_max: u64,
     /// Most client connections a replica serves at once.
     pub client_connections_max: u64,
-    /// Most requests one connection may have waiting for an answer.
+    /// Most client connections one client identity (certificate subject)
+    /// may hold on a replica at once.
+    pub client_connections_per_identity_max: u64,
+    /// Most TLS handshakes in progress at once on the client port.
+    pub client_handshakes_max: u64,
+    /// A client connection that sends nothing for this long is closed
+    /// (clients with a session send keep-alives well within it).
+    pub client_idle_timeout_ms: u64,
+    /// Most requests one connection may have waiting for an answer (over
+    /// it, requests are refused with an error naming this limit).
     pub pending_requests_per_connection_max: u64,
+    /// Most bytes of requests one connection may have waiting for an answer.
+    pub pending_request_bytes_per_connection_max: u64,
+    /// Most bytes of replies queued for one connection: at half of it the
+    /// replica stops reading from the client and holds its reads back; a
+    /// connection whose queue reaches it (it reads nothing) is closed.
+    pub reply_queue_bytes_per_connection_max: u64,
+    /// Most sessions open at once for one client identity, cluster-wide.
+    /// Every replica must use the same value.
+    pub sessions_per_identity_max: u64,
     /// Events kept for clients that reconnect and ask for what they missed.
     pub event_history_max: u64,
     /// Applied slots between two saved snapshots of the state machine.
@@ -157,8 +177,15 @@ impl Default for Limits {
             path_bytes_max: 4096,
             frame_bytes_max: synod_proto::wire::DEFAULT_MAX_FRAME_BYTES,
             watches_per_session_max: 10_000,
+            watch_path_bytes_per_session_max: 4 << 20,
             client_connections_max: 10_000,
-            pending_requests_per_connection_max: 10_000,
+            client_connections_per_identity_max: 16,
+            client_handshakes_max: 256,
+            client_idle_timeout_ms: 60_000,
+            pending_requests_per_connection_max: 4_096,
+            pending_request_bytes_per_connection_max: 16 << 20,
+            reply_queue_bytes_per_connection_max: 16 << 20,
+            sessions_per_identity_max: 10_000,
             event_history_max: 100_000,
             snapshot_interval_slots: 10_000,
             log_retain_slots: 10_000,
@@ -336,6 +363,46 @@ impl ReplicaConfig {
                 return Err(invalid(field, "must be positive"));
             }
         }
+        for (field, value) in [
+            (
+                "limits.watch_path_bytes_per_session_max",
+                l.watch_path_bytes_per_session_max,
+            ),
+            (
+                "limits.client_connections_per_identity_max",
+                l.client_connections_per_identity_max,
+            ),
+            ("limits.client_handshakes_max", l.client_handshakes_max),
+            (
+                "limits.sessions_per_identity_max",
+                l.sessions_per_identity_max,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(field, "must be positive"));
+            }
+        }
+        if l.pending_request_bytes_per_connection_max < l.frame_bytes_max + 4096 {
+            return Err(invalid(
+                "limits.pending_request_bytes_per_connection_max",
+                "must hold the largest frame (frame_bytes_max) plus 4 KiB",
+            ));
+        }
+        if l.reply_queue_bytes_per_connection_max < 2 * (l.frame_bytes_max + 4096) {
+            return Err(invalid(
+                "limits.reply_queue_bytes_per_connection_max",
+                "must hold two of the largest frames (2 * frame_bytes_max) plus 8 KiB",
+            ));
+        }
+        if l.client_idle_timeout_ms < t.session_timeout_max_ms / 2
+            || l.client_idle_timeout_ms < 2 * t.heartbeat_interval_ms
+        {
+            return Err(invalid(
+                "limits.client_idle_timeout_ms",
+                "must be at least half of timeouts.session_timeout_max_ms, so that a client's \
+                 keep-alives keep its connection open",
+            ));
+        }
         if l.frame_bytes_max < l.data_bytes_max + l.path_bytes_max + 1024 {
             return Err(invalid(
                 "limits.frame_bytes_max",
@@ -377,6 +444,7 @@ impl ReplicaConfig {
             path_bytes_max: self.limits.path_bytes_max,
             session_timeout_min_ms: self.timeouts.session_timeout_min_ms,
             session_timeout_max_ms: self.timeouts.session_timeout_max_ms,
+            sessions_per_identity_max: self.limits.sessions_per_identity_max,
             ..StateConfig::default()
         }
     }

@@ -48,6 +48,7 @@ struct ModelSession {
     checkpoint_time_ms: u64,
     last_sequence: u64,
     last_result: Option<Result<OpResult, Error>>,
+    owner: String,
 }
 
 #[derive(Debug, Clone)]
@@ -179,25 +180,40 @@ impl Model {
         self.advance_time(&mut out);
         let result = match command {
             Command::Client { request, .. } => Some(self.request(request, &mut out)),
-            Command::OpenSession { timeout_ms, .. } => {
-                let id = self.next_session_id;
-                self.next_session_id += 1;
-                let timeout_ms = (*timeout_ms)
-                    .max(self.config.session_timeout_min_ms)
-                    .min(self.config.session_timeout_max_ms);
-                self.sessions.push(ModelSession {
-                    id,
-                    timeout_ms,
-                    remaining_ms: timeout_ms,
-                    checkpoint_time_ms: self.now_ms,
-                    last_sequence: 0,
-                    last_result: None,
-                });
-                out.mutated = true;
-                Some(Ok(OpResult::SessionOpened {
-                    session: id,
-                    timeout_ms,
-                }))
+            Command::OpenSession {
+                owner, timeout_ms, ..
+            } => {
+                let max = self.config.sessions_per_identity_max;
+                if self.sessions.iter().filter(|s| &s.owner == owner).count() as u64 >= max {
+                    Some(Err(Error::limit_exceeded(
+                        "sessions_per_identity_max",
+                        max,
+                        format!(
+                            "client identity {owner:?} already has {max} open sessions; \
+                             close some, or let idle ones expire"
+                        ),
+                    )))
+                } else {
+                    let id = self.next_session_id;
+                    self.next_session_id += 1;
+                    let timeout_ms = (*timeout_ms)
+                        .max(self.config.session_timeout_min_ms)
+                        .min(self.config.session_timeout_max_ms);
+                    self.sessions.push(ModelSession {
+                        id,
+                        timeout_ms,
+                        remaining_ms: timeout_ms,
+                        checkpoint_time_ms: self.now_ms,
+                        last_sequence: 0,
+                        last_result: None,
+                        owner: owner.clone(),
+                    });
+                    out.mutated = true;
+                    Some(Ok(OpResult::SessionOpened {
+                        session: id,
+                        timeout_ms,
+                    }))
+                }
             }
             Command::ExpireSessions { sessions, .. } => {
                 let mut sorted = sessions.clone();
@@ -1026,6 +1042,7 @@ fn config() -> StateConfig {
         session_timeout_max_ms: 10_000,
         lock_delay_max_ms: 2_000,
         multi_ops_max: 3,
+        sessions_per_identity_max: 3,
     }
 }
 
@@ -1054,8 +1071,11 @@ fn commands(steps: &[(Step, i64)]) -> Vec<Command> {
             match step {
                 Step::Open { timeout_ms } => {
                     opened += 1;
+                    // Two identities, so the per-identity bound is reached.
                     Command::OpenSession {
                         timeout_ms: *timeout_ms,
+                        owner: format!("CN=client-{}", opened % 2),
+                        secret: u128::from(opened) << 64 | 7,
                         now_ms,
                     }
                 }

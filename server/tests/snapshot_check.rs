@@ -17,6 +17,8 @@ fn busy_state() -> StateMachine {
     let mut sessions = Vec::new();
     for now_ms in 1..=3 {
         let applied = state.apply(&Command::OpenSession {
+            owner: "CN=test".into(),
+            secret: 1,
             timeout_ms: 5_000,
             now_ms,
         });

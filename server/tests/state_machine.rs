@@ -37,6 +37,8 @@ impl Harness {
 
     fn open(&mut self) -> SessionId {
         let applied = self.state.apply(&Command::OpenSession {
+            owner: "CN=test".into(),
+            secret: 1,
             timeout_ms: 10_000,
             now_ms: self.now_ms,
         });
@@ -358,7 +360,7 @@ fn operations_fire_zookeeper_events() {
 
 #[test]
 fn watch_registry_fires_the_right_watches_once() {
-    let mut watches = WatchRegistry::new(10);
+    let mut watches = WatchRegistry::new(10, 1 << 20);
     watches.add(1, "/a", WatchKind::Data).expect("room");
     watches.add(2, "/a", WatchKind::Exists).expect("room");
     watches.add(3, "/", WatchKind::Children).expect("room");
@@ -387,8 +389,24 @@ fn watch_registry_fires_the_right_watches_once() {
     }
     assert!(matches!(
         watches.add(9, "/w10", WatchKind::Data),
-        Err(Error::BadArgument { .. })
+        Err(Error::LimitExceeded { ref limit, .. }) if limit == "limits.watches_per_session_max"
     ));
+    // Path bytes are bounded too, and removing a watch gives its bytes back.
+    let mut watches = WatchRegistry::new(100, 10);
+    watches.add(1, "/abcd", WatchKind::Data).expect("5 bytes");
+    watches
+        .add(1, "/efgh", WatchKind::Exists)
+        .expect("10 bytes");
+    assert!(matches!(
+        watches.add(1, "/i", WatchKind::Data),
+        Err(Error::LimitExceeded { ref limit, .. })
+            if limit == "limits.watch_path_bytes_per_session_max"
+    ));
+    assert!(watches.remove(1, "/abcd", WatchKind::Data));
+    assert_eq!(watches.path_bytes_of(1), 5);
+    watches.add(1, "/i", WatchKind::Data).expect("room again");
+    watches.remove_session(1);
+    assert_eq!(watches.path_bytes_of(1), 0);
 }
 
 #[test]
@@ -427,6 +445,8 @@ fn sessions_are_clamped_and_end_atomically() {
     let config = StateConfig::default();
     let mut h = Harness::new();
     let applied = h.state.apply(&Command::OpenSession {
+        owner: "CN=test".into(),
+        secret: 1,
         timeout_ms: 1,
         now_ms: 1,
     });

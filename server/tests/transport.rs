@@ -663,11 +663,14 @@ async fn echo_replica(mut connections: mpsc::Receiver<ClientConnection>) {
     while let Some(mut connection) = connections.recv().await {
         tokio::spawn(async move {
             let mut count = 0;
-            while let Some(frame) = connection.frames.recv().await {
+            while let Some(inbound) = connection.frames.recv().await {
                 count += 1;
-                let reply = match frame {
+                let budget = connection.replies.budget();
+                budget.settle(inbound.cost, inbound.is_request());
+                let reply = match inbound.frame {
                     ClientFrame::OpenSession { timeout_ms } => ServerFrame::SessionReady {
                         session: connection.id,
+                        secret: 0,
                         timeout_ms,
                         revision: count,
                     },
@@ -677,7 +680,7 @@ async fn echo_replica(mut connections: mpsc::Receiver<ClientConnection>) {
                         reason: "unexpected".into(),
                     },
                 };
-                if connection.replies.send(reply).await.is_err() {
+                if connection.replies.send(&reply).is_err() {
                     break;
                 }
             }

@@ -31,14 +31,15 @@ use synod_paxos::{
 use synod_proto::wire::{
     ClientFrame, ClusterStatus, ReadConsistency, ReplicaStatus, ServerFrame, WatchRegistration,
 };
-use synod_proto::{Error, Request, Response, Revision, SessionId, WatchKind};
-use tokio::sync::mpsc;
+use synod_proto::{Error, Request, Response, Revision, SessionId, SessionSecret, WatchKind};
 
 use super::proposal::{Origin, Proposal};
 use super::sessions::SessionTracker;
 use crate::config::ReplicaConfig;
+use crate::state::path::validate_path;
 use crate::state::watch::{EventHistory, WatchRegistry};
 use crate::state::{Applied, StateMachine};
+use crate::transport::{InboundFrame, ReplySender};
 
 /// Identifies one client connection on this replica.
 pub type ConnectionId = u64;
@@ -85,15 +86,19 @@ pub enum Input {
     ClientConnected {
         /// The connection.
         id: ConnectionId,
-        /// Where its frames go, in order.
-        replies: mpsc::Sender<ServerFrame>,
+        /// The client's identity (its certificate's subject): the owner of
+        /// the sessions it opens, and the only one that may use them.
+        identity: String,
+        /// Where its frames go, in order, charged to its reply budget.
+        replies: ReplySender,
     },
-    /// A frame from a client.
+    /// A frame from a client, charged to its connection's pending budget
+    /// until the driver settles it.
     ClientFrame {
         /// The connection.
         id: ConnectionId,
-        /// The frame.
-        frame: ClientFrame,
+        /// The frame and its charge.
+        frame: InboundFrame,
     },
     /// A client's connection closed.
     ClientDisconnected {
@@ -152,8 +157,12 @@ pub struct Outbox {
 }
 
 struct Client {
-    replies: mpsc::Sender<ServerFrame>,
+    replies: ReplySender,
+    identity: String,
     session: Option<SessionId>,
+    /// Reads ready to serve, held back while the client's replies are
+    /// backed up; served in order as they drain.
+    parked: VecDeque<PendingRead>,
 }
 
 #[derive(Debug, Clone)]
@@ -164,6 +173,7 @@ enum ReadKind {
     },
     Resume {
         session: SessionId,
+        secret: SessionSecret,
         last_revision: Revision,
         watches: Vec<WatchRegistration>,
     },
@@ -174,6 +184,8 @@ struct PendingRead {
     connection: ConnectionId,
     kind: ReadKind,
     deadline_ms: u64,
+    /// Bytes charged to the connection's pending budget.
+    cost: u64,
 }
 
 /// A client's write proposed from this replica, waiting to be applied here.
@@ -181,6 +193,16 @@ struct WaitingWrite {
     connection: ConnectionId,
     deadline_ms: u64,
     request: Request,
+    /// Bytes charged to the connection's pending budget.
+    cost: u64,
+}
+
+/// A session open proposed from this replica, waiting to be applied.
+struct WaitingOpen {
+    connection: ConnectionId,
+    deadline_ms: u64,
+    /// Bytes charged to the connection's pending budget.
+    cost: u64,
 }
 
 struct WaitingProposal {
@@ -205,7 +227,9 @@ pub struct Driver {
     keep_alives: BTreeSet<SessionId>,
     last_keep_alive_flush_ms: u64,
     next_origin_token: u64,
-    opening: BTreeMap<u64, (ConnectionId, u64)>,
+    opening: BTreeMap<u64, WaitingOpen>,
+    /// Connections with parked reads.
+    parked_connections: BTreeSet<ConnectionId>,
     waiting_writes: BTreeMap<(SessionId, u64), WaitingWrite>,
     /// The last leader seen, to notice a change of leader.
     last_leader: Option<u64>,
@@ -227,7 +251,10 @@ impl Driver {
     /// applied every slot below `node.apply_next()`.
     pub fn new(config: ReplicaConfig, node: Node, state: StateMachine, now_ms: u64) -> Driver {
         let limits = &config.limits;
-        let watches = WatchRegistry::new(limits.watches_per_session_max);
+        let watches = WatchRegistry::new(
+            limits.watches_per_session_max,
+            limits.watch_path_bytes_per_session_max,
+        );
         let history = EventHistory::new(limits.event_history_max);
         let last_snapshot_slot = node.apply_next().saturating_sub(1);
         Driver {
@@ -244,6 +271,7 @@ impl Driver {
             last_keep_alive_flush_ms: now_ms,
             next_origin_token: 1,
             opening: BTreeMap::new(),
+            parked_connections: BTreeSet::new(),
             waiting_writes: BTreeMap::new(),
             last_leader: None,
             unproposed: VecDeque::new(),
@@ -287,12 +315,18 @@ impl Driver {
                     self.note_keep_alive(session);
                 }
             }
-            Input::ClientConnected { id, replies } => {
+            Input::ClientConnected {
+                id,
+                identity,
+                replies,
+            } => {
                 self.clients.insert(
                     id,
                     Client {
                         replies,
+                        identity,
                         session: None,
+                        parked: VecDeque::new(),
                     },
                 );
             }
@@ -313,15 +347,41 @@ impl Driver {
         let Some(client) = self.clients.get(&connection) else {
             return;
         };
-        if client.replies.try_send(frame).is_err() {
+        if client.replies.send(&frame).is_err() {
             // A client that does not read its frames is cut off rather than
             // allowed to grow the replica's memory.
+            let budget = client.replies.budget();
+            budget.close(format!(
+                "the client does not read its replies (limit \
+                 `limits.reply_queue_bytes_per_connection_max` is {} bytes)",
+                budget.bounds().reply_bytes_max
+            ));
+            tracing::info!(
+                node = self.config.id,
+                connection,
+                "client does not read its replies; disconnected"
+            );
             self.on_disconnected(connection);
         }
     }
 
-    fn respond(&mut self, connection: ConnectionId, sequence: u64, response: Response) {
+    /// Gives back what a frame of the connection was charged.
+    fn settle(&self, connection: ConnectionId, cost: u64, request: bool) {
+        if let Some(client) = self.clients.get(&connection) {
+            client.replies.budget().settle(cost, request);
+        }
+    }
+
+    /// Answers a request and settles its charge.
+    fn respond(&mut self, connection: ConnectionId, sequence: u64, cost: u64, response: Response) {
+        self.settle(connection, cost, true);
         self.send_to(connection, ServerFrame::Response { sequence, response });
+    }
+
+    /// Answers a session open or resume and settles its charge.
+    fn answer_session(&mut self, connection: ConnectionId, cost: u64, frame: ServerFrame) {
+        self.settle(connection, cost, true);
+        self.send_to(connection, frame);
     }
 
     fn unavailable(&self, reason: &str) -> Response {
@@ -334,6 +394,7 @@ impl Driver {
     }
 
     fn on_disconnected(&mut self, connection: ConnectionId) {
+        self.parked_connections.remove(&connection);
         if let Some(client) = self.clients.remove(&connection) {
             if let Some(session) = client.session {
                 if self.session_connection.get(&session) == Some(&connection) {
@@ -357,22 +418,45 @@ impl Driver {
         }
     }
 
-    fn on_client_frame(&mut self, connection: ConnectionId, frame: ClientFrame) {
+    fn on_client_frame(&mut self, connection: ConnectionId, inbound: InboundFrame) {
         let deadline = self.now_ms + self.config.timeouts.request_timeout_ms;
-        let session = self.clients.get(&connection).and_then(|c| c.session);
-        match frame {
+        let Some(client) = self.clients.get(&connection) else {
+            return;
+        };
+        let session = client.session;
+        let cost = inbound.cost;
+        if !inbound.is_request() {
+            // Handled at once below, so its charge is settled now.
+            client.replies.budget().settle(cost, false);
+        }
+        match inbound.frame {
             ClientFrame::OpenSession { timeout_ms } => {
+                let owner = client.identity.clone();
                 let token = self.next_origin_token;
                 self.next_origin_token += 1;
-                self.opening.insert(token, (connection, deadline));
+                self.opening.insert(
+                    token,
+                    WaitingOpen {
+                        connection,
+                        deadline_ms: deadline,
+                        cost,
+                    },
+                );
                 let origin = Origin {
                     node: self.config.id,
                     token,
                 };
-                self.propose(Proposal::OpenSession { timeout_ms, origin }, deadline);
+                let proposal = Proposal::OpenSession {
+                    timeout_ms,
+                    origin,
+                    owner,
+                    secret: rand::random(),
+                };
+                self.propose(proposal, deadline);
             }
             ClientFrame::ResumeSession {
                 session,
+                secret,
                 last_revision,
                 watches,
             } => {
@@ -380,10 +464,12 @@ impl Driver {
                     connection,
                     kind: ReadKind::Resume {
                         session,
+                        secret,
                         last_revision,
                         watches,
                     },
                     deadline_ms: deadline,
+                    cost,
                 };
                 self.start_linearizable_read(read);
             }
@@ -399,7 +485,7 @@ impl Driver {
                             session: request.session,
                         }),
                     };
-                    self.respond(connection, request.sequence, response);
+                    self.respond(connection, request.sequence, cost, response);
                     return;
                 }
                 self.note_keep_alive(request.session);
@@ -408,6 +494,7 @@ impl Driver {
                         connection,
                         kind: ReadKind::Op { request, watch },
                         deadline_ms: deadline,
+                        cost,
                     };
                     match consistency {
                         ReadConsistency::Sequential => self.serve_read(read),
@@ -423,23 +510,25 @@ impl Driver {
                         ReadConsistency::Linearizable => self.start_linearizable_read(read),
                     }
                 } else {
-                    self.waiting_writes.insert(
-                        (request.session, request.sequence),
-                        WaitingWrite {
-                            connection,
-                            deadline_ms: deadline,
-                            request: request.clone(),
-                        },
-                    );
+                    let key = (request.session, request.sequence);
+                    let waiting = WaitingWrite {
+                        connection,
+                        deadline_ms: deadline,
+                        request: request.clone(),
+                        cost,
+                    };
+                    if let Some(earlier) = self.waiting_writes.insert(key, waiting) {
+                        // The same request sent twice while the first waits:
+                        // the newer copy gets the answer.
+                        let response = self.unavailable("superseded by a retry of the request");
+                        self.respond(earlier.connection, key.1, earlier.cost, response);
+                    }
                     self.propose(Proposal::Client(request), deadline);
                 }
             }
-            ClientFrame::AddWatch(WatchRegistration { path, kind }) => {
+            ClientFrame::AddWatch(registration) => {
                 if let Some(session) = session {
-                    if let Err(error) = self.watches.add(session, &path, kind) {
-                        let reason = error.to_string();
-                        self.send_to(connection, ServerFrame::Unavailable { reason });
-                    }
+                    self.add_watch(connection, session, registration);
                 }
             }
             ClientFrame::RemoveWatch(WatchRegistration { path, kind }) => {
@@ -456,6 +545,28 @@ impl Driver {
                 let status = self.status();
                 self.send_to(connection, ServerFrame::Status(status));
             }
+        }
+    }
+
+    /// Registers a watch given without a read, after the same path checks
+    /// every request gets; a refused one is reported to the client.
+    fn add_watch(
+        &mut self,
+        connection: ConnectionId,
+        session: SessionId,
+        registration: WatchRegistration,
+    ) {
+        let checked = validate_path(&registration.path, self.config.limits.path_bytes_max)
+            .and_then(|()| {
+                self.watches
+                    .add(session, &registration.path, registration.kind)
+            });
+        if let Err(error) = checked {
+            let frame = ServerFrame::WatchRefused {
+                watch: registration,
+                error,
+            };
+            self.send_to(connection, frame);
         }
     }
 
@@ -520,7 +631,60 @@ impl Driver {
         self.node.read(self.now_ms, id);
     }
 
+    /// Serves a read whose consistency is met, or parks it while its
+    /// client's replies are backed up (a read reply may be large; nothing
+    /// else is held back, so events still precede any newer data).
     fn serve_read(&mut self, read: PendingRead) {
+        if let ReadKind::Op { .. } = read.kind {
+            let Some(client) = self.clients.get_mut(&read.connection) else {
+                return;
+            };
+            if !client.parked.is_empty() || client.replies.budget().replies_backlogged() {
+                let connection = read.connection;
+                client.parked.push_back(read);
+                self.parked_connections.insert(connection);
+                return;
+            }
+        }
+        self.serve_read_now(read);
+    }
+
+    /// Serves parked reads of clients whose replies have drained.
+    fn serve_parked(&mut self) {
+        let now = self.now_ms;
+        for connection in std::mem::take(&mut self.parked_connections) {
+            loop {
+                let Some(client) = self.clients.get_mut(&connection) else {
+                    break;
+                };
+                if client.replies.budget().replies_backlogged() {
+                    if client.parked.iter().any(|read| read.deadline_ms <= now) {
+                        let (late, kept): (VecDeque<_>, VecDeque<_>) =
+                            std::mem::take(&mut client.parked)
+                                .into_iter()
+                                .partition(|read| read.deadline_ms <= now);
+                        client.parked = kept;
+                        let still_parked = !client.parked.is_empty();
+                        for read in late {
+                            self.fail_read(read, "the client did not read its replies in time");
+                        }
+                        if !still_parked {
+                            break;
+                        }
+                    }
+                    self.parked_connections.insert(connection);
+                    break;
+                }
+                let Some(read) = client.parked.pop_front() else {
+                    break;
+                };
+                self.serve_read_now(read);
+            }
+        }
+    }
+
+    fn serve_read_now(&mut self, read: PendingRead) {
+        let cost = read.cost;
         match read.kind {
             ReadKind::Op { request, watch } => {
                 let result = self.state.read(&request.op);
@@ -532,7 +696,7 @@ impl Driver {
                                 revision: self.state.revision(),
                                 result: Err(error),
                             };
-                            self.respond(read.connection, request.sequence, response);
+                            self.respond(read.connection, request.sequence, cost, response);
                             return;
                         }
                     }
@@ -541,45 +705,110 @@ impl Driver {
                     revision: self.state.revision(),
                     result,
                 };
-                self.respond(read.connection, request.sequence, response);
+                self.respond(read.connection, request.sequence, cost, response);
             }
             ReadKind::Resume {
                 session,
+                secret,
                 last_revision,
                 watches,
-            } => {
-                let Some(timeout_ms) = self.state.session_timeout_ms(session) else {
-                    self.send_to(read.connection, ServerFrame::SessionExpired { session });
-                    return;
-                };
-                if let Some(previous) = self.session_connection.insert(session, read.connection) {
-                    if previous != read.connection {
-                        if let Some(client) = self.clients.get_mut(&previous) {
-                            client.session = None;
-                        }
-                    }
-                }
-                if let Some(client) = self.clients.get_mut(&read.connection) {
-                    client.session = Some(session);
-                }
-                self.watches.remove_session(session);
-                let registered: Vec<(String, WatchKind)> =
-                    watches.into_iter().map(|w| (w.path, w.kind)).collect();
-                let missed = self.history.missed(&registered, last_revision);
-                for (path, kind) in &missed.watches {
-                    let _ = self.watches.add(session, path, *kind);
-                }
-                self.note_keep_alive(session);
-                let ready = ServerFrame::SessionReady {
+            } => self.resume(
+                read.connection,
+                cost,
+                session,
+                secret,
+                last_revision,
+                watches,
+            ),
+        }
+    }
+
+    /// Attaches a session to the connection, if the connection's identity
+    /// owns it and shows its secret; re-registers its watches and replays
+    /// the events they missed. A refused resume changes nothing.
+    fn resume(
+        &mut self,
+        connection: ConnectionId,
+        cost: u64,
+        session: SessionId,
+        secret: SessionSecret,
+        last_revision: Revision,
+        watches: Vec<WatchRegistration>,
+    ) {
+        let Some(identity) = self.clients.get(&connection).map(|c| c.identity.clone()) else {
+            return;
+        };
+        let timeout_ms = match self.state.check_session_owner(session, &identity, secret) {
+            Ok(timeout_ms) => timeout_ms,
+            Err(Error::SessionExpired { .. }) => {
+                self.answer_session(connection, cost, ServerFrame::SessionExpired { session });
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(
+                    node = self.config.id,
                     session,
-                    timeout_ms,
-                    revision: self.state.revision(),
-                };
-                self.send_to(read.connection, ready);
-                for event in missed.events {
-                    self.send_to(read.connection, ServerFrame::Event(event));
+                    %identity,
+                    %error,
+                    "resume refused"
+                );
+                let reason = error.to_string();
+                self.answer_session(
+                    connection,
+                    cost,
+                    ServerFrame::SessionRefused { session, reason },
+                );
+                return;
+            }
+        };
+        let path_bytes_max = self.config.limits.path_bytes_max;
+        let (valid, invalid): (Vec<_>, Vec<_>) = watches
+            .into_iter()
+            .partition(|watch| validate_path(&watch.path, path_bytes_max).is_ok());
+        if let Some(previous) = self.session_connection.insert(session, connection) {
+            if previous != connection {
+                if let Some(client) = self.clients.get_mut(&previous) {
+                    client.session = None;
                 }
             }
+        }
+        if let Some(client) = self.clients.get_mut(&connection) {
+            client.session = Some(session);
+        }
+        self.watches.remove_session(session);
+        let registered: Vec<(String, WatchKind)> =
+            valid.into_iter().map(|w| (w.path, w.kind)).collect();
+        let missed = self.history.missed(&registered, last_revision);
+        let mut refused = Vec::new();
+        for (path, kind) in &missed.watches {
+            if let Err(error) = self.watches.add(session, path, *kind) {
+                let watch = WatchRegistration {
+                    path: path.clone(),
+                    kind: *kind,
+                };
+                refused.push(ServerFrame::WatchRefused { watch, error });
+            }
+        }
+        for watch in invalid {
+            let error = match validate_path(&watch.path, path_bytes_max) {
+                Err(error) => error,
+                Ok(()) => continue,
+            };
+            refused.push(ServerFrame::WatchRefused { watch, error });
+        }
+        self.note_keep_alive(session);
+        let ready = ServerFrame::SessionReady {
+            session,
+            secret,
+            timeout_ms,
+            revision: self.state.revision(),
+        };
+        self.answer_session(connection, cost, ready);
+        for frame in refused {
+            self.send_to(connection, frame);
+        }
+        for event in missed.events {
+            self.send_to(connection, ServerFrame::Event(event));
         }
     }
 
@@ -604,6 +833,7 @@ impl Driver {
             }
         }
         self.expire_waiting();
+        self.serve_parked();
         self.leader_duties();
         if now >= self.last_keep_alive_flush_ms + self.config.timeouts.heartbeat_interval_ms {
             self.last_keep_alive_flush_ms = now;
@@ -650,13 +880,14 @@ impl Driver {
                     .waiting_writes
                     .remove(&(request.session, request.sequence))
                 {
-                    self.respond(waiting.connection, request.sequence, response);
+                    self.respond(waiting.connection, request.sequence, waiting.cost, response);
                 }
             }
             Proposal::OpenSession { origin, .. } => {
-                if let Some((connection, _)) = self.opening.remove(&origin.token) {
+                if let Some(waiting) = self.opening.remove(&origin.token) {
                     let reason = "no leader could open the session in time".to_string();
-                    self.send_to(connection, ServerFrame::Unavailable { reason });
+                    let frame = ServerFrame::Unavailable { reason };
+                    self.answer_session(waiting.connection, waiting.cost, frame);
                 }
             }
             _ => {}
@@ -667,11 +898,12 @@ impl Driver {
         match read.kind {
             ReadKind::Op { request, .. } => {
                 let response = self.unavailable(reason);
-                self.respond(read.connection, request.sequence, response);
+                self.respond(read.connection, request.sequence, read.cost, response);
             }
             ReadKind::Resume { .. } => {
                 let reason = reason.to_string();
-                self.send_to(read.connection, ServerFrame::Unavailable { reason });
+                let frame = ServerFrame::Unavailable { reason };
+                self.answer_session(read.connection, read.cost, frame);
             }
         }
     }
@@ -685,13 +917,12 @@ impl Driver {
             take_expired(&mut self.waiting_writes, |w| w.deadline_ms <= now)
         {
             let response = self.unavailable("the write was not applied in time");
-            self.respond(waiting.connection, sequence, response);
+            self.respond(waiting.connection, sequence, waiting.cost, response);
         }
-        for (_, (connection, _)) in
-            take_expired(&mut self.opening, |(_, deadline)| *deadline <= now)
-        {
+        for (_, waiting) in take_expired(&mut self.opening, |w| w.deadline_ms <= now) {
             let reason = "the session was not opened in time".to_string();
-            self.send_to(connection, ServerFrame::Unavailable { reason });
+            let frame = ServerFrame::Unavailable { reason };
+            self.answer_session(waiting.connection, waiting.cost, frame);
         }
         for (_, read) in take_expired(&mut self.reads_at_slot, |r| r.deadline_ms <= now) {
             self.fail_read(read, "the replica did not catch up in time");
@@ -882,7 +1113,7 @@ impl Driver {
                 }
             };
             let origin = match &proposal {
-                Proposal::OpenSession { origin, .. } => Some(*origin),
+                Proposal::OpenSession { origin, secret, .. } => Some((*origin, *secret)),
                 _ => None,
             };
             let request = match &proposal {
@@ -898,7 +1129,7 @@ impl Driver {
     fn dispatch(
         &mut self,
         applied: Applied,
-        origin: Option<Origin>,
+        origin: Option<(Origin, SessionSecret)>,
         request: Option<(SessionId, u64)>,
     ) {
         let Applied {
@@ -930,13 +1161,13 @@ impl Driver {
                 // The leader tracks every new session, whoever proposed it.
                 tracker.opened(*session, *timeout_ms, self.now_ms);
             }
-            if let Some(origin) = origin.filter(|o| o.node == self.config.id) {
-                if let Some((connection, _)) = self.opening.remove(&origin.token) {
-                    self.on_session_opened(connection, &response);
+            if let Some((origin, secret)) = origin.filter(|(o, _)| o.node == self.config.id) {
+                if let Some(waiting) = self.opening.remove(&origin.token) {
+                    self.on_session_opened(waiting.connection, waiting.cost, secret, &response);
                 }
             } else if let Some(key) = request {
                 if let Some(waiting) = self.waiting_writes.remove(&key) {
-                    self.respond(waiting.connection, key.1, response);
+                    self.respond(waiting.connection, key.1, waiting.cost, response);
                 }
             }
         }
@@ -966,7 +1197,13 @@ impl Driver {
         }
     }
 
-    fn on_session_opened(&mut self, connection: ConnectionId, response: &Response) {
+    fn on_session_opened(
+        &mut self,
+        connection: ConnectionId,
+        cost: u64,
+        secret: SessionSecret,
+        response: &Response,
+    ) {
         let Ok(synod_proto::OpResult::SessionOpened {
             session,
             timeout_ms,
@@ -976,7 +1213,7 @@ impl Driver {
                 Err(error) => error.to_string(),
                 Ok(_) => "unexpected answer to opening a session".into(),
             };
-            self.send_to(connection, ServerFrame::Unavailable { reason });
+            self.answer_session(connection, cost, ServerFrame::Unavailable { reason });
             return;
         };
         if let Some(client) = self.clients.get_mut(&connection) {
@@ -985,10 +1222,11 @@ impl Driver {
         }
         let frame = ServerFrame::SessionReady {
             session: *session,
+            secret,
             timeout_ms: *timeout_ms,
             revision: response.revision,
         };
-        self.send_to(connection, frame);
+        self.answer_session(connection, cost, frame);
     }
 
     /// After entries were applied: serve reads that waited for them, and

@@ -429,6 +429,7 @@ fn accept_connection(id: u64, connection: ClientConnection, inputs: mpsc::Sender
     let ClientConnection {
         mut frames,
         replies,
+        identity,
         ..
     } = connection;
     tokio::spawn(async move {
@@ -439,7 +440,11 @@ fn accept_connection(id: u64, connection: ClientConnection, inputs: mpsc::Sender
         }
         let _ = inputs.send(Input::ClientDisconnected { id }).await;
     });
-    Input::ClientConnected { id, replies }
+    Input::ClientConnected {
+        id,
+        identity,
+        replies,
+    }
 }
 
 /// Runs one replica until `shutdown` resolves (the binary's entry point).

@@ -15,8 +15,8 @@ use super::driver::PeerMessage;
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
 use crate::transport::{
-    ClientConnection, ClientListener, ClientListenerConfig, PeerNetwork, PeerNetworkConfig,
-    Snapshot, TransportLimits,
+    ClientConnection, ClientListener, ClientListenerConfig, ConnectionBounds, PeerNetwork,
+    PeerNetworkConfig, Snapshot, TransportLimits,
 };
 
 /// The latest saved snapshot, handed to peers that need it.
@@ -39,7 +39,15 @@ fn limits(config: &ReplicaConfig) -> TransportLimits {
         peer_frame_bytes_max: (limits.frame_bytes_max * 8).max(16 << 20),
         snapshot_bytes_max: limits.snapshot_bytes_max,
         client_connections_max: limits.client_connections_max as usize,
-        client_queue_frames_max: (limits.pending_requests_per_connection_max as usize).max(1024),
+        client_connections_per_identity_max: limits.client_connections_per_identity_max as usize,
+        client_handshakes_max: limits.client_handshakes_max as usize,
+        client_idle_timeout: Duration::from_millis(limits.client_idle_timeout_ms),
+        client_queue_frames_max: 1024,
+        client_bounds: ConnectionBounds {
+            pending_requests_max: limits.pending_requests_per_connection_max,
+            pending_bytes_max: limits.pending_request_bytes_per_connection_max,
+            reply_bytes_max: limits.reply_queue_bytes_per_connection_max,
+        },
         idle_timeout: Duration::from_millis(
             (config.timeouts.election_timeout_max_ms * 5).max(5_000),
         ),

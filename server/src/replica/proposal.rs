@@ -5,7 +5,7 @@
 //! leader's.
 
 use serde::{Deserialize, Serialize};
-use synod_proto::{Request, SessionId};
+use synod_proto::{Request, SessionId, SessionSecret};
 
 use crate::state::{Command, SessionRemaining};
 
@@ -30,6 +30,10 @@ pub enum Proposal {
         timeout_ms: u64,
         /// Who is waiting for the answer.
         origin: Origin,
+        /// The client identity (certificate subject) that will own it.
+        owner: String,
+        /// The session's secret, drawn at random at the origin.
+        secret: SessionSecret,
     },
     /// The leader decided these sessions expired.
     ExpireSessions(Vec<SessionId>),
@@ -59,7 +63,17 @@ impl Proposal {
     pub fn into_command(self, now_ms: u64) -> Command {
         match self {
             Proposal::Client(request) => Command::Client { request, now_ms },
-            Proposal::OpenSession { timeout_ms, .. } => Command::OpenSession { timeout_ms, now_ms },
+            Proposal::OpenSession {
+                timeout_ms,
+                owner,
+                secret,
+                ..
+            } => Command::OpenSession {
+                timeout_ms,
+                owner,
+                secret,
+                now_ms,
+            },
             Proposal::ExpireSessions(sessions) => Command::ExpireSessions { sessions, now_ms },
             Proposal::CheckpointSessions(remaining) => {
                 Command::CheckpointSessions { remaining, now_ms }

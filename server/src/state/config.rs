@@ -17,6 +17,9 @@ pub struct StateConfig {
     pub lock_delay_max_ms: u64,
     /// Most operations in one multi (default 1000).
     pub multi_ops_max: u64,
+    /// Most sessions open at once for one client identity, over the whole
+    /// cluster (default 10,000).
+    pub sessions_per_identity_max: u64,
 }
 
 impl Default for StateConfig {
@@ -28,6 +31,7 @@ impl Default for StateConfig {
             session_timeout_max_ms: 60_000,
             lock_delay_max_ms: 60_000,
             multi_ops_max: 1_000,
+            sessions_per_identity_max: 10_000,
         }
     }
 }

@@ -40,7 +40,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use synod_proto::{
     Error, Event, LockMode, MultiOp, MultiResult, Op, OpResult, Request, Response, Revision,
-    SessionId, Stat,
+    SessionId, SessionSecret, Stat,
 };
 
 pub use config::StateConfig;
@@ -67,6 +67,13 @@ pub enum Command {
     OpenSession {
         /// The timeout the client asked for (clamped to the configured bounds).
         timeout_ms: u64,
+        /// The client identity (certificate subject) that asked; refused
+        /// when it already holds `sessions_per_identity_max` sessions.
+        owner: String,
+        /// The secret the owner must show to resume the session, drawn at
+        /// random by the replica the client asked (so every replica applies
+        /// the same one).
+        secret: SessionSecret,
         /// Leader-stamped time, ms since the Unix epoch.
         now_ms: u64,
     },
@@ -155,6 +162,9 @@ pub struct StateMachine {
     now_ms: u64,
     tree: Tree,
     sessions: BTreeMap<SessionId, Session>,
+    /// Open sessions per owner: derived from `sessions` (rebuilt on
+    /// restore), so that the per-identity bound costs no scan.
+    sessions_per_owner: BTreeMap<String, u64>,
     next_session_id: SessionId,
     locks: LockTable,
 }
@@ -176,6 +186,7 @@ impl StateMachine {
             now_ms: 0,
             tree: Tree::new(),
             sessions: BTreeMap::new(),
+            sessions_per_owner: BTreeMap::new(),
             next_session_id: 1,
             locks: LockTable::new(),
         }
@@ -212,6 +223,43 @@ impl StateMachine {
     /// The timeout granted to an open session, or `None` when it is not open.
     pub fn session_timeout_ms(&self, session: SessionId) -> Option<u64> {
         self.sessions.get(&session).map(|s| s.timeout_ms)
+    }
+
+    /// Whether `identity`, presenting `secret`, may use an open session:
+    /// `Ok(timeout_ms)` when it owns it, `Err` saying why not otherwise
+    /// (`SessionExpired` when the session is not open). The secret is
+    /// compared in constant time.
+    ///
+    /// # Errors
+    /// [`Error::SessionExpired`], or [`Error::BadArgument`] naming which of
+    /// identity and secret did not match.
+    pub fn check_session_owner(
+        &self,
+        session: SessionId,
+        identity: &str,
+        secret: SessionSecret,
+    ) -> Result<u64, Error> {
+        let Some(record) = self.sessions.get(&session) else {
+            return Err(Error::SessionExpired { session });
+        };
+        if record.owner != identity {
+            return Err(Error::bad_argument(format!(
+                "session {session} belongs to another client identity; a client can use only \
+                 the sessions its own certificate opened"
+            )));
+        }
+        if (record.secret ^ secret) != 0 {
+            return Err(Error::bad_argument(format!(
+                "wrong secret for session {session}; resume with the secret the session was \
+                 opened with"
+            )));
+        }
+        Ok(record.timeout_ms)
+    }
+
+    /// Sessions open for the client identity `owner`.
+    pub fn sessions_of_owner(&self, owner: &str) -> u64 {
+        self.sessions_per_owner.get(owner).copied().unwrap_or(0)
     }
 
     /// The earliest end of a running lock-delay: the leader should commit a
@@ -326,26 +374,12 @@ impl StateMachine {
             Command::Client { request, .. } => {
                 Some(self.apply_request(request, revision, &mut out))
             }
-            Command::OpenSession { timeout_ms, .. } => {
-                let session = self.next_session_id;
-                self.next_session_id += 1;
-                let timeout_ms = self.config.clamp_session_timeout_ms(*timeout_ms);
-                self.sessions.insert(
-                    session,
-                    Session {
-                        timeout_ms,
-                        remaining_ms: timeout_ms,
-                        checkpoint_time_ms: self.now_ms,
-                        last_sequence: 0,
-                        last_response: None,
-                    },
-                );
-                out.mutated = true;
-                Some(Ok(OpResult::SessionOpened {
-                    session,
-                    timeout_ms,
-                }))
-            }
+            Command::OpenSession {
+                timeout_ms,
+                owner,
+                secret,
+                ..
+            } => Some(self.open_session(*timeout_ms, owner, *secret, &mut out)),
             Command::ExpireSessions { sessions, .. } => {
                 let mut sessions = sessions.clone();
                 sessions.sort_unstable();
@@ -641,6 +675,47 @@ impl StateMachine {
 
     /// Ends a session atomically: deletes its ephemeral nodes (in path
     /// order), releases its locks and cancels its waits.
+    fn open_session(
+        &mut self,
+        timeout_ms: u64,
+        owner: &str,
+        secret: SessionSecret,
+        out: &mut Output,
+    ) -> Result<OpResult, Error> {
+        let max = self.config.sessions_per_identity_max;
+        if self.sessions_of_owner(owner) >= max {
+            return Err(Error::limit_exceeded(
+                "sessions_per_identity_max",
+                max,
+                format!(
+                    "client identity {owner:?} already has {max} open sessions; close some, \
+                     or let idle ones expire"
+                ),
+            ));
+        }
+        let session = self.next_session_id;
+        self.next_session_id += 1;
+        let timeout_ms = self.config.clamp_session_timeout_ms(timeout_ms);
+        self.sessions.insert(
+            session,
+            Session {
+                timeout_ms,
+                remaining_ms: timeout_ms,
+                checkpoint_time_ms: self.now_ms,
+                last_sequence: 0,
+                last_response: None,
+                owner: owner.to_owned(),
+                secret,
+            },
+        );
+        *self.sessions_per_owner.entry(owner.to_owned()).or_insert(0) += 1;
+        out.mutated = true;
+        Ok(OpResult::SessionOpened {
+            session,
+            timeout_ms,
+        })
+    }
+
     fn end_session(
         &mut self,
         session: SessionId,
@@ -648,7 +723,14 @@ impl StateMachine {
         revision: Revision,
         out: &mut Output,
     ) {
-        self.sessions.remove(&session);
+        if let Some(record) = self.sessions.remove(&session) {
+            if let Some(count) = self.sessions_per_owner.get_mut(&record.owner) {
+                *count -= 1;
+                if *count == 0 {
+                    self.sessions_per_owner.remove(&record.owner);
+                }
+            }
+        }
         out.mutated = true;
         out.ended_sessions.push(session);
         let mut fx = Effects {

@@ -3,10 +3,13 @@
 //! The leader tracks keep-alives outside the log and decides expiry; here a
 //! session only records its timeout, the remaining time at the last
 //! checkpoint the leader committed (from which a new leader resumes), and the
-//! last request it applied with its response (for at-most-once retries).
+//! last request it applied with its response (for at-most-once retries),
+//! and who owns it: the client identity (certificate subject) that opened
+//! it and the random secret handed to that client. Only the owner holding
+//! the secret may resume the session on another connection.
 
 use serde::{Deserialize, Serialize};
-use synod_proto::{Response, SessionId};
+use synod_proto::{Response, SessionId, SessionSecret};
 
 /// One open session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -21,6 +24,10 @@ pub(crate) struct Session {
     pub last_sequence: u64,
     /// The response to that request, replayed on a retry.
     pub last_response: Option<Response>,
+    /// The client identity that opened the session.
+    pub owner: String,
+    /// The secret the owner must present to resume the session.
+    pub secret: SessionSecret,
 }
 
 /// A session's remaining time, as committed in a checkpoint by the leader.

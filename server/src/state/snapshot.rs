@@ -1,7 +1,7 @@
 //! Snapshot and restore of the whole state, so a replica can start from a
 //! snapshot and a lagging replica can be sent one.
 //!
-//! Format (version 1), deterministic byte for byte, since every part is an
+//! Format (version 2: sessions carry their owner and secret), deterministic byte for byte, since every part is an
 //! ordered map or a vector serialized in order:
 //!
 //! | bytes | content |
@@ -31,7 +31,7 @@ use super::{StateConfig, StateMachine};
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SYNODSM\0";
 
 /// The snapshot format this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u64 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u64 = 2;
 
 const HEADER_BYTES: usize = 24;
 const CHECKSUM_BYTES: usize = 4;
@@ -224,12 +224,17 @@ impl StateMachine {
                 ));
             }
         }
+        let mut sessions_per_owner: BTreeMap<String, u64> = BTreeMap::new();
+        for session in sessions.values() {
+            *sessions_per_owner.entry(session.owner.clone()).or_insert(0) += 1;
+        }
         Ok(StateMachine {
             config,
             revision: body.revision,
             now_ms: body.now_ms,
             tree,
             sessions,
+            sessions_per_owner,
             next_session_id: body.next_session_id,
             locks,
         })

@@ -24,23 +24,37 @@ pub struct Notification {
     pub event: Event,
 }
 
-/// The watches registered on one replica, per session, with a bound per
-/// session.
+/// The watches registered on one replica, per session, with bounds per
+/// session in count and in path bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchRegistry {
     watchers: BTreeMap<(String, WatchKind), BTreeSet<SessionId>>,
     by_session: BTreeMap<SessionId, BTreeSet<(String, WatchKind)>>,
+    path_bytes_by_session: BTreeMap<SessionId, u64>,
     watches_per_session_max: u64,
+    path_bytes_per_session_max: u64,
 }
 
 impl WatchRegistry {
-    /// An empty registry allowing each session `watches_per_session_max` watches.
-    pub fn new(watches_per_session_max: u64) -> Self {
+    /// An empty registry allowing each session `watches_per_session_max`
+    /// watches whose paths add up to at most `path_bytes_per_session_max`
+    /// bytes. Paths are validated by the caller.
+    pub fn new(watches_per_session_max: u64, path_bytes_per_session_max: u64) -> Self {
         WatchRegistry {
             watchers: BTreeMap::new(),
             by_session: BTreeMap::new(),
+            path_bytes_by_session: BTreeMap::new(),
             watches_per_session_max,
+            path_bytes_per_session_max,
         }
+    }
+
+    /// Bytes of watched paths held for `session`.
+    pub fn path_bytes_of(&self, session: SessionId) -> u64 {
+        self.path_bytes_by_session
+            .get(&session)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The number of watches registered, over all sessions.
@@ -56,19 +70,35 @@ impl WatchRegistry {
     /// Registers a watch (registering the same watch twice is one watch).
     ///
     /// # Errors
-    /// `BadArgument` when the session already has the maximum number of watches.
+    /// `LimitExceeded` when the session already has the maximum number of
+    /// watches, or the path would take its watched path bytes past the bound.
     pub fn add(&mut self, session: SessionId, path: &str, kind: WatchKind) -> Result<(), Error> {
         let mine = self.by_session.entry(session).or_default();
         let key = (path.to_owned(), kind);
         if mine.contains(&key) {
             return Ok(());
         }
-        if mine.len() as u64 >= self.watches_per_session_max {
-            return Err(Error::bad_argument(format!(
-                "session {session} already has {} watches, the limit; remove some first",
-                self.watches_per_session_max
-            )));
+        let max = self.watches_per_session_max;
+        if mine.len() as u64 >= max {
+            return Err(Error::limit_exceeded(
+                "watches_per_session_max",
+                max,
+                format!("session {session} already has {max} watches; remove some first"),
+            ));
         }
+        let bytes = self.path_bytes_by_session.entry(session).or_insert(0);
+        let max = self.path_bytes_per_session_max;
+        if bytes.saturating_add(path.len() as u64) > max {
+            return Err(Error::limit_exceeded(
+                "watch_path_bytes_per_session_max",
+                max,
+                format!(
+                    "session {session} already watches paths of {bytes} bytes in all; \
+                     remove some watches first"
+                ),
+            ));
+        }
+        *bytes += path.len() as u64;
         mine.insert(key.clone());
         self.watchers.entry(key).or_default().insert(session);
         Ok(())
@@ -156,7 +186,14 @@ impl WatchRegistry {
         notifications
     }
 
+    /// Drops `key` from the watchers of `session`, which no longer holds it.
     fn forget(&mut self, session: SessionId, key: &(String, WatchKind)) {
+        if let Some(bytes) = self.path_bytes_by_session.get_mut(&session) {
+            *bytes = bytes.saturating_sub(key.0.len() as u64);
+            if *bytes == 0 || !self.by_session.contains_key(&session) {
+                self.path_bytes_by_session.remove(&session);
+            }
+        }
         if let Some(watchers) = self.watchers.get_mut(key) {
             watchers.remove(&session);
             if watchers.is_empty() {

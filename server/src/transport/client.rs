@@ -1,21 +1,37 @@
 //! The client port: authenticate, check the hello, and hand each session
-//! stream to the replica as a pair of channels.
+//! stream to the replica as a channel of frames in and a byte-bounded
+//! queue of replies out.
+//!
+//! Who may hold what, in the order a connection meets the bounds:
+//! 1. `client_handshakes_max` handshakes in progress at once, each for at
+//!    most `handshake_timeout`: a connection that has not shown a
+//!    certificate holds nothing longer.
+//! 2. The client's identity is its certificate's subject
+//!    ([`tls::client_identity`]); it may hold
+//!    `client_connections_per_identity_max` connections, and the replica
+//!    `client_connections_max` in all. A refused connection is told which
+//!    bound it met.
+//! 3. Each connection's pending requests and queued replies are charged to
+//!    its own [`ConnectionBudget`] (see that module).
+//! 4. A connection that sends nothing for `client_idle_timeout` is closed.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use synod_proto::tls::{self, FrameReadError, FrameReader, TlsMaterial};
 use synod_proto::wire::{decode_frame, encode_frame, ClientFrame, Hello, HelloReply, ServerFrame};
-use synod_proto::PROTOCOL_VERSION;
+use synod_proto::{Response, PROTOCOL_VERSION};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use super::budget::{ConnectionBudget, QueuedReply, Refusal, ReplySender, WeakReplySender};
 use super::peer::refuse;
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
-    close_code, Result, TransportError, TransportLimits, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR,
-    CLOSE_SHUTDOWN, CLOSE_TIMEOUT,
+    close_code, Result, TransportError, TransportLimits, CLOSE_LIMIT, CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, CLOSE_TIMEOUT,
 };
 
 /// How a [`ClientListener`] is set up.
@@ -36,20 +52,53 @@ pub struct ClientListenerConfig {
 /// One client's session stream, handed to the replica.
 ///
 /// The replica reads `frames` until it returns `None` (the client went
-/// away, or sent something malformed and was disconnected) and writes
-/// answers and events to `replies`, which go out in order. Dropping
-/// `replies` ends the session: the stream is finished and the connection
-/// closed once what was sent has arrived.
+/// away, or sent something malformed and was disconnected), settles each
+/// frame's charge on the connection's budget when done with it
+/// ([`ConnectionBudget::settle`]), and writes answers and events to
+/// `replies`, which go out in order. Dropping every clone of `replies` ends
+/// the session: the stream is finished and the connection closed once what
+/// was sent has arrived.
 #[derive(Debug)]
 pub struct ClientConnection {
     /// Unique among this listener's connections, counting from 1.
     pub id: u64,
     /// The client's address (as of the handshake; QUIC migration may move it).
     pub remote: SocketAddr,
-    /// Frames from the client, decoded and bounded in size.
-    pub frames: mpsc::Receiver<ClientFrame>,
+    /// The client's identity: its certificate's subject.
+    pub identity: String,
+    /// Frames from the client, decoded, bounded in size and charged.
+    pub frames: mpsc::Receiver<InboundFrame>,
     /// Frames to the client.
-    pub replies: mpsc::Sender<ServerFrame>,
+    pub replies: ReplySender,
+}
+
+/// A frame from a client with the bytes it was charged to the
+/// connection's pending budget; settle it with
+/// [`ConnectionBudget::settle`]`(cost, is_request)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundFrame {
+    /// The frame.
+    pub frame: ClientFrame,
+    /// Bytes charged (the frame's size on the wire).
+    pub cost: u64,
+}
+
+impl InboundFrame {
+    /// Whether the frame waits for an answer (a request, a session open or
+    /// resume) and so counts against the pending requests bound until it
+    /// is answered; other frames are settled as soon as they are handled.
+    pub fn is_request(&self) -> bool {
+        is_request(&self.frame)
+    }
+}
+
+fn is_request(frame: &ClientFrame) -> bool {
+    matches!(
+        frame,
+        ClientFrame::Request { .. }
+            | ClientFrame::OpenSession { .. }
+            | ClientFrame::ResumeSession { .. }
+    )
 }
 
 /// Accepts client connections on the replica's client port.
@@ -72,6 +121,65 @@ struct Shared {
     connections: mpsc::Sender<ClientConnection>,
     next_id: AtomicU64,
     permits: Arc<Semaphore>,
+    handshakes: Arc<Semaphore>,
+    connections_per_identity: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+/// One identity's hold on a connection slot, given back on drop.
+struct IdentitySlot {
+    identity: String,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut counts = self
+            .counts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.identity) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.identity);
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Takes a connection slot for `identity`, or says which bound is met.
+    fn take_slot(
+        &self,
+        identity: &str,
+    ) -> std::result::Result<(IdentitySlot, OwnedSemaphorePermit), String> {
+        let max = self.limits.client_connections_per_identity_max;
+        {
+            let mut counts = self
+                .connections_per_identity
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let count = counts.entry(identity.to_owned()).or_insert(0);
+            if *count >= max {
+                return Err(format!(
+                    "client identity {identity:?} already has {max} connections to this replica \
+                     (limit `limits.client_connections_per_identity_max`); close some first"
+                ));
+            }
+            *count += 1;
+        }
+        let slot = IdentitySlot {
+            identity: identity.to_owned(),
+            counts: self.connections_per_identity.clone(),
+        };
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            format!(
+                "the replica serves {} client connections, its limit \
+                 (`limits.client_connections_max`); try another replica",
+                self.limits.client_connections_max
+            )
+        })?;
+        Ok((slot, permit))
+    }
 }
 
 impl ClientListener {
@@ -124,6 +232,8 @@ impl ClientListener {
         let shared = Arc::new(Shared {
             node_id: config.node_id,
             permits: Arc::new(Semaphore::new(config.limits.client_connections_max)),
+            handshakes: Arc::new(Semaphore::new(config.limits.client_handshakes_max)),
+            connections_per_identity: Arc::new(Mutex::new(HashMap::new())),
             limits: config.limits,
             endpoint,
             connections,
@@ -200,12 +310,12 @@ async fn run_accept(shared: Arc<Shared>, tasks: Tasks) {
                 None => break,
             },
         };
-        let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
             warn!(
                 node = shared.node_id,
                 remote = %incoming.remote_address(),
-                max = shared.limits.client_connections_max,
-                "client connection limit reached; refused"
+                max = shared.limits.client_handshakes_max,
+                "too many client handshakes in progress; refused"
             );
             incoming.refuse();
             continue;
@@ -222,7 +332,7 @@ async fn run_accept(shared: Arc<Shared>, tasks: Tasks) {
 async fn serve_client(
     shared: Arc<Shared>,
     incoming: quinn::Incoming,
-    _permit: OwnedSemaphorePermit,
+    handshake_permit: OwnedSemaphorePermit,
     tasks: Tasks,
 ) {
     let mut shutdown = tasks.shutdown();
@@ -240,10 +350,20 @@ async fn serve_client(
             return;
         }
     };
+    let identity = tls::peer_certificates(&connection)
+        .and_then(|chain| chain.first().and_then(tls::client_identity));
+    let admitted = match &identity {
+        Some(identity) => shared.take_slot(identity),
+        None => Err("the client certificate names no subject; issue it with a common name".into()),
+    };
     let accepted = tokio::select! {
         _ = cancelled(&mut shutdown) => return,
-        accepted = tokio::time::timeout(limits.handshake_timeout, accept_hello(&shared, &connection)) => accepted,
+        accepted = tokio::time::timeout(
+            limits.handshake_timeout,
+            accept_hello(&shared, &connection, admitted.as_ref().err().cloned()),
+        ) => accepted,
     };
+    drop(handshake_permit);
     let (mut send, frames) = match accepted {
         Ok(Some(session)) => session,
         Ok(None) => return,
@@ -253,13 +373,19 @@ async fn serve_client(
             return;
         }
     };
+    let (Some(identity), Ok(_slot)) = (identity, admitted) else {
+        return;
+    };
 
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let budget = ConnectionBudget::new(limits.client_bounds);
     let (frames_sender, frames_receiver) = mpsc::channel(limits.client_queue_frames_max);
-    let (replies_sender, replies) = mpsc::channel(limits.client_queue_frames_max);
+    let (replies_sender, replies) = ReplySender::new(budget.clone());
+    let weak_replies = replies_sender.downgrade();
     let handed = ClientConnection {
         id,
         remote,
+        identity,
         frames: frames_receiver,
         replies: replies_sender,
     };
@@ -281,13 +407,17 @@ async fn serve_client(
 
     // The reader reports a malformed frame here, for the writer to tell the
     // client why before closing.
-    let (fatal_sender, fatal) = mpsc::channel::<String>(1);
+    let (fatal_sender, fatal) = mpsc::channel::<(String, u32)>(1);
     tasks.spawn(read_frames(
         shared.clone(),
         id,
         connection.clone(),
         frames,
-        frames_sender,
+        Inbound {
+            frames: frames_sender,
+            replies: weak_replies,
+            budget: budget.clone(),
+        },
         fatal_sender,
         tasks.shutdown(),
     ));
@@ -297,6 +427,7 @@ async fn serve_client(
         &connection,
         send,
         replies,
+        &budget,
         fatal,
         &mut shutdown,
     )
@@ -304,9 +435,12 @@ async fn serve_client(
 }
 
 /// Reads the client's hello and answers it; the session stream if welcomed.
+/// A connection that met a bound (`refusal`) is refused with it after its
+/// hello, so the client can print why.
 async fn accept_hello(
     shared: &Shared,
     connection: &quinn::Connection,
+    refusal: Option<String>,
 ) -> Option<(quinn::SendStream, FrameReader)> {
     let (mut send, receive) = match connection.accept_bi().await {
         Ok(streams) => streams,
@@ -318,7 +452,7 @@ async fn accept_hello(
     let mut frames = FrameReader::new(receive, shared.limits.client_frame_bytes_max);
     let verdict = match frames.next::<Hello>().await {
         Ok(Some(Hello::Client { protocol_version })) if protocol_version == PROTOCOL_VERSION => {
-            Ok(())
+            refusal.map_or(Ok(()), Err)
         }
         Ok(Some(Hello::Client { protocol_version })) => Err(format!(
             "protocol version {protocol_version} is not supported; this replica speaks version {PROTOCOL_VERSION}"
@@ -356,25 +490,61 @@ async fn accept_hello(
     }
 }
 
-/// Decodes the session stream (and keep-alive datagrams) into `frames`.
+/// Where the reader puts what it reads: frames for the replica, and
+/// answers of its own to requests over the budget.
+struct Inbound {
+    frames: mpsc::Sender<InboundFrame>,
+    replies: WeakReplySender,
+    budget: Arc<ConnectionBudget>,
+}
+
+/// Decodes the session stream (and keep-alive datagrams) into `frames`,
+/// charging each frame to the connection's budget. Stops reading while the
+/// client's replies are backed up; closes an idle connection.
 async fn read_frames(
     shared: Arc<Shared>,
     id: u64,
     connection: quinn::Connection,
     mut stream: FrameReader,
-    frames: mpsc::Sender<ClientFrame>,
-    fatal: mpsc::Sender<String>,
+    inbound: Inbound,
+    fatal: mpsc::Sender<(String, u32)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let idle_timeout = shared.limits.client_idle_timeout;
+    let budget = &inbound.budget;
     let mut datagrams_open = true;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
+        if budget.replies_backlogged() {
+            // The client does not read its replies: read nothing more from
+            // it until it does (QUIC flow control then stops it sending).
+            tokio::select! {
+                _ = cancelled(&mut shutdown) => return,
+                _ = budget.wait_until(|budget| !budget.replies_backlogged()) => {}
+            }
+            idle.as_mut()
+                .reset(tokio::time::Instant::now() + idle_timeout);
+        }
         tokio::select! {
             _ = cancelled(&mut shutdown) => return,
+            _ = &mut idle => {
+                let millis = idle_timeout.as_millis();
+                debug!(node = shared.node_id, id, "client connection idle; closing");
+                let reason = format!(
+                    "the connection sent nothing for {millis} ms \
+                     (limit `limits.client_idle_timeout_ms`)"
+                );
+                let _ = fatal.try_send((reason, CLOSE_TIMEOUT));
+                return;
+            }
             next = stream.next::<ClientFrame>() => match next {
                 Ok(Some(frame)) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    let cost = stream.last_frame_bytes();
                     tokio::select! {
                         _ = cancelled(&mut shutdown) => return,
-                        sent = frames.send(frame) => if sent.is_err() {
+                        delivered = deliver(&inbound, frame, cost) => if !delivered {
                             // The replica dropped the session.
                             return;
                         },
@@ -386,7 +556,7 @@ async fn read_frames(
                 }
                 Err(FrameReadError::Frame(error)) => {
                     warn!(node = shared.node_id, id, remote = %connection.remote_address(), %error, "bad frame from client; closing its connection");
-                    let _ = fatal.try_send(error.to_string());
+                    let _ = fatal.try_send((error.to_string(), CLOSE_PROTOCOL_ERROR));
                     return;
                 }
                 Err(error) => {
@@ -400,7 +570,13 @@ async fn read_frames(
                     // the session stream. A full queue means the replica is
                     // busy with newer frames anyway.
                     Ok(ClientFrame::KeepAlive) => {
-                        let _ = frames.try_send(ClientFrame::KeepAlive);
+                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                        if budget.admit(0, false).is_ok() {
+                            let frame = InboundFrame { frame: ClientFrame::KeepAlive, cost: 0 };
+                            if inbound.frames.try_send(frame).is_err() {
+                                budget.settle(0, false);
+                            }
+                        }
                     }
                     Ok(_) | Err(_) => {
                         debug!(node = shared.node_id, id, "datagram other than a keep-alive ignored");
@@ -412,15 +588,70 @@ async fn read_frames(
     }
 }
 
-/// Writes the replica's frames in order, many per write; on a fatal report
-/// from the reader, tells the client why and closes.
+/// Charges `frame` and hands it to the replica; a request that does not
+/// fit is answered here with the bound it met, and any other frame waits
+/// for room. `false` once the replica is gone.
+async fn deliver(inbound: &Inbound, frame: ClientFrame, cost: u64) -> bool {
+    let request = is_request(&frame);
+    loop {
+        match inbound.budget.admit(cost, request) {
+            Ok(()) => {
+                return inbound
+                    .frames
+                    .send(InboundFrame { frame, cost })
+                    .await
+                    .is_ok();
+            }
+            Err(Refusal::Requests(error) | Refusal::Bytes(error)) if request => {
+                let answer = match frame {
+                    ClientFrame::Request { request, .. } => ServerFrame::Response {
+                        sequence: request.sequence,
+                        response: Response {
+                            revision: 0,
+                            result: Err(error),
+                        },
+                    },
+                    _ => ServerFrame::Unavailable {
+                        reason: error.to_string(),
+                    },
+                };
+                if inbound.replies.send(&answer).is_err() {
+                    inbound.budget.close(format!(
+                        "the client does not read its replies (limit \
+                         `limits.reply_queue_bytes_per_connection_max` is {} bytes)",
+                        inbound.budget.bounds().reply_bytes_max
+                    ));
+                    return false;
+                }
+                return true;
+            }
+            Err(_) => {
+                let bounds = inbound.budget.bounds();
+                inbound
+                    .budget
+                    .wait_until(|budget| {
+                        budget.pending_bytes() + cost + super::budget::PENDING_OVERHEAD_BYTES
+                            <= bounds.pending_bytes_max
+                    })
+                    .await;
+            }
+        }
+    }
+}
+
+/// Writes the replica's frames in order, many per write, giving their
+/// charge back to the budget once written; on a fatal report from the
+/// reader or a close asked through the budget, tells the client why and
+/// closes.
+#[allow(clippy::too_many_arguments)]
 async fn write_frames(
     shared: &Shared,
     id: u64,
     connection: &quinn::Connection,
     mut send: quinn::SendStream,
-    mut replies: mpsc::Receiver<ServerFrame>,
-    mut fatal: mpsc::Receiver<String>,
+    mut replies: mpsc::UnboundedReceiver<QueuedReply>,
+    budget: &ConnectionBudget,
+    mut fatal: mpsc::Receiver<(String, u32)>,
     shutdown: &mut watch::Receiver<bool>,
 ) {
     let limits = &shared.limits;
@@ -440,9 +671,15 @@ async fn write_frames(
                 .await;
                 return;
             }
+            _ = budget.closed() => {
+                let reason = budget.closing_reason().unwrap_or_default();
+                info!(node = shared.node_id, id, %reason, "closing a client connection");
+                connection.close(close_code(CLOSE_LIMIT), reason.as_bytes());
+                return;
+            }
             reason = fatal.recv(), if reader_open => match reason {
-                Some(reason) => {
-                    close_with(connection, send, &reason, CLOSE_PROTOCOL_ERROR, limits).await;
+                Some((reason, code)) => {
+                    close_with(connection, send, &reason, code, limits).await;
                     return;
                 }
                 None => {
@@ -468,10 +705,14 @@ async fn write_frames(
             }
         };
         batch.clear();
-        batch.extend_from_slice(&encode_frame(&first));
+        batch.extend_from_slice(&first.bytes);
+        let mut cost = first.cost;
         while batch.len() < limits.client_write_batch_bytes_max {
             match replies.try_recv() {
-                Ok(frame) => batch.extend_from_slice(&encode_frame(&frame)),
+                Ok(frame) => {
+                    batch.extend_from_slice(&frame.bytes);
+                    cost += frame.cost;
+                }
                 Err(_) => break,
             }
         }
@@ -480,11 +721,18 @@ async fn write_frames(
                 connection.close(close_code(CLOSE_SHUTDOWN), b"replica shutting down");
                 return;
             }
+            _ = budget.closed() => {
+                let reason = budget.closing_reason().unwrap_or_default();
+                info!(node = shared.node_id, id, %reason, "closing a client connection");
+                connection.close(close_code(CLOSE_LIMIT), reason.as_bytes());
+                return;
+            }
             written = send.write_all(&batch) => if let Err(error) = written {
                 debug!(node = shared.node_id, id, %error, "cannot write to client");
                 return;
             },
         }
+        budget.replies_written(cost);
     }
 }
 

@@ -38,6 +38,7 @@
 //! Every queue, frame, batch, snapshot and wait is bounded by a field of
 //! [`TransportLimits`].
 
+mod budget;
 mod client;
 mod peer;
 mod snapshot;
@@ -51,7 +52,8 @@ use synod_paxos::NodeId;
 use synod_proto::tls::{FrameReadError, HandshakeError, TlsError};
 use thiserror::Error;
 
-pub use client::{ClientConnection, ClientListener, ClientListenerConfig};
+pub use budget::{ConnectionBounds, ConnectionBudget, ReplyQueueFull, ReplySender};
+pub use client::{ClientConnection, ClientListener, ClientListenerConfig, InboundFrame};
 pub use peer::{PeerNetwork, PeerNetworkConfig};
 pub use snapshot::{Snapshot, SnapshotSource};
 
@@ -66,8 +68,12 @@ pub const CLOSE_SHUTDOWN: u32 = 3;
 /// Application close code: a newer connection from the same peer replaced
 /// this one.
 pub const CLOSE_SUPERSEDED: u32 = 4;
-/// Application close code: no hello arrived in time.
+/// Application close code: no hello arrived in time, or the connection
+/// was idle too long.
 pub const CLOSE_TIMEOUT: u32 = 5;
+/// Application close code: the client passed a bound of `[limits]` (the
+/// reason names it).
+pub const CLOSE_LIMIT: u32 = 6;
 
 /// What travels between replicas: anything serde can carry that names its
 /// sender and recipient. The transport checks the sender against the
@@ -126,8 +132,19 @@ pub struct TransportLimits {
     pub peer_connections_max: usize,
     /// Client connections served at once; more are refused at once.
     pub client_connections_max: usize,
-    /// Frames queued per client connection in each direction.
+    /// Client connections one client identity (certificate subject) may
+    /// hold at once; more are refused with a reason naming the bound.
+    pub client_connections_per_identity_max: usize,
+    /// TLS handshakes and hellos in progress at once: connections that have
+    /// not yet shown a certificate cannot hold more than this.
+    pub client_handshakes_max: usize,
+    /// A client connection that sends nothing (no frame, no keep-alive) for
+    /// this long is closed.
+    pub client_idle_timeout: Duration,
+    /// Frames queued from one client connection to the replica.
     pub client_queue_frames_max: usize,
+    /// What one client connection may make the replica hold.
+    pub client_bounds: ConnectionBounds,
     /// Bytes of server frames gathered into one stream write.
     pub client_write_batch_bytes_max: usize,
     /// On shutdown, how long to wait for closed connections to drain (so
@@ -153,7 +170,11 @@ impl Default for TransportLimits {
             snapshot_timeout: Duration::from_secs(300),
             peer_connections_max: 64,
             client_connections_max: 10_000,
+            client_connections_per_identity_max: 16,
+            client_handshakes_max: 256,
+            client_idle_timeout: Duration::from_secs(60),
             client_queue_frames_max: 1024,
+            client_bounds: ConnectionBounds::default(),
             client_write_batch_bytes_max: 1 << 20,
             shutdown_drain_timeout: Duration::from_secs(1),
         }
@@ -180,6 +201,16 @@ impl TransportLimits {
             ("snapshot_chunk_bytes", self.snapshot_chunk_bytes > 0),
             ("peer_connections_max", self.peer_connections_max > 0),
             ("client_connections_max", self.client_connections_max > 0),
+            (
+                "client_connections_per_identity_max",
+                self.client_connections_per_identity_max > 0,
+            ),
+            ("client_handshakes_max", self.client_handshakes_max > 0),
+            ("client_idle_timeout", !self.client_idle_timeout.is_zero()),
+            (
+                "client_bounds.pending_requests_max",
+                self.client_bounds.pending_requests_max > 0,
+            ),
             ("client_queue_frames_max", self.client_queue_frames_max > 0),
             (
                 "client_write_batch_bytes_max",
@@ -204,6 +235,29 @@ impl TransportLimits {
             return Err(TransportError::Config(
                 "keep_alive_interval must be below idle_timeout".into(),
             ));
+        }
+        if self.client_bounds.pending_bytes_max
+            < self.client_frame_bytes_max + budget::PENDING_OVERHEAD_BYTES
+        {
+            return Err(TransportError::Config(
+                "client pending bytes must hold the largest client frame".into(),
+            ));
+        }
+        if self.client_bounds.reply_bytes_max
+            < 2 * (self.client_frame_bytes_max + budget::REPLY_OVERHEAD_BYTES)
+        {
+            return Err(TransportError::Config(
+                "the client reply queue must hold two of the largest frames".into(),
+            ));
+        }
+        let semaphore_max = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.client_connections_max > semaphore_max
+            || self.client_handshakes_max > semaphore_max
+            || self.peer_connections_max > semaphore_max
+        {
+            return Err(TransportError::Config(format!(
+                "connection bounds must be at most {semaphore_max}"
+            )));
         }
         if self.peer_frame_bytes_max > u64::from(u32::MAX)
             || self.client_frame_bytes_max > u64::from(u32::MAX)
