@@ -503,6 +503,47 @@ impl ReplicaConfig {
         config
     }
 
+    /// Where this replica's TLS files are.
+    pub fn tls_files(&self) -> synod_proto::tls::TlsFiles {
+        synod_proto::tls::TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+        }
+    }
+
+    /// Loads the TLS files and checks them for this replica: the
+    /// certificate chains to the CA, names `node-<id>.synod`, and the key
+    /// is its own (see [`synod_proto::tls::check_node_material`]).
+    ///
+    /// # Errors
+    /// The [`TlsError`](synod_proto::tls::TlsError), naming the file and
+    /// the problem.
+    pub fn load_tls(&self) -> Result<synod_proto::tls::TlsMaterial, synod_proto::tls::TlsError> {
+        self.tls_files().load_for_node(self.id)
+    }
+
+    /// Checks that the data directory can be used: the replica creates it
+    /// and any missing parents at start, so what exists of the path must
+    /// be directories.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `data_dir`.
+    pub fn check_data_dir(&self) -> Result<(), ConfigError> {
+        let existing = self.data_dir.ancestors().find(|path| path.exists());
+        match existing {
+            Some(path) if !path.is_dir() => Err(invalid(
+                "data_dir",
+                format!(
+                    "{} cannot be created: {} is not a directory",
+                    self.data_dir.display(),
+                    path.display()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// This replica's own member entry.
     pub fn me(&self) -> &MemberConfig {
         self.members
@@ -663,6 +704,21 @@ client_address = "127.0.0.1:7103"
         assert!(error_of(&election).contains("`timeouts.election_timeout_max_ms`"));
         let member = VALID.replace("id = 3", "id = 0");
         assert!(error_of(&member).contains("`members[2].id`: must be between 1 and"));
+    }
+
+    #[test]
+    fn a_data_dir_under_a_file_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ReplicaConfig::parse(VALID).expect("valid");
+        config.data_dir = dir.path().join("missing").join("data");
+        config
+            .check_data_dir()
+            .expect("missing parents are created");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").expect("write");
+        config.data_dir = file.join("data");
+        let error = config.check_data_dir().expect_err("under a file");
+        assert!(error.to_string().contains("`data_dir`"), "{error}");
     }
 
     #[test]

@@ -8,7 +8,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use synod_proto::tls::TlsFiles;
 use tokio::sync::mpsc;
 
 use super::driver::PeerMessage;
@@ -72,7 +71,9 @@ impl Endpoints {
     /// one in `snapshot`.
     ///
     /// # Errors
-    /// Unreadable TLS files, or an address that cannot be bound.
+    /// Unreadable TLS files, or ones unfit for this replica (a certificate
+    /// the CA did not sign, that names another node, or whose key is not
+    /// the one given), or an address that cannot be bound.
     pub fn start(
         config: &ReplicaConfig,
         peer_socket: Option<UdpSocket>,
@@ -81,13 +82,8 @@ impl Endpoints {
         connections: mpsc::Sender<ClientConnection>,
         snapshot: SharedSnapshot,
     ) -> Result<Endpoints, ReplicaError> {
-        let files = TlsFiles {
-            ca: config.tls.ca.clone(),
-            cert: config.tls.cert.clone(),
-            key: config.tls.key.clone(),
-        };
-        let material = files
-            .load()
+        let material = config
+            .load_tls()
             .map_err(|error| ReplicaError::Start(error.to_string()))?;
         let me = config.me();
         let limits = limits(config);
