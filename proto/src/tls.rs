@@ -36,8 +36,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::ServerCertVerifier;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use serde::de::DeserializeOwned;
@@ -97,6 +98,111 @@ impl TlsFiles {
             cert_chain: parse_certificates(&self.cert, &cert)?,
             key: parse_private_key(&self.key, &key)?,
         })
+    }
+
+    /// Reads and parses the three files, as [`TlsFiles::load`], and checks
+    /// them fit for replica `node_id` with [`check_node_material`].
+    ///
+    /// # Errors
+    /// As [`TlsFiles::load`] and [`check_node_material`].
+    pub fn load_for_node(&self, node_id: u64) -> Result<TlsMaterial> {
+        let material = self.load()?;
+        check_node_material(self, &material, node_id)?;
+        Ok(material)
+    }
+}
+
+/// Checks that `material`, loaded from `files`, is fit for replica
+/// `node_id`, so that a bad file fails at `--check` or start rather than in
+/// every handshake: the CA certificates are usable trust anchors; the
+/// certificate chains to one of them and is usable both as a TLS server
+/// and a TLS client certificate (replicas dial each other); it is valid for
+/// [`node_server_name`]`(node_id)`; and the private key is the one the
+/// certificate was issued for. Nothing else a certificate may carry is
+/// looked at. Never panics, whatever the files hold.
+///
+/// # Errors
+/// [`TlsError::InvalidCa`], [`TlsError::NotSignedByCa`],
+/// [`TlsError::CertificateRefused`], [`TlsError::WrongNode`],
+/// [`TlsError::UnsupportedKey`] or [`TlsError::KeyMismatch`], each naming
+/// the files concerned.
+pub fn check_node_material(files: &TlsFiles, material: &TlsMaterial, node_id: u64) -> Result<()> {
+    let provider = provider();
+    let roots = material.root_store().map_err(|error| match error {
+        TlsError::InvalidCa(detail) => {
+            TlsError::InvalidCa(format!("{}: {detail}", files.ca.display()))
+        }
+        other => other,
+    })?;
+    let Some((leaf, intermediates)) = material.cert_chain.split_first() else {
+        return Err(TlsError::NoCertificate {
+            path: files.cert.clone(),
+        });
+    };
+    let now = UnixTime::now();
+    let refused = |usage: &'static str| {
+        move |error: rustls::Error| certificate_refusal(files, node_id, usage, error)
+    };
+    let client_verifier =
+        WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|error| TlsError::InvalidCa(format!("{}: {error}", files.ca.display())))?;
+    client_verifier
+        .verify_client_cert(leaf, intermediates, now)
+        .map_err(refused("as a TLS client certificate"))?;
+    let server_verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|error| TlsError::InvalidCa(format!("{}: {error}", files.ca.display())))?;
+    let name = ServerName::try_from(node_server_name(node_id))
+        .map_err(|error| TlsError::Config(error.to_string()))?;
+    server_verifier
+        .verify_server_cert(leaf, intermediates, &name, &[], now)
+        .map_err(refused("as a TLS server certificate"))?;
+    let signing_key =
+        rustls::crypto::ring::sign::any_supported_type(&material.key).map_err(|error| {
+            TlsError::UnsupportedKey {
+                key: files.key.clone(),
+                detail: error.to_string(),
+            }
+        })?;
+    let certified = rustls::sign::CertifiedKey::new(material.cert_chain.clone(), signing_key);
+    match certified.keys_match() {
+        // A key whose public half cannot be derived cannot be compared;
+        // rustls accepts it in the same way.
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(()),
+        Err(_) => Err(TlsError::KeyMismatch {
+            key: files.key.clone(),
+            cert: files.cert.clone(),
+        }),
+    }
+}
+
+/// The error for a certificate that webpki refused for `usage`.
+fn certificate_refusal(
+    files: &TlsFiles,
+    node_id: u64,
+    usage: &str,
+    error: rustls::Error,
+) -> TlsError {
+    use rustls::CertificateError;
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => TlsError::NotSignedByCa {
+            cert: files.cert.clone(),
+            ca: files.ca.clone(),
+        },
+        rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        ) => TlsError::WrongNode {
+            cert: files.cert.clone(),
+            name: node_server_name(node_id),
+        },
+        other => TlsError::CertificateRefused {
+            cert: files.cert.clone(),
+            detail: format!("{usage}: {other}"),
+        },
     }
 }
 
@@ -213,6 +319,60 @@ pub enum TlsError {
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A certificate does not chain to the configured CA.
+    #[error(
+        "certificate {} is not signed by the CA {}: issue it from that CA, or point \
+         tls.ca at the CA that signed it",
+        cert.display(),
+        ca.display()
+    )]
+    NotSignedByCa {
+        /// The certificate.
+        cert: PathBuf,
+        /// The CA file.
+        ca: PathBuf,
+    },
+    /// A certificate chains to the CA but is refused for another reason
+    /// (expired, not yet valid, or not made for TLS server and client use).
+    #[error("certificate {} is refused {detail}", cert.display())]
+    CertificateRefused {
+        /// The certificate.
+        cert: PathBuf,
+        /// How it is used and why it is refused.
+        detail: String,
+    },
+    /// A replica's certificate does not name the replica.
+    #[error(
+        "certificate {} does not name {name}: it was made for another node; use the \
+         certificate issued for {name}",
+        cert.display()
+    )]
+    WrongNode {
+        /// The certificate.
+        cert: PathBuf,
+        /// The name it should carry, [`node_server_name`].
+        name: String,
+    },
+    /// A private key of a kind rustls cannot sign with.
+    #[error("key {} is not a usable private key: {detail}", key.display())]
+    UnsupportedKey {
+        /// The key file.
+        key: PathBuf,
+        /// Why.
+        detail: String,
+    },
+    /// The private key is not the one the certificate was issued for.
+    #[error(
+        "key {} does not match certificate {}: use the key the certificate was issued with",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch {
+        /// The key file.
+        key: PathBuf,
+        /// The certificate.
+        cert: PathBuf,
+    },
 }
 
 /// Result of the TLS functions.
@@ -927,6 +1087,70 @@ mod tests {
             server_config(&mismatched),
             Err(TlsError::Config(_))
         ));
+    }
+
+    #[test]
+    fn node_material_is_checked_against_ca_name_and_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hosts = vec!["localhost".to_string()];
+        let certs = generate_dev_certs(dir.path(), &[1, 2], &hosts).expect("generate");
+        certs.node(2).load_for_node(2).expect("node 2's own files");
+
+        // A certificate for node 2 from another CA.
+        let other_dir = tempfile::tempdir().expect("temp dir");
+        let other = generate_dev_certs(other_dir.path(), &[2], &hosts).expect("generate");
+        let foreign = TlsFiles {
+            ca: certs.node(2).ca,
+            ..other.node(2)
+        };
+        let error = foreign.load_for_node(2).expect_err("another CA");
+        assert!(matches!(error, TlsError::NotSignedByCa { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("node-2.pem is not signed by the CA"),
+            "{message}"
+        );
+        assert!(
+            message.contains(&certs.node(2).ca.display().to_string()),
+            "{message}"
+        );
+
+        // Node 1's key beside node 2's certificate.
+        let swapped = TlsFiles {
+            key: certs.node(1).key,
+            ..certs.node(2)
+        };
+        let error = swapped.load_for_node(2).expect_err("swapped key");
+        assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("node-1-key.pem does not match certificate"),
+            "{error}"
+        );
+
+        // Node 1's files configured for node 2.
+        let error = certs.node(1).load_for_node(2).expect_err("another node's");
+        assert!(matches!(error, TlsError::WrongNode { .. }), "{error}");
+        assert!(
+            error
+                .to_string()
+                .contains("node-1.pem does not name node-2.synod: it was made for another node"),
+            "{error}"
+        );
+
+        // A client certificate is no replica certificate.
+        let error = certs.client().load_for_node(1).expect_err("client's");
+        assert!(error.to_string().contains("client.pem"), "{error}");
+
+        // A replica's certificate where the CA should be.
+        let error = TlsFiles {
+            ca: certs.node(1).cert,
+            ..certs.node(2)
+        }
+        .load_for_node(2)
+        .expect_err("no CA");
+        assert!(matches!(error, TlsError::NotSignedByCa { .. }), "{error}");
     }
 
     #[test]

@@ -23,6 +23,48 @@
 //! [limits]            # all optional
 //! data_bytes_max = 1048576
 //! ```
+//!
+//! # Ranges
+//!
+//! Every numeric field has a range, checked by [`ReplicaConfig::validate`]
+//! (so by `synod-server --check` and at every start) with an error naming
+//! the field. The bounds are what the replica can actually run with: counts
+//! become semaphore permits and channel capacities, sizes become frame
+//! bounds under the frames' `u32` length prefix (a peer frame is eight
+//! client frames), and times become QUIC idle timeouts and deadlines.
+//! Beyond its range, each field is also checked against the others (an
+//! election timeout at least the lease, and so on).
+//!
+//! | field | range | default |
+//! |---|---|---|
+//! | `id`, `members[].id` | 1..=4,294,967,295 | (required) |
+//! | `timeouts.heartbeat_interval_ms` | 1..=10,000 | 100 |
+//! | `timeouts.election_timeout_min_ms` | 2..=300,000 | 1,000 |
+//! | `timeouts.election_timeout_max_ms` | 3..=600,000 | 1,600 |
+//! | `timeouts.lease_ms` | 2..=300,000 | 1,000 |
+//! | `timeouts.clock_drift_margin_ms` | 0..=60,000 | 100 |
+//! | `timeouts.session_timeout_min_ms` | 2..=3,600,000 | 1,000 |
+//! | `timeouts.session_timeout_max_ms` | 2..=86,400,000 | 120,000 |
+//! | `timeouts.session_grace_ms` | 0..=600,000 | 2,000 |
+//! | `timeouts.session_checkpoint_interval_ms` | 1..=3,600,000 | 1,000 |
+//! | `timeouts.request_timeout_ms` | 1..=3,600,000 | 10,000 |
+//! | `limits.data_bytes_max` | 1..=67,108,864 (64 MiB) | 1,048,576 |
+//! | `limits.path_bytes_max` | 1..=65,536 | 4,096 |
+//! | `limits.frame_bytes_max` | 4,096..=268,435,456 (256 MiB) | 2,097,152 |
+//! | `limits.watches_per_session_max` | 1..=1,000,000 | 10,000 |
+//! | `limits.client_connections_max` | 1..=1,000,000 | 10,000 |
+//! | `limits.pending_requests_per_connection_max` | 1..=100,000 | 4,096 |
+//! | `limits.pending_request_bytes_per_connection_max` | 8,192..=1 GiB | 16 MiB |
+//! | `limits.reply_queue_bytes_per_connection_max` | 16,384..=2 GiB | 16 MiB |
+//! | `limits.watch_path_bytes_per_session_max` | 1..=1 GiB | 4 MiB |
+//! | `limits.client_connections_per_identity_max` | 1..=1,000,000 | 16 |
+//! | `limits.client_handshakes_max` | 1..=100,000 | 256 |
+//! | `limits.client_idle_timeout_ms` | 1,000..=86,400,000 | 60,000 |
+//! | `limits.sessions_per_identity_max` | 1..=10,000,000 | 10,000 |
+//! | `limits.event_history_max` | 0..=10,000,000 | 100,000 |
+//! | `limits.snapshot_interval_slots` | 1..=10,000,000 | 10,000 |
+//! | `limits.log_retain_slots` | 0..=10,000,000 | 10,000 |
+//! | `limits.snapshot_bytes_max` | 1 MiB..=1 TiB | 8 GiB |
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -40,6 +82,7 @@ pub struct ReplicaConfig {
     /// Names the cluster; replicas of another cluster are refused.
     pub cluster_id: String,
     /// This replica's id; must be one of `members`.
+    /// Range: 1..=4,294,967,295.
     pub id: u64,
     /// Where the database lives (created if missing).
     pub data_dir: PathBuf,
@@ -84,25 +127,36 @@ pub struct MemberConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// How often the leader sends heartbeats.
+    /// Range: 1..=10,000; default 100.
     pub heartbeat_interval_ms: u64,
-    /// Lower end of the randomised election timeout.
+    /// Lower end of the randomised election timeout; at least `lease_ms`.
+    /// Range: 2..=300,000; default 1,000.
     pub election_timeout_min_ms: u64,
-    /// Upper end of the randomised election timeout.
+    /// Upper end of the randomised election timeout; above the lower end.
+    /// Five times this (at least 5 s) is the QUIC idle timeout.
+    /// Range: 3..=600,000; default 1,600.
     pub election_timeout_max_ms: u64,
-    /// The leader's lease, as acceptors promise it.
+    /// The leader's lease, as acceptors promise it; at least two heartbeats.
+    /// Range: 2..=300,000; default 1,000.
     pub lease_ms: u64,
-    /// Subtracted from the lease for clock-rate differences.
+    /// Subtracted from the lease for clock-rate differences; below the lease.
+    /// Range: 0..=60,000; default 100.
     pub clock_drift_margin_ms: u64,
-    /// Shortest session timeout a client may ask for.
+    /// Shortest session timeout a client may ask for; at least two
+    /// heartbeats. Range: 2..=3,600,000; default 1,000.
     pub session_timeout_min_ms: u64,
-    /// Longest session timeout a client may ask for.
+    /// Longest session timeout a client may ask for; at least the shortest.
+    /// Range: 2..=86,400,000; default 120,000.
     pub session_timeout_max_ms: u64,
     /// Time a new leader adds to every session's checkpointed remaining
     /// time, so clients can find it before their sessions expire.
+    /// Range: 0..=600,000; default 2,000.
     pub session_grace_ms: u64,
     /// How often the leader commits a checkpoint of sessions' remaining time.
+    /// Range: 1..=3,600,000; default 1,000.
     pub session_checkpoint_interval_ms: u64,
     /// A request not answered within this long fails with a timeout.
+    /// Range: 1..=3,600,000; default 10,000.
     pub request_timeout_ms: u64,
 }
 
@@ -127,46 +181,65 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Largest node value.
+    /// Largest node value. Range: 1..=67,108,864 (64 MiB); default 1,048,576.
     pub data_bytes_max: u64,
-    /// Longest path.
+    /// Longest path. Range: 1..=65,536; default 4,096.
     pub path_bytes_max: u64,
-    /// Largest frame on any connection.
+    /// Largest frame on any connection; holds the largest value and path
+    /// plus 1 KiB. Peer frames may be eight times larger, and must stay
+    /// under the `u32` length prefix. Range: 4,096..=268,435,456 (256 MiB);
+    /// default 2,097,152.
     pub frame_bytes_max: u64,
     /// Most watches one session may hold on a replica.
+    /// Range: 1..=1,000,000; default 10,000.
     pub watches_per_session_max: u64,
     /// Most bytes of watched paths one session may hold on a replica.
+    /// Range: 1..=1,073,741,824 (1 GiB); default 4 MiB.
     pub watch_path_bytes_per_session_max: u64,
     /// Most client connections a replica serves at once.
+    /// Range: 1..=1,000,000; default 10,000.
     pub client_connections_max: u64,
     /// Most client connections one client identity (certificate subject)
-    /// may hold on a replica at once.
+    /// may hold on a replica at once. Range: 1..=1,000,000; default 16.
     pub client_connections_per_identity_max: u64,
     /// Most TLS handshakes in progress at once on the client port.
+    /// Range: 1..=100,000; default 256.
     pub client_handshakes_max: u64,
     /// A client connection that sends nothing for this long is closed
-    /// (clients with a session send keep-alives well within it).
+    /// (clients with a session send keep-alives well within it); at least
+    /// half of `timeouts.session_timeout_max_ms`.
+    /// Range: 1,000..=86,400,000; default 60,000.
     pub client_idle_timeout_ms: u64,
     /// Most requests one connection may have waiting for an answer (over
     /// it, requests are refused with an error naming this limit).
+    /// Range: 1..=100,000; default 4,096.
     pub pending_requests_per_connection_max: u64,
-    /// Most bytes of requests one connection may have waiting for an answer.
+    /// Most bytes of requests one connection may have waiting for an
+    /// answer; at least `frame_bytes_max` plus 4 KiB.
+    /// Range: 8,192..=1,073,741,824 (1 GiB); default 16 MiB.
     pub pending_request_bytes_per_connection_max: u64,
     /// Most bytes of replies queued for one connection: at half of it the
     /// replica stops reading from the client and holds its reads back; a
-    /// connection whose queue reaches it (it reads nothing) is closed.
+    /// connection whose queue reaches it (it reads nothing) is closed. At
+    /// least twice `frame_bytes_max` plus 4 KiB.
+    /// Range: 16,384..=2,147,483,648 (2 GiB); default 16 MiB.
     pub reply_queue_bytes_per_connection_max: u64,
     /// Most sessions open at once for one client identity, cluster-wide.
     /// Every replica must use the same value.
+    /// Range: 1..=10,000,000; default 10,000.
     pub sessions_per_identity_max: u64,
     /// Events kept for clients that reconnect and ask for what they missed.
+    /// Range: 0..=10,000,000; default 100,000.
     pub event_history_max: u64,
     /// Applied slots between two saved snapshots of the state machine.
+    /// Range: 1..=10,000,000; default 10,000.
     pub snapshot_interval_slots: u64,
     /// Chosen slots kept in the log below the last snapshot, so that a
     /// replica slightly behind catches up without a snapshot.
+    /// Range: 0..=10,000,000; default 10,000.
     pub log_retain_slots: u64,
     /// Largest snapshot accepted from another replica.
+    /// Range: 1,048,576..=1,099,511,627,776 (1 MiB to 1 TiB); default 8 GiB.
     pub snapshot_bytes_max: u64,
 }
 
@@ -224,6 +297,103 @@ pub enum ConfigError {
     },
 }
 
+/// One numeric field's documented range, as [`ReplicaConfig::validate`]
+/// checks it.
+#[derive(Clone, Copy)]
+struct NumericField {
+    /// The field as written in the file (`limits.frame_bytes_max`).
+    name: &'static str,
+    /// The smallest value accepted.
+    min: u64,
+    /// The largest value accepted.
+    max: u64,
+    /// Reads the field.
+    get: fn(&ReplicaConfig) -> u64,
+    /// Writes the field, so tests can set each in turn.
+    #[cfg(test)]
+    set: fn(&mut ReplicaConfig, u64),
+}
+
+/// A row of [`NUMERIC_FIELDS`]: the field's path in the config and its
+/// inclusive bounds.
+macro_rules! numeric {
+    ($section:ident . $field:ident, $min:expr, $max:expr) => {
+        NumericField {
+            name: concat!(stringify!($section), ".", stringify!($field)),
+            min: $min,
+            max: $max,
+            get: |config| config.$section.$field,
+            #[cfg(test)]
+            set: |config, value| config.$section.$field = value,
+        }
+    };
+    ($field:ident, $min:expr, $max:expr) => {
+        NumericField {
+            name: stringify!($field),
+            min: $min,
+            max: $max,
+            get: |config| config.$field,
+            #[cfg(test)]
+            set: |config, value| config.$field = value,
+        }
+    };
+}
+
+/// The largest node id, for `id` and `members[].id`.
+const NODE_ID_MAX: u64 = u32::MAX as u64;
+
+/// The range of every numeric field, one row each; the module docs' table
+/// and each field's doc comment say the same. A new numeric field gets a
+/// row here (the tests then check its bounds on their own).
+const NUMERIC_FIELDS: &[NumericField] = &[
+    numeric!(id, 1, NODE_ID_MAX),
+    numeric!(timeouts.heartbeat_interval_ms, 1, 10_000),
+    numeric!(timeouts.election_timeout_min_ms, 2, 300_000),
+    numeric!(timeouts.election_timeout_max_ms, 3, 600_000),
+    numeric!(timeouts.lease_ms, 2, 300_000),
+    numeric!(timeouts.clock_drift_margin_ms, 0, 60_000),
+    numeric!(timeouts.session_timeout_min_ms, 2, 3_600_000),
+    numeric!(timeouts.session_timeout_max_ms, 2, 86_400_000),
+    numeric!(timeouts.session_grace_ms, 0, 600_000),
+    numeric!(timeouts.session_checkpoint_interval_ms, 1, 3_600_000),
+    numeric!(timeouts.request_timeout_ms, 1, 3_600_000),
+    numeric!(limits.data_bytes_max, 1, 64 << 20),
+    numeric!(limits.path_bytes_max, 1, 64 << 10),
+    // Peer frames are eight client frames and must fit the u32 length
+    // prefix with room to spare.
+    numeric!(limits.frame_bytes_max, 4096, 256 << 20),
+    numeric!(limits.watches_per_session_max, 1, 1_000_000),
+    numeric!(limits.client_connections_max, 1, 1_000_000),
+    numeric!(limits.pending_requests_per_connection_max, 1, 100_000),
+    numeric!(
+        limits.pending_request_bytes_per_connection_max,
+        8192,
+        1 << 30
+    ),
+    numeric!(limits.reply_queue_bytes_per_connection_max, 16_384, 2 << 30),
+    numeric!(limits.watch_path_bytes_per_session_max, 1, 1 << 30),
+    numeric!(limits.client_connections_per_identity_max, 1, 1_000_000),
+    numeric!(limits.client_handshakes_max, 1, 100_000),
+    numeric!(limits.client_idle_timeout_ms, 1_000, 86_400_000),
+    numeric!(limits.sessions_per_identity_max, 1, 10_000_000),
+    numeric!(limits.event_history_max, 0, 10_000_000),
+    numeric!(limits.snapshot_interval_slots, 1, 10_000_000),
+    numeric!(limits.log_retain_slots, 0, 10_000_000),
+    numeric!(limits.snapshot_bytes_max, 1 << 20, 1 << 40),
+];
+
+/// Refuses `value` for `field` unless it is within `min..=max`.
+fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
+    if (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(
+            field,
+            format!("must be between {min} and {max} (got {value})"),
+        ))
+    }
+}
+
 fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
@@ -274,6 +444,7 @@ impl ReplicaConfig {
     /// # Errors
     /// The first invalid field, named.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_ranges()?;
         if self.cluster_id.trim().is_empty() {
             return Err(invalid("cluster_id", "must not be empty"));
         }
@@ -283,12 +454,7 @@ impl ReplicaConfig {
         let mut ids = BTreeSet::new();
         let mut addresses = BTreeSet::new();
         for (index, member) in self.members.iter().enumerate() {
-            if member.id == 0 {
-                return Err(invalid(
-                    &format!("members[{index}].id"),
-                    "must be at least 1",
-                ));
-            }
+            check_range(&format!("members[{index}].id"), member.id, 1, NODE_ID_MAX)?;
             if !ids.insert(member.id) {
                 return Err(invalid(
                     &format!("members[{index}].id"),
@@ -328,60 +494,19 @@ impl ReplicaConfig {
                 other => invalid("timeouts", other.to_string()),
             })?;
         let t = &self.timeouts;
-        if t.session_timeout_min_ms == 0 || t.session_timeout_max_ms < t.session_timeout_min_ms {
+        if t.session_timeout_max_ms < t.session_timeout_min_ms {
             return Err(invalid(
                 "timeouts.session_timeout_max_ms",
-                "must be at least session_timeout_min_ms, which must be positive",
+                "must be at least session_timeout_min_ms",
             ));
         }
-        if t.session_timeout_min_ms < 2 * t.heartbeat_interval_ms {
+        if t.session_timeout_min_ms < t.heartbeat_interval_ms.saturating_mul(2) {
             return Err(invalid(
                 "timeouts.session_timeout_min_ms",
                 "must be at least two heartbeat intervals",
             ));
         }
-        if t.session_checkpoint_interval_ms == 0 || t.request_timeout_ms == 0 {
-            return Err(invalid(
-                "timeouts.session_checkpoint_interval_ms",
-                "checkpoint interval and request timeout must be positive",
-            ));
-        }
         let l = &self.limits;
-        let positive = [
-            ("limits.data_bytes_max", l.data_bytes_max),
-            ("limits.path_bytes_max", l.path_bytes_max),
-            ("limits.watches_per_session_max", l.watches_per_session_max),
-            ("limits.client_connections_max", l.client_connections_max),
-            (
-                "limits.pending_requests_per_connection_max",
-                l.pending_requests_per_connection_max,
-            ),
-            ("limits.snapshot_interval_slots", l.snapshot_interval_slots),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return Err(invalid(field, "must be positive"));
-            }
-        }
-        for (field, value) in [
-            (
-                "limits.watch_path_bytes_per_session_max",
-                l.watch_path_bytes_per_session_max,
-            ),
-            (
-                "limits.client_connections_per_identity_max",
-                l.client_connections_per_identity_max,
-            ),
-            ("limits.client_handshakes_max", l.client_handshakes_max),
-            (
-                "limits.sessions_per_identity_max",
-                l.sessions_per_identity_max,
-            ),
-        ] {
-            if value == 0 {
-                return Err(invalid(field, "must be positive"));
-            }
-        }
         if l.pending_request_bytes_per_connection_max < l.frame_bytes_max + 4096 {
             return Err(invalid(
                 "limits.pending_request_bytes_per_connection_max",
@@ -412,6 +537,88 @@ impl ReplicaConfig {
         Ok(())
     }
 
+    /// Checks every numeric field against its range in [`NUMERIC_FIELDS`].
+    ///
+    /// # Errors
+    /// The first field out of its range, named, with the range.
+    fn validate_ranges(&self) -> Result<(), ConfigError> {
+        for field in NUMERIC_FIELDS {
+            check_range(field.name, (field.get)(self), field.min, field.max)?;
+        }
+        Ok(())
+    }
+
+    /// A three-member configuration with every numeric field at the low
+    /// end of its range (`upper == false`) or at the high end, for tests
+    /// that the derived settings hold up at the extremes. It is valid.
+    #[cfg(test)]
+    pub(crate) fn at_range_ends(upper: bool) -> ReplicaConfig {
+        let member = |id: u64| MemberConfig {
+            id,
+            peer_address: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
+            client_address: SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)),
+        };
+        let mut config = ReplicaConfig {
+            cluster_id: "range-ends".into(),
+            id: 1,
+            data_dir: PathBuf::from("/tmp/synod-range-ends"),
+            tls: TlsConfig {
+                ca: "ca.pem".into(),
+                cert: "node-1.pem".into(),
+                key: "node-1-key.pem".into(),
+            },
+            members: vec![member(1), member(2), member(3)],
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+        };
+        for field in NUMERIC_FIELDS {
+            (field.set)(&mut config, if upper { field.max } else { field.min });
+        }
+        config.members[0].id = config.id;
+        config
+    }
+
+    /// Where this replica's TLS files are.
+    pub fn tls_files(&self) -> synod_proto::tls::TlsFiles {
+        synod_proto::tls::TlsFiles {
+            ca: self.tls.ca.clone(),
+            cert: self.tls.cert.clone(),
+            key: self.tls.key.clone(),
+        }
+    }
+
+    /// Loads the TLS files and checks them for this replica: the
+    /// certificate chains to the CA, names `node-<id>.synod`, and the key
+    /// is its own (see [`synod_proto::tls::check_node_material`]).
+    ///
+    /// # Errors
+    /// The [`TlsError`](synod_proto::tls::TlsError), naming the file and
+    /// the problem.
+    pub fn load_tls(&self) -> Result<synod_proto::tls::TlsMaterial, synod_proto::tls::TlsError> {
+        self.tls_files().load_for_node(self.id)
+    }
+
+    /// Checks that the data directory can be used: the replica creates it
+    /// and any missing parents at start, so what exists of the path must
+    /// be directories.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `data_dir`.
+    pub fn check_data_dir(&self) -> Result<(), ConfigError> {
+        let existing = self.data_dir.ancestors().find(|path| path.exists());
+        match existing {
+            Some(path) if !path.is_dir() => Err(invalid(
+                "data_dir",
+                format!(
+                    "{} cannot be created: {} is not a directory",
+                    self.data_dir.display(),
+                    path.display()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// This replica's own member entry.
     pub fn me(&self) -> &MemberConfig {
         self.members
@@ -429,10 +636,11 @@ impl ReplicaConfig {
         config.election_timeout_max_ms = t.election_timeout_max_ms;
         config.lease_ms = t.lease_ms;
         config.clock_drift_margin_ms = t.clock_drift_margin_ms;
-        config.retransmit_interval_ms = (2 * t.heartbeat_interval_ms).max(20);
-        config.catch_up_retry_ms = (2 * t.heartbeat_interval_ms).max(20);
+        config.retransmit_interval_ms = t.heartbeat_interval_ms.saturating_mul(2).max(20);
+        config.catch_up_retry_ms = t.heartbeat_interval_ms.saturating_mul(2).max(20);
         config.read_timeout_ms = t.request_timeout_ms;
-        config.max_slot_bytes = (self.limits.frame_bytes_max / 2) as usize;
+        config.max_slot_bytes =
+            usize::try_from(self.limits.frame_bytes_max / 2).unwrap_or(usize::MAX);
         config.log_retain_slots = self.limits.log_retain_slots;
         config
     }
@@ -511,5 +719,93 @@ client_address = "127.0.0.1:7103"
         let frame = format!("{VALID}\n[limits]\nframe_bytes_max = 1000\n");
         assert!(error_of(&frame).contains("limits.frame_bytes_max"));
         assert!(error_of("id = [").contains("TOML") || error_of("id = [").contains("line"));
+    }
+
+    /// The field an `Invalid` error names, and its reason.
+    fn refusal(config: &ReplicaConfig) -> (String, String) {
+        match config.validate() {
+            Err(ConfigError::Invalid { field, reason }) => (field, reason),
+            other => panic!("expected a refused field, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_numeric_field_refuses_values_outside_its_range() {
+        let base = ReplicaConfig::parse(VALID).expect("valid");
+        for field in NUMERIC_FIELDS {
+            let mut outside = vec![u64::MAX, i64::MAX as u64];
+            outside.extend(field.max.checked_add(1));
+            if field.min > 0 {
+                outside.extend([0, field.min - 1]);
+            }
+            for value in outside {
+                let mut config = base.clone();
+                (field.set)(&mut config, value);
+                let (named, reason) = refusal(&config);
+                assert_eq!(named, field.name, "{value} refused under another name");
+                assert_eq!(
+                    reason,
+                    format!(
+                        "must be between {} and {} (got {value})",
+                        field.min, field.max
+                    )
+                );
+            }
+            for value in [field.min, field.max] {
+                let mut config = base.clone();
+                (field.set)(&mut config, value);
+                assert!(
+                    config.validate_ranges().is_ok(),
+                    "{} = {value} is within its range",
+                    field.name
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_in_the_file_are_named() {
+        let connections = format!("{VALID}\n[limits]\nclient_connections_max = {}\n", i64::MAX);
+        assert_eq!(
+            error_of(&connections),
+            "config field `limits.client_connections_max`: must be between 1 and 1000000 \
+             (got 9223372036854775807)"
+        );
+        let frame = format!("{VALID}\n[limits]\nframe_bytes_max = {}\n", 8u64 << 30);
+        assert!(error_of(&frame).contains("`limits.frame_bytes_max`"));
+        let election = format!(
+            "{VALID}\n[timeouts]\nelection_timeout_max_ms = {}\n",
+            i64::MAX
+        );
+        assert!(error_of(&election).contains("`timeouts.election_timeout_max_ms`"));
+        let member = VALID.replace("id = 3", "id = 0");
+        assert!(error_of(&member).contains("`members[2].id`: must be between 1 and"));
+    }
+
+    #[test]
+    fn a_data_dir_under_a_file_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = ReplicaConfig::parse(VALID).expect("valid");
+        config.data_dir = dir.path().join("missing").join("data");
+        config
+            .check_data_dir()
+            .expect("missing parents are created");
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").expect("write");
+        config.data_dir = file.join("data");
+        let error = config.check_data_dir().expect_err("under a file");
+        assert!(error.to_string().contains("`data_dir`"), "{error}");
+    }
+
+    #[test]
+    fn both_ends_of_every_range_make_a_valid_config() {
+        for upper in [false, true] {
+            let config = ReplicaConfig::at_range_ends(upper);
+            config
+                .validate()
+                .unwrap_or_else(|error| panic!("range ends (upper: {upper}): {error}"));
+            let again = ReplicaConfig::parse(&config.to_toml()).expect("round trip");
+            assert_eq!(again, config);
+        }
     }
 }

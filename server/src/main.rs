@@ -24,7 +24,9 @@ struct Arguments {
     /// once every other member has told it what it may have forgotten.
     #[arg(long)]
     join: bool,
-    /// Check the configuration and exit.
+    /// Check the configuration and exit: every field, the TLS files (the
+    /// certificate chains to the CA, names this node, and the key is its
+    /// own) and the data directory.
     #[arg(long)]
     check: bool,
 }
@@ -50,6 +52,12 @@ fn run() -> anyhow::Result<()> {
     let arguments = Arguments::parse();
     let config = ReplicaConfig::load(&arguments.config)?;
     if arguments.check {
+        // The error names the file and says what is wrong; formatting it
+        // here keeps anyhow from repeating its cause.
+        config.load_tls().map_err(|error| {
+            anyhow::anyhow!("{}: TLS files: {error}", arguments.config.display())
+        })?;
+        config.check_data_dir()?;
         println!("{}: valid", arguments.config.display());
         return Ok(());
     }

@@ -562,12 +562,23 @@ impl Driver {
                     .add(session, &registration.path, registration.kind)
             });
         if let Err(error) = checked {
-            let frame = ServerFrame::WatchRefused {
-                watch: registration,
-                error,
-            };
+            let frame = self.watch_refused(registration, error);
             self.send_to(connection, frame);
         }
+    }
+
+    /// The refusal of a watch, naming its path cut to the path bound (a
+    /// client that sent a 1 MiB path does not get it back).
+    fn watch_refused(&self, mut watch: WatchRegistration, error: Error) -> ServerFrame {
+        let max = usize::try_from(self.config.limits.path_bytes_max).unwrap_or(usize::MAX);
+        if watch.path.len() > max {
+            let mut end = max;
+            while !watch.path.is_char_boundary(end) {
+                end -= 1;
+            }
+            watch.path.truncate(end);
+        }
+        ServerFrame::WatchRefused { watch, error }
     }
 
     /// This replica's status for `status` commands.
@@ -786,7 +797,7 @@ impl Driver {
                     path: path.clone(),
                     kind: *kind,
                 };
-                refused.push(ServerFrame::WatchRefused { watch, error });
+                refused.push(self.watch_refused(watch, error));
             }
         }
         for watch in invalid {
@@ -794,7 +805,7 @@ impl Driver {
                 Err(error) => error,
                 Ok(()) => continue,
             };
-            refused.push(ServerFrame::WatchRefused { watch, error });
+            refused.push(self.watch_refused(watch, error));
         }
         self.note_keep_alive(session);
         let ready = ServerFrame::SessionReady {

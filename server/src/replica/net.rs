@@ -8,7 +8,6 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use synod_proto::tls::TlsFiles;
 use tokio::sync::mpsc;
 
 use super::driver::PeerMessage;
@@ -31,16 +30,25 @@ pub struct Endpoints {
     snapshot: SharedSnapshot,
 }
 
-/// The transport's limits from the replica's configuration.
+/// The transport's limits from the replica's configuration. Never panics,
+/// even on a configuration that was not validated: products saturate and
+/// counts are capped at what a semaphore or channel can hold (a validated
+/// configuration stays well within both).
 fn limits(config: &ReplicaConfig) -> TransportLimits {
     let limits = &config.limits;
     TransportLimits {
         client_frame_bytes_max: limits.frame_bytes_max,
-        peer_frame_bytes_max: (limits.frame_bytes_max * 8).max(16 << 20),
+        peer_frame_bytes_max: limits
+            .frame_bytes_max
+            .saturating_mul(8)
+            .max(16 << 20)
+            .min(u64::from(u32::MAX)),
         snapshot_bytes_max: limits.snapshot_bytes_max,
-        client_connections_max: limits.client_connections_max as usize,
-        client_connections_per_identity_max: limits.client_connections_per_identity_max as usize,
-        client_handshakes_max: limits.client_handshakes_max as usize,
+        client_connections_max: permit_count(limits.client_connections_max),
+        client_connections_per_identity_max: permit_count(
+            limits.client_connections_per_identity_max,
+        ),
+        client_handshakes_max: permit_count(limits.client_handshakes_max),
         client_idle_timeout: Duration::from_millis(limits.client_idle_timeout_ms),
         client_queue_frames_max: 1024,
         client_bounds: ConnectionBounds {
@@ -49,10 +57,22 @@ fn limits(config: &ReplicaConfig) -> TransportLimits {
             reply_bytes_max: limits.reply_queue_bytes_per_connection_max,
         },
         idle_timeout: Duration::from_millis(
-            (config.timeouts.election_timeout_max_ms * 5).max(5_000),
+            config
+                .timeouts
+                .election_timeout_max_ms
+                .saturating_mul(5)
+                .max(5_000),
         ),
         ..TransportLimits::default()
     }
+}
+
+/// `count` as a semaphore permit count or channel capacity, capped at the
+/// most tokio allows (more panics).
+fn permit_count(count: u64) -> usize {
+    usize::try_from(count)
+        .unwrap_or(usize::MAX)
+        .min(tokio::sync::Semaphore::MAX_PERMITS)
 }
 
 impl Endpoints {
@@ -61,7 +81,9 @@ impl Endpoints {
     /// one in `snapshot`.
     ///
     /// # Errors
-    /// Unreadable TLS files, or an address that cannot be bound.
+    /// Unreadable TLS files, or ones unfit for this replica (a certificate
+    /// the CA did not sign, that names another node, or whose key is not
+    /// the one given), or an address that cannot be bound.
     pub fn start(
         config: &ReplicaConfig,
         peer_socket: Option<UdpSocket>,
@@ -70,13 +92,8 @@ impl Endpoints {
         connections: mpsc::Sender<ClientConnection>,
         snapshot: SharedSnapshot,
     ) -> Result<Endpoints, ReplicaError> {
-        let files = TlsFiles {
-            ca: config.tls.ca.clone(),
-            cert: config.tls.cert.clone(),
-            key: config.tls.key.clone(),
-        };
-        let material = files
-            .load()
+        let material = config
+            .load_tls()
             .map_err(|error| ReplicaError::Start(error.to_string()))?;
         let me = config.me();
         let limits = limits(config);
@@ -174,5 +191,49 @@ impl Endpoints {
             clients.shutdown().await;
         }
         self.peers.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_at_range_ends_builds_transport_and_paxos() {
+        for upper in [false, true] {
+            let config = ReplicaConfig::at_range_ends(upper);
+            let transport = limits(&config);
+            transport
+                .validate()
+                .unwrap_or_else(|error| panic!("upper: {upper}: {error}"));
+            transport.quic_transport().expect("peer QUIC transport");
+            transport
+                .client_quic_transport()
+                .expect("client QUIC transport");
+            // The counts become a semaphore and channels, which panic
+            // beyond their maximum.
+            let _permits = tokio::sync::Semaphore::new(transport.client_connections_max);
+            let _queue = mpsc::channel::<()>(transport.client_queue_frames_max);
+            config
+                .paxos_config(7)
+                .validate()
+                .unwrap_or_else(|error| panic!("upper: {upper}: {error}"));
+            let _ = config.state_config();
+        }
+    }
+
+    #[test]
+    fn limits_never_panic_even_unvalidated() {
+        let mut config = ReplicaConfig::at_range_ends(true);
+        config.limits.frame_bytes_max = u64::MAX;
+        config.limits.client_connections_max = u64::MAX;
+        config.limits.pending_requests_per_connection_max = u64::MAX;
+        config.timeouts.election_timeout_max_ms = u64::MAX;
+        config.timeouts.heartbeat_interval_ms = u64::MAX;
+        let transport = limits(&config);
+        assert_eq!(transport.peer_frame_bytes_max, u64::from(u32::MAX));
+        let _permits = tokio::sync::Semaphore::new(transport.client_connections_max);
+        let _queue = mpsc::channel::<()>(transport.client_queue_frames_max);
+        let _ = config.paxos_config(7);
     }
 }
