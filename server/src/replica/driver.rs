@@ -660,38 +660,43 @@ impl Driver {
         self.serve_read_now(read);
     }
 
-    /// Serves parked reads of clients whose replies have drained.
+    /// Serves parked reads of clients whose replies have drained, in
+    /// order; fails those past their deadline.
     fn serve_parked(&mut self) {
         let now = self.now_ms;
         for connection in std::mem::take(&mut self.parked_connections) {
-            loop {
-                let Some(client) = self.clients.get_mut(&connection) else {
-                    break;
-                };
-                if client.replies.budget().replies_backlogged() {
-                    if client.parked.iter().any(|read| read.deadline_ms <= now) {
-                        let (late, kept): (VecDeque<_>, VecDeque<_>) =
-                            std::mem::take(&mut client.parked)
-                                .into_iter()
-                                .partition(|read| read.deadline_ms <= now);
-                        client.parked = kept;
-                        let still_parked = !client.parked.is_empty();
-                        for read in late {
-                            self.fail_read(read, "the client did not read its replies in time");
-                        }
-                        if !still_parked {
-                            break;
-                        }
-                    }
-                    self.parked_connections.insert(connection);
-                    break;
-                }
-                let Some(read) = client.parked.pop_front() else {
-                    break;
-                };
+            let Some(client) = self.clients.get_mut(&connection) else {
+                continue;
+            };
+            let (late, kept): (VecDeque<PendingRead>, VecDeque<PendingRead>) =
+                std::mem::take(&mut client.parked)
+                    .into_iter()
+                    .partition(|read| read.deadline_ms <= now);
+            client.parked = kept;
+            for read in late {
+                self.fail_read(read, "the client did not read its replies in time");
+            }
+            while let Some(read) = self.next_unparked(connection) {
                 self.serve_read_now(read);
             }
+            if self
+                .clients
+                .get(&connection)
+                .is_some_and(|client| !client.parked.is_empty())
+            {
+                self.parked_connections.insert(connection);
+            }
         }
+    }
+
+    /// The next parked read of `connection`, unless its replies are still
+    /// backed up.
+    fn next_unparked(&mut self, connection: ConnectionId) -> Option<PendingRead> {
+        let client = self.clients.get_mut(&connection)?;
+        if client.replies.budget().replies_backlogged() {
+            return None;
+        }
+        client.parked.pop_front()
     }
 
     fn serve_read_now(&mut self, read: PendingRead) {
