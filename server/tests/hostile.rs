@@ -179,6 +179,21 @@ impl Raw {
     }
 }
 
+/// A cluster of three with a leader, configured by `tweak`, and an attacker
+/// identity `name` connected to replica 0.
+async fn attacked(
+    name: &str,
+    tweak: impl Fn(&mut synod_server::config::ReplicaConfig),
+) -> (Cluster, TlsMaterial, Raw) {
+    let cluster = Cluster::start(3, tweak).await;
+    assert!(cluster.leader(Duration::from_secs(10)).await.is_some());
+    let material = issue_client(&cluster, name);
+    let raw = Raw::connect(&material, cluster.client_address(0))
+        .await
+        .expect("the attacker connects");
+    (cluster, material, raw)
+}
+
 /// Runs `op` for a well-behaved client through the library and asserts it
 /// succeeds: the replica still serves others.
 async fn others_still_served(cluster: &Cluster, replica: usize, tag: &str) {
@@ -325,12 +340,7 @@ async fn another_identity_cannot_resume_release_watch_or_read_through_a_session(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watches_with_oversize_paths_are_refused_and_hold_nothing() {
     let _one_at_a_time = MEMORY.lock().await;
-    let cluster = Cluster::start(3, |_| {}).await;
-    assert!(cluster.leader(Duration::from_secs(10)).await.is_some());
-    let material = issue_client(&cluster, "watcher");
-    let mut raw = Raw::connect(&material, cluster.client_address(0))
-        .await
-        .expect("connects");
+    let (cluster, material, mut raw) = attacked("watcher", |_| {}).await;
     let (session, secret) = raw.open().await;
     let before = resident_bytes();
     let huge = format!("/{}", "w".repeat(MIB as usize));
@@ -438,15 +448,10 @@ async fn a_client_that_reads_no_replies_is_no_longer_read_and_memory_stays_bound
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn pending_requests_beyond_the_bound_are_refused_naming_it() {
     let _one_at_a_time = MEMORY.lock().await;
-    let cluster = Cluster::start(3, |config| {
+    let (cluster, _, mut raw) = attacked("impatient", |config| {
         config.limits.pending_requests_per_connection_max = 1_000;
     })
     .await;
-    assert!(cluster.leader(Duration::from_secs(10)).await.is_some());
-    let material = issue_client(&cluster, "impatient");
-    let mut raw = Raw::connect(&material, cluster.client_address(0))
-        .await
-        .expect("connects");
     let (session, _) = raw.open().await;
     let before = resident_bytes();
     // Reads that can never be served: a revision far in the future.
@@ -489,15 +494,10 @@ async fn pending_requests_beyond_the_bound_are_refused_naming_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_per_identity_are_bounded_cluster_wide() {
     let _one_at_a_time = MEMORY.lock().await;
-    let cluster = Cluster::start(3, |config| {
+    let (cluster, material, mut raw) = attacked("greedy", |config| {
         config.limits.sessions_per_identity_max = 500;
     })
     .await;
-    assert!(cluster.leader(Duration::from_secs(10)).await.is_some());
-    let material = issue_client(&cluster, "greedy");
-    let mut raw = Raw::connect(&material, cluster.client_address(0))
-        .await
-        .expect("connects");
     let before = resident_bytes();
     let frames: Vec<ClientFrame> = (0..3_000)
         .map(|_| ClientFrame::OpenSession { timeout_ms: 60_000 })
