@@ -34,8 +34,9 @@ use synod_proto::tls::{
 use synod_proto::wire::{encode_frame, ClientFrame, Hello, ServerFrame, DEFAULT_MAX_FRAME_BYTES};
 use synod_proto::PROTOCOL_VERSION;
 use synod_server::transport::{
-    ClientConnection, ClientListener, ClientListenerConfig, PeerNetwork, PeerNetworkConfig,
-    Snapshot, TransportError, TransportLimits, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR,
+    ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, PeerNetwork,
+    PeerNetworkConfig, Snapshot, TransportError, TransportLimits, CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -109,6 +110,7 @@ fn start_node(
         members: members.clone(),
         tls: material,
         limits: limits(),
+        identity: Arc::new(ClusterIdentity::unchecked(node_id, members.len())),
     };
     let network = PeerNetwork::start_on(socket, config, delivered).expect("peer network starts");
     Node { network, inbox }
@@ -283,6 +285,7 @@ async fn send_drops_rather_than_blocks() {
                 peer_frame_bytes_max: 1024,
                 ..limits()
             },
+            identity: Arc::new(ClusterIdentity::unchecked(1, members.len())),
         },
         delivered,
     )
@@ -319,6 +322,7 @@ async fn send_drops_rather_than_blocks() {
                 peer_frame_bytes_max: 1024,
                 ..limits()
             },
+            identity: Arc::new(ClusterIdentity::unchecked(1, 3)),
         },
         delivered,
     )
@@ -382,6 +386,8 @@ async fn strangers_are_refused_by_peers() {
         protocol_version: PROTOCOL_VERSION,
         cluster_id: cluster.to_string(),
         node_id,
+        cluster_identity: None,
+        joining: false,
     };
 
     // Node 1's own certificate, but another cluster.
@@ -410,6 +416,8 @@ async fn strangers_are_refused_by_peers() {
                 protocol_version: PROTOCOL_VERSION + 1,
                 cluster_id: CLUSTER.to_string(),
                 node_id: 1,
+                cluster_identity: None,
+                joining: false,
             },
         )
         .await,
@@ -524,6 +532,8 @@ async fn bad_peer_frames_close_only_that_connection() {
         protocol_version: PROTOCOL_VERSION,
         cluster_id: CLUSTER.to_string(),
         node_id: 1,
+        cluster_identity: None,
+        joining: false,
     };
 
     // Envelopes whose sender or recipient is not the connection's are
@@ -640,6 +650,7 @@ async fn a_snapshot_streams_across() {
                 snapshot_bytes_max: 1 << 20,
                 ..limits()
             },
+            identity: Arc::new(ClusterIdentity::unchecked(2, 3)),
         },
         delivered,
     )
@@ -816,6 +827,8 @@ async fn a_client_handshakes_and_exchanges_frames() {
             protocol_version: PROTOCOL_VERSION,
             cluster_id: CLUSTER.to_string(),
             node_id: 2,
+            cluster_identity: None,
+            joining: false,
         },
         4096,
         WAIT,

@@ -15,8 +15,8 @@ use super::driver::PeerMessage;
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
 use crate::transport::{
-    ClientConnection, ClientListener, ClientListenerConfig, PeerNetwork, PeerNetworkConfig,
-    Snapshot, TransportLimits,
+    ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, PeerNetwork,
+    PeerNetworkConfig, Snapshot, TransportLimits,
 };
 
 /// The latest saved snapshot, handed to peers that need it.
@@ -50,7 +50,8 @@ fn limits(config: &ReplicaConfig) -> TransportLimits {
 impl Endpoints {
     /// Binds both endpoints. Peer messages arrive on `inbound`, client
     /// connections on `connections`; peers asking for a snapshot get the
-    /// one in `snapshot`.
+    /// one in `snapshot`. Peers are judged by the cluster identity in
+    /// `identity`.
     ///
     /// # Errors
     /// Unreadable TLS files, or an address that cannot be bound.
@@ -61,6 +62,7 @@ impl Endpoints {
         inbound: mpsc::Sender<PeerMessage>,
         connections: mpsc::Sender<ClientConnection>,
         snapshot: SharedSnapshot,
+        identity: Arc<ClusterIdentity>,
     ) -> Result<Endpoints, ReplicaError> {
         let files = TlsFiles {
             ca: config.tls.ca.clone(),
@@ -84,6 +86,7 @@ impl Endpoints {
             members,
             tls: material.clone(),
             limits: limits.clone(),
+            identity,
         };
         let peers = match peer_socket {
             Some(socket) => PeerNetwork::start_on(socket, peer_config, inbound)?,

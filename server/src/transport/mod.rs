@@ -39,6 +39,7 @@
 //! [`TransportLimits`].
 
 mod client;
+pub mod identity;
 mod peer;
 mod snapshot;
 mod tasks;
@@ -52,6 +53,7 @@ use synod_proto::tls::{FrameReadError, HandshakeError, TlsError};
 use thiserror::Error;
 
 pub use client::{ClientConnection, ClientListener, ClientListenerConfig};
+pub use identity::{ClusterIdentity, IdentityView};
 pub use peer::{PeerNetwork, PeerNetworkConfig};
 pub use snapshot::{Snapshot, SnapshotSource};
 
@@ -325,6 +327,10 @@ pub enum TransportError {
     /// The transport is shut down.
     #[error("the transport is shut down")]
     ShutDown,
+    /// A dialled peer's certificate is not a replica certificate for the
+    /// member dialled.
+    #[error("refusing the peer: {0}")]
+    PeerCertificate(String),
 }
 
 /// Result of the transport's operations.
