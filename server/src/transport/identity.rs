@@ -200,12 +200,8 @@ impl ClusterIdentity {
         match conflict {
             IdentityConflict::LostData { theirs } => {
                 self.stop(format!(
-                    "node {peer} refused this replica (node {}): {reason}. This replica's \
-                     database is fresh, but cluster {} records that node {} held its state \
-                     before; stop it, empty its data directory and start it with --join",
-                    self.node_id,
+                    "node {peer} (cluster identity {}) refused this replica: {reason}",
                     identity_hex(theirs),
-                    self.node_id,
                 ));
             }
             IdentityConflict::OtherCluster { theirs } => self.disagree(peer, theirs),
