@@ -311,8 +311,15 @@ mod tests {
         assert!(fatal.contains("--join"), "{fatal}");
 
         let wiped = ClusterIdentity::unchecked(3, 3);
-        wiped.refused_by(1, IdentityConflict::LostData { theirs: 7 }, "lost");
+        wiped.refused_by(
+            1,
+            IdentityConflict::LostData { theirs: 7 },
+            "restart it with --join",
+        );
         let fatal = wiped.fatal().expect("lost data");
-        assert!(fatal.contains("--join"), "{fatal}");
+        assert!(
+            fatal.contains("node 1") && fatal.contains("restart it with --join"),
+            "{fatal}"
+        );
     }
 }
