@@ -652,6 +652,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn certificates_of_an_older_form_are_noticed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hosts = vec!["127.0.0.1".to_string()];
+        synod_proto::tls::generate_dev_certs(dir.path(), &NODE_IDS, &hosts).expect("certs");
+        assert!(replica_certificates_current(dir.path()));
+        // A certificate without the replica-only identity where node 2's
+        // should be (a client's here; an older build's node certificate
+        // lacks the replica URI the same way).
+        std::fs::copy(dir.path().join("client.pem"), dir.path().join("node-2.pem")).expect("copy");
+        assert!(!replica_certificates_current(dir.path()));
+        std::fs::remove_file(dir.path().join("node-2.pem")).expect("remove");
+        assert!(!replica_certificates_current(dir.path()));
+    }
+
+    #[test]
     fn node_configs_name_every_member_and_the_port_base_sticks() {
         let dir = tempfile::tempdir().expect("temp dir");
         let text = node_config(dir.path(), 7000, 2);
