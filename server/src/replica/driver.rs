@@ -229,6 +229,8 @@ pub struct Driver {
     last_mint_proposal_ms: Option<u64>,
     /// When this replica last confirmed it holds the identity, if ever.
     last_confirm_proposal_ms: Option<u64>,
+    /// When this replica first saw it holds the cluster identity.
+    identity_seen_ms: Option<u64>,
 }
 
 impl Driver {
@@ -268,6 +270,7 @@ impl Driver {
             outbox: Outbox::default(),
             last_mint_proposal_ms: None,
             last_confirm_proposal_ms: None,
+            identity_seen_ms: None,
         }
     }
 
@@ -789,6 +792,17 @@ impl Driver {
             return;
         }
         match StateMachine::restore(self.config.state_config(), &bytes) {
+            Ok(state)
+                if self.state.cluster_identity().is_some()
+                    && state.cluster_identity() != self.state.cluster_identity() =>
+            {
+                // The transport refuses peers of another identity, so this
+                // cannot come from the cluster; never adopt it.
+                tracing::error!(
+                    node = self.config.id,
+                    "fetched snapshot belongs to another cluster identity; refused"
+                );
+            }
             Ok(state) => {
                 tracing::info!(node = self.config.id, through, "installing snapshot");
                 self.state = state;
@@ -1064,6 +1078,12 @@ impl Driver {
     /// confirmed says it holds it. Both are retried every election timeout
     /// until applied; the state machine keeps the first identity and
     /// records a confirmation once, so repeats are harmless.
+    ///
+    /// A confirmation waits one election timeout after the identity was
+    /// first seen, so that the chosen prefix through the identity's slot is
+    /// durable here before the cluster counts on this replica holding it: a
+    /// replica that crashed before that restarts without the identity, and
+    /// must not then be taken for one that lost its data.
     fn identity_duties(&mut self) {
         let now = self.now_ms;
         let every = self.config.timeouts.election_timeout_max_ms;
@@ -1094,8 +1114,12 @@ impl Driver {
                 }
             }
             Some(_) => {
+                let seen = *self.identity_seen_ms.get_or_insert(now);
                 let confirmed = self.state.confirmed_members().contains(&self.config.id);
-                if confirmed || !due(self.last_confirm_proposal_ms) {
+                if confirmed || now < seen.saturating_add(every) {
+                    return;
+                }
+                if !due(self.last_confirm_proposal_ms) {
                     return;
                 }
                 self.last_confirm_proposal_ms = Some(now);

@@ -92,7 +92,7 @@ pub enum ReplicaError {
     /// The cluster refused this replica's database: it belongs to another
     /// cluster, or it is fresh where the cluster knows this member held its
     /// state (restart it with `--join`).
-    #[error("stopped: {0}")]
+    #[error("refused by the cluster: {0}")]
     ClusterIdentity(String),
 }
 

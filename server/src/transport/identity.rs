@@ -23,7 +23,8 @@
 //!    deterministic; the first one applied is kept for good and later ones
 //!    (from leaders that raced, or whose state lagged) are ignored.
 //! 2. Every replica that holds the identity and is not rejoining proposes
-//!    once `MemberConfirmed(itself)`. The state machine records the set of
+//!    once `MemberConfirmed(itself)` (one election timeout after it first
+//!    holds it; see below). The state machine records the set of
 //!    members that confirmed, so every replica knows, from replicated state,
 //!    which members have ever held the cluster's state.
 //! 3. Both are part of the state snapshot, and a replica replays its chosen
@@ -66,13 +67,16 @@
 //! A member wiped after it applied the identity but before its
 //! confirmation was applied cannot be told from a founding member that
 //! starts late: both present no identity and are not listed as confirmed,
-//! so both are welcome. The window is short (one round trip through the
-//! log after the member first learns the identity), and a member that
-//! restarts within it with a fresh database has voted in at most those few
-//! slots. Likewise a replica that crashed before its own chosen prefix
-//! through the minting slot was durable restarts without the identity
-//! until it catches up; it is welcome as long as it had not yet confirmed,
-//! which it cannot have done before applying the identity.
+//! so both are welcome. The window is short (about one election timeout
+//! plus a round trip through the log after the member first learns the
+//! identity, normally right after the cluster's bootstrap), and a member
+//! wiped within it has voted in at most the slots of that window.
+//!
+//! The confirmation waits one election timeout after the identity is first
+//! seen for a reason: a replica restarts with the identity only if its
+//! chosen prefix through the minting slot was durable, and a replica that
+//! crashed just before that would otherwise restart without the identity
+//! while listed as confirmed, and be taken for one that lost its data.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, RwLock};

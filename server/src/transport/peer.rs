@@ -675,7 +675,10 @@ async fn accept_hello<M: PeerPayload>(
         Ok(None) => Err(Refusal::Plain(
             "the stream ended before a hello".to_string(),
         )),
-        Err(error) => Err(Refusal::Plain(format!("unreadable hello: {error}"))),
+        Err(error) => Err(Refusal::Plain(format!(
+            "unreadable hello ({error}); is the peer of another protocol version? this replica \
+             speaks version {PROTOCOL_VERSION}"
+        ))),
     };
     match verdict {
         Ok(peer) => {
