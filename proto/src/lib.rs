@@ -19,6 +19,8 @@ pub use response::{LeaderInfo, MultiResult, OpResult, Response, Stat};
 
 /// Version of the client and peer protocol, exchanged in the handshake.
 /// A peer speaking another version is refused with a clear error.
+/// Version 2 added the cluster identity to the peer hello and session
+/// secrets to opening and resuming sessions.
 pub const PROTOCOL_VERSION: u64 = 2;
 
 /// A session's identifier, assigned by the state machine; `0` is never a

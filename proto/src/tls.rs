@@ -7,12 +7,28 @@
 //! One cluster CA signs every certificate. Every connection is mutual TLS
 //! 1.3 with the ALPN [`ALPN`](crate::wire::ALPN): a replica refuses a client
 //! or peer whose certificate the CA did not sign, at the TLS layer, before
-//! any frame is read. A replica's certificate additionally names the replica
-//! by the DNS name [`node_server_name`] (`node-<id>.synod`): a replica dials
-//! another with that server name, so it talks to the member it meant, and it
-//! accepts a peer claiming node id `n` only if the peer's certificate is valid
-//! for `node-<n>.synod`. Client certificates carry no such name, so a client
-//! cannot pose as a replica.
+//! any frame is read.
+//!
+//! # Replica certificates
+//!
+//! Replicas and clients share the CA, so a replica's certificate must carry
+//! an identity no client certificate can have. A replica certificate
+//! ([`CertificateAuthority::issue_node`]) has, all at once:
+//! - both extended key usages, serverAuth and clientAuth (replicas both
+//!   accept and dial), where a client certificate has clientAuth only;
+//! - the URI subject alternative name [`replica_uri`]
+//!   (`synod-replica://node-<id>`), a form
+//!   [`CertificateAuthority::issue_client`] never writes;
+//! - the DNS name [`node_server_name`] (`node-<id>.synod`), the server name
+//!   its peers dial it with, so that rustls checks it on every dial.
+//!
+//! [`replica_certificate_node`] checks the three and returns the node id.
+//! The peer port accepts a peer claiming node id `n` only if its leaf
+//! certificate is a replica certificate for `n`, and a replica that dials
+//! peer `n` checks the certificate it was shown the same way (after rustls
+//! verified the chain and the server name). A certificate with only the
+//! clientAuth usage, or without the URI name, is refused even if it names
+//! `node-<n>.synod`: it could have been issued to a client.
 //!
 //! # Handshake
 //!
@@ -58,6 +74,152 @@ pub const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// peers dial it with: `node-<id>.synod`.
 pub fn node_server_name(node_id: u64) -> String {
     format!("node-{node_id}.synod")
+}
+
+/// The scheme of the URI name only replica certificates carry.
+pub const REPLICA_URI_SCHEME: &str = "synod-replica";
+
+/// The URI subject alternative name a replica certificate carries and a
+/// client certificate never does: `synod-replica://node-<id>`.
+pub fn replica_uri(node_id: u64) -> String {
+    format!("{REPLICA_URI_SCHEME}://node-{node_id}")
+}
+
+/// Why a certificate is not a replica certificate (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[non_exhaustive]
+pub enum NotReplicaCertificate {
+    /// The certificate could not be parsed.
+    #[error("the certificate cannot be parsed: {0}")]
+    Unparsable(String),
+    /// It lacks the serverAuth or the clientAuth extended key usage.
+    #[error(
+        "the certificate does not have both the serverAuth and clientAuth usages (it has {0}), \
+         so it may be a client's"
+    )]
+    Usages(String),
+    /// It has no `synod-replica://node-<id>` URI name, or more than one.
+    #[error(
+        "the certificate does not carry exactly one replica name synod-replica://node-<id> \
+         (it carries {0}); make replica certificates with `synod certs --node`"
+    )]
+    ReplicaName(String),
+    /// Its replica URI and its DNS name `node-<id>.synod` do not agree.
+    #[error("the certificate names {uri} but not the DNS name {dns}")]
+    DnsName {
+        /// The replica URI found.
+        uri: String,
+        /// The DNS name it should also carry.
+        dns: String,
+    },
+}
+
+fn usage_names(usage: Option<&x509_parser::extensions::ExtendedKeyUsage<'_>>) -> String {
+    let Some(usage) = usage else {
+        return "no extended key usage".into();
+    };
+    let mut names = Vec::new();
+    if usage.any {
+        names.push("any");
+    }
+    if usage.server_auth {
+        names.push("serverAuth");
+    }
+    if usage.client_auth {
+        names.push("clientAuth");
+    }
+    if names.is_empty() {
+        "neither".into()
+    } else {
+        names.join(" and ")
+    }
+}
+
+/// The node id a replica certificate is for: the certificate must have the
+/// serverAuth and clientAuth usages, exactly one URI name
+/// `synod-replica://node-<id>` (see [`replica_uri`]) and the DNS name
+/// [`node_server_name`]`(id)`. Only the certificate's content is checked
+/// here; its chain to the cluster CA is the TLS handshake's to check.
+///
+/// # Errors
+/// [`NotReplicaCertificate`] saying what is missing, in words for a person.
+pub fn replica_certificate_node(
+    certificate: &CertificateDer<'_>,
+) -> Result<u64, NotReplicaCertificate> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref())
+        .map_err(|error| NotReplicaCertificate::Unparsable(error.to_string()))?;
+    let usage = parsed
+        .extended_key_usage()
+        .map_err(|error| NotReplicaCertificate::Unparsable(error.to_string()))?
+        .map(|extension| extension.value);
+    if !usage.is_some_and(|usage| usage.server_auth && usage.client_auth) {
+        return Err(NotReplicaCertificate::Usages(usage_names(usage)));
+    }
+    let names = parsed
+        .subject_alternative_name()
+        .map_err(|error| NotReplicaCertificate::Unparsable(error.to_string()))?
+        .map(|extension| extension.value.general_names.as_slice())
+        .unwrap_or_default();
+    let prefix = format!("{REPLICA_URI_SCHEME}://node-");
+    let replica_uris: Vec<&str> = names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) if uri.to_ascii_lowercase().starts_with(REPLICA_URI_SCHEME) => {
+                Some(*uri)
+            }
+            _ => None,
+        })
+        .collect();
+    let node_id = match replica_uris.as_slice() {
+        [uri] => uri
+            .strip_prefix(prefix.as_str())
+            .and_then(parse_canonical_u64)
+            .ok_or_else(|| NotReplicaCertificate::ReplicaName(format!("{uri:?}")))?,
+        [] => return Err(NotReplicaCertificate::ReplicaName("none".into())),
+        many => {
+            return Err(NotReplicaCertificate::ReplicaName(format!(
+                "{} of them",
+                many.len()
+            )))
+        }
+    };
+    let dns = node_server_name(node_id);
+    let has_dns = names.iter().any(
+        |name| matches!(name, GeneralName::DNSName(found) if found.eq_ignore_ascii_case(&dns)),
+    );
+    if !has_dns {
+        return Err(NotReplicaCertificate::DnsName {
+            uri: replica_uri(node_id),
+            dns,
+        });
+    }
+    Ok(node_id)
+}
+
+/// A node id written in canonical decimal (no sign, no leading zeros).
+fn parse_canonical_u64(text: &str) -> Option<u64> {
+    let canonical = !text.is_empty()
+        && text.bytes().all(|byte| byte.is_ascii_digit())
+        && (text == "0" || !text.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Whether `name` (a client's common name, or a host) is one only replicas
+/// may carry: a replica DNS name `node-<id>.synod`, or anything naming the
+/// replica URI scheme.
+pub fn is_replica_name(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase();
+    if lower.contains(REPLICA_URI_SCHEME) {
+        return true;
+    }
+    lower
+        .strip_prefix("node-")
+        .and_then(|rest| rest.strip_suffix(".synod"))
+        .is_some_and(|id| !id.is_empty() && id.bytes().all(|byte| byte.is_ascii_digit()))
 }
 
 /// Where a replica's or client's TLS files are.
@@ -373,6 +535,10 @@ pub enum TlsError {
         /// The certificate.
         cert: PathBuf,
     },
+    /// A certificate was asked for with a name only (another) replica's
+    /// certificate may carry.
+    #[error("{0:?} is a name only a replica's own certificate may carry; choose another name")]
+    ReservedName(String),
 }
 
 /// Result of the TLS functions.
@@ -595,17 +761,29 @@ impl CertificateAuthority {
     }
 
     /// Issues a replica's certificate, valid for TLS server and client
-    /// authentication (replicas dial each other), naming
+    /// authentication (replicas dial each other), naming the replica URI
+    /// [`replica_uri`]`(node_id)`, the DNS name
     /// [`node_server_name`]`(node_id)` and every host in `hosts` (DNS names
-    /// or IP addresses, such as `localhost` and `127.0.0.1`).
+    /// or IP addresses, such as `localhost` and `127.0.0.1`): what
+    /// [`replica_certificate_node`] requires.
     ///
     /// # Errors
     /// [`TlsError::Generate`], for example for a host that is not a valid
-    /// DNS name.
+    /// DNS name; [`TlsError::ReservedName`] for a host naming another
+    /// replica.
     pub fn issue_node(&self, node_id: u64, hosts: &[String]) -> Result<IssuedCertificate> {
-        let mut names = vec![node_server_name(node_id)];
+        let own = node_server_name(node_id);
+        if let Some(host) = hosts
+            .iter()
+            .find(|host| is_replica_name(host) && !host.eq_ignore_ascii_case(&own))
+        {
+            return Err(TlsError::ReservedName(host.clone()));
+        }
+        let mut names = vec![own];
         names.extend(hosts.iter().cloned());
         let mut params = rcgen::CertificateParams::new(names)?;
+        let uri = rcgen::string::Ia5String::try_from(replica_uri(node_id))?;
+        params.subject_alt_names.push(rcgen::SanType::URI(uri));
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, format!("synod node {node_id}"));
@@ -617,11 +795,17 @@ impl CertificateAuthority {
     }
 
     /// Issues a client certificate (client authentication only) with the
-    /// given common name; it names no host, so it cannot pose as a replica.
+    /// given common name; it names no host and no replica URI, so it cannot
+    /// pose as a replica.
     ///
     /// # Errors
-    /// [`TlsError::Generate`].
+    /// [`TlsError::Generate`]; [`TlsError::ReservedName`] for a common name
+    /// of a replica's form (`node-<id>.synod`, or one naming
+    /// `synod-replica`).
     pub fn issue_client(&self, common_name: &str) -> Result<IssuedCertificate> {
+        if is_replica_name(common_name) {
+            return Err(TlsError::ReservedName(common_name.to_string()));
+        }
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         params
             .distinguished_name
@@ -892,6 +1076,14 @@ pub enum HandshakeError {
     /// No answer in time.
     #[error("no hello reply within {0:?}")]
     TimedOut(Duration),
+    /// A replica refused this replica's cluster identity, with its reason.
+    #[error("refused by the replica: {reason}")]
+    IdentityRefused {
+        /// The replica's reason.
+        reason: String,
+        /// What does not match.
+        conflict: crate::wire::IdentityConflict,
+    },
 }
 
 /// A connection after a successful handshake; for a client, `send` and
@@ -929,6 +1121,9 @@ pub async fn handshake(
         match frames.next::<HelloReply>().await? {
             None => Err(HandshakeError::NoReply),
             Some(HelloReply::Refused { reason }) => Err(HandshakeError::Refused { reason }),
+            Some(HelloReply::IdentityRefused { reason, conflict }) => {
+                Err(HandshakeError::IdentityRefused { reason, conflict })
+            }
             Some(HelloReply::Welcome {
                 protocol_version,
                 node_id,
@@ -1032,6 +1227,90 @@ mod tests {
             &client.cert_chain[0],
             &node_server_name(2)
         ));
+        assert_eq!(replica_certificate_node(leaf), Ok(2));
+        assert!(matches!(
+            replica_certificate_node(&client.cert_chain[0]),
+            Err(NotReplicaCertificate::Usages(_))
+        ));
+    }
+
+    fn leaf_of(issued: &IssuedCertificate) -> CertificateDer<'static> {
+        parse_certificates(Path::new("test"), issued.cert_pem.as_bytes()).expect("parses")[0]
+            .clone()
+    }
+
+    #[test]
+    fn only_replica_certificates_name_a_replica() {
+        let ca = CertificateAuthority::generate("test CA").expect("CA");
+        let node = ca.issue_node(3, &["localhost".into()]).expect("node");
+        assert_eq!(replica_certificate_node(&leaf_of(&node)), Ok(3));
+
+        // A client certificate that names node-3.synod: the DNS name alone
+        // makes no replica.
+        let mut params = rcgen::CertificateParams::new(vec![node_server_name(3)]).expect("params");
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let client_only = ca.issue(params).expect("issued");
+        let leaf = leaf_of(&client_only);
+        assert!(certificate_names(&leaf, &node_server_name(3)));
+        let error = replica_certificate_node(&leaf).expect_err("client usage only");
+        assert!(matches!(error, NotReplicaCertificate::Usages(_)), "{error}");
+        assert!(error.to_string().contains("clientAuth"), "{error}");
+
+        // Both usages and the DNS name, but no replica URI.
+        let mut params = rcgen::CertificateParams::new(vec![node_server_name(3)]).expect("params");
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let old_form = ca.issue(params.clone()).expect("issued");
+        assert!(matches!(
+            replica_certificate_node(&leaf_of(&old_form)),
+            Err(NotReplicaCertificate::ReplicaName(_))
+        ));
+
+        // A replica URI for one node and the DNS name of another.
+        let mut mismatched = params.clone();
+        mismatched.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(replica_uri(4)).expect("uri"),
+        ));
+        assert!(matches!(
+            replica_certificate_node(&leaf_of(&ca.issue(mismatched).expect("issued"))),
+            Err(NotReplicaCertificate::DnsName { .. })
+        ));
+
+        // Two replica URIs, and a non-canonical id.
+        let mut twice = params.clone();
+        for id in [3, 4] {
+            twice.subject_alt_names.push(rcgen::SanType::URI(
+                rcgen::string::Ia5String::try_from(replica_uri(id)).expect("uri"),
+            ));
+        }
+        assert!(replica_certificate_node(&leaf_of(&ca.issue(twice).expect("issued"))).is_err());
+        let mut padded = params;
+        padded.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from("synod-replica://node-03".to_string()).expect("uri"),
+        ));
+        assert!(replica_certificate_node(&leaf_of(&ca.issue(padded).expect("issued"))).is_err());
+
+        // Garbage is an error, not a panic.
+        assert!(matches!(
+            replica_certificate_node(&CertificateDer::from(vec![0x30, 0x03, 0x01])),
+            Err(NotReplicaCertificate::Unparsable(_))
+        ));
+
+        // Replica names are refused for clients and for other replicas.
+        for name in ["node-3.synod", "NODE-12.SYNOD", "synod-replica://node-1"] {
+            assert!(matches!(
+                ca.issue_client(name),
+                Err(TlsError::ReservedName(_))
+            ));
+        }
+        assert!(ca.issue_client("node-3.example").is_ok());
+        assert!(matches!(
+            ca.issue_node(1, &["node-2.synod".into()]),
+            Err(TlsError::ReservedName(_))
+        ));
+        assert!(ca.issue_node(1, &["node-1.synod".into()]).is_ok());
     }
 
     #[test]

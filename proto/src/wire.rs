@@ -44,6 +44,14 @@ pub enum Hello {
         cluster_id: String,
         /// The sender's node id.
         node_id: u64,
+        /// The identity of the cluster the sender's database belongs to,
+        /// minted at the cluster's bootstrap; `None` when the sender's
+        /// state holds none yet (a new cluster, a late founding member, or
+        /// a member rejoining with an empty data directory).
+        cluster_identity: Option<u128>,
+        /// Whether the sender started with `--join` on an empty data
+        /// directory and has not caught up yet.
+        joining: bool,
     },
 }
 
@@ -61,6 +69,33 @@ pub enum HelloReply {
     Refused {
         /// Why, in words for a person.
         reason: String,
+    },
+    /// A peer refused because its database and the sender's do not belong
+    /// to the same cluster; the connection closes after this frame. The
+    /// sender decides from `conflict` whether it must stop.
+    IdentityRefused {
+        /// Why, in words for a person.
+        reason: String,
+        /// What does not match.
+        conflict: IdentityConflict,
+    },
+}
+
+/// Why a replica refused a peer's cluster identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum IdentityConflict {
+    /// The two databases belong to different clusters.
+    OtherCluster {
+        /// The refusing replica's cluster identity.
+        theirs: u128,
+    },
+    /// The sender presents no cluster identity and is not joining, but the
+    /// refusing replica's state records that the sender once held the
+    /// cluster's state: it lost its data directory and must rejoin with
+    /// `--join`.
+    LostData {
+        /// The refusing replica's cluster identity.
+        theirs: u128,
     },
 }
 
@@ -218,6 +253,12 @@ pub struct ReplicaStatus {
     pub watches: u64,
     /// As seen by the leader: each member's chosen prefix.
     pub peers: Vec<(u64, u64)>,
+    /// The cluster identity in the replica's state (32 hex digits), or
+    /// `None` before the first leader minted it; every replica of one
+    /// cluster shows the same.
+    pub cluster_identity: Option<String>,
+    /// The members that confirmed they hold the cluster's state.
+    pub confirmed_members: Vec<u64>,
 }
 
 /// The answer to [`ClientFrame::Status`]: the replica's own status.

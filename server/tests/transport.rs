@@ -8,7 +8,9 @@
 //! replica that restarts on the same port is redialled; a peer of another
 //! cluster, one whose certificate does not name the node it claims, a
 //! client certificate posing as a replica and a certificate from another CA
-//! are all refused, and envelopes from a refused replica never arrive;
+//! are all refused, and envelopes from a refused replica never arrive; a
+//! replica never uses a peer it dialled whose certificate lacks the
+//! replica-only identity, even if it names the node;
 //! envelopes naming another sender are dropped, and a malformed or oversize
 //! frame closes only the connection it came on; a snapshot of a few MiB
 //! streams across, and a missing or oversize one is an error. Clients: a client completes the handshake through
@@ -34,8 +36,9 @@ use synod_proto::tls::{
 use synod_proto::wire::{encode_frame, ClientFrame, Hello, ServerFrame, DEFAULT_MAX_FRAME_BYTES};
 use synod_proto::PROTOCOL_VERSION;
 use synod_server::transport::{
-    ClientConnection, ClientListener, ClientListenerConfig, PeerNetwork, PeerNetworkConfig,
-    Snapshot, TransportError, TransportLimits, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR,
+    ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, PeerNetwork,
+    PeerNetworkConfig, Snapshot, TransportError, TransportLimits, CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -109,6 +112,7 @@ fn start_node(
         members: members.clone(),
         tls: material,
         limits: limits(),
+        identity: Arc::new(ClusterIdentity::unchecked(node_id, members.len())),
     };
     let network = PeerNetwork::start_on(socket, config, delivered).expect("peer network starts");
     Node { network, inbox }
@@ -283,6 +287,7 @@ async fn send_drops_rather_than_blocks() {
                 peer_frame_bytes_max: 1024,
                 ..limits()
             },
+            identity: Arc::new(ClusterIdentity::unchecked(1, members.len())),
         },
         delivered,
     )
@@ -319,6 +324,7 @@ async fn send_drops_rather_than_blocks() {
                 peer_frame_bytes_max: 1024,
                 ..limits()
             },
+            identity: Arc::new(ClusterIdentity::unchecked(1, 3)),
         },
         delivered,
     )
@@ -382,6 +388,8 @@ async fn strangers_are_refused_by_peers() {
         protocol_version: PROTOCOL_VERSION,
         cluster_id: cluster.to_string(),
         node_id,
+        cluster_identity: None,
+        joining: false,
     };
 
     // Node 1's own certificate, but another cluster.
@@ -410,6 +418,8 @@ async fn strangers_are_refused_by_peers() {
                 protocol_version: PROTOCOL_VERSION + 1,
                 cluster_id: CLUSTER.to_string(),
                 node_id: 1,
+                cluster_identity: None,
+                joining: false,
             },
         )
         .await,
@@ -524,6 +534,8 @@ async fn bad_peer_frames_close_only_that_connection() {
         protocol_version: PROTOCOL_VERSION,
         cluster_id: CLUSTER.to_string(),
         node_id: 1,
+        cluster_identity: None,
+        joining: false,
     };
 
     // Envelopes whose sender or recipient is not the connection's are
@@ -640,6 +652,7 @@ async fn a_snapshot_streams_across() {
                 snapshot_bytes_max: 1 << 20,
                 ..limits()
             },
+            identity: Arc::new(ClusterIdentity::unchecked(2, 3)),
         },
         delivered,
     )
@@ -819,6 +832,8 @@ async fn a_client_handshakes_and_exchanges_frames() {
             protocol_version: PROTOCOL_VERSION,
             cluster_id: CLUSTER.to_string(),
             node_id: 2,
+            cluster_identity: None,
+            joining: false,
         },
         4096,
         WAIT,
@@ -914,4 +929,82 @@ async fn bad_frames_and_foreign_certificates_affect_only_their_connection() {
         endpoint.close(0u32.into(), b"done");
     }
     listener.shutdown().await;
+}
+
+/// Node `node`'s certificate as an older build made it, signed by `certs`'s
+/// CA: both usages and the DNS name `node-<id>.synod`, but no replica URI.
+fn old_form_material(certs: &DevCerts, node: NodeId) -> TlsMaterial {
+    let ca_pem = std::fs::read_to_string(certs.dir.join("ca.pem")).expect("ca.pem");
+    let ca_key = std::fs::read_to_string(certs.ca_key()).expect("ca-key.pem");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &ca_pem,
+        rcgen::KeyPair::from_pem(&ca_key).expect("CA key"),
+    )
+    .expect("CA");
+    let mut names = vec![node_server_name(node)];
+    names.extend(hosts());
+    let mut params = rcgen::CertificateParams::new(names).expect("params");
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    let key = rcgen::KeyPair::generate().expect("key");
+    let certificate = params.signed_by(&key, &issuer).expect("signed");
+    TlsMaterial::from_pem(
+        "old form",
+        ca_pem.as_bytes(),
+        certificate.pem().as_bytes(),
+        key.serialize_pem().as_bytes(),
+    )
+    .expect("material")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dialled_peer_without_a_replica_certificate_is_never_used() {
+    let (_dir, certs) = certificates();
+    let sockets: BTreeMap<NodeId, UdpSocket> = (1..=2).map(|id| (id, bind_local())).collect();
+    let members: BTreeMap<NodeId, SocketAddr> = sockets
+        .iter()
+        .map(|(&id, socket)| (id, socket.local_addr().expect("local address")))
+        .collect();
+    let mut sockets = sockets.into_values();
+    let mut node1 = start_node(
+        1,
+        CLUSTER,
+        sockets.next().expect("socket"),
+        &members,
+        load(&certs, 1),
+    );
+    // Node 2 passes TLS as a server for node-2.synod (serverAuth, the right
+    // name, the cluster's CA), but is no replica by the new rule.
+    let mut impostor = start_node(
+        2,
+        CLUSTER,
+        sockets.next().expect("socket"),
+        &members,
+        old_form_material(&certs, 2),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !node1.network.is_connected(2),
+        "node 1 refused what it dialled"
+    );
+    assert!(
+        !impostor.network.is_connected(1),
+        "node 1 refused the dialler"
+    );
+    node1.network.send(vec![envelope(1, 2, 1)]);
+    impostor.network.send(vec![envelope(2, 1, 1)]);
+    let nothing = timeout(Duration::from_millis(500), async {
+        tokio::select! {
+            got = node1.inbox.recv() => got,
+            got = impostor.inbox.recv() => got,
+        }
+    })
+    .await;
+    assert!(nothing.is_err(), "no envelope crossed: {nothing:?}");
+    node1.network.shutdown().await;
+    impostor.network.shutdown().await;
 }

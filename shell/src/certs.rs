@@ -1,5 +1,8 @@
 //! `synod certs`: a CA and certificates for replicas (with the host names
-//! and IP addresses they are reached by) and for clients.
+//! and IP addresses they are reached by) and for clients. Replica
+//! certificates carry the replica-only identity the peer port requires
+//! (both TLS usages and the `synod-replica://node-<id>` name; see
+//! `synod_proto::tls`); client names of a replica's form are refused.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +46,13 @@ fn parse_node(argument: &str) -> anyhow::Result<(u64, Vec<String>)> {
     if hosts.is_empty() {
         bail!("--node {argument}: name at least one host or IP address");
     }
+    let own = synod_proto::tls::node_server_name(id);
+    if let Some(host) = hosts
+        .iter()
+        .find(|host| synod_proto::tls::is_replica_name(host) && !host.eq_ignore_ascii_case(&own))
+    {
+        bail!("--node {argument}: {host} names another replica");
+    }
     Ok((id, hosts))
 }
 
@@ -54,6 +64,9 @@ fn check_name(name: &str) -> anyhow::Result<()> {
         && !name.starts_with('.');
     if !fine {
         bail!("--client {name:?}: use letters, digits, '-', '_' and '.'");
+    }
+    if synod_proto::tls::is_replica_name(name) {
+        bail!("--client {name:?}: that is a replica's name; a client certificate cannot carry it");
     }
     Ok(())
 }
@@ -149,5 +162,8 @@ mod tests {
         assert!(parse_node("1=").is_err());
         assert!(check_name("../evil").is_err());
         assert!(check_name("app-1").is_ok());
+        assert!(check_name("node-3.synod").is_err());
+        assert!(parse_node("1=node-2.synod").is_err());
+        assert!(parse_node("1=node-1.synod,10.0.0.1").is_ok());
     }
 }

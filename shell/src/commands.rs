@@ -828,6 +828,36 @@ struct ReplicaReport {
     status: Result<ClusterStatus, String>,
 }
 
+/// The line under the status table naming the cluster identity the
+/// reachable replicas hold, or saying that they disagree (a replica on
+/// another cluster's database).
+fn identity_line(reports: &[ReplicaReport]) -> String {
+    let held: Vec<(u64, Option<&str>)> = reports
+        .iter()
+        .filter_map(|report| {
+            let status = report.status.as_ref().ok()?;
+            Some((report.node_id, status.replica.cluster_identity.as_deref()))
+        })
+        .collect();
+    let Some((_, first)) = held.first() else {
+        return String::new();
+    };
+    if held.iter().all(|(_, identity)| identity == first) {
+        return match first {
+            Some(identity) => format!("\ncluster identity {identity}"),
+            None => "\ncluster identity not minted yet (no leader has committed one)".into(),
+        };
+    }
+    let each: Vec<String> = held
+        .iter()
+        .map(|(node, identity)| format!("node {node} holds {}", identity.unwrap_or("none")))
+        .collect();
+    format!(
+        "\nreplicas disagree on the cluster identity: {}",
+        each.join(", ")
+    )
+}
+
 /// `status`: asks every member over a connection of its own, without a
 /// session, so it works while the cluster has no leader.
 pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
@@ -945,6 +975,8 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
                     "sessions": replica.sessions,
                     "watches": replica.watches,
                     "lag_slots": lag,
+                    "cluster_identity": replica.cluster_identity,
+                    "confirmed_members": replica.confirmed_members,
                     "peers": replica
                         .peers
                         .iter()
@@ -991,6 +1023,7 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
         })
         .collect::<Vec<_>>()
         .join("\n");
+    text.push_str(&identity_line(&reports));
     for report in &reports {
         if let Err(error) = &report.status {
             text.push_str(&format!("\nreplica {}: {error}", report.node_id));

@@ -8,7 +8,8 @@
 //! ```text
 //! synod-dev/
 //!   dev.toml            the port base chosen on the first run
-//!   certs/              CA, node-<id> and client certificates (first run)
+//!   certs/              CA, node-<id> and client certificates (first run, and
+//!                       again when a node certificate is of an older form)
 //!   node-<id>.toml      each replica's configuration
 //!   node-<id>/          each replica's database
 //!   node-<id>.log       each replica's log
@@ -481,7 +482,31 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
     }
     let base = port_base(&data, args.port_base)?;
     let certs = data.join("certs");
-    if !certs.join("ca.pem").exists() {
+    let old_form = certs.join("ca.pem").exists() && !replica_certificates_current(&certs);
+    if old_form {
+        // Made by an older build: node certificates without the replica-only
+        // identity, which replicas now refuse. Development certificates are
+        // disposable, so they are made again (the CA too, so that every
+        // certificate is of one generation); the databases do not depend on
+        // them. Replicas still running hold the old ones, so stop first.
+        let running = read_pids(&data)
+            .into_iter()
+            .any(|(_, pid)| is_live_replica(pid));
+        if running {
+            bail!(
+                "{} holds certificates made by an older synod, and replicas are running with \
+                 them: stop them with `synod dev --stop --data {}`, then run `synod dev` again to \
+                 make new certificates",
+                certs.display(),
+                args.data.display()
+            );
+        }
+        say!(
+            "{} holds node certificates of an older form; making new ones",
+            certs.display()
+        );
+    }
+    if old_form || !certs.join("ca.pem").exists() {
         let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
         synod_proto::tls::generate_dev_certs(&certs, &NODE_IDS, &hosts)
             .context("cannot generate the development certificates")?;
@@ -608,9 +633,38 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
     outcome
 }
 
+/// Whether every replica certificate in `certs` is of the current form (a
+/// replica-only identity for its node; see `synod_proto::tls`). A missing
+/// or unreadable one counts as not current, so it is made again.
+fn replica_certificates_current(certs: &Path) -> bool {
+    NODE_IDS.iter().all(|&id| {
+        let files = synod_proto::tls::TlsFiles::in_dir(certs, &format!("node-{id}"));
+        files.load().is_ok_and(|material| {
+            material.cert_chain.first().is_some_and(|leaf| {
+                synod_proto::tls::replica_certificate_node(leaf).is_ok_and(|named| named == id)
+            })
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificates_of_an_older_form_are_noticed() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let hosts = vec!["127.0.0.1".to_string()];
+        synod_proto::tls::generate_dev_certs(dir.path(), &NODE_IDS, &hosts).expect("certs");
+        assert!(replica_certificates_current(dir.path()));
+        // A certificate without the replica-only identity where node 2's
+        // should be (a client's here; an older build's node certificate
+        // lacks the replica URI the same way).
+        std::fs::copy(dir.path().join("client.pem"), dir.path().join("node-2.pem")).expect("copy");
+        assert!(!replica_certificates_current(dir.path()));
+        std::fs::remove_file(dir.path().join("node-2.pem")).expect("remove");
+        assert!(!replica_certificates_current(dir.path()));
+    }
 
     #[test]
     fn node_configs_name_every_member_and_the_port_base_sticks() {

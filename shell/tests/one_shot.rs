@@ -107,9 +107,31 @@ fn one_shot_commands_print_json_and_fail_plainly() {
     assert!(replicas.iter().all(|r| r["reachable"] == true));
     let leaders = replicas.iter().filter(|r| r["role"] == "leader").count();
     assert_eq!(leaders, 1, "{status}");
+    // Every replica holds the one cluster identity (minted by the first
+    // leader; it may take a moment after the cluster first answers).
+    let mut status = status;
+    for _ in 0..50 {
+        let replicas = status["replicas"].as_array().expect("replicas");
+        if replicas.iter().all(|r| {
+            r["cluster_identity"].is_string()
+                && r["cluster_identity"] == replicas[0]["cluster_identity"]
+        }) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        status = json(&cluster, &["status"]);
+    }
+    let identity = status["replicas"][0]["cluster_identity"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a cluster identity: {status}"))
+        .to_string();
     let text = run(cluster.synod(), &["status"]);
     let table = String::from_utf8_lossy(&text.stdout);
     assert!(table.contains("ROLE") && table.contains("LAG"), "{table}");
+    assert!(
+        table.contains(&format!("cluster identity {identity}")),
+        "{table}"
+    );
 
     let leader = json(&cluster, &["leader", "/elections/db"]);
     assert_eq!(leader["leader"], Value::Null);

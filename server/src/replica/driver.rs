@@ -22,6 +22,10 @@
 //!   as responses.
 //! - **Sessions**: keep-alives are collected here and passed to the leader,
 //!   whose [`SessionTracker`] commits expiries and checkpoints.
+//! - **The cluster identity**: a leader whose state holds none proposes one
+//!   drawn from the operating system, and every replica that holds it and
+//!   is not rejoining confirms once that it does (see
+//!   [`crate::transport::identity`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -39,6 +43,7 @@ use crate::config::ReplicaConfig;
 use crate::state::path::validate_path;
 use crate::state::watch::{EventHistory, WatchRegistry};
 use crate::state::{Applied, StateMachine};
+use crate::transport::identity::{identity_hex, IdentityView};
 use crate::transport::{InboundFrame, ReplySender};
 
 /// Identifies one client connection on this replica.
@@ -244,6 +249,12 @@ pub struct Driver {
     fetching_snapshot: bool,
     last_tick_proposal_ms: u64,
     outbox: Outbox,
+    /// When this replica last proposed a cluster identity, if ever.
+    last_mint_proposal_ms: Option<u64>,
+    /// When this replica last confirmed it holds the identity, if ever.
+    last_confirm_proposal_ms: Option<u64>,
+    /// When this replica first saw it holds the cluster identity.
+    identity_seen_ms: Option<u64>,
 }
 
 impl Driver {
@@ -285,6 +296,9 @@ impl Driver {
             fetching_snapshot: false,
             last_tick_proposal_ms: now_ms,
             outbox: Outbox::default(),
+            last_mint_proposal_ms: None,
+            last_confirm_proposal_ms: None,
+            identity_seen_ms: None,
         }
     }
 
@@ -609,6 +623,8 @@ impl Driver {
                     .iter()
                     .map(|peer| (peer.id, peer.chosen_through))
                     .collect(),
+                cluster_identity: self.state.cluster_identity().map(identity_hex),
+                confirmed_members: self.state.confirmed_members().iter().copied().collect(),
             },
             members: self
                 .config
@@ -851,6 +867,7 @@ impl Driver {
         self.expire_waiting();
         self.serve_parked();
         self.leader_duties();
+        self.identity_duties();
         if now >= self.last_keep_alive_flush_ms + self.config.timeouts.heartbeat_interval_ms {
             self.last_keep_alive_flush_ms = now;
             self.flush_keep_alives();
@@ -1022,6 +1039,17 @@ impl Driver {
             return;
         }
         match StateMachine::restore(self.config.state_config(), &bytes) {
+            Ok(state)
+                if self.state.cluster_identity().is_some()
+                    && state.cluster_identity() != self.state.cluster_identity() =>
+            {
+                // The transport refuses peers of another identity, so this
+                // cannot come from the cluster; never adopt it.
+                tracing::error!(
+                    node = self.config.id,
+                    "fetched snapshot belongs to another cluster identity; refused"
+                );
+            }
             Ok(state) => {
                 tracing::info!(node = self.config.id, through, "installing snapshot");
                 self.state = state;
@@ -1281,6 +1309,87 @@ impl Driver {
             });
         }
     }
+
+    /// Applies the chosen log the core holds from disk, before the replica
+    /// talks to anyone, so that what the state knows (its cluster identity
+    /// above all) is known before the first handshake. What it produces
+    /// waits in the outbox for the runner.
+    pub fn replay(&mut self) {
+        self.drain_core();
+    }
+
+    /// What the peer transport must know of the cluster identity.
+    pub fn identity_view(&self) -> IdentityView {
+        IdentityView {
+            cluster: self.state.cluster_identity(),
+            confirmed: self.state.confirmed_members().clone(),
+            joining: self.node.is_joining(),
+        }
+    }
+
+    /// A leader whose state holds no cluster identity proposes one; a
+    /// replica that holds it, is not rejoining and is not yet listed as
+    /// confirmed says it holds it. Both are retried every election timeout
+    /// until applied; the state machine keeps the first identity and
+    /// records a confirmation once, so repeats are harmless.
+    ///
+    /// A confirmation waits one election timeout after the identity was
+    /// first seen, so that the chosen prefix through the identity's slot is
+    /// durable here before the cluster counts on this replica holding it: a
+    /// replica that crashed before that restarts without the identity, and
+    /// must not then be taken for one that lost its data.
+    fn identity_duties(&mut self) {
+        let now = self.now_ms;
+        let every = self.config.timeouts.election_timeout_max_ms;
+        let due = |last: Option<u64>| last.is_none_or(|last| now >= last.saturating_add(every));
+        let deadline = now + self.config.timeouts.request_timeout_ms;
+        if self.node.is_joining() {
+            return;
+        }
+        match self.state.cluster_identity() {
+            None => {
+                if self.node.role() != Role::Leader || !due(self.last_mint_proposal_ms) {
+                    return;
+                }
+                self.last_mint_proposal_ms = Some(now);
+                match draw_cluster_identity() {
+                    Some(identity) => {
+                        tracing::info!(
+                            node = self.config.id,
+                            identity = %identity_hex(identity),
+                            "leading a cluster with no identity; proposing one"
+                        );
+                        self.propose(Proposal::MintClusterIdentity(identity), deadline);
+                    }
+                    None => tracing::error!(
+                        node = self.config.id,
+                        "the operating system gave no random bytes for the cluster identity"
+                    ),
+                }
+            }
+            Some(_) => {
+                let seen = *self.identity_seen_ms.get_or_insert(now);
+                let confirmed = self.state.confirmed_members().contains(&self.config.id);
+                if confirmed || now < seen.saturating_add(every) {
+                    return;
+                }
+                if !due(self.last_confirm_proposal_ms) {
+                    return;
+                }
+                self.last_confirm_proposal_ms = Some(now);
+                self.propose(Proposal::MemberConfirmed(self.config.id), deadline);
+            }
+        }
+    }
+}
+
+/// A random cluster identity from the operating system (through the crypto
+/// provider TLS uses), or `None` if it gave no random bytes.
+fn draw_cluster_identity() -> Option<u128> {
+    let provider = rustls::crypto::ring::default_provider();
+    let mut bytes = [0u8; 16];
+    provider.secure_random.fill(&mut bytes).ok()?;
+    Some(u128::from_le_bytes(bytes))
 }
 
 /// Removes and returns, in key order, the entries of `map` that `expired`

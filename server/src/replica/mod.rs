@@ -5,7 +5,10 @@
 //! restores the state machine from its saved snapshot, starts the core
 //! (which replays the chosen log after the snapshot), binds the peer and
 //! client endpoints, and runs the event loop until [`Replica::shutdown`] or
-//! a fatal error. One task owns the core and the state machine; one OS
+//! a fatal error. The chosen log on disk is applied before the endpoints
+//! bind, so the cluster identity the state holds is in the first peer
+//! handshake (see [`crate::transport::identity`]); a replica its peers
+//! refuse for its identity stops with [`ReplicaError::ClusterIdentity`]. One task owns the core and the state machine; one OS
 //! thread owns the database and commits in groups.
 
 pub mod driver;
@@ -28,7 +31,7 @@ use tokio::task::JoinHandle;
 use crate::config::ReplicaConfig;
 use crate::state::StateMachine;
 use crate::storage::{database_path, Identity, Storage};
-use crate::transport::{ClientConnection, Snapshot};
+use crate::transport::{ClientConnection, ClusterIdentity, Snapshot};
 
 pub use driver::{Driver, Input, PeerMessage, StorageJob};
 use net::Endpoints;
@@ -86,6 +89,11 @@ pub enum ReplicaError {
     /// recovers from disk on restart.
     #[error("stopped after a storage failure: {0}")]
     Fatal(String),
+    /// The cluster refused this replica's database: it belongs to another
+    /// cluster, or it is fresh where the cluster knows this member held its
+    /// state (restart it with `--join`).
+    #[error("refused by the cluster: {0}")]
+    ClusterIdentity(String),
 }
 
 /// Milliseconds since the Unix epoch, never decreasing within the process.
@@ -216,6 +224,21 @@ impl Replica {
         let writer = storage_thread::spawn(storage, writer_receiver, writer_events)
             .map_err(|error| ReplicaError::Start(format!("cannot start the writer: {error}")))?;
 
+        let mut driver = Driver::new(config.clone(), node, state, clock.now_ms());
+        driver.replay();
+        let identity = Arc::new(ClusterIdentity::new(
+            config.id,
+            config.members.len(),
+            driver.identity_view(),
+        ));
+        if let Some(cluster) = driver.identity_view().cluster {
+            tracing::info!(
+                node = config.id,
+                identity = %crate::transport::identity::identity_hex(cluster),
+                "cluster identity restored"
+            );
+        }
+
         let (peer_inbound, peer_receiver) = mpsc::channel::<PeerMessage>(65_536);
         let (connections, connection_receiver) = mpsc::channel::<ClientConnection>(1024);
         let served = Arc::new(std::sync::RwLock::new(recovered.snapshot.as_ref().map(
@@ -231,11 +254,11 @@ impl Replica {
             peer_inbound,
             connections,
             served,
+            identity.clone(),
         )?;
         let client_address = endpoints.client_address();
         let peer_address = endpoints.peer_address();
         let (shutdown, shutdown_receiver) = watch::channel(false);
-        let driver = Driver::new(config.clone(), node, state, clock.now_ms());
         let (status_sender, status) = watch::channel(driver.status());
         let id = config.id;
         let task = tokio::spawn(event_loop(EventLoop {
@@ -248,6 +271,7 @@ impl Replica {
             connection_receiver,
             shutdown: shutdown_receiver,
             status: status_sender,
+            identity,
         }));
         tracing::info!(node = id, %client_address, %peer_address, "replica started");
         Ok(Replica {
@@ -333,6 +357,7 @@ struct EventLoop {
     connection_receiver: mpsc::Receiver<ClientConnection>,
     shutdown: watch::Receiver<bool>,
     status: watch::Sender<ClusterStatus>,
+    identity: Arc<ClusterIdentity>,
 }
 
 async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
@@ -369,6 +394,13 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
                 ticks += 1;
                 if ticks.is_multiple_of(STATUS_EVERY_TICKS) {
                     let _ = run.status.send(run.driver.status());
+                }
+                if let Some(reason) = run.identity.fatal() {
+                    break Err(ReplicaError::ClusterIdentity(reason));
+                }
+                let view = run.driver.identity_view();
+                if view != run.identity.view() {
+                    run.identity.publish(view);
                 }
                 Input::Tick
             }

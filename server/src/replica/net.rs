@@ -14,8 +14,8 @@ use super::driver::PeerMessage;
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
 use crate::transport::{
-    ClientConnection, ClientListener, ClientListenerConfig, ConnectionBounds, PeerNetwork,
-    PeerNetworkConfig, Snapshot, TransportLimits,
+    ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, ConnectionBounds,
+    PeerNetwork, PeerNetworkConfig, Snapshot, TransportLimits,
 };
 
 /// The latest saved snapshot, handed to peers that need it.
@@ -78,7 +78,8 @@ fn permit_count(count: u64) -> usize {
 impl Endpoints {
     /// Binds both endpoints. Peer messages arrive on `inbound`, client
     /// connections on `connections`; peers asking for a snapshot get the
-    /// one in `snapshot`.
+    /// one in `snapshot`. Peers are judged by the cluster identity in
+    /// `identity`.
     ///
     /// # Errors
     /// Unreadable TLS files, or ones unfit for this replica (a certificate
@@ -91,6 +92,7 @@ impl Endpoints {
         inbound: mpsc::Sender<PeerMessage>,
         connections: mpsc::Sender<ClientConnection>,
         snapshot: SharedSnapshot,
+        identity: Arc<ClusterIdentity>,
     ) -> Result<Endpoints, ReplicaError> {
         let material = config
             .load_tls()
@@ -109,6 +111,7 @@ impl Endpoints {
             members,
             tls: material.clone(),
             limits: limits.clone(),
+            identity,
         };
         let peers = match peer_socket {
             Some(socket) => PeerNetwork::start_on(socket, peer_config, inbound)?,

@@ -41,6 +41,10 @@ pub enum Proposal {
     CheckpointSessions(Vec<SessionRemaining>),
     /// Advances the state machine's time (ends lock-delays).
     Tick,
+    /// The cluster's identity, drawn at random by a leader that found none.
+    MintClusterIdentity(u128),
+    /// This member holds the cluster's state.
+    MemberConfirmed(u64),
 }
 
 impl Proposal {
@@ -79,6 +83,10 @@ impl Proposal {
                 Command::CheckpointSessions { remaining, now_ms }
             }
             Proposal::Tick => Command::Tick { now_ms },
+            Proposal::MintClusterIdentity(identity) => {
+                Command::MintClusterIdentity { identity, now_ms }
+            }
+            Proposal::MemberConfirmed(node) => Command::MemberConfirmed { node, now_ms },
         }
     }
 }

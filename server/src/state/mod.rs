@@ -98,6 +98,27 @@ pub enum Command {
         /// Leader-stamped time, ms since the Unix epoch.
         now_ms: u64,
     },
+    /// Gives the cluster its identity: the first one applied is kept for
+    /// good, later ones are ignored (see
+    /// [`StateMachine::cluster_identity`]). The random value was drawn by
+    /// the proposing leader and travels in the log, so every replica keeps
+    /// the same one.
+    MintClusterIdentity {
+        /// The identity.
+        identity: u128,
+        /// Leader-stamped time, ms since the Unix epoch.
+        now_ms: u64,
+    },
+    /// A member says it holds the cluster's state (it applied the identity
+    /// and is not rejoining): recorded in
+    /// [`StateMachine::confirmed_members`]. Ignored before an identity is
+    /// minted.
+    MemberConfirmed {
+        /// The member.
+        node: u64,
+        /// Leader-stamped time, ms since the Unix epoch.
+        now_ms: u64,
+    },
 }
 
 impl Command {
@@ -109,6 +130,8 @@ impl Command {
             | Command::ExpireSessions { now_ms, .. }
             | Command::CheckpointSessions { now_ms, .. }
             | Command::Tick { now_ms } => *now_ms,
+            Command::MintClusterIdentity { now_ms, .. }
+            | Command::MemberConfirmed { now_ms, .. } => *now_ms,
         }
     }
 
@@ -167,6 +190,8 @@ pub struct StateMachine {
     sessions_per_owner: BTreeMap<String, u64>,
     next_session_id: SessionId,
     locks: LockTable,
+    cluster_identity: Option<u128>,
+    confirmed_members: std::collections::BTreeSet<u64>,
 }
 
 /// The accumulating output of one command.
@@ -189,7 +214,23 @@ impl StateMachine {
             sessions_per_owner: BTreeMap::new(),
             next_session_id: 1,
             locks: LockTable::new(),
+            cluster_identity: None,
+            confirmed_members: std::collections::BTreeSet::new(),
         }
+    }
+
+    /// The cluster's identity, minted by its first leader
+    /// ([`Command::MintClusterIdentity`]); `None` until then. It never
+    /// changes once set.
+    pub fn cluster_identity(&self) -> Option<u128> {
+        self.cluster_identity
+    }
+
+    /// The members that confirmed they hold the cluster's state
+    /// ([`Command::MemberConfirmed`]): a member listed here that presents
+    /// an empty database lost its data directory.
+    pub fn confirmed_members(&self) -> &std::collections::BTreeSet<u64> {
+        &self.confirmed_members
     }
 
     // Getters.
@@ -402,6 +443,20 @@ impl StateMachine {
                 None
             }
             Command::Tick { .. } => None,
+            // Identity commands change no node, so they take no revision:
+            // revisions stay what clients see of the namespace.
+            Command::MintClusterIdentity { identity, .. } => {
+                if self.cluster_identity.is_none() {
+                    self.cluster_identity = Some(*identity);
+                }
+                None
+            }
+            Command::MemberConfirmed { node, .. } => {
+                if self.cluster_identity.is_some() {
+                    self.confirmed_members.insert(*node);
+                }
+                None
+            }
         };
         if out.mutated {
             self.revision = revision;

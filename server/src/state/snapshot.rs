@@ -1,7 +1,8 @@
 //! Snapshot and restore of the whole state, so a replica can start from a
 //! snapshot and a lagging replica can be sent one.
 //!
-//! Format (version 2: sessions carry their owner and secret), deterministic byte for byte, since every part is an
+//! Format (version 2: sessions carry their owner and secret, and the body
+//! ends with the cluster identity), deterministic byte for byte, since every part is an
 //! ordered map or a vector serialized in order:
 //!
 //! | bytes | content |
@@ -9,13 +10,18 @@
 //! | 8 | magic `SYNODSM\0` |
 //! | 8 | format version, u64 little-endian |
 //! | 8 | body length in bytes, u64 little-endian |
-//! | n | body: postcard of revision, time, next session id, nodes, sessions, locks, next lock generation |
+//! | n | body: postcard of revision, time, next session id, nodes, sessions, locks, next lock generation, then (since version 2) the cluster identity and the confirmed members |
 //! | 4 | CRC-32 (IEEE) of all the bytes before it, little-endian |
 //!
 //! Restore checks every part (magic, version, length, checksum, decoding)
 //! and then the invariants the state machine relies on (parents exist, child
 //! counts, owners of ephemeral nodes and locks are open sessions), and
 //! reports the first violation as an error. It never panics on bad input.
+//!
+//! Version 1 (before the cluster identity) is still read, as a state with
+//! no identity and no confirmed members: the cluster's leader then mints
+//! one. A replica restores its cluster identity from here at start, before
+//! its transport starts, so its first peer handshake carries it.
 
 use std::collections::BTreeMap;
 
@@ -32,6 +38,10 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"SYNODSM\0";
 
 /// The snapshot format this build writes and reads.
 pub const SNAPSHOT_FORMAT_VERSION: u64 = 2;
+
+/// The oldest snapshot format this build still reads. Version 1 is not
+/// read: its sessions have no owner, so nobody could use them safely.
+pub const SNAPSHOT_FORMAT_VERSION_MIN: u64 = 2;
 
 const HEADER_BYTES: usize = 24;
 const CHECKSUM_BYTES: usize = 4;
@@ -88,6 +98,20 @@ struct BodyRef<'a> {
     next_lock_generation: u64,
 }
 
+/// What version 2 appended to the body.
+#[derive(Serialize)]
+struct IdentityRef<'a> {
+    cluster_identity: Option<u128>,
+    confirmed_members: &'a std::collections::BTreeSet<u64>,
+}
+
+/// [`IdentityRef`] as read back; the set as a list, to refuse disorder.
+#[derive(Deserialize)]
+struct IdentityPart {
+    cluster_identity: Option<u128>,
+    confirmed_members: Vec<u64>,
+}
+
 /// The body as read back. Maps are read as lists of pairs (postcard encodes
 /// both alike) so that keys out of order or repeated are refused rather than
 /// silently sorted or overwritten: an accepted snapshot is in canonical form.
@@ -130,8 +154,14 @@ impl StateMachine {
             locks,
             next_lock_generation,
         };
+        let identity = IdentityRef {
+            cluster_identity: self.cluster_identity,
+            confirmed_members: &self.confirmed_members,
+        };
         let body =
             postcard::to_allocvec(&body).expect("encoding a snapshot into memory cannot fail");
+        let body = postcard::to_extend(&identity, body)
+            .expect("encoding a snapshot into memory cannot fail");
         let mut bytes = Vec::with_capacity(HEADER_BYTES + body.len() + CHECKSUM_BYTES);
         bytes.extend_from_slice(&SNAPSHOT_MAGIC);
         bytes.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
@@ -158,7 +188,7 @@ impl StateMachine {
             return Err(SnapshotError::BadMagic);
         }
         let version = read_u64(&bytes[8..16]);
-        if version != SNAPSHOT_FORMAT_VERSION {
+        if !(SNAPSHOT_FORMAT_VERSION_MIN..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
             return Err(SnapshotError::UnsupportedVersion {
                 found: version,
                 supported: SNAPSHOT_FORMAT_VERSION,
@@ -180,16 +210,44 @@ impl StateMachine {
         }
         let (body, rest): (Body, &[u8]) = postcard::take_from_bytes(&covered[HEADER_BYTES..])
             .map_err(|error| SnapshotError::Malformed(error.to_string()))?;
+        let (identity, rest) = if version >= 2 {
+            let (identity, rest): (IdentityPart, &[u8]) = postcard::take_from_bytes(rest)
+                .map_err(|error| SnapshotError::Malformed(error.to_string()))?;
+            (identity, rest)
+        } else {
+            let identity = IdentityPart {
+                cluster_identity: None,
+                confirmed_members: Vec::new(),
+            };
+            (identity, rest)
+        };
         if !rest.is_empty() {
             return Err(SnapshotError::Malformed(format!(
                 "{} bytes after the body",
                 rest.len()
             )));
         }
-        Self::from_body(config, body).map_err(SnapshotError::Inconsistent)
+        Self::from_body(config, body, identity).map_err(SnapshotError::Inconsistent)
     }
 
-    fn from_body(config: StateConfig, body: Body) -> Result<StateMachine, String> {
+    fn from_body(
+        config: StateConfig,
+        body: Body,
+        identity: IdentityPart,
+    ) -> Result<StateMachine, String> {
+        let confirmed_members: std::collections::BTreeSet<u64> = ascending(
+            "confirmed members",
+            identity
+                .confirmed_members
+                .into_iter()
+                .map(|node| (node, ()))
+                .collect(),
+        )?
+        .into_keys()
+        .collect();
+        if identity.cluster_identity.is_none() && !confirmed_members.is_empty() {
+            return Err("members confirmed a cluster identity that is not there".into());
+        }
         let nodes = ascending("nodes", body.nodes)?;
         let sessions = ascending("sessions", body.sessions)?;
         let locks = ascending("locks", body.locks)?;
@@ -237,6 +295,8 @@ impl StateMachine {
             sessions_per_owner,
             next_session_id: body.next_session_id,
             locks,
+            cluster_identity: identity.cluster_identity,
+            confirmed_members,
         })
     }
 }
@@ -291,5 +351,64 @@ mod tests {
         let restored = StateMachine::restore(StateConfig::default(), &bytes).expect("restores");
         assert_eq!(restored, state);
         assert_eq!(restored.snapshot(), bytes);
+    }
+
+    #[test]
+    fn the_cluster_identity_round_trips_and_version_1_is_refused() {
+        let mut state = StateMachine::new(StateConfig::default());
+        for command in [
+            super::super::Command::MemberConfirmed { node: 1, now_ms: 1 },
+            super::super::Command::MintClusterIdentity {
+                identity: 0xfeed,
+                now_ms: 2,
+            },
+            super::super::Command::MintClusterIdentity {
+                identity: 0xbad,
+                now_ms: 3,
+            },
+            super::super::Command::MemberConfirmed { node: 3, now_ms: 4 },
+            super::super::Command::MemberConfirmed { node: 2, now_ms: 5 },
+        ] {
+            state.apply(&command);
+        }
+        assert_eq!(state.cluster_identity(), Some(0xfeed));
+        assert_eq!(
+            state
+                .confirmed_members()
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            vec![2, 3]
+        );
+        assert_eq!(state.revision(), 0, "identity commands take no revision");
+        let bytes = state.snapshot();
+        let restored = StateMachine::restore(StateConfig::default(), &bytes).expect("restores");
+        assert_eq!(restored, state);
+
+        // The same state written as version 1: the body without the
+        // identity part.
+        let empty = StateMachine::new(StateConfig::default());
+        let (locks, next_lock_generation) = empty.locks.parts();
+        let body = postcard::to_allocvec(&BodyRef {
+            revision: 0,
+            now_ms: 0,
+            next_session_id: 1,
+            nodes: empty.tree.nodes(),
+            sessions: &empty.sessions,
+            locks,
+            next_lock_generation,
+        })
+        .expect("encodes");
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&SNAPSHOT_MAGIC);
+        v1.extend_from_slice(&1u64.to_le_bytes());
+        v1.extend_from_slice(&(body.len() as u64).to_le_bytes());
+        v1.extend_from_slice(&body);
+        let checksum = crc32(&v1);
+        v1.extend_from_slice(&checksum.to_le_bytes());
+        assert!(matches!(
+            StateMachine::restore(StateConfig::default(), &v1),
+            Err(SnapshotError::UnsupportedVersion { found: 1, .. })
+        ));
     }
 }

@@ -16,7 +16,11 @@
 //!
 //! - Peers: each replica keeps one outgoing connection to every other member
 //!   and sends on it only; it receives on the connections the others opened
-//!   to it. After the handshake the dialling replica opens one
+//!   to it. Both ends require a replica certificate for the node the other
+//!   claims to be (`synod_proto::tls::replica_certificate_node`: a client
+//!   certificate naming `node-<n>.synod` does not pass), and the replica
+//!   dialled checks the dialler's cluster identity ([`identity`]),
+//!   answering a mismatch with `HelloReply::IdentityRefused`. After the handshake the dialling replica opens one
 //!   unidirectional stream and writes [`Envelope`](synod_paxos::Envelope)
 //!   frames on it, many per write. A snapshot is fetched over a further
 //!   bidirectional stream: one request frame, one header frame with the
@@ -40,6 +44,7 @@
 
 mod budget;
 mod client;
+pub mod identity;
 mod peer;
 mod snapshot;
 mod tasks;
@@ -54,6 +59,7 @@ use thiserror::Error;
 
 pub use budget::{ConnectionBounds, ConnectionBudget, ReplyQueueFull, ReplySender};
 pub use client::{ClientConnection, ClientListener, ClientListenerConfig, InboundFrame};
+pub use identity::{ClusterIdentity, IdentityView};
 pub use peer::{PeerNetwork, PeerNetworkConfig};
 pub use snapshot::{Snapshot, SnapshotSource};
 
@@ -379,6 +385,10 @@ pub enum TransportError {
     /// The transport is shut down.
     #[error("the transport is shut down")]
     ShutDown,
+    /// A dialled peer's certificate is not a replica certificate for the
+    /// member dialled.
+    #[error("refusing the peer: {0}")]
+    PeerCertificate(String),
 }
 
 /// Result of the transport's operations.

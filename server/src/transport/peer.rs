@@ -2,6 +2,11 @@
 //! with reconnection and backoff, carrying Paxos envelopes in batches; the
 //! incoming side checks who is calling and delivers what it says; snapshots
 //! travel on their own streams.
+//!
+//! Both sides check that the other holds a replica certificate for the node
+//! it claims to be ([`replica_certificate_node`]), and the incoming side
+//! checks the peer's cluster identity ([`ClusterIdentity::judge`]); the
+//! dialling side records identity refusals ([`ClusterIdentity::refused_by`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,14 +17,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use synod_paxos::{Envelope, NodeId};
 use synod_proto::tls::{
-    self, certificate_names, handshake, node_server_name, peer_certificates, FrameReadError,
-    FrameReader, TlsMaterial,
+    self, handshake, node_server_name, peer_certificates, replica_certificate_node, FrameReadError,
+    FrameReader, HandshakeError, TlsMaterial,
 };
-use synod_proto::wire::{encode_frame, Hello, HelloReply, FRAME_HEADER_BYTES};
+use synod_proto::wire::{encode_frame, Hello, HelloReply, IdentityConflict, FRAME_HEADER_BYTES};
 use synod_proto::PROTOCOL_VERSION;
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
+use super::identity::ClusterIdentity;
 use super::snapshot::{PeerRequest, SnapshotHeader, CONTROL_FRAME_BYTES_MAX};
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
@@ -44,6 +50,9 @@ pub struct PeerNetworkConfig {
     pub tls: TlsMaterial,
     /// Bounds and timings.
     pub limits: TransportLimits,
+    /// The cluster identity peers are judged by, shared with the replica
+    /// that publishes it ([`ClusterIdentity::unchecked`] judges no one).
+    pub identity: Arc<ClusterIdentity>,
 }
 
 /// The replica's links to the other members.
@@ -75,6 +84,7 @@ struct Shared<M: PeerPayload> {
     incoming_by_node: Mutex<BTreeMap<NodeId, quinn::Connection>>,
     incoming_permits: Arc<Semaphore>,
     dropped_envelopes: AtomicU64,
+    identity: Arc<ClusterIdentity>,
 }
 
 /// This replica's side of the link to one peer.
@@ -161,6 +171,7 @@ impl<M: PeerPayload> PeerNetwork<M> {
             snapshot_source: RwLock::new(None),
             incoming_by_node: Mutex::new(BTreeMap::new()),
             dropped_envelopes: AtomicU64::new(0),
+            identity: config.identity,
         });
         for (peer, address, queue, connection) in receivers {
             tasks.spawn(run_outgoing(
@@ -420,18 +431,39 @@ async fn dial<M: PeerPayload>(
     let connection = tokio::time::timeout(limits.handshake_timeout, connecting)
         .await
         .map_err(|_| TransportError::TimedOut(format!("TLS handshake with node {peer}")))??;
+    // rustls checked the chain and the name node-<peer>.synod; a client's
+    // certificate could carry that name too, so check it is a replica's.
+    if let Err(reason) = check_replica_certificate(&connection, peer) {
+        connection.close(close_code(CLOSE_REFUSED), reason.as_bytes());
+        return Err(TransportError::PeerCertificate(format!(
+            "node at {address}: {reason}"
+        )));
+    }
+    let view = shared.identity.view();
     let hello = Hello::Peer {
         protocol_version: PROTOCOL_VERSION,
         cluster_id: shared.cluster_id.clone(),
         node_id: shared.node_id,
+        cluster_identity: view.cluster,
+        joining: view.joining,
     };
-    let handshaken = handshake(
+    let handshaken = match handshake(
         connection,
         &hello,
         CONTROL_FRAME_BYTES_MAX,
         limits.handshake_timeout,
     )
-    .await?;
+    .await
+    {
+        Ok(handshaken) => handshaken,
+        Err(HandshakeError::IdentityRefused { reason, conflict }) => {
+            shared.identity.refused_by(peer, conflict, &reason);
+            return Err(HandshakeError::IdentityRefused { reason, conflict }.into());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    // Welcomed: the peer holds the same identity, or none yet.
+    shared.identity.agreed(peer);
     if handshaken.node_id != peer {
         // The certificate named `peer`, so this is a misconfiguration on
         // the other side; do not talk to it.
@@ -640,8 +672,13 @@ async fn accept_hello<M: PeerPayload>(
     let mut frames = FrameReader::new(receive, CONTROL_FRAME_BYTES_MAX);
     let verdict = match frames.next::<Hello>().await {
         Ok(Some(hello)) => judge_hello(shared, connection, hello),
-        Ok(None) => Err("the stream ended before a hello".to_string()),
-        Err(error) => Err(format!("unreadable hello: {error}")),
+        Ok(None) => Err(Refusal::Plain(
+            "the stream ended before a hello".to_string(),
+        )),
+        Err(error) => Err(Refusal::Plain(format!(
+            "unreadable hello ({error}); is the peer of another protocol version? this replica \
+             speaks version {PROTOCOL_VERSION}"
+        ))),
     };
     match verdict {
         Ok(peer) => {
@@ -657,7 +694,7 @@ async fn accept_hello<M: PeerPayload>(
                 }
             }
         }
-        Err(reason) => {
+        Err(Refusal::Plain(reason)) => {
             warn!(
                 node = shared.node_id,
                 remote = %connection.remote_address(),
@@ -667,6 +704,61 @@ async fn accept_hello<M: PeerPayload>(
             refuse(connection, send, &reason, shared.limits.handshake_timeout).await;
             None
         }
+        Err(Refusal::Identity(reason, conflict)) => {
+            warn!(
+                node = shared.node_id,
+                remote = %connection.remote_address(),
+                %reason,
+                "peer refused for its cluster identity"
+            );
+            let reply = HelloReply::IdentityRefused {
+                reason: reason.clone(),
+                conflict,
+            };
+            refuse_with(
+                connection,
+                send,
+                &reply,
+                &reason,
+                shared.limits.handshake_timeout,
+            )
+            .await;
+            None
+        }
+    }
+}
+
+/// Why a peer's hello is refused.
+enum Refusal {
+    /// Anything but its cluster identity.
+    Plain(String),
+    /// Its cluster identity: the dialler decides from the conflict whether
+    /// to stop.
+    Identity(String, IdentityConflict),
+}
+
+/// Whether the leaf certificate `connection`'s peer presented is a replica
+/// certificate for `node_id`; a reason for a person when it is not.
+fn check_replica_certificate(
+    connection: &quinn::Connection,
+    node_id: NodeId,
+) -> std::result::Result<(), String> {
+    let Some(leaf) = peer_certificates(connection).and_then(|chain| chain.into_iter().next())
+    else {
+        return Err("no certificate was presented".to_string());
+    };
+    match replica_certificate_node(&leaf) {
+        Ok(named) if named == node_id => Ok(()),
+        Ok(named) => Err(format!(
+            "the certificate presented is node {named}'s replica certificate, not one for {}, \
+             so it cannot speak for node {node_id}",
+            node_server_name(node_id)
+        )),
+        Err(error) => Err(format!(
+            "the certificate presented is not a replica certificate for {} ({error}), so it \
+             cannot speak for node {node_id}",
+            node_server_name(node_id)
+        )),
     }
 }
 
@@ -674,60 +766,76 @@ fn judge_hello<M: PeerPayload>(
     shared: &Shared<M>,
     connection: &quinn::Connection,
     hello: Hello,
-) -> std::result::Result<NodeId, String> {
-    let (protocol_version, cluster_id, node_id) = match hello {
+) -> std::result::Result<NodeId, Refusal> {
+    let (protocol_version, cluster_id, node_id, cluster_identity, joining) = match hello {
         Hello::Peer {
             protocol_version,
             cluster_id,
             node_id,
-        } => (protocol_version, cluster_id, node_id),
+            cluster_identity,
+            joining,
+        } => (
+            protocol_version,
+            cluster_id,
+            node_id,
+            cluster_identity,
+            joining,
+        ),
         Hello::Client { .. } => {
-            return Err(
+            return Err(Refusal::Plain(
                 "this is a replica's peer port; clients connect to its client port".to_string(),
-            )
+            ))
         }
     };
     if protocol_version != PROTOCOL_VERSION {
-        return Err(format!(
+        return Err(Refusal::Plain(format!(
             "protocol version {protocol_version} is not supported; this replica speaks version {PROTOCOL_VERSION}"
-        ));
+        )));
     }
     if cluster_id != shared.cluster_id {
-        return Err(format!(
+        return Err(Refusal::Plain(format!(
             "cluster id {cluster_id:?} does not match this replica's cluster {:?}",
             shared.cluster_id
-        ));
+        )));
     }
     if node_id == shared.node_id || !shared.members.contains_key(&node_id) {
-        return Err(format!(
+        return Err(Refusal::Plain(format!(
             "node {node_id} is not another member of cluster {:?} (members: {:?})",
             shared.cluster_id,
             shared.members.keys().collect::<Vec<_>>()
-        ));
+        )));
     }
-    let name = node_server_name(node_id);
-    let named = peer_certificates(connection)
-        .and_then(|chain| chain.first().map(|leaf| certificate_names(leaf, &name)))
-        .unwrap_or(false);
-    if !named {
-        return Err(format!(
-            "the certificate presented is not valid for {name}, so it cannot speak for node {node_id}"
-        ));
-    }
+    check_replica_certificate(connection, node_id).map_err(Refusal::Plain)?;
+    // Only an authenticated member's identity counts.
+    shared
+        .identity
+        .judge(node_id, cluster_identity, joining)
+        .map_err(|(reason, conflict)| Refusal::Identity(reason, conflict))?;
     Ok(node_id)
 }
 
 /// Sends a `Refused` reply, lets it arrive (boundedly), and closes.
 pub(super) async fn refuse(
     connection: &quinn::Connection,
-    mut send: quinn::SendStream,
+    send: quinn::SendStream,
     reason: &str,
     wait: Duration,
 ) {
     let reply = HelloReply::Refused {
         reason: reason.to_string(),
     };
-    if send.write_all(&encode_frame(&reply)).await.is_ok() && send.finish().is_ok() {
+    refuse_with(connection, send, &reply, reason, wait).await;
+}
+
+/// Sends `reply`, lets it arrive (boundedly), and closes with `reason`.
+async fn refuse_with(
+    connection: &quinn::Connection,
+    mut send: quinn::SendStream,
+    reply: &HelloReply,
+    reason: &str,
+    wait: Duration,
+) {
+    if send.write_all(&encode_frame(reply)).await.is_ok() && send.finish().is_ok() {
         let _ = tokio::time::timeout(wait, send.stopped()).await;
     }
     connection.close(close_code(CLOSE_REFUSED), reason.as_bytes());

@@ -166,6 +166,12 @@ impl Cluster {
     /// Starts replica `index` again; with `join`, on an emptied data
     /// directory, as a member that lost its disk.
     pub async fn restart_with(&mut self, index: usize, join: bool) {
+        self.restart_as(index, false, join).await;
+    }
+
+    /// Starts replica `index` again on its ports with the given
+    /// `--bootstrap` and `--join` flags.
+    pub async fn restart_as(&mut self, index: usize, bootstrap: bool, join: bool) {
         let config = self.configs[index].clone();
         let me = config.me().clone();
         let mut last_error = None;
@@ -175,7 +181,7 @@ impl Cluster {
             match (peer, client) {
                 (Ok(peer), Ok(client)) => {
                     let options = StartOptions {
-                        bootstrap: false,
+                        bootstrap,
                         join,
                         peer_socket: Some(peer),
                         client_socket: Some(client),
