@@ -287,6 +287,12 @@ async fn another_identity_cannot_resume_release_watch_or_read_through_a_session(
                 kind: WatchKind::Data,
             }))
             .await;
+        match mallory.next().await {
+            Some(ServerFrame::WatchRefused { error, .. }) => {
+                assert!(error.to_string().contains("no session"), "{error}");
+            }
+            other => panic!("replica {replica} let mallory watch: {other:?}"),
+        }
         // Alice's own identity with a guessed secret is refused too.
         let mut guesser = Raw::connect(&alice_material, address)
             .await

@@ -540,11 +540,16 @@ impl Driver {
                     self.propose(Proposal::Client(request), deadline);
                 }
             }
-            ClientFrame::AddWatch(registration) => {
-                if let Some(session) = session {
-                    self.add_watch(connection, session, registration);
+            ClientFrame::AddWatch(registration) => match session {
+                Some(session) => self.add_watch(connection, session, registration),
+                None => {
+                    let error = Error::bad_argument(
+                        "this connection has no session; open or resume one before adding watches",
+                    );
+                    let frame = self.watch_refused(registration, error);
+                    self.send_to(connection, frame);
                 }
-            }
+            },
             ClientFrame::RemoveWatch(WatchRegistration { path, kind }) => {
                 if let Some(session) = session {
                     self.watches.remove(session, &path, kind);
