@@ -360,7 +360,7 @@ fn operations_fire_zookeeper_events() {
 
 #[test]
 fn watch_registry_fires_the_right_watches_once() {
-    let mut watches = WatchRegistry::new(10, 1 << 20);
+    let mut watches = WatchRegistry::new(10, 1 << 20, 4096);
     watches.add(1, "/a", WatchKind::Data).expect("room");
     watches.add(2, "/a", WatchKind::Exists).expect("room");
     watches.add(3, "/", WatchKind::Children).expect("room");
@@ -392,7 +392,7 @@ fn watch_registry_fires_the_right_watches_once() {
         Err(Error::LimitExceeded { ref limit, .. }) if limit == "limits.watches_per_session_max"
     ));
     // Path bytes are bounded too, and removing a watch gives its bytes back.
-    let mut watches = WatchRegistry::new(100, 10);
+    let mut watches = WatchRegistry::new(100, 10, 4096);
     watches.add(1, "/abcd", WatchKind::Data).expect("5 bytes");
     watches
         .add(1, "/efgh", WatchKind::Exists)

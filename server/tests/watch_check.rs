@@ -64,7 +64,7 @@ proptest! {
 
     #[test]
     fn dispatch_matches_a_naive_scan(watches in prop::collection::vec(watch(), 0..12), events in events()) {
-        let mut registry = WatchRegistry::new(100, 1 << 20);
+        let mut registry = WatchRegistry::new(100, 1 << 20, 4096);
         let mut naive: Vec<(SessionId, String, WatchKind)> = Vec::new();
         for (session, path, kind) in &watches {
             registry.add(*session, path, *kind).map_err(|e| TestCaseError::fail(e.to_string()))?;
@@ -114,7 +114,7 @@ proptest! {
         history.record(&events);
         let missed = history.missed(&watches, last_seen);
 
-        let mut registry = WatchRegistry::new(100, 1 << 20);
+        let mut registry = WatchRegistry::new(100, 1 << 20, 4096);
         for (path, kind) in &watches {
             registry.add(1, path, *kind).map_err(|e| TestCaseError::fail(e.to_string()))?;
         }
@@ -139,7 +139,7 @@ fn state_machine_events_drive_the_registry() {
     let Some(Ok(OpResult::SessionOpened { session, .. })) = open.response.map(|r| r.result) else {
         panic!("open failed");
     };
-    let mut registry = WatchRegistry::new(10, 1 << 20);
+    let mut registry = WatchRegistry::new(10, 1 << 20, 4096);
     let mut history = EventHistory::new(100);
     registry
         .add(session, "/cfg", WatchKind::Exists)

@@ -40,7 +40,6 @@ use synod_proto::{Error, Request, Response, Revision, SessionId, SessionSecret, 
 use super::proposal::{Origin, Proposal};
 use super::sessions::SessionTracker;
 use crate::config::ReplicaConfig;
-use crate::state::path::validate_path;
 use crate::state::watch::{EventHistory, WatchRegistry};
 use crate::state::{Applied, StateMachine};
 use crate::transport::identity::{identity_hex, IdentityView};
@@ -265,6 +264,7 @@ impl Driver {
         let watches = WatchRegistry::new(
             limits.watches_per_session_max,
             limits.watch_path_bytes_per_session_max,
+            limits.path_bytes_max,
         );
         let history = EventHistory::new(limits.event_history_max);
         let last_snapshot_slot = node.apply_next().saturating_sub(1);
@@ -388,12 +388,16 @@ impl Driver {
 
     /// Answers a request and settles its charge.
     fn respond(&mut self, connection: ConnectionId, sequence: u64, cost: u64, response: Response) {
-        self.settle(connection, cost, true);
-        self.send_to(connection, ServerFrame::Response { sequence, response });
+        self.answer(
+            connection,
+            cost,
+            ServerFrame::Response { sequence, response },
+        );
     }
 
-    /// Answers a session open or resume and settles its charge.
-    fn answer_session(&mut self, connection: ConnectionId, cost: u64, frame: ServerFrame) {
+    /// Answers a request, session open or resume with `frame` and settles
+    /// its charge.
+    fn answer(&mut self, connection: ConnectionId, cost: u64, frame: ServerFrame) {
         self.settle(connection, cost, true);
         self.send_to(connection, frame);
     }
@@ -567,20 +571,18 @@ impl Driver {
         }
     }
 
-    /// Registers a watch given without a read, after the same path checks
-    /// every request gets; a refused one is reported to the client.
+    /// Registers a watch given without a read; a refused one is reported
+    /// to the client.
     fn add_watch(
         &mut self,
         connection: ConnectionId,
         session: SessionId,
         registration: WatchRegistration,
     ) {
-        let checked = validate_path(&registration.path, self.config.limits.path_bytes_max)
-            .and_then(|()| {
-                self.watches
-                    .add(session, &registration.path, registration.kind)
-            });
-        if let Err(error) = checked {
+        let added = self
+            .watches
+            .add(session, &registration.path, registration.kind);
+        if let Err(error) = added {
             let frame = self.watch_refused(registration, error);
             self.send_to(connection, frame);
         }
@@ -778,7 +780,7 @@ impl Driver {
         let timeout_ms = match self.state.check_session_owner(session, &identity, secret) {
             Ok(timeout_ms) => timeout_ms,
             Err(Error::SessionExpired { .. }) => {
-                self.answer_session(connection, cost, ServerFrame::SessionExpired { session });
+                self.answer(connection, cost, ServerFrame::SessionExpired { session });
                 return;
             }
             Err(error) => {
@@ -790,7 +792,7 @@ impl Driver {
                     "resume refused"
                 );
                 let reason = error.to_string();
-                self.answer_session(
+                self.answer(
                     connection,
                     cost,
                     ServerFrame::SessionRefused { session, reason },
@@ -798,10 +800,6 @@ impl Driver {
                 return;
             }
         };
-        let path_bytes_max = self.config.limits.path_bytes_max;
-        let (valid, invalid): (Vec<_>, Vec<_>) = watches
-            .into_iter()
-            .partition(|watch| validate_path(&watch.path, path_bytes_max).is_ok());
         if let Some(previous) = self.session_connection.insert(session, connection) {
             if previous != connection {
                 if let Some(client) = self.clients.get_mut(&previous) {
@@ -813,8 +811,12 @@ impl Driver {
             client.session = Some(session);
         }
         self.watches.remove_session(session);
-        let registered: Vec<(String, WatchKind)> =
-            valid.into_iter().map(|w| (w.path, w.kind)).collect();
+        // Registering a watch twice is one watch; duplicates would only
+        // make the replay below dearer.
+        let mut registered: Vec<(String, WatchKind)> =
+            watches.into_iter().map(|w| (w.path, w.kind)).collect();
+        registered.sort_unstable();
+        registered.dedup();
         let missed = self.history.missed(&registered, last_revision);
         let mut refused = Vec::new();
         for (path, kind) in &missed.watches {
@@ -826,13 +828,6 @@ impl Driver {
                 refused.push(self.watch_refused(watch, error));
             }
         }
-        for watch in invalid {
-            let error = match validate_path(&watch.path, path_bytes_max) {
-                Err(error) => error,
-                Ok(()) => continue,
-            };
-            refused.push(self.watch_refused(watch, error));
-        }
         self.note_keep_alive(session);
         let ready = ServerFrame::SessionReady {
             session,
@@ -840,7 +835,7 @@ impl Driver {
             timeout_ms,
             revision: self.state.revision(),
         };
-        self.answer_session(connection, cost, ready);
+        self.answer(connection, cost, ready);
         for frame in refused {
             self.send_to(connection, frame);
         }
@@ -925,7 +920,7 @@ impl Driver {
                 if let Some(waiting) = self.opening.remove(&origin.token) {
                     let reason = "no leader could open the session in time".to_string();
                     let frame = ServerFrame::Unavailable { reason };
-                    self.answer_session(waiting.connection, waiting.cost, frame);
+                    self.answer(waiting.connection, waiting.cost, frame);
                 }
             }
             _ => {}
@@ -941,7 +936,7 @@ impl Driver {
             ReadKind::Resume { .. } => {
                 let reason = reason.to_string();
                 let frame = ServerFrame::Unavailable { reason };
-                self.answer_session(read.connection, read.cost, frame);
+                self.answer(read.connection, read.cost, frame);
             }
         }
     }
@@ -960,7 +955,7 @@ impl Driver {
         for (_, waiting) in take_expired(&mut self.opening, |w| w.deadline_ms <= now) {
             let reason = "the session was not opened in time".to_string();
             let frame = ServerFrame::Unavailable { reason };
-            self.answer_session(waiting.connection, waiting.cost, frame);
+            self.answer(waiting.connection, waiting.cost, frame);
         }
         for (_, read) in take_expired(&mut self.reads_at_slot, |r| r.deadline_ms <= now) {
             self.fail_read(read, "the replica did not catch up in time");
@@ -1262,7 +1257,7 @@ impl Driver {
                 Err(error) => error.to_string(),
                 Ok(_) => "unexpected answer to opening a session".into(),
             };
-            self.answer_session(connection, cost, ServerFrame::Unavailable { reason });
+            self.answer(connection, cost, ServerFrame::Unavailable { reason });
             return;
         };
         if let Some(client) = self.clients.get_mut(&connection) {
@@ -1275,7 +1270,7 @@ impl Driver {
             timeout_ms: *timeout_ms,
             revision: response.revision,
         };
-        self.answer_session(connection, cost, frame);
+        self.answer(connection, cost, frame);
     }
 
     /// After entries were applied: serve reads that waited for them, and
@@ -1357,20 +1352,14 @@ impl Driver {
                     return;
                 }
                 self.last_mint_proposal_ms = Some(now);
-                match draw_cluster_identity() {
-                    Some(identity) => {
-                        tracing::info!(
-                            node = self.config.id,
-                            identity = %identity_hex(identity),
-                            "leading a cluster with no identity; proposing one"
-                        );
-                        self.propose(Proposal::MintClusterIdentity(identity), deadline);
-                    }
-                    None => tracing::error!(
-                        node = self.config.id,
-                        "the operating system gave no random bytes for the cluster identity"
-                    ),
-                }
+                // OS-seeded and cryptographically secure, as session secrets.
+                let identity: u128 = rand::random();
+                tracing::info!(
+                    node = self.config.id,
+                    identity = %identity_hex(identity),
+                    "leading a cluster with no identity; proposing one"
+                );
+                self.propose(Proposal::MintClusterIdentity(identity), deadline);
             }
             Some(_) => {
                 let seen = *self.identity_seen_ms.get_or_insert(now);
@@ -1386,15 +1375,6 @@ impl Driver {
             }
         }
     }
-}
-
-/// A random cluster identity from the operating system (through the crypto
-/// provider TLS uses), or `None` if it gave no random bytes.
-fn draw_cluster_identity() -> Option<u128> {
-    let provider = rustls::crypto::ring::default_provider();
-    let mut bytes = [0u8; 16];
-    provider.secure_random.fill(&mut bytes).ok()?;
-    Some(u128::from_le_bytes(bytes))
 }
 
 /// Removes and returns, in key order, the entries of `map` that `expired`

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use synod_proto::{Error, Event, EventType, Revision, SessionId, WatchKind};
 
-use super::path::parent;
+use super::path::{parent, validate_path};
 
 /// An event to deliver to one session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,19 +33,25 @@ pub struct WatchRegistry {
     path_bytes_by_session: BTreeMap<SessionId, u64>,
     watches_per_session_max: u64,
     path_bytes_per_session_max: u64,
+    path_bytes_max: u64,
 }
 
 impl WatchRegistry {
     /// An empty registry allowing each session `watches_per_session_max`
     /// watches whose paths add up to at most `path_bytes_per_session_max`
-    /// bytes. Paths are validated by the caller.
-    pub fn new(watches_per_session_max: u64, path_bytes_per_session_max: u64) -> Self {
+    /// bytes, each a valid path of at most `path_bytes_max` bytes.
+    pub fn new(
+        watches_per_session_max: u64,
+        path_bytes_per_session_max: u64,
+        path_bytes_max: u64,
+    ) -> Self {
         WatchRegistry {
             watchers: BTreeMap::new(),
             by_session: BTreeMap::new(),
             path_bytes_by_session: BTreeMap::new(),
             watches_per_session_max,
             path_bytes_per_session_max,
+            path_bytes_max,
         }
     }
 
@@ -70,9 +76,12 @@ impl WatchRegistry {
     /// Registers a watch (registering the same watch twice is one watch).
     ///
     /// # Errors
-    /// `LimitExceeded` when the session already has the maximum number of
-    /// watches, or the path would take its watched path bytes past the bound.
+    /// `BadArgument` for a path that is not valid (the checks every request
+    /// gets), `LimitExceeded` when the session already has the maximum
+    /// number of watches, or the path would take its watched path bytes past
+    /// the bound.
     pub fn add(&mut self, session: SessionId, path: &str, kind: WatchKind) -> Result<(), Error> {
+        validate_path(path, self.path_bytes_max)?;
         let mine = self.by_session.entry(session).or_default();
         let key = (path.to_owned(), kind);
         if mine.contains(&key) {
@@ -258,29 +267,44 @@ impl EventHistory {
                 watches: watches.to_vec(),
             };
         }
-        let mut live: Vec<(String, WatchKind)> = watches.to_vec();
-        let mut events = Vec::new();
-        for event in self
+        // Watches indexed by path, and the history searched for its first
+        // missed event, so that the cost is the missed events times their
+        // depth, whatever the number of watches or the history's length.
+        let mut live = vec![true; watches.len()];
+        let mut by_path: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (index, (path, _)) in watches.iter().enumerate() {
+            by_path.entry(path.as_str()).or_default().push(index);
+        }
+        let first_missed = self
             .events
-            .iter()
-            .filter(|e| e.revision > last_seen_revision)
-        {
+            .partition_point(|event| event.revision <= last_seen_revision);
+        let mut events = Vec::new();
+        for event in self.events.range(first_missed..) {
             let mut fired = false;
-            live.retain(|(path, kind)| {
-                if kind.fires_on(path, &event.path, event.event_type) {
-                    fired = true;
-                    kind.is_persistent()
-                } else {
-                    true
+            // Only a watch on the event's path or an ancestor can fire.
+            let mut candidate = Some(event.path.as_str());
+            while let Some(path) = candidate {
+                for &index in by_path.get(path).into_iter().flatten() {
+                    let (watch_path, kind) = &watches[index];
+                    if live[index] && kind.fires_on(watch_path, &event.path, event.event_type) {
+                        fired = true;
+                        live[index] = kind.is_persistent();
+                    }
                 }
-            });
+                candidate = parent(path);
+            }
             if fired {
                 events.push(event.clone());
             }
         }
         Missed {
             events,
-            watches: live,
+            watches: watches
+                .iter()
+                .zip(live)
+                .filter(|(_, live)| *live)
+                .map(|(watch, _)| watch.clone())
+                .collect(),
         }
     }
 }
