@@ -256,31 +256,20 @@ async fn another_identity_cannot_resume_release_watch_or_read_through_a_session(
             }
             other => panic!("replica {replica} let mallory resume: {other:?}"),
         }
-        // A plain request, a release and a watch naming alice's session.
-        let release = mallory
-            .call(
-                session,
-                Op::ReleaseLock {
-                    path: "/locks/a".into(),
-                },
-            )
-            .await;
-        assert!(
-            matches!(release, Err(Error::SessionExpired { .. })),
-            "{release:?}"
-        );
-        let read = mallory
-            .call(
-                session,
-                Op::GetData {
-                    path: "/victim".into(),
-                },
-            )
-            .await;
-        assert!(
-            matches!(read, Err(Error::SessionExpired { .. })),
-            "{read:?}"
-        );
+        // A release and a read naming alice's session, and a watch.
+        let release = Op::ReleaseLock {
+            path: "/locks/a".into(),
+        };
+        let read = Op::GetData {
+            path: "/victim".into(),
+        };
+        for op in [release, read] {
+            let answer = mallory.call(session, op).await;
+            assert!(
+                matches!(answer, Err(Error::SessionExpired { .. })),
+                "replica {replica}: {answer:?}"
+            );
+        }
         mallory
             .send(&ClientFrame::AddWatch(WatchRegistration {
                 path: "/victim".into(),
