@@ -60,6 +60,7 @@
 //! | `limits.client_connections_per_identity_max` | 1..=1,000,000 | 16 |
 //! | `limits.client_handshakes_max` | 1..=100,000 | 256 |
 //! | `limits.client_idle_timeout_ms` | 1,000..=86,400,000 | 60,000 |
+//! | `limits.handshake_timeout_ms` | 100..=60,000 | 5,000 |
 //! | `limits.sessions_per_identity_max` | 1..=10,000,000 | 10,000 |
 //! | `limits.event_history_max` | 0..=10,000,000 | 100,000 |
 //! | `limits.snapshot_interval_slots` | 1..=10,000,000 | 10,000 |
@@ -210,6 +211,10 @@ pub struct Limits {
     /// half of `timeouts.session_timeout_max_ms`.
     /// Range: 1,000..=86,400,000; default 60,000.
     pub client_idle_timeout_ms: u64,
+    /// Longest a connection (client or peer) may take over its TLS
+    /// handshake and hello; a half-open connection is dropped after it.
+    /// Range: 100..=60,000; default 5,000.
+    pub handshake_timeout_ms: u64,
     /// Most requests one connection may have waiting for an answer (over
     /// it, requests are refused with an error naming this limit).
     /// Range: 1..=100,000; default 4,096.
@@ -255,6 +260,7 @@ impl Default for Limits {
             client_connections_per_identity_max: 16,
             client_handshakes_max: 256,
             client_idle_timeout_ms: 60_000,
+            handshake_timeout_ms: 5_000,
             pending_requests_per_connection_max: 4_096,
             pending_request_bytes_per_connection_max: 16 << 20,
             reply_queue_bytes_per_connection_max: 16 << 20,
@@ -375,6 +381,7 @@ const NUMERIC_FIELDS: &[NumericField] = &[
     numeric!(limits.client_connections_per_identity_max, 1, 1_000_000),
     numeric!(limits.client_handshakes_max, 1, 100_000),
     numeric!(limits.client_idle_timeout_ms, 1_000, 86_400_000),
+    numeric!(limits.handshake_timeout_ms, 100, 60_000),
     numeric!(limits.sessions_per_identity_max, 1, 10_000_000),
     numeric!(limits.event_history_max, 0, 10_000_000),
     numeric!(limits.snapshot_interval_slots, 1, 10_000_000),

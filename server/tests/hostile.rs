@@ -583,3 +583,47 @@ async fn connections_per_identity_are_bounded_and_idle_ones_closed() {
     );
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_open_connections_are_bounded_and_dropped() {
+    let (cluster, material, _raw) = attacked("lurker", |config| {
+        config.limits.client_handshakes_max = 3;
+        config.limits.handshake_timeout_ms = 1_000;
+    })
+    .await;
+    // `attacked` connected once and said hello; these finish TLS and then
+    // say nothing, each holding a handshake slot.
+    let address = cluster.client_address(0);
+    let endpoint =
+        tls::client_endpoint(&material, "127.0.0.1:0".parse().expect("bind"), transport())
+            .expect("endpoint");
+    let mut lurking = Vec::new();
+    for _ in 0..3 {
+        let connection = endpoint
+            .connect(address, "localhost")
+            .expect("connect")
+            .await
+            .expect("TLS completes");
+        lurking.push(connection);
+    }
+    // A fourth handshake finds no slot and is refused at once.
+    let started = Instant::now();
+    let refused = endpoint
+        .connect(address, "localhost")
+        .expect("connect")
+        .await;
+    assert!(refused.is_err(), "a handshake past the bound is refused");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    // The lurkers are dropped within the handshake timeout ...
+    for connection in &lurking {
+        tokio::time::timeout(Duration::from_secs(3), connection.closed())
+            .await
+            .expect("a half-open connection is dropped");
+    }
+    // ... and others connect again.
+    others_still_served(&cluster, 0, "half-open").await;
+    cluster.shutdown().await;
+}

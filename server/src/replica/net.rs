@@ -50,6 +50,7 @@ fn limits(config: &ReplicaConfig) -> TransportLimits {
         ),
         client_handshakes_max: permit_count(limits.client_handshakes_max),
         client_idle_timeout: Duration::from_millis(limits.client_idle_timeout_ms),
+        handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
         client_queue_frames_max: 1024,
         client_bounds: ConnectionBounds {
             pending_requests_max: limits.pending_requests_per_connection_max,
