@@ -627,3 +627,49 @@ async fn half_open_connections_are_bounded_and_dropped() {
     others_still_served(&cluster, 0, "half-open").await;
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_that_leaves_with_replies_backed_up_leaves_nothing_behind() {
+    let _one_at_a_time = MEMORY.lock().await;
+    let (cluster, material, raw) = attacked("leaver", |_| {}).await;
+    drop(raw);
+    let setup = cluster.client(0).await;
+    setup
+        .create("/big", &vec![7u8; MIB as usize], CreateMode::Persistent)
+        .await
+        .expect("a 1 MiB node");
+    let before = resident_bytes();
+    // Each round backs up about 8-16 MiB of replies, then goes away.
+    for round in 0..8 {
+        let mut raw = Raw::connect(&material, cluster.client_address(0))
+            .await
+            .expect("connects");
+        let (session, _) = raw.open().await;
+        let frames: Vec<ClientFrame> = (0..100)
+            .map(|_| {
+                let mut frame = raw.request_frame(
+                    session,
+                    Op::GetData {
+                        path: "/big".into(),
+                    },
+                );
+                if let ClientFrame::Request { consistency, .. } = &mut frame {
+                    *consistency = ReadConsistency::Sequential;
+                }
+                frame
+            })
+            .collect();
+        let bytes = synod_proto::tls::encode_frames(&frames);
+        let _ = tokio::time::timeout(Duration::from_secs(2), raw.link.send.write_all(&bytes)).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        raw.link.connection.close(0u32.into(), b"leaving");
+        println!("round {round}: {} MiB", resident_bytes() / MIB);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    others_still_served(&cluster, 0, "leavers").await;
+    let grown = resident_bytes().saturating_sub(before);
+    println!("resident memory grew by {} MiB over 8 rounds", grown / MIB);
+    assert!(grown < 64 * MIB, "grew by {} MiB", grown / MIB);
+    setup.close().await;
+    cluster.shutdown().await;
+}

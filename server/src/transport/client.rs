@@ -519,8 +519,11 @@ async fn read_frames(
         if budget.replies_backlogged() {
             // The client does not read its replies: read nothing more from
             // it until it does (QUIC flow control then stops it sending).
+            // A client that goes away meanwhile must end this task too, or
+            // its connection's state would be held for good.
             tokio::select! {
                 _ = cancelled(&mut shutdown) => return,
+                _ = connection.closed() => return,
                 _ = budget.wait_until(|budget| !budget.replies_backlogged()) => {}
             }
             idle.as_mut()
@@ -544,6 +547,7 @@ async fn read_frames(
                     let cost = stream.last_frame_bytes();
                     tokio::select! {
                         _ = cancelled(&mut shutdown) => return,
+                        _ = connection.closed() => return,
                         delivered = deliver(&inbound, frame, cost) => if !delivered {
                             // The replica dropped the session.
                             return;
