@@ -955,6 +955,12 @@ impl FrameReader {
         }
     }
 
+    /// Changes the bound on the frames read from now on (a stream whose
+    /// first frames are small control frames and whose later ones are not).
+    pub fn set_max_bytes(&mut self, frame_bytes_max: u64) {
+        self.frame_bytes_max = frame_bytes_max;
+    }
+
     /// Bytes (prefix included) of the frame [`FrameReader::next`] returned
     /// last: what it cost on the wire, for byte budgets.
     pub fn last_frame_bytes(&self) -> u64 {

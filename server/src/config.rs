@@ -63,7 +63,8 @@
 //! | `limits.handshake_timeout_ms` | 100..=60,000 | 5,000 |
 //! | `limits.sessions_per_identity_max` | 1..=10,000,000 | 10,000 |
 //! | `limits.event_history_max` | 0..=10,000,000 | 100,000 |
-//! | `limits.snapshot_interval_slots` | 1..=10,000,000 | 10,000 |
+//! | `limits.state_flush_interval_ms` | 10..=60,000 | 1,000 |
+//! | `limits.state_flush_bytes_max` | 1 MiB..=4 GiB | 64 MiB |
 //! | `limits.log_retain_slots` | 0..=10,000,000 | 10,000 |
 //! | `limits.snapshot_bytes_max` | 1 MiB..=1 TiB | 8 GiB |
 
@@ -236,10 +237,16 @@ pub struct Limits {
     /// Events kept for clients that reconnect and ask for what they missed.
     /// Range: 0..=10,000,000; default 100,000.
     pub event_history_max: u64,
-    /// Applied slots between two saved snapshots of the state machine.
-    /// Range: 1..=10,000,000; default 10,000.
-    pub snapshot_interval_slots: u64,
-    /// Chosen slots kept in the log below the last snapshot, so that a
+    /// Longest time a change to the state machine waits before it is
+    /// written to its tables (changes wait to be written together; the log
+    /// holds them meanwhile, and a restart replays at most this much).
+    /// Range: 10..=60,000; default 1,000.
+    pub state_flush_interval_ms: u64,
+    /// Changes to the state machine waiting to be written are written once
+    /// they hold this many bytes, however soon.
+    /// Range: 1,048,576..=4,294,967,296 (1 MiB to 4 GiB); default 64 MiB.
+    pub state_flush_bytes_max: u64,
+    /// Chosen slots kept in the log below the saved state, so that a
     /// replica slightly behind catches up without a snapshot.
     /// Range: 0..=10,000,000; default 10,000.
     pub log_retain_slots: u64,
@@ -266,7 +273,8 @@ impl Default for Limits {
             reply_queue_bytes_per_connection_max: 16 << 20,
             sessions_per_identity_max: 10_000,
             event_history_max: 100_000,
-            snapshot_interval_slots: 10_000,
+            state_flush_interval_ms: 1_000,
+            state_flush_bytes_max: 64 << 20,
             log_retain_slots: 10_000,
             snapshot_bytes_max: 8 << 30,
         }
@@ -384,7 +392,8 @@ const NUMERIC_FIELDS: &[NumericField] = &[
     numeric!(limits.handshake_timeout_ms, 100, 60_000),
     numeric!(limits.sessions_per_identity_max, 1, 10_000_000),
     numeric!(limits.event_history_max, 0, 10_000_000),
-    numeric!(limits.snapshot_interval_slots, 1, 10_000_000),
+    numeric!(limits.state_flush_interval_ms, 10, 60_000),
+    numeric!(limits.state_flush_bytes_max, 1 << 20, 4 << 30),
     numeric!(limits.log_retain_slots, 0, 10_000_000),
     numeric!(limits.snapshot_bytes_max, 1 << 20, 1 << 40),
 ];

@@ -19,9 +19,11 @@ use synod_proto::{
     Request, Response, Sequencer, SessionId, Stat,
 };
 use synod_server::state::path::{parent, validate_path};
+use synod_server::state::records::StateLoader;
 use synod_server::state::{
     Applied, Command, LockGrant, SessionRemaining, StateConfig, StateMachine,
 };
+use synod_server::storage::{StateRecordRef, StateTable};
 
 // ---------------------------------------------------------------------------
 // The reference model.
@@ -1146,6 +1148,47 @@ fn normalized(mut applied: Applied) -> Applied {
     applied
 }
 
+/// The state tables as the storage would hold them, fed by deltas.
+#[derive(Default)]
+struct SavedTables {
+    records: std::collections::BTreeMap<(StateTable, Vec<u8>), Vec<u8>>,
+    scalars: Vec<u8>,
+}
+
+impl SavedTables {
+    /// Takes what changed in `state` since the last save.
+    fn save(&mut self, state: &mut StateMachine, through: u64) {
+        let membership = synod_paxos::Membership::new(&[1]).expect("membership");
+        let delta = state.take_delta(through, &membership);
+        for ((table, key), value) in delta.changes {
+            match value {
+                Some(value) => {
+                    self.records.insert((table, key.to_vec()), value);
+                }
+                None => {
+                    self.records.remove(&(table, key.to_vec()));
+                }
+            }
+        }
+        if let Some(header) = delta.header {
+            self.scalars = header.scalars;
+        }
+    }
+
+    /// The state the tables hold, loaded as at a restart.
+    fn load(&self) -> Result<StateMachine, String> {
+        let mut loader = StateLoader::new(config());
+        for ((table, key), value) in &self.records {
+            loader.record(StateRecordRef {
+                table: *table,
+                key,
+                value,
+            })?;
+        }
+        loader.finish(&self.scalars)
+    }
+}
+
 fn cases() -> u32 {
     std::env::var("SYNOD_PROPTEST_CASES")
         .ok()
@@ -1164,6 +1207,7 @@ proptest! {
     fn state_machine_matches_the_reference_model(
         steps in prop::collection::vec(timed_step(), 1..48),
         split in any::<prop::sample::Index>(),
+        save_every in 1usize..6,
     ) {
         let commands = commands(&steps);
         let mut state = StateMachine::new(config());
@@ -1171,13 +1215,23 @@ proptest! {
         let mut model = Model::new(config());
         let split = split.index(commands.len());
         let mut restored: Option<StateMachine> = None;
+        let mut loaded: Option<StateMachine> = None;
+        // The saved tables, kept up to date from the deltas, as the
+        // replica's writer keeps them.
+        let mut disk = SavedTables::default();
         for (index, command) in commands.iter().enumerate() {
             if index == split {
                 let bytes = state.snapshot();
                 let copy = StateMachine::restore(config(), &bytes)
                     .map_err(|error| TestCaseError::fail(error.to_string()))?;
-                prop_assert_eq!(copy.snapshot(), bytes);
+                prop_assert_eq!(copy.snapshot(), bytes.clone());
                 restored = Some(copy);
+                disk.save(&mut state, index as u64);
+                let copy = disk.load().map_err(TestCaseError::fail)?;
+                prop_assert_eq!(copy.snapshot(), bytes, "loaded from the saved tables");
+                loaded = Some(copy);
+            } else if index % save_every == 0 {
+                disk.save(&mut state, index as u64);
             }
             let applied = state.apply(command);
             let expected = model.apply(command);
@@ -1187,7 +1241,13 @@ proptest! {
             if let Some(copy) = restored.as_mut() {
                 prop_assert_eq!(&copy.apply(command), &applied, "after restore, command {}", index);
             }
+            if let Some(copy) = loaded.as_mut() {
+                prop_assert_eq!(&copy.apply(command), &applied, "after load, command {}", index);
+            }
         }
+        disk.save(&mut state, commands.len() as u64);
+        let reloaded = disk.load().map_err(TestCaseError::fail)?;
+        prop_assert_eq!(reloaded.snapshot(), state.snapshot(), "the saved tables hold the state");
         prop_assert_eq!(state.dump_nodes(), model.dump_nodes());
         prop_assert_eq!(state.session_deadlines_ms(5, 7), model.session_deadlines_ms(5, 7));
         prop_assert_eq!(state.snapshot(), twin.snapshot());

@@ -265,7 +265,7 @@ async fn a_full_restart_from_disk_keeps_writes_sessions_and_locks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_replica_down_through_compaction_catches_up_by_snapshot() {
     let mut cluster = Cluster::start(3, |config| {
-        config.limits.snapshot_interval_slots = 500;
+        config.limits.state_flush_interval_ms = 50;
         config.limits.log_retain_slots = 100;
     })
     .await;

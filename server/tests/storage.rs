@@ -1,7 +1,11 @@
 //! Tests of the replica's redb storage (`synod_server::storage`). Round
 //! trips: batches persisted, then the database reopened, must give exactly
 //! the `DurableState` that `DurableState::apply` gives for the same batches
-//! (by hand, and as a proptest of random batch sequences with reopens).
+//! (by hand, and as a proptest of random batch sequences with reopens), and
+//! the state tables exactly the records the state deltas and installed
+//! snapshots left (staging over several commits, deltas meanwhile). Every
+//! commit of the crash workload mixes batches and state writes, as the
+//! replica's writer does.
 //! Refusals: a wrong cluster or node id, another format version, a damaged
 //! record, inconsistent meta, a file that is not a database, and a database
 //! already open are each refused with an error naming the file. Crash
@@ -33,7 +37,8 @@ use synod_paxos::{
     Value,
 };
 use synod_server::storage::{
-    database_path, Identity, Recovered, SavedSnapshot, Storage, StorageError,
+    database_path, Identity, Recovered, SavedStateHeader, StateDelta, StateTable, StateWrite,
+    Storage, StorageError, Write,
 };
 
 // ---------------------------------------------------------------------------
@@ -57,83 +62,213 @@ fn commands(payload: &[u8]) -> Value {
     })
 }
 
-/// The reference: what the storage must hold after the calls so far.
+/// The records of a saved state, as the storage must give them back.
+type Records = BTreeMap<(StateTable, Vec<u8>), Vec<u8>>;
+
+/// A saved state: its header and records.
 #[derive(Clone, Debug, PartialEq, Eq)]
+struct SavedState {
+    header: SavedStateHeader,
+    records: Records,
+}
+
+/// The reference: what the storage must hold after the calls so far.
+#[derive(Clone, Debug)]
 struct Model {
     durable: DurableState,
-    snapshot: Option<SavedSnapshot>,
+    state: Option<SavedState>,
+    /// Records staged for an install, if one is under way (lost on reopen,
+    /// never read back).
+    staging: Option<Records>,
 }
 
 impl Model {
     fn new() -> Model {
         Model {
             durable: DurableState::bootstrap(members(&[1, 2, 3])),
-            snapshot: None,
+            state: None,
+            staging: None,
         }
     }
 
-    fn matches(&self, recovered: &Recovered) -> bool {
-        recovered.durable == self.durable && recovered.snapshot == self.snapshot
+    /// Whether a reopened database holds this model's durable state and
+    /// saved state.
+    fn matches(&self, storage: &Storage, recovered: &Recovered) -> bool {
+        recovered.durable == self.durable
+            && recovered.state == self.state.as_ref().map(|state| state.header.clone())
+            && read_records(storage).ok()
+                == Some(
+                    self.state
+                        .as_ref()
+                        .map(|state| state.records.clone())
+                        .unwrap_or_default(),
+                )
     }
-}
 
-/// One call on the storage.
-#[derive(Clone, Debug)]
-enum Call {
-    Persist(Vec<Persist>),
-    SaveSnapshot {
-        through: Slot,
-        membership: Membership,
-        bytes: Vec<u8>,
-    },
-}
+    fn state_through(&self) -> Option<Slot> {
+        self.state.as_ref().map(|state| state.header.through)
+    }
 
-impl Call {
-    fn apply(&self, model: &mut Model) {
-        match self {
-            Call::Persist(batches) => {
-                for batch in batches {
-                    model.durable.apply(batch);
+    fn apply(&mut self, write: &Write) {
+        match write {
+            Write::Persist(batch) => self.durable.apply(batch),
+            Write::State(StateWrite::Delta(delta)) => {
+                let Some(header) = &delta.header else {
+                    return;
+                };
+                let state = self.state.get_or_insert_with(|| SavedState {
+                    header: header.clone(),
+                    records: Records::new(),
+                });
+                state.header = header.clone();
+                for ((table, key), value) in &delta.changes {
+                    let key = (*table, key.to_vec());
+                    match value {
+                        Some(value) => {
+                            state.records.insert(key, value.clone());
+                        }
+                        None => {
+                            state.records.remove(&key);
+                        }
+                    }
                 }
             }
-            Call::SaveSnapshot {
-                through,
-                membership,
-                bytes,
-            } => {
-                model.snapshot = Some(SavedSnapshot {
-                    through: *through,
-                    membership: membership.clone(),
-                    bytes: bytes.clone(),
+            Write::State(StateWrite::StageBegin) => self.staging = Some(Records::new()),
+            Write::State(StateWrite::Stage(records)) => {
+                let staging = self.staging.as_mut().expect("staging began");
+                for (table, key, value) in records {
+                    staging.insert((*table, key.to_vec()), value.clone());
+                }
+            }
+            Write::State(StateWrite::StageActivate(header)) => {
+                self.state = Some(SavedState {
+                    header: header.clone(),
+                    records: self.staging.take().expect("staging began"),
                 });
             }
         }
     }
+}
+
+/// Every record of the saved state, in order.
+fn read_records(storage: &Storage) -> Result<Records, StorageError> {
+    let mut records = Records::new();
+    let mut last: Option<(StateTable, Vec<u8>)> = None;
+    let mut in_order = true;
+    storage.read_state(&mut |record| {
+        let key = (record.table, record.key.to_vec());
+        in_order &= last.as_ref().is_none_or(|last| *last < key);
+        last = Some(key.clone());
+        records.insert(key, record.value.to_vec());
+        Ok(())
+    })?;
+    assert!(in_order, "records come in table then key order");
+    Ok(records)
+}
+
+/// One call on the storage: one commit.
+#[derive(Clone, Debug)]
+struct Call(Vec<Write>);
+
+impl Call {
+    fn persist(batches: Vec<Persist>) -> Call {
+        Call(batches.into_iter().map(Write::Persist).collect())
+    }
+
+    fn apply(&self, model: &mut Model) {
+        for write in &self.0 {
+            model.apply(write);
+        }
+    }
 
     fn run(&self, storage: &mut Storage) -> Result<(), StorageError> {
-        match self {
-            Call::Persist(batches) => storage.persist(batches),
-            Call::SaveSnapshot {
-                through,
-                membership,
-                bytes,
-            } => storage.save_snapshot(*through, membership, bytes),
-        }
+        storage.commit(&self.0)
+    }
+
+    /// Whether the commit must sync (it changes something).
+    fn changes_anything(&self) -> bool {
+        self.0.iter().any(|write| match write {
+            Write::Persist(batch) => !batch.is_empty(),
+            Write::State(StateWrite::Delta(delta)) => !delta.is_empty(),
+            Write::State(_) => true,
+        })
     }
 }
 
 /// Makes a batch legal for the storage: compaction only below the saved
-/// snapshot (the storage refuses anything else, as tested separately).
-fn legalize(batch: &mut Persist, snapshot: Option<&SavedSnapshot>) {
+/// state (the storage refuses anything else, as tested separately).
+fn legalize(batch: &mut Persist, model: &Model) {
     if let Some(below) = batch.compact_below {
-        let limit = snapshot.map_or(0, |snapshot| snapshot.through + 1);
+        let limit = model.state_through().map_or(0, |through| through + 1);
         batch.compact_below = Some(below.min(limit));
     }
 }
 
-/// Clamps a snapshot so that it leaves no gap before the log start.
+/// Clamps a saved state's slot so that it leaves no gap before the log
+/// start and never goes back.
 fn legal_through(through: Slot, model: &Model) -> Slot {
-    through.max(model.durable.log_start.saturating_sub(1))
+    through
+        .max(model.durable.log_start.saturating_sub(1))
+        .max(model.state_through().unwrap_or(0))
+}
+
+/// A header through `through` with some scalars.
+fn header(through: Slot, model: &Model, scalars: &[u8]) -> SavedStateHeader {
+    SavedStateHeader {
+        through,
+        membership: model.durable.membership.clone(),
+        scalars: scalars.to_vec(),
+    }
+}
+
+/// A key in a small space, so that writes overwrite and removes hit.
+fn state_key(rng: &mut ChaCha8Rng) -> (StateTable, Box<[u8]>) {
+    let table = StateTable::ALL[rng.random_range(0..StateTable::ALL.len())];
+    let key = match table {
+        StateTable::Sessions => rng.random_range(0u64..40).to_be_bytes().to_vec(),
+        _ => format!("/k/{:03}", rng.random_range(0..120)).into_bytes(),
+    };
+    (table, key.into_boxed_slice())
+}
+
+fn state_value(rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let length = if rng.random_bool(0.05) {
+        rng.random_range(0..60_000)
+    } else {
+        rng.random_range(0..300)
+    };
+    (0..length).map(|_| rng.random()).collect()
+}
+
+/// A random state write legal after `model`.
+fn random_state_write(rng: &mut ChaCha8Rng, model: &Model) -> Write {
+    let applied = model.durable.chosen_through;
+    let through = legal_through(rng.random_range(0..=applied.max(1)), model);
+    let write = match (model.staging.is_some(), rng.random_range(0..10)) {
+        (false, 0) => StateWrite::StageBegin,
+        (true, 0..=2) => StateWrite::Stage(
+            (0..rng.random_range(0..40))
+                .map(|_| {
+                    let (table, key) = state_key(rng);
+                    (table, key, state_value(rng))
+                })
+                .collect(),
+        ),
+        (true, 3) => StateWrite::StageActivate(header(through, model, b"installed")),
+        _ => {
+            let changes = (0..rng.random_range(0..30))
+                .map(|_| {
+                    let value = (!rng.random_bool(0.25)).then(|| state_value(rng));
+                    (state_key(rng), value)
+                })
+                .collect();
+            StateWrite::Delta(StateDelta {
+                header: Some(header(through, model, &through.to_le_bytes())),
+                changes,
+            })
+        }
+    };
+    Write::State(write)
 }
 
 fn open_image(bytes: &[u8], name: &str) -> Result<(Storage, Recovered), StorageError> {
@@ -370,12 +505,12 @@ fn scripted_calls() -> Vec<Call> {
         value: commands(payload),
     };
     vec![
-        Call::Persist(vec![Persist {
+        Call::persist(vec![Persist {
             id: 1,
             promised: Some(ballot(1, 1)),
             ..Persist::default()
         }]),
-        Call::Persist(vec![
+        Call::persist(vec![
             Persist {
                 id: 2,
                 accepted: vec![accept(1, 1, b"a"), accept(2, 1, b"b"), accept(3, 1, b"c")],
@@ -393,7 +528,7 @@ fn scripted_calls() -> Vec<Call> {
                 ..Persist::default()
             },
         ]),
-        Call::Persist(vec![Persist {
+        Call::persist(vec![Persist {
             id: 4,
             promised: Some(ballot(2, 3)),
             // Replaces slot 3's record.
@@ -406,18 +541,38 @@ fn scripted_calls() -> Vec<Call> {
             chosen_through: Some(1),
             ..Persist::default()
         }]),
-        Call::SaveSnapshot {
-            through: 2,
-            membership: members(&[1, 2, 3]),
-            bytes: b"state machine through slot 2".to_vec(),
-        },
-        Call::Persist(vec![Persist {
+        Call(vec![Write::State(StateWrite::Delta(StateDelta {
+            header: Some(SavedStateHeader {
+                through: 2,
+                membership: members(&[1, 2, 3]),
+                scalars: b"state machine through slot 2".to_vec(),
+            }),
+            changes: [
+                (
+                    (StateTable::Nodes, Box::from(&b"/"[..])),
+                    Some(b"root".to_vec()),
+                ),
+                (
+                    (StateTable::Nodes, Box::from(&b"/a"[..])),
+                    Some(b"a".to_vec()),
+                ),
+                (
+                    (StateTable::Sessions, Box::from(&7u64.to_be_bytes()[..])),
+                    Some(vec![7]),
+                ),
+                // Removing what is not there is harmless.
+                ((StateTable::Locks, Box::from(&b"/lock"[..])), None),
+            ]
+            .into_iter()
+            .collect(),
+        }))]),
+        Call::persist(vec![Persist {
             id: 5,
             chosen_through: Some(4),
             compact_below: Some(2),
             ..Persist::default()
         }]),
-        Call::Persist(vec![
+        Call::persist(vec![
             Persist {
                 id: 6,
                 // Below the log start: ignored, as `DurableState::apply` does.
@@ -432,7 +587,7 @@ fn scripted_calls() -> Vec<Call> {
             },
         ]),
         // An empty batch is acknowledged without a commit.
-        Call::Persist(vec![Persist {
+        Call::persist(vec![Persist {
             id: 8,
             ..Persist::default()
         }]),
@@ -453,19 +608,17 @@ fn persisted_batches_reopen_as_durable_state_apply_leaves_them() {
         call.apply(&mut model);
     }
     assert_eq!(
-        storage.load_snapshot().expect("load the snapshot"),
-        model.snapshot
+        Some(read_records(&storage).expect("read the state")),
+        model.state.as_ref().map(|state| state.records.clone())
     );
+    assert_eq!(storage.state_through(), Some(2));
     storage.close().expect("close");
 
     let (storage, recovered) = Storage::open(&path, &identity()).expect("reopen");
-    assert_eq!(recovered.durable, model.durable);
-    assert_eq!(recovered.snapshot, model.snapshot);
-    // The state is one a core can restart from, after the snapshot.
-    let through = model
-        .snapshot
-        .as_ref()
-        .map_or(0, |snapshot| snapshot.through);
+    assert!(model.matches(&storage, &recovered));
+    assert_eq!(read_records(&storage).expect("records").len(), 3);
+    // The state is one a core can restart from, after the saved state.
+    let through = model.state_through().unwrap_or(0);
     recovered
         .durable
         .check(through + 1)
@@ -487,27 +640,86 @@ fn persisted_batches_reopen_as_durable_state_apply_leaves_them() {
 }
 
 #[test]
-fn snapshots_larger_than_a_chunk_round_trip_and_replace_each_other() {
+fn deltas_and_installed_states_round_trip_and_replace_each_other() {
     let backend = CrashBackend::default();
     let mut model = Model::new();
     let mut storage =
         Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
             .expect("create");
     let mut rng = ChaCha8Rng::seed_from_u64(7);
-    for (through, length) in [(0, 3_500_000usize), (5, 0), (9, 1 << 20), (12, 17)] {
-        let bytes: Vec<u8> = (0..length).map(|_| rng.random()).collect();
-        let call = Call::SaveSnapshot {
-            through,
-            membership: members(&[1, 2, 3]),
-            bytes,
-        };
-        call.run(&mut storage).expect("save");
-        call.apply(&mut model);
-        assert_eq!(storage.load_snapshot().expect("load"), model.snapshot);
+    let big = |rng: &mut ChaCha8Rng, length: usize| -> Vec<u8> {
+        (0..length).map(|_| rng.random()).collect()
+    };
+    let mut calls = Vec::new();
+    // A delta, one that overwrites and removes, and values of many pages.
+    for (through, keys) in [(0u64, 0..50u32), (5, 25..80)] {
+        let changes = keys
+            .map(|index| {
+                let key = (
+                    StateTable::Nodes,
+                    Box::from(format!("/n/{index:04}").as_bytes()),
+                );
+                let value =
+                    (index % 7 != 3).then(|| big(&mut rng, (index as usize * 997) % 70_000));
+                (key, value)
+            })
+            .collect();
+        calls.push(Call(vec![Write::State(StateWrite::Delta(StateDelta {
+            header: Some(header(through, &model, b"delta")),
+            changes,
+        }))]));
     }
+    // An install over several commits, deltas to the live state meanwhile,
+    // then the installed state replaces it whole.
+    calls.push(Call(vec![Write::State(StateWrite::StageBegin)]));
+    for part in 0..3u32 {
+        let records = (0..40u32)
+            .map(|index| {
+                let key = format!("/s/{:04}", part * 40 + index);
+                (
+                    StateTable::Locks,
+                    Box::from(key.as_bytes()),
+                    big(&mut rng, 3_000),
+                )
+            })
+            .collect();
+        calls.push(Call(vec![Write::State(StateWrite::Stage(records))]));
+        calls.push(Call(vec![Write::State(StateWrite::Delta(StateDelta {
+            header: Some(header(6 + u64::from(part), &model, b"meanwhile")),
+            changes: [(
+                (StateTable::Sessions, Box::from(&[part as u8; 8][..])),
+                Some(vec![1]),
+            )]
+            .into_iter()
+            .collect(),
+        }))]));
+    }
+    calls.push(Call(vec![Write::State(StateWrite::StageActivate(header(
+        12,
+        &model,
+        b"installed",
+    )))]));
+    // Deltas go on against the installed state.
+    calls.push(Call(vec![Write::State(StateWrite::Delta(StateDelta {
+        header: Some(header(13, &model, b"after")),
+        changes: [((StateTable::Locks, Box::from(&b"/s/0000"[..])), None)]
+            .into_iter()
+            .collect(),
+    }))]));
+    for call in calls {
+        call.run(&mut storage).expect("commit");
+        call.apply(&mut model);
+        assert_eq!(
+            read_records(&storage).ok(),
+            model.state.as_ref().map(|state| state.records.clone())
+        );
+    }
+    let records = &model.state.as_ref().expect("a state").records;
+    assert_eq!(records.len(), 119, "the installed state, less one removed");
+    assert!(records.keys().all(|(table, _)| *table == StateTable::Locks));
     drop(storage);
-    let (_storage, recovered) = open_image(&backend.live_image(), "reopened").expect("reopen");
-    assert!(model.matches(&recovered));
+    let (storage, recovered) = open_image(&backend.live_image(), "reopened").expect("reopen");
+    assert!(model.matches(&storage, &recovered));
 }
 
 fn ballot_strategy() -> impl Strategy<Value = Ballot> {
@@ -577,15 +789,21 @@ fn batch_strategy() -> impl Strategy<Value = Persist> {
 #[derive(Clone, Debug)]
 enum RawCall {
     Persist(Vec<Persist>),
-    SaveSnapshot(Slot, Vec<u8>),
+    SaveState(Slot, Vec<(u8, Option<Vec<u8>>)>),
     Reopen,
 }
 
 fn raw_call_strategy() -> impl Strategy<Value = RawCall> {
     prop_oneof![
         6 => proptest::collection::vec(batch_strategy(), 1..4).prop_map(RawCall::Persist),
-        2 => (0u64..32, proptest::collection::vec(any::<u8>(), 0..64))
-            .prop_map(|(through, bytes)| RawCall::SaveSnapshot(through, bytes)),
+        2 => (
+            0u64..32,
+            proptest::collection::vec(
+                (0u8..16, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64))),
+                0..8,
+            ),
+        )
+            .prop_map(|(through, changes)| RawCall::SaveState(through, changes)),
         1 => Just(RawCall::Reopen),
     ]
 }
@@ -611,23 +829,25 @@ proptest! {
                     for batch in &mut batches {
                         batch.id = next_id;
                         next_id += 1;
-                        legalize(batch, model.snapshot.as_ref());
+                        legalize(batch, &model);
                     }
-                    Call::Persist(batches)
+                    Call::persist(batches)
                 }
-                RawCall::SaveSnapshot(through, bytes) => Call::SaveSnapshot {
-                    through: legal_through(through, &model),
-                    membership: model.durable.membership.clone(),
-                    bytes,
-                },
+                RawCall::SaveState(through, changes) => Call(vec![Write::State(StateWrite::Delta(StateDelta {
+                    header: Some(header(legal_through(through, &model), &model, &[])),
+                    changes: changes
+                        .into_iter()
+                        .map(|(key, value)| ((StateTable::Nodes, Box::from(&[key][..])), value))
+                        .collect(),
+                }))]),
                 RawCall::Reopen => {
                     drop(storage);
                     backend = CrashBackend::from_image(backend.live_image());
                     let (reopened, recovered) =
                         Storage::open_with_backend(backend.clone(), "memory", &identity())
                             .expect("reopen");
-                    prop_assert_eq!(&recovered.durable, &model.durable);
-                    prop_assert_eq!(&recovered.snapshot, &model.snapshot);
+                    prop_assert!(model.matches(&reopened, &recovered));
+                    model.staging = None;
                     storage = reopened;
                     // The new `Storage` starts numbering batches afresh, as a restarted core does.
                     next_id = 1;
@@ -638,9 +858,8 @@ proptest! {
             call.apply(&mut model);
         }
         drop(storage);
-        let (_storage, recovered) = open_image(&backend.live_image(), "memory").expect("reopen");
-        prop_assert_eq!(&recovered.durable, &model.durable);
-        prop_assert_eq!(&recovered.snapshot, &model.snapshot);
+        let (storage, recovered) = open_image(&backend.live_image(), "memory").expect("reopen");
+        prop_assert!(model.matches(&storage, &recovered), "{:?}", recovered);
     }
 }
 
@@ -743,7 +962,7 @@ fn another_format_version_is_refused() {
             error,
             StorageError::FormatVersion {
                 found: 99,
-                expected: 1,
+                expected: 2,
                 ..
             }
         ),
@@ -815,36 +1034,55 @@ fn inconsistent_meta_is_refused() {
 }
 
 #[test]
-fn a_damaged_snapshot_is_refused() {
+fn a_damaged_state_record_is_refused() {
     let (_directory, path) = database_on_disk();
     {
         let (mut storage, _) = Storage::open(&path, &identity()).expect("open");
         storage
-            .save_snapshot(1, &members(&[1, 2, 3]), &[5u8; 3000])
+            .commit(&[Write::State(StateWrite::Delta(StateDelta {
+                header: Some(SavedStateHeader {
+                    through: 1,
+                    membership: members(&[1, 2, 3]),
+                    scalars: vec![1, 2, 3],
+                }),
+                changes: [(
+                    (StateTable::Nodes, Box::from(&b"/a"[..])),
+                    Some(vec![5u8; 300]),
+                )]
+                .into_iter()
+                .collect(),
+            }))])
             .expect("save");
         storage.close().expect("close");
     }
     {
+        // redb stores the damaged value faithfully, with valid page
+        // checksums: only the record's own CRC-32 can catch it.
         let database = redb::Database::open(&path).expect("raw open");
         let transaction = database.begin_write().expect("raw write");
         {
-            let mut chunks = transaction
-                .open_table(TableDefinition::<u64, &[u8]>::new("synod_snapshot_chunks"))
-                .expect("chunks table");
-            let mut chunk = chunks
-                .get(0)
+            let mut nodes = transaction
+                .open_table(TableDefinition::<&[u8], &[u8]>::new("synod_state_nodes.0"))
+                .expect("nodes table");
+            let mut value = nodes
+                .get(&b"/a"[..])
                 .expect("raw read")
-                .expect("chunk 0 exists")
+                .expect("/a exists")
                 .value()
                 .to_vec();
-            chunk[100] ^= 1;
-            chunks.insert(0, chunk.as_slice()).expect("raw insert");
+            value[100] ^= 1;
+            nodes
+                .insert(&b"/a"[..], value.as_slice())
+                .expect("raw insert");
         }
         transaction.commit().expect("raw commit");
     }
-    let error = Storage::open(&path, &identity()).expect_err("damaged snapshot");
+    let (storage, recovered) = Storage::open(&path, &identity()).expect("the log is intact");
+    assert_eq!(recovered.state.map(|state| state.through), Some(1));
+    let error = read_records(&storage).expect_err("damaged record");
     assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
-    assert!(error.to_string().contains("snapshot CRC-32"), "{error}");
+    assert!(error.to_string().contains("nodes record \"/a\""), "{error}");
+    assert!(error.to_string().contains("CRC-32"), "{error}");
     assert_mentions_path(&error, &path);
 }
 
@@ -924,11 +1162,49 @@ fn illegal_calls_are_refused_and_poison() {
             compact_below: Some(3),
             ..Persist::default()
         }])
-        .expect_err("compaction past the snapshot");
+        .expect_err("compaction past the saved state");
     assert!(matches!(error, StorageError::Refused { .. }), "{error}");
     assert!(storage.poisoned().is_some());
-    let error = storage.load_snapshot().expect_err("poisoned");
+    let error = read_records(&storage).expect_err("poisoned");
     assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
+
+    // A saved state may not go back, leave a gap before the log, or be
+    // installed without staging; each is refused and writes nothing.
+    let model = Model::new();
+    let delta = |through| {
+        Write::State(StateWrite::Delta(StateDelta {
+            header: Some(header(through, &model, b"")),
+            changes: BTreeMap::new(),
+        }))
+    };
+    for (writes, what) in [
+        (vec![delta(5), delta(4)], "back"),
+        (
+            vec![Write::State(StateWrite::StageActivate(header(
+                9, &model, b"",
+            )))],
+            "before staging began",
+        ),
+        (
+            vec![Write::State(StateWrite::Stage(vec![(
+                StateTable::Nodes,
+                Box::from(&b"/"[..]),
+                vec![],
+            )]))],
+            "before staging began",
+        ),
+    ] {
+        let mut storage = Storage::create_with_backend(
+            InMemoryBackend::new(),
+            "memory",
+            identity(),
+            &model.durable,
+        )
+        .expect("create");
+        let error = storage.commit(&writes).expect_err("refused");
+        assert!(matches!(error, StorageError::Refused { .. }), "{error}");
+        assert!(error.to_string().contains(what), "{error}");
+    }
 
     let mut storage = Storage::create_with_backend(
         InMemoryBackend::new(),
@@ -960,64 +1236,63 @@ fn illegal_calls_are_refused_and_poison() {
 // ---------------------------------------------------------------------------
 // 3. Crash images.
 
-/// A random call of the crash workload, legal for the model.
+/// A random call of the crash workload, legal for the model: batches and
+/// state writes in one commit, as the replica's writer makes them.
 fn random_call(rng: &mut ChaCha8Rng, model: &Model, next_id: &mut u64) -> Call {
-    let log_end = model.durable.log.keys().next_back().copied().unwrap_or(0);
-    if rng.random_bool(0.12) {
-        let applied = model.durable.chosen_through.min(log_end);
-        let through = legal_through(rng.random_range(0..=applied), model);
-        let length = if rng.random_bool(0.2) {
-            rng.random_range(0..1_500_000)
-        } else {
-            rng.random_range(0..5_000)
-        };
-        let membership = model.durable.membership.clone();
-        return Call::SaveSnapshot {
-            through,
-            membership,
-            bytes: (0..length).map(|_| rng.random()).collect(),
-        };
-    }
-    let mut batches = Vec::new();
+    // Writes are legal against the model as the earlier ones in the same
+    // commit leave it.
+    let mut scratch = model.clone();
+    let mut writes = Vec::new();
     for _ in 0..rng.random_range(1..=4) {
-        let mut batch = Persist {
-            id: *next_id,
-            ..Persist::default()
+        let write = if rng.random_bool(0.25) {
+            random_state_write(rng, &scratch)
+        } else {
+            Write::Persist(random_batch(rng, &scratch, next_id))
         };
-        *next_id += 1;
-        if rng.random_bool(0.3) {
-            batch.promised = Some(Ballot::new(rng.random_range(0..20), rng.random_range(1..4)));
-        }
-        for _ in 0..rng.random_range(0..6) {
-            let slot = log_end.saturating_sub(3) + rng.random_range(0..8);
-            let payload: Vec<u8> = (0..rng.random_range(0..3_000))
-                .map(|_| rng.random())
-                .collect();
-            batch.accepted.push(AcceptedEntry {
-                slot,
-                ballot: Ballot::new(rng.random_range(0..20), rng.random_range(1..4)),
-                value: commands(&payload),
-            });
-        }
-        if rng.random_bool(0.2) {
-            batch.learned.push(ChosenEntry {
-                slot: log_end + rng.random_range(0..3),
-                value: Value::Noop,
-            });
-        }
-        if rng.random_bool(0.4) {
-            batch.chosen_through = Some(log_end.saturating_sub(rng.random_range(0..3)));
-        }
-        if rng.random_bool(0.15) {
-            batch.compact_below = Some(rng.random_range(0..=log_end));
-            legalize(&mut batch, model.snapshot.as_ref());
-        }
-        if rng.random_bool(0.05) {
-            batch.membership = Some(members(&[1, 2, 3, rng.random_range(4..9)]));
-        }
-        batches.push(batch);
+        scratch.apply(&write);
+        writes.push(write);
     }
-    Call::Persist(batches)
+    Call(writes)
+}
+
+fn random_batch(rng: &mut ChaCha8Rng, model: &Model, next_id: &mut u64) -> Persist {
+    let log_end = model.durable.log.keys().next_back().copied().unwrap_or(0);
+    let mut batch = Persist {
+        id: *next_id,
+        ..Persist::default()
+    };
+    *next_id += 1;
+    if rng.random_bool(0.3) {
+        batch.promised = Some(Ballot::new(rng.random_range(0..20), rng.random_range(1..4)));
+    }
+    for _ in 0..rng.random_range(0..6) {
+        let slot = log_end.saturating_sub(3) + rng.random_range(0..8);
+        let payload: Vec<u8> = (0..rng.random_range(0..3_000))
+            .map(|_| rng.random())
+            .collect();
+        batch.accepted.push(AcceptedEntry {
+            slot,
+            ballot: Ballot::new(rng.random_range(0..20), rng.random_range(1..4)),
+            value: commands(&payload),
+        });
+    }
+    if rng.random_bool(0.2) {
+        batch.learned.push(ChosenEntry {
+            slot: log_end + rng.random_range(0..3),
+            value: Value::Noop,
+        });
+    }
+    if rng.random_bool(0.4) {
+        batch.chosen_through = Some(log_end.saturating_sub(rng.random_range(0..3)));
+    }
+    if rng.random_bool(0.15) {
+        batch.compact_below = Some(rng.random_range(0..=log_end));
+        legalize(&mut batch, model);
+    }
+    if rng.random_bool(0.05) {
+        batch.membership = Some(members(&[1, 2, 3, rng.random_range(4..9)]));
+    }
+    batch
 }
 
 /// What reopening a crash image gave.
@@ -1063,20 +1338,20 @@ fn check_image(
             image.how
         )),
         Ok(Ok((storage, recovered))) => {
-            drop(storage);
-            if after.matches(&recovered) {
+            if after.matches(&storage, &recovered) {
                 Ok(Outcome::After)
-            } else if before.is_some_and(|before| before.matches(&recovered)) {
+            } else if before.is_some_and(|before| before.matches(&storage, &recovered)) {
                 Ok(Outcome::Before)
             } else {
                 Err(format!(
-                    "{context}: the image ({}) holds a state that is neither before nor after the call: promised {}, chosen_through {}, log_start {}, {} log entries, snapshot through {:?}",
+                    "{context}: the image ({}) holds a state that is neither before nor after the call: promised {}, chosen_through {}, log_start {}, {} log entries, state through {:?}, {:?} records",
                     image.how,
                     recovered.durable.promised,
                     recovered.durable.chosen_through,
                     recovered.durable.log_start,
                     recovered.durable.log.len(),
-                    recovered.snapshot.as_ref().map(|snapshot| snapshot.through),
+                    recovered.state.as_ref().map(|state| state.through),
+                    read_records(&storage).map(|records| records.len()),
                 ))
             }
         }
@@ -1165,7 +1440,7 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
         };
         tally.check(&acknowledged, None, &model, false, &context);
         let syncs = backend.disk().syncs;
-        if matches!(&call, Call::Persist(batches) if !batches.iter().all(Persist::is_empty)) {
+        if call.changes_anything() {
             assert!(
                 syncs > syncs_before,
                 "seed {seed}: call {call_index} committed without a sync"
@@ -1189,15 +1464,20 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
             let (restarted, recovered) =
                 Storage::open_with_backend(backend.clone(), "memory", &identity())
                     .unwrap_or_else(|error| panic!("{context}: restart failed: {error}"));
-            let recovered = Model {
-                durable: recovered.durable,
-                snapshot: recovered.snapshot,
+            let recovered = if model.matches(&restarted, &recovered) {
+                model.clone()
+            } else if before.matches(&restarted, &recovered) {
+                before.clone()
+            } else {
+                panic!(
+                    "{context}: the restart recovered neither the state before nor after the call"
+                )
             };
-            assert!(
-                recovered == model || recovered == before,
-                "{context}: the restart recovered neither the state before nor after the call"
-            );
-            model = recovered;
+            // What was staged is lost with the process, as in the replica.
+            model = Model {
+                staging: None,
+                ..recovered
+            };
             storage = restarted;
             // A restarted core numbers its batches from 1 again.
             next_id = 1;
@@ -1255,7 +1535,7 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
     let mut storage =
         Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
             .expect("create");
-    let first = Call::Persist(vec![Persist {
+    let first = Call::persist(vec![Persist {
         id: 1,
         promised: Some(Ballot::new(1, 1)),
         accepted: vec![AcceptedEntry {
@@ -1289,8 +1569,8 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
     for result in [
         storage.persist(&third),
         storage.persist(&[]),
-        storage.save_snapshot(1, &members(&[1, 2, 3]), b"x"),
-        storage.load_snapshot().map(|_| ()),
+        storage.commit(&[Write::State(StateWrite::StageBegin)]),
+        read_records(&storage).map(|_| ()),
     ] {
         let error = result.expect_err("poisoned");
         assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
@@ -1304,8 +1584,12 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
     assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
 
     // Restarting from what reached the disk gives the acknowledged state.
-    let (_storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
-    assert!(model.matches(&recovered), "{:?}", recovered.durable);
+    let (storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
+    assert!(
+        model.matches(&storage, &recovered),
+        "{:?}",
+        recovered.durable
+    );
 }
 
 #[test]
@@ -1317,7 +1601,7 @@ fn recovered_state_restarts_a_paxos_core() {
     drop(Storage::create(&path, identity(), &state).expect("create"));
     let (_storage, recovered) = Storage::open(&path, &identity()).expect("open");
     assert_eq!(recovered.durable, state);
-    assert_eq!(recovered.snapshot, None);
+    assert_eq!(recovered.state, None);
     let config = synod_paxos::Config::new(2, 7);
     synod_paxos::Node::new(config, recovered.durable, 1, 0).expect("the core starts");
 }
@@ -1331,7 +1615,15 @@ fn a_failed_write_poisons_the_storage_too() {
             .expect("create");
     backend.disk().fail_writes = true;
     let error = storage
-        .save_snapshot(0, &members(&[1, 2, 3]), &[7u8; 100_000])
+        .commit(&[Write::State(StateWrite::Delta(StateDelta {
+            header: Some(header(0, &model, b"")),
+            changes: [(
+                (StateTable::Nodes, Box::from(&b"/"[..])),
+                Some(vec![7u8; 100_000]),
+            )]
+            .into_iter()
+            .collect(),
+        }))])
         .expect_err("the write fails");
     assert!(matches!(error, StorageError::Database { .. }), "{error}");
     backend.disk().fail_writes = false;
@@ -1348,8 +1640,8 @@ fn a_failed_write_poisons_the_storage_too() {
         "{error}"
     );
     drop(storage);
-    let (_storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
-    assert!(model.matches(&recovered));
+    let (storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
+    assert!(model.matches(&storage, &recovered));
 }
 
 #[test]
@@ -1405,10 +1697,13 @@ fn flipped_bits_are_refused_or_harmless_and_never_panic() {
                 assert_eq!(error.path(), Path::new("damaged"), "{error}");
                 refused += 1;
             }
-            Ok(Ok((_storage, recovered))) if model.matches(&recovered) => intact += 1,
-            Ok(Ok((_storage, recovered))) => {
+            Ok(Ok((storage, _))) if read_records(&storage).is_err() => refused += 1,
+            Ok(Ok((storage, recovered))) if model.matches(&storage, &recovered) => intact += 1,
+            Ok(Ok((storage, recovered))) => {
                 assert!(
-                    history.iter().any(|earlier| earlier.matches(&recovered)),
+                    history
+                        .iter()
+                        .any(|earlier| earlier.matches(&storage, &recovered)),
                     "seed {seed}: byte {offset} flipped opened to a state that never existed"
                 );
                 older += 1;

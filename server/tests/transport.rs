@@ -37,8 +37,8 @@ use synod_proto::wire::{encode_frame, ClientFrame, Hello, ServerFrame, DEFAULT_M
 use synod_proto::PROTOCOL_VERSION;
 use synod_server::transport::{
     ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, PeerNetwork,
-    PeerNetworkConfig, Snapshot, TransportError, TransportLimits, CLOSE_NORMAL,
-    CLOSE_PROTOCOL_ERROR,
+    PeerNetworkConfig, SnapshotPiece, SnapshotSource, TransportError, TransportLimits,
+    CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR,
 };
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -578,13 +578,65 @@ async fn bad_peer_frames_close_only_that_connection() {
     shutdown_all(nodes).await;
 }
 
+/// A source streaming `data` in 64 KiB chunks, failing after `fail_after`
+/// chunks when given.
+fn chunked_source(
+    through_slot: u64,
+    data: Bytes,
+    fail_after: Option<usize>,
+) -> Arc<dyn SnapshotSource> {
+    Arc::new(move || {
+        let (pieces, receiver) = mpsc::channel(4);
+        let data = data.clone();
+        tokio::spawn(async move {
+            let _ = pieces.send(SnapshotPiece::Start { through_slot }).await;
+            for (index, start) in (0..data.len()).step_by(64 << 10).enumerate() {
+                if fail_after == Some(index) {
+                    let _ = pieces
+                        .send(SnapshotPiece::Failed("the disk went away".into()))
+                        .await;
+                    return;
+                }
+                let end = (start + (64 << 10)).min(data.len());
+                if pieces
+                    .send(SnapshotPiece::Chunk(data.slice(start..end)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            let _ = pieces.send(SnapshotPiece::End).await;
+        });
+        receiver
+    })
+}
+
+/// Fetches a whole snapshot into memory: its slot and bytes.
+async fn fetch_all(
+    network: &PeerNetwork<Envelope>,
+    from: NodeId,
+) -> Result<(u64, Vec<u8>), TransportError> {
+    let (chunks, mut arriving) = mpsc::channel::<Bytes>(4);
+    let collect = tokio::spawn(async move {
+        let mut data = Vec::new();
+        while let Some(chunk) = arriving.recv().await {
+            data.extend_from_slice(&chunk);
+        }
+        data
+    });
+    let through = network.fetch_snapshot(from, chunks).await;
+    let data = collect.await.expect("collector");
+    through.map(|through| (through, data))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_streams_across() {
     let (_dir, certs) = certificates();
     let (nodes, _) = start_cluster(&certs);
 
     // Nothing registered yet: a readable error, not a hang.
-    match nodes[&2].network.fetch_snapshot(1).await {
+    match fetch_all(&nodes[&2].network, 1).await {
         Err(TransportError::SnapshotUnavailable { from: 1, .. }) => {}
         other => panic!("expected SnapshotUnavailable, got {other:?}"),
     }
@@ -594,34 +646,38 @@ async fn a_snapshot_streams_across() {
         .map(|index| (index.wrapping_mul(2_654_435_761) >> 24) as u8)
         .collect();
     let data = Bytes::from(data);
-    let served = Snapshot {
-        through_slot: 4242,
-        data: data.clone(),
-    };
-    let source = served.clone();
     nodes[&1]
         .network
-        .register_snapshot_source(Arc::new(move || Some(source.clone())));
+        .register_snapshot_source(chunked_source(4242, data.clone(), None));
     let started = std::time::Instant::now();
-    let fetched = nodes[&2]
-        .network
-        .fetch_snapshot(1)
+    let (through, fetched) = fetch_all(&nodes[&2].network, 1)
         .await
         .expect("snapshot fetched");
     let elapsed = started.elapsed();
-    assert_eq!(fetched.through_slot, 4242);
-    assert_eq!(fetched.data.len(), data.len());
-    assert!(fetched.data == data, "snapshot bytes differ");
+    assert_eq!(through, 4242);
+    assert_eq!(fetched.len(), data.len());
+    assert!(fetched == data, "snapshot bytes differ");
     eprintln!("{} bytes of snapshot in {elapsed:?}", data.len());
+
+    // A source that fails part-way is an error, not a short snapshot.
+    nodes[&1]
+        .network
+        .register_snapshot_source(chunked_source(4242, data.clone(), Some(3)));
+    match fetch_all(&nodes[&2].network, 1).await {
+        Err(TransportError::SnapshotUnavailable { from: 1, reason }) => {
+            assert!(reason.contains("the disk went away"), "{reason}")
+        }
+        other => panic!("expected SnapshotUnavailable, got {other:?}"),
+    }
 
     // Unknown peers are an error at once.
     assert!(matches!(
-        nodes[&2].network.fetch_snapshot(9).await,
+        fetch_all(&nodes[&2].network, 9).await,
         Err(TransportError::UnknownPeer(9))
     ));
     shutdown_all(nodes).await;
 
-    // A fetcher with a smaller bound refuses before reading the bytes.
+    // A fetcher with a smaller bound refuses once the bytes pass it.
     let sockets: Vec<UdpSocket> = (0..2).map(|_| bind_local()).collect();
     let members: BTreeMap<NodeId, SocketAddr> = sockets
         .iter()
@@ -638,7 +694,7 @@ async fn a_snapshot_streams_across() {
     );
     server
         .network
-        .register_snapshot_source(Arc::new(move || Some(served.clone())));
+        .register_snapshot_source(chunked_source(4242, data, None));
     let (delivered, _inbox) = mpsc::channel::<Envelope>(16);
     let small = PeerNetwork::start_on(
         sockets.next().expect("socket"),
@@ -657,8 +713,15 @@ async fn a_snapshot_streams_across() {
         delivered,
     )
     .expect("starts");
-    match small.fetch_snapshot(1).await {
-        Err(TransportError::SnapshotTooLarge { from: 1, max, .. }) => assert_eq!(max, 1 << 20),
+    match fetch_all(&small, 1).await {
+        Err(TransportError::SnapshotTooLarge {
+            from: 1,
+            max,
+            bytes,
+        }) => {
+            assert_eq!(max, 1 << 20);
+            assert!(bytes > max && bytes <= max + (64 << 10), "{bytes}");
+        }
         other => panic!("expected SnapshotTooLarge, got {other:?}"),
     }
     small.shutdown().await;

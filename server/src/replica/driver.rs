@@ -39,9 +39,11 @@ use synod_proto::{Error, Request, Response, Revision, SessionId, SessionSecret, 
 
 use super::proposal::{Origin, Proposal};
 use super::sessions::SessionTracker;
+use super::snapshot::FetchedState;
 use crate::config::ReplicaConfig;
 use crate::state::watch::{EventHistory, WatchRegistry};
 use crate::state::{Applied, StateMachine};
+use crate::storage::{SavedStateHeader, StateDelta};
 use crate::transport::identity::{identity_hex, IdentityView};
 use crate::transport::{InboundFrame, ReplySender};
 
@@ -111,11 +113,12 @@ pub enum Input {
     },
     /// Every persist batch up to this id is durable.
     Persisted(u64),
-    /// A snapshot of the state machine through this slot is durable.
-    SnapshotSaved(Slot),
-    /// A snapshot fetched from another replica (the state machine's bytes,
-    /// as saved there, and the slot it covers), or why it failed.
-    SnapshotFetched(Result<(Slot, Vec<u8>), String>),
+    /// The state machine's tables are durable through this slot: the log
+    /// below it (less the retained tail) may go.
+    StateSaved(Slot),
+    /// A snapshot fetched from another replica, staged on disk and rebuilt
+    /// in memory, or why it failed.
+    SnapshotFetched(Result<FetchedState, String>),
     /// Time passed.
     Tick,
 }
@@ -125,26 +128,13 @@ pub enum Input {
 pub enum StorageJob {
     /// Make the Paxos core's batch durable (group commit merges many).
     Persist(synod_paxos::Persist),
-    /// Save a snapshot of the state machine covering every slot through
-    /// `through`.
-    SaveSnapshot {
-        /// The last slot the snapshot covers.
-        through: Slot,
-        /// The membership in force.
-        membership: synod_paxos::Membership,
-        /// [`StateMachine::snapshot`] bytes.
-        bytes: Vec<u8>,
-    },
-    /// Install a snapshot fetched from another replica (durably, like
-    /// [`StorageJob::SaveSnapshot`]) before the core hears of it.
-    InstallSnapshot {
-        /// The last slot it covers.
-        through: Slot,
-        /// The membership in force.
-        membership: synod_paxos::Membership,
-        /// The bytes.
-        bytes: Vec<u8>,
-    },
+    /// What applying entries changed in the state machine, through a slot
+    /// (the writer folds these together and writes them now and then; see
+    /// [`super::storage_thread`]).
+    SaveState(StateDelta),
+    /// Make the staged snapshot fetched from a peer the saved state, before
+    /// the core hears of it (later jobs cannot overtake it).
+    ActivateState(SavedStateHeader),
 }
 
 /// What the runner must carry out after each input.
@@ -156,6 +146,9 @@ pub struct Outbox {
     pub storage: Vec<StorageJob>,
     /// Fetch a snapshot from this replica.
     pub fetch_snapshot: Option<u64>,
+    /// A replaced state to drop off the event loop (dropping a large one
+    /// takes a while).
+    pub discarded_state: Option<Box<StateMachine>>,
     /// The replica must stop (a fatal storage error, or a corrupt log).
     pub fatal: Option<String>,
 }
@@ -243,8 +236,6 @@ pub struct Driver {
     reads_retry: Vec<PendingRead>,
     reads_at_slot: BTreeMap<(Slot, u64), PendingRead>,
     reads_at_revision: BTreeMap<(Revision, u64), PendingRead>,
-    last_snapshot_slot: Slot,
-    snapshot_in_progress: bool,
     fetching_snapshot: bool,
     last_tick_proposal_ms: u64,
     outbox: Outbox,
@@ -267,7 +258,6 @@ impl Driver {
             limits.path_bytes_max,
         );
         let history = EventHistory::new(limits.event_history_max);
-        let last_snapshot_slot = node.apply_next().saturating_sub(1);
         Driver {
             config,
             node,
@@ -291,8 +281,6 @@ impl Driver {
             reads_retry: Vec::new(),
             reads_at_slot: BTreeMap::new(),
             reads_at_revision: BTreeMap::new(),
-            last_snapshot_slot,
-            snapshot_in_progress: false,
             fetching_snapshot: false,
             last_tick_proposal_ms: now_ms,
             outbox: Outbox::default(),
@@ -347,10 +335,7 @@ impl Driver {
             Input::ClientFrame { id, frame } => self.on_client_frame(id, frame),
             Input::ClientDisconnected { id } => self.on_disconnected(id),
             Input::Persisted(batch) => self.node.persisted(now, batch),
-            Input::SnapshotSaved(through) => {
-                self.snapshot_in_progress = false;
-                self.node.compact(through);
-            }
+            Input::StateSaved(through) => self.node.compact(through),
             Input::SnapshotFetched(result) => self.on_snapshot_fetched(result),
             Input::Tick => self.on_tick(),
         }
@@ -1026,51 +1011,50 @@ impl Driver {
         self.outbox.peer.push((leader, message));
     }
 
-    fn on_snapshot_fetched(&mut self, result: Result<(Slot, Vec<u8>), String>) {
+    fn on_snapshot_fetched(&mut self, result: Result<FetchedState, String>) {
         self.fetching_snapshot = false;
-        let (through, bytes) = match result {
+        let fetched = match result {
             Ok(fetched) => fetched,
             Err(error) => {
                 tracing::warn!(node = self.config.id, %error, "snapshot fetch failed");
                 return;
             }
         };
+        let FetchedState { header, state } = fetched;
+        let through = header.through;
         if through < self.node.apply_next() {
             return;
         }
-        match StateMachine::restore(self.config.state_config(), &bytes) {
-            Ok(state)
-                if self.state.cluster_identity().is_some()
-                    && state.cluster_identity() != self.state.cluster_identity() =>
-            {
-                // The transport refuses peers of another identity, so this
-                // cannot come from the cluster; never adopt it.
-                tracing::error!(
-                    node = self.config.id,
-                    "fetched snapshot belongs to another cluster identity; refused"
-                );
-            }
-            Ok(state) => {
-                tracing::info!(node = self.config.id, through, "installing snapshot");
-                self.state = state;
-                let membership = self.node.membership().clone();
-                self.outbox.storage.push(StorageJob::InstallSnapshot {
-                    through,
-                    membership: membership.clone(),
-                    bytes,
-                });
-                // The runner reports SnapshotSaved after the install is
-                // durable; the core may hear of it now because the storage
-                // jobs run in order: no later persist overtakes it.
-                self.node
-                    .snapshot_installed(self.now_ms, through, membership);
-                self.last_snapshot_slot = through;
-                self.after_apply();
-            }
-            Err(error) => {
-                tracing::warn!(node = self.config.id, %error, "fetched snapshot refused");
-            }
+        if self.state.cluster_identity().is_some()
+            && state.cluster_identity() != self.state.cluster_identity()
+        {
+            // The transport refuses peers of another identity, so this
+            // cannot come from the cluster; never adopt it.
+            tracing::error!(
+                node = self.config.id,
+                "fetched snapshot belongs to another cluster identity; refused"
+            );
+            return;
         }
+        if !header.membership.contains(self.config.id) {
+            tracing::warn!(
+                node = self.config.id,
+                through,
+                "fetched snapshot is of a membership without this replica; refused"
+            );
+            return;
+        }
+        tracing::info!(node = self.config.id, through, "installing snapshot");
+        let membership = header.membership.clone();
+        let old = std::mem::replace(&mut self.state, *state);
+        self.outbox.discarded_state = Some(Box::new(old));
+        self.outbox.storage.push(StorageJob::ActivateState(header));
+        // The writer reports StateSaved once the state is live on disk; the
+        // core may hear of it now because the storage jobs run in order: no
+        // later persist (its compaction above all) overtakes it.
+        self.node
+            .snapshot_installed(self.now_ms, through, membership);
+        self.after_apply();
     }
 
     /// Takes the core's outputs until it has none.
@@ -1110,6 +1094,7 @@ impl Driver {
             for entry in chosen {
                 self.apply_entry(entry);
             }
+            self.save_changes();
             self.after_apply();
         }
         for outcome in reads {
@@ -1273,8 +1258,7 @@ impl Driver {
         self.answer(connection, cost, frame);
     }
 
-    /// After entries were applied: serve reads that waited for them, and
-    /// save a snapshot when enough slots have gone by.
+    /// After entries were applied: serve reads that waited for them.
     fn after_apply(&mut self) {
         let applied = self.node.apply_next().saturating_sub(1);
         let ready: Vec<(Slot, u64)> = self
@@ -1298,16 +1282,14 @@ impl Driver {
                 self.serve_read(read);
             }
         }
-        let interval = self.config.limits.snapshot_interval_slots;
-        if !self.snapshot_in_progress && applied >= self.last_snapshot_slot + interval {
-            self.snapshot_in_progress = true;
-            self.last_snapshot_slot = applied;
-            self.outbox.storage.push(StorageJob::SaveSnapshot {
-                through: applied,
-                membership: self.node.membership().clone(),
-                bytes: self.state.snapshot(),
-            });
-        }
+    }
+
+    /// Hands what the applied entries changed to the writer, through the
+    /// last slot applied. Costs what changed, not the size of the state.
+    fn save_changes(&mut self) {
+        let applied = self.node.apply_next().saturating_sub(1);
+        let delta = self.state.take_delta(applied, self.node.membership());
+        self.outbox.storage.push(StorageJob::SaveState(delta));
     }
 
     /// Applies the chosen log the core holds from disk, before the replica

@@ -2,8 +2,9 @@
 //! by one event loop, with QUIC transport to peers and clients.
 //!
 //! [`Replica::start`] opens (or, with `bootstrap`, creates) the database,
-//! restores the state machine from its saved snapshot, starts the core
-//! (which replays the chosen log after the snapshot), binds the peer and
+//! loads the state machine from its tables, starts the core (which replays
+//! the chosen log after the saved state: at most one flush interval of
+//! writes, see [`storage_thread`]), binds the peer and
 //! client endpoints, and runs the event loop until [`Replica::shutdown`] or
 //! a fatal error. The chosen log on disk is applied before the endpoints
 //! bind, so the cluster identity the state holds is in the first peer
@@ -15,6 +16,7 @@ pub mod driver;
 mod net;
 pub mod proposal;
 pub mod sessions;
+pub mod snapshot;
 mod storage_thread;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -29,13 +31,14 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ReplicaConfig;
+use crate::state::records::StateLoader;
 use crate::state::StateMachine;
-use crate::storage::{database_path, Identity, Storage};
-use crate::transport::{ClientConnection, ClusterIdentity, Snapshot};
+use crate::storage::{database_path, Identity, Recovered, Storage};
+use crate::transport::{ClientConnection, ClusterIdentity};
 
 pub use driver::{Driver, Input, PeerMessage, StorageJob};
 use net::Endpoints;
-use storage_thread::{WriterEvent, WriterRequest};
+use storage_thread::{WriterEvent, WriterRequest, WriterSettings};
 
 /// How often the event loop ticks the core.
 const TICK_INTERVAL: Duration = Duration::from_millis(10);
@@ -181,13 +184,40 @@ fn open_storage(
         let storage = Storage::create(&path, identity, &durable)?;
         return Ok((
             storage,
-            crate::storage::Recovered {
+            Recovered {
                 durable,
-                snapshot: None,
+                state: None,
             },
         ));
     }
     Ok(Storage::open(&path, &identity)?)
+}
+
+/// Loads the saved state machine (or starts an empty one) and says from
+/// which slot the core must replay the log.
+fn load_state(
+    config: &ReplicaConfig,
+    storage: &Storage,
+    recovered: &Recovered,
+) -> Result<(StateMachine, u64), ReplicaError> {
+    let Some(header) = &recovered.state else {
+        return Ok((StateMachine::new(config.state_config()), 0));
+    };
+    let started = Instant::now();
+    let mut loader = StateLoader::new(config.state_config());
+    storage.read_state(&mut |record| loader.record(record))?;
+    let records = loader.records();
+    let state = loader
+        .finish(&header.scalars)
+        .map_err(|error| ReplicaError::Start(format!("saved state: {error}")))?;
+    tracing::info!(
+        node = config.id,
+        through = header.through,
+        records,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "state loaded"
+    );
+    Ok((state, header.through + 1))
 }
 
 impl Replica {
@@ -202,14 +232,7 @@ impl Replica {
     ) -> Result<Replica, ReplicaError> {
         let clock = Clock::new();
         let (storage, recovered) = open_storage(&config, options.bootstrap, options.join)?;
-        let (state, apply_from) = match &recovered.snapshot {
-            Some(saved) => {
-                let state = StateMachine::restore(config.state_config(), &saved.bytes)
-                    .map_err(|error| ReplicaError::Start(format!("saved snapshot: {error}")))?;
-                (state, saved.through + 1)
-            }
-            None => (StateMachine::new(config.state_config()), 0),
-        };
+        let (state, apply_from) = load_state(&config, &storage, &recovered)?;
         let seed = clock.now_ms() ^ u64::from(std::process::id()).rotate_left(32) ^ config.id;
         let node = Node::new(
             config.paxos_config(seed),
@@ -221,7 +244,12 @@ impl Replica {
 
         let (writer_requests, writer_receiver) = std_mpsc::channel::<WriterRequest>();
         let (writer_events, writer_events_receiver) = mpsc::unbounded_channel();
-        let writer = storage_thread::spawn(storage, writer_receiver, writer_events)
+        let state_reader = storage.state_reader();
+        let settings = WriterSettings {
+            state_flush_interval: Duration::from_millis(config.limits.state_flush_interval_ms),
+            state_flush_bytes_max: config.limits.state_flush_bytes_max,
+        };
+        let writer = storage_thread::spawn(storage, settings, writer_receiver, writer_events)
             .map_err(|error| ReplicaError::Start(format!("cannot start the writer: {error}")))?;
 
         let mut driver = Driver::new(config.clone(), node, state, clock.now_ms());
@@ -241,19 +269,13 @@ impl Replica {
 
         let (peer_inbound, peer_receiver) = mpsc::channel::<PeerMessage>(65_536);
         let (connections, connection_receiver) = mpsc::channel::<ClientConnection>(1024);
-        let served = Arc::new(std::sync::RwLock::new(recovered.snapshot.as_ref().map(
-            |saved| Snapshot {
-                through_slot: saved.through,
-                data: bytes::Bytes::from(saved.bytes.clone()),
-            },
-        )));
         let endpoints = Endpoints::start(
             &config,
             options.peer_socket,
             options.client_socket,
             peer_inbound,
             connections,
-            served,
+            state_reader,
             identity.clone(),
         )?;
         let client_address = endpoints.client_address();
@@ -427,25 +449,40 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
             break Err(ReplicaError::Fatal(error));
         }
         for job in outbox.storage {
-            if let StorageJob::SaveSnapshot { through, bytes, .. }
-            | StorageJob::InstallSnapshot { through, bytes, .. } = &job
-            {
-                // Peers may be served this snapshot at once: it reflects
-                // chosen entries only, whether or not it is durable here yet.
-                run.endpoints.set_snapshot(*through, bytes.clone());
-            }
             if run.writer.send(WriterRequest::Job(job)).is_err() {
                 break;
             }
+        }
+        if let Some(old) = outbox.discarded_state {
+            // Freeing a large state takes a while: not on the event loop.
+            tokio::task::spawn_blocking(move || drop(old));
         }
         if !outbox.peer.is_empty() {
             run.endpoints.send(outbox.peer);
         }
         if let Some(from) = outbox.fetch_snapshot {
-            let fetch = run.endpoints.fetch_snapshot(from);
+            let (chunks, arriving) = mpsc::channel(snapshot::CHUNKS_IN_FLIGHT);
+            let fetch = run.endpoints.fetch_snapshot(from, chunks);
+            let writer = run.writer.clone();
+            let config = run.driver.state().config().clone();
+            let runtime = tokio::runtime::Handle::current();
             let fetched = fetched.clone();
             tokio::spawn(async move {
-                let result = fetch.await;
+                let install = tokio::task::spawn_blocking(move || {
+                    snapshot::install(arriving, writer, config, runtime)
+                });
+                let transfer = fetch.await;
+                let installed = install
+                    .await
+                    .unwrap_or_else(|error| Err(format!("installing the snapshot: {error}")));
+                let result = match (transfer, installed) {
+                    (Ok(through), Ok(state)) if through == state.header.through => Ok(state),
+                    (Ok(through), Ok(state)) => Err(format!(
+                        "the snapshot announced slot {through} but holds slot {}",
+                        state.header.through
+                    )),
+                    (Err(error), _) | (Ok(_), Err(error)) => Err(error),
+                };
                 let _ = fetched.send(Input::SnapshotFetched(result)).await;
             });
         }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,13 +13,11 @@ use tokio::sync::mpsc;
 use super::driver::PeerMessage;
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
+use crate::storage::StateReader;
 use crate::transport::{
     ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, ConnectionBounds,
-    PeerNetwork, PeerNetworkConfig, Snapshot, TransportLimits,
+    PeerNetwork, PeerNetworkConfig, TransportLimits,
 };
-
-/// The latest saved snapshot, handed to peers that need it.
-pub type SharedSnapshot = Arc<RwLock<Option<Snapshot>>>;
 
 /// The peer network and the client listener of one replica.
 pub struct Endpoints {
@@ -27,7 +25,6 @@ pub struct Endpoints {
     clients: Option<ClientListener>,
     peer_address: SocketAddr,
     client_address: SocketAddr,
-    snapshot: SharedSnapshot,
 }
 
 /// The transport's limits from the replica's configuration. Never panics,
@@ -79,7 +76,7 @@ fn permit_count(count: u64) -> usize {
 impl Endpoints {
     /// Binds both endpoints. Peer messages arrive on `inbound`, client
     /// connections on `connections`; peers asking for a snapshot get the
-    /// one in `snapshot`. Peers are judged by the cluster identity in
+    /// saved state `state` reads, streamed. Peers are judged by the cluster identity in
     /// `identity`.
     ///
     /// # Errors
@@ -92,7 +89,7 @@ impl Endpoints {
         client_socket: Option<UdpSocket>,
         inbound: mpsc::Sender<PeerMessage>,
         connections: mpsc::Sender<ClientConnection>,
-        snapshot: SharedSnapshot,
+        state: StateReader,
         identity: Arc<ClusterIdentity>,
     ) -> Result<Endpoints, ReplicaError> {
         let material = config
@@ -118,10 +115,7 @@ impl Endpoints {
             Some(socket) => PeerNetwork::start_on(socket, peer_config, inbound)?,
             None => PeerNetwork::start(peer_config, inbound)?,
         };
-        let served = snapshot.clone();
-        peers.register_snapshot_source(Arc::new(move || {
-            served.read().ok().and_then(|guard| guard.clone())
-        }));
+        peers.register_snapshot_source(Arc::new(move || super::snapshot::serve(state.clone())));
         let client_config = ClientListenerConfig {
             node_id: config.id,
             listen: me.client_address,
@@ -143,7 +137,6 @@ impl Endpoints {
             clients: Some(clients),
             peer_address,
             client_address,
-            snapshot,
         })
     }
 
@@ -163,28 +156,18 @@ impl Endpoints {
             .send(messages.into_iter().map(|(_, message)| message).collect());
     }
 
-    /// Makes a newly saved snapshot the one served to peers.
-    pub fn set_snapshot(&self, through_slot: u64, data: Vec<u8>) {
-        if let Ok(mut guard) = self.snapshot.write() {
-            *guard = Some(Snapshot {
-                through_slot,
-                data: Bytes::from(data),
-            });
-        }
-    }
-
-    /// Fetches the latest snapshot of peer `from`: the slot it covers and
-    /// the state machine's bytes.
+    /// Fetches the latest snapshot of peer `from`, handing its chunks to
+    /// `chunks` as they arrive; resolves to the slot it covers.
     pub fn fetch_snapshot(
         &self,
         from: u64,
-    ) -> impl Future<Output = Result<(u64, Vec<u8>), String>> + Send + 'static {
+        chunks: mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<u64, String>> + Send + 'static {
         let peers = self.peers.clone();
         async move {
             peers
-                .fetch_snapshot(from)
+                .fetch_snapshot(from, chunks)
                 .await
-                .map(|snapshot| (snapshot.through_slot, snapshot.data.to_vec()))
                 .map_err(|error| error.to_string())
         }
     }

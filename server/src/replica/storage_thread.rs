@@ -2,41 +2,81 @@
 //! the driver's jobs durable in order.
 //!
 //! Group commit: while one commit is in flight, jobs keep queueing; the next
-//! round takes everything queued and writes every consecutive persist batch
-//! in one transaction (one fsync). Snapshot saves go in order with them, so a
-//! compaction never overtakes the snapshot that covers it.
+//! round takes everything queued and writes it in one transaction (one
+//! fsync), in order.
+//!
+//! The state machine's changes ([`StorageJob::SaveState`]) are not written
+//! at once: they are folded into one pending delta (a key changed many
+//! times is written once) and written with the round that comes after
+//! [`WriterSettings::state_flush_interval`] has passed since the first of
+//! them, or as soon as they hold [`WriterSettings::state_flush_bytes_max`].
+//! Nothing is lost meanwhile: the log holds every entry they came from, and
+//! is compacted only below a saved state (the driver compacts when it hears
+//! [`Input::StateSaved`]). So a restart loads the saved state and replays
+//! at most one interval of the log, and a B-tree page that many changes
+//! touch is written once per interval instead of once per commit.
 //!
 //! Fail-stop: the first error is reported to the driver as fatal and the
 //! thread stops; the replica exits and recovers from disk.
 
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use synod_paxos::Persist;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::driver::{Input, StorageJob};
-use crate::storage::Storage;
+use crate::storage::{StateDelta, StateTable, StateWrite, Storage, Write};
 
 /// Most jobs taken in one group-commit round.
 const JOBS_PER_ROUND_MAX: usize = 4096;
+
+/// When the state machine's changes are written.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterSettings {
+    /// Longest time a change waits before it is written.
+    pub state_flush_interval: Duration,
+    /// Pending changes are written once they hold this many bytes.
+    pub state_flush_bytes_max: u64,
+}
 
 /// A request to the writer thread.
 pub enum WriterRequest {
     /// A job from the driver.
     Job(StorageJob),
+    /// A piece of a snapshot being installed, from the task fetching it:
+    /// [`StateWrite::StageBegin`] first, then [`StateWrite::Stage`]s. The
+    /// permit is released once the piece is durable, which paces the fetch
+    /// to the disk.
+    Stage {
+        /// The write.
+        write: StateWrite,
+        /// Held until the write is durable.
+        permit: Option<OwnedSemaphorePermit>,
+    },
 }
+
+/// Records of a staged snapshot, as the writer takes them.
+pub type StagedRecords = Vec<(StateTable, Box<[u8]>, Vec<u8>)>;
 
 /// Starts the writer thread.
 pub fn spawn(
     mut storage: Storage,
+    settings: WriterSettings,
     requests: std_mpsc::Receiver<WriterRequest>,
     completions: mpsc::UnboundedSender<WriterEvent>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("synod-storage".into())
         .spawn(move || {
-            if let Err(error) = run(&mut storage, &requests, &completions) {
+            let mut writer = Writer {
+                storage: &mut storage,
+                settings,
+                completions: &completions,
+                pending: StateDelta::default(),
+                pending_since: None,
+            };
+            if let Err(error) = writer.run(&requests) {
                 let _ = completions.send(WriterEvent::Failed(error));
                 return;
             }
@@ -49,66 +89,110 @@ pub fn spawn(
 /// What the writer tells the replica.
 #[derive(Debug)]
 pub enum WriterEvent {
-    /// A driver input: `Persisted` or `SnapshotSaved`.
+    /// A driver input: `Persisted` or `StateSaved`.
     Done(Input),
     /// A write failed; the replica must stop.
     Failed(String),
 }
 
-fn run(
-    storage: &mut Storage,
-    requests: &std_mpsc::Receiver<WriterRequest>,
-    completions: &mpsc::UnboundedSender<WriterEvent>,
-) -> Result<(), String> {
-    while let Ok(first) = requests.recv() {
-        let mut round = vec![first];
-        while round.len() < JOBS_PER_ROUND_MAX {
-            match requests.try_recv() {
-                Ok(request) => round.push(request),
-                Err(_) => break,
+struct Writer<'a> {
+    storage: &'a mut Storage,
+    settings: WriterSettings,
+    completions: &'a mpsc::UnboundedSender<WriterEvent>,
+    /// The state machine's changes not written yet, folded together.
+    pending: StateDelta,
+    /// When the oldest of them arrived.
+    pending_since: Option<Instant>,
+}
+
+impl Writer<'_> {
+    fn run(&mut self, requests: &std_mpsc::Receiver<WriterRequest>) -> Result<(), String> {
+        loop {
+            let first = match self.pending_since {
+                None => match requests.recv() {
+                    Ok(request) => Some(request),
+                    Err(_) => break,
+                },
+                Some(since) => {
+                    let due = since + self.settings.state_flush_interval;
+                    let wait = due.saturating_duration_since(Instant::now());
+                    match requests.recv_timeout(wait) {
+                        Ok(request) => Some(request),
+                        Err(std_mpsc::RecvTimeoutError::Timeout) => None,
+                        Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            let mut round: Vec<WriterRequest> = first.into_iter().collect();
+            while round.len() < JOBS_PER_ROUND_MAX {
+                match requests.try_recv() {
+                    Ok(request) => round.push(request),
+                    Err(_) => break,
+                }
             }
+            self.round(round, false)?;
         }
-        let mut batches: Vec<Persist> = Vec::new();
+        // The driver is gone: save what is pending, so that a clean restart
+        // replays nothing.
+        self.round(Vec::new(), true)
+    }
+
+    /// Writes one round in one commit, then reports it.
+    fn round(&mut self, round: Vec<WriterRequest>, last: bool) -> Result<(), String> {
+        let mut writes: Vec<Write> = Vec::with_capacity(round.len() + 1);
+        let mut permits = Vec::new();
+        let mut last_batch = None;
+        let mut saved_through = None;
         for request in round {
             match request {
-                WriterRequest::Job(StorageJob::Persist(batch)) => batches.push(batch),
-                WriterRequest::Job(StorageJob::SaveSnapshot {
-                    through,
-                    membership,
-                    bytes,
-                })
-                | WriterRequest::Job(StorageJob::InstallSnapshot {
-                    through,
-                    membership,
-                    bytes,
-                }) => {
-                    flush(storage, &mut batches, completions)?;
-                    storage
-                        .save_snapshot(through, &membership, &bytes)
-                        .map_err(|error| error.to_string())?;
-                    let _ = completions.send(WriterEvent::Done(Input::SnapshotSaved(through)));
+                WriterRequest::Job(StorageJob::Persist(batch)) => {
+                    last_batch = Some(batch.id);
+                    writes.push(Write::Persist(batch));
+                }
+                WriterRequest::Job(StorageJob::SaveState(delta)) => {
+                    self.pending_since.get_or_insert_with(Instant::now);
+                    self.pending.merge(delta);
+                }
+                WriterRequest::Job(StorageJob::ActivateState(header)) => {
+                    // The installed state supersedes every change pending
+                    // for the old one (they are all for earlier slots).
+                    self.pending = StateDelta::default();
+                    self.pending_since = None;
+                    saved_through = Some(header.through);
+                    writes.push(Write::State(StateWrite::StageActivate(header)));
+                }
+                WriterRequest::Stage { write, permit } => {
+                    permits.extend(permit);
+                    writes.push(Write::State(write));
                 }
             }
         }
-        flush(storage, &mut batches, completions)?;
+        let due = self.pending_since.is_some_and(|since| {
+            since.elapsed() >= self.settings.state_flush_interval
+                || self.pending.bytes() >= self.settings.state_flush_bytes_max
+        });
+        if (due || last) && !self.pending.is_empty() {
+            let delta = std::mem::take(&mut self.pending);
+            self.pending_since = None;
+            saved_through = delta.through().or(saved_through);
+            writes.push(Write::State(StateWrite::Delta(delta)));
+        }
+        self.storage
+            .commit(&writes)
+            .map_err(|error| error.to_string())?;
+        drop(permits);
+        if let Some(id) = last_batch {
+            let _ = self
+                .completions
+                .send(WriterEvent::Done(Input::Persisted(id)));
+        }
+        if let Some(through) = saved_through {
+            let _ = self
+                .completions
+                .send(WriterEvent::Done(Input::StateSaved(through)));
+        }
+        Ok(())
     }
-    Ok(())
-}
-
-fn flush(
-    storage: &mut Storage,
-    batches: &mut Vec<Persist>,
-    completions: &mpsc::UnboundedSender<WriterEvent>,
-) -> Result<(), String> {
-    let Some(last) = batches.last().map(|batch| batch.id) else {
-        return Ok(());
-    };
-    storage
-        .persist(batches)
-        .map_err(|error| error.to_string())?;
-    batches.clear();
-    let _ = completions.send(WriterEvent::Done(Input::Persisted(last)));
-    Ok(())
 }
 
 #[cfg(test)]
@@ -121,7 +205,7 @@ mod tests {
 
     use redb::backends::InMemoryBackend;
     use redb::StorageBackend;
-    use synod_paxos::{Ballot, DurableState, Membership};
+    use synod_paxos::{Ballot, DurableState, Membership, Persist};
 
     use super::*;
     use crate::storage::Identity;
@@ -183,7 +267,11 @@ mod tests {
         .expect("create");
         let (requests, receiver) = std_mpsc::channel();
         let (events, mut completions) = mpsc::unbounded_channel();
-        let writer = spawn(storage, receiver, events).expect("spawn");
+        let settings = WriterSettings {
+            state_flush_interval: Duration::from_secs(1),
+            state_flush_bytes_max: 1 << 20,
+        };
+        let writer = spawn(storage, settings, receiver, events).expect("spawn");
 
         requests
             .send(WriterRequest::Job(promise(1, 1)))

@@ -17,6 +17,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 use synod_proto::{Error, Event, EventType, LeaderInfo, LockMode, Revision, Sequencer, SessionId};
 
+use super::records::DirtyKeys;
+
 /// What a lock's path is used for; a path serves one kind at a time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum LockKind {
@@ -93,6 +95,8 @@ pub(crate) struct LockTable {
     by_session: BTreeSet<(SessionId, Box<str>)>,
     /// Derived: (delayed_until_ms, path) for every lock in a lock-delay.
     delayed: BTreeSet<(u64, Box<str>)>,
+    /// Locks changed since the last [`LockTable::take_dirty`].
+    dirty: DirtyKeys<Box<str>>,
 }
 
 impl LockTable {
@@ -114,6 +118,7 @@ impl LockTable {
             next_generation,
             by_session: BTreeSet::new(),
             delayed: BTreeSet::new(),
+            dirty: DirtyKeys::default(),
         };
         for (path, state) in &table.locks {
             for holder in &state.holders {
@@ -133,6 +138,23 @@ impl LockTable {
             }
         }
         Ok(table)
+    }
+
+    /// The locks changed since the last call, in path order.
+    pub fn take_dirty(&mut self) -> BTreeSet<Box<str>> {
+        self.dirty.take()
+    }
+
+    /// Marks every lock changed (a new state saves all of them).
+    pub fn mark_all_dirty(&mut self) {
+        for path in self.locks.keys() {
+            self.dirty.mark(path);
+        }
+    }
+
+    /// The lock at a path, if it is in use.
+    pub fn get(&self, path: &str) -> Option<&LockState> {
+        self.locks.get(path)
     }
 
     /// The replicated parts: the locks and the next generation.
@@ -185,6 +207,7 @@ impl LockTable {
             delayed_until_ms: 0,
         });
         *fx.mutated = true;
+        self.dirty.mark(&key);
         self.by_session.insert((session, key));
         let grantable = state.waiters.is_empty()
             && state.delayed_until_ms <= fx.now_ms
@@ -249,6 +272,7 @@ impl LockTable {
         }
         *fx.mutated = true;
         let key: Box<str> = Box::from(path);
+        self.dirty.mark(&key);
         self.by_session.remove(&(session, key.clone()));
         self.serve(&key, leader_before, fx);
         Ok(())
@@ -270,6 +294,7 @@ impl LockTable {
                 continue;
             };
             *fx.mutated = true;
+            self.dirty.mark(&path);
             let leader_before = leader_identity(state);
             if let Some(index) = state.holders.iter().position(|h| h.session == session) {
                 let holder = state.holders.remove(index);
@@ -296,6 +321,7 @@ impl LockTable {
             }
             self.delayed.remove(&(until_ms, path.clone()));
             *fx.mutated = true;
+            self.dirty.mark(&path);
             let leader_before = match self.locks.get_mut(&path) {
                 Some(state) => {
                     state.delayed_until_ms = 0;

@@ -30,6 +30,7 @@
 pub mod config;
 mod lock;
 pub mod path;
+pub mod records;
 mod session;
 pub mod snapshot;
 mod tree;
@@ -192,6 +193,8 @@ pub struct StateMachine {
     locks: LockTable,
     cluster_identity: Option<u128>,
     confirmed_members: std::collections::BTreeSet<u64>,
+    /// Sessions changed since the last [`StateMachine::take_delta`].
+    dirty_sessions: records::DirtyKeys<SessionId>,
 }
 
 /// The accumulating output of one command.
@@ -216,6 +219,7 @@ impl StateMachine {
             locks: LockTable::new(),
             cluster_identity: None,
             confirmed_members: std::collections::BTreeSet::new(),
+            dirty_sessions: records::DirtyKeys::default(),
         }
     }
 
@@ -435,6 +439,7 @@ impl StateMachine {
             Command::CheckpointSessions { remaining, .. } => {
                 for entry in remaining {
                     if let Some(session) = self.sessions.get_mut(&entry.session) {
+                        self.dirty_sessions.mark(&entry.session);
                         session.remaining_ms = entry.remaining_ms.min(session.timeout_ms);
                         session.checkpoint_time_ms = self.now_ms;
                         out.mutated = true;
@@ -468,6 +473,7 @@ impl StateMachine {
         if let (Command::Client { request, .. }, Some(response)) = (command, &response) {
             if let Some(session) = self.sessions.get_mut(&request.session) {
                 if request.sequence > session.last_sequence {
+                    self.dirty_sessions.mark(&request.session);
                     session.last_sequence = request.sequence;
                     session.last_response = Some(response.clone());
                 }
@@ -764,6 +770,7 @@ impl StateMachine {
             },
         );
         *self.sessions_per_owner.entry(owner.to_owned()).or_insert(0) += 1;
+        self.dirty_sessions.mark(&session);
         out.mutated = true;
         Ok(OpResult::SessionOpened {
             session,
@@ -778,6 +785,7 @@ impl StateMachine {
         revision: Revision,
         out: &mut Output,
     ) {
+        self.dirty_sessions.mark(&session);
         if let Some(record) = self.sessions.remove(&session) {
             if let Some(count) = self.sessions_per_owner.get_mut(&record.owner) {
                 *count -= 1;

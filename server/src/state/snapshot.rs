@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use synod_proto::{Revision, SessionId};
 
 use super::lock::{LockState, LockTable};
+use super::records::DirtyKeys;
 use super::session::Session;
 use super::tree::{Node, Tree};
 use super::{StateConfig, StateMachine};
@@ -245,33 +246,64 @@ impl StateMachine {
         )?
         .into_keys()
         .collect();
-        if identity.cluster_identity.is_none() && !confirmed_members.is_empty() {
-            return Err("members confirmed a cluster identity that is not there".into());
-        }
         let nodes = ascending("nodes", body.nodes)?;
         let sessions = ascending("sessions", body.sessions)?;
         let locks = ascending("locks", body.locks)?;
         let tree = Tree::from_nodes(nodes, config.path_bytes_max)?;
         let locks = LockTable::from_parts(locks, body.next_lock_generation)?;
+        StateMachine::from_parts(
+            config,
+            Parts {
+                revision: body.revision,
+                now_ms: body.now_ms,
+                next_session_id: body.next_session_id,
+                tree,
+                sessions,
+                locks,
+                next_lock_generation: body.next_lock_generation,
+                cluster_identity: identity.cluster_identity,
+                confirmed_members,
+            },
+        )
+    }
+
+    /// A state from its parts, checking the invariants that hold between
+    /// them (what [`Tree::from_nodes`] and [`LockTable::from_parts`] check
+    /// within each is already checked).
+    pub(crate) fn from_parts(config: StateConfig, parts: Parts) -> Result<StateMachine, String> {
+        let Parts {
+            revision,
+            now_ms,
+            next_session_id,
+            tree,
+            sessions,
+            locks,
+            next_lock_generation,
+            cluster_identity,
+            confirmed_members,
+        } = parts;
+        if cluster_identity.is_none() && !confirmed_members.is_empty() {
+            return Err("members confirmed a cluster identity that is not there".into());
+        }
         for (path, node) in tree.nodes() {
-            if node.meta.created_revision > body.revision
-                || node.meta.modified_revision > body.revision
-                || node.meta.child_modified_revision > body.revision
+            if node.meta.created_revision > revision
+                || node.meta.modified_revision > revision
+                || node.meta.child_modified_revision > revision
             {
                 return Err(format!("node {path} has a revision after the snapshot's"));
             }
         }
         // Counters at their maximum would overflow on the next command.
-        if body.revision == u64::MAX
-            || body.next_session_id == u64::MAX
-            || body.next_lock_generation == u64::MAX
-            || body.next_session_id == 0
-            || body.next_lock_generation == 0
+        if revision == u64::MAX
+            || next_session_id == u64::MAX
+            || next_lock_generation == u64::MAX
+            || next_session_id == 0
+            || next_lock_generation == 0
         {
             return Err("a counter is out of range".into());
         }
         if let Some(last) = sessions.keys().next_back() {
-            if *last >= body.next_session_id || sessions.contains_key(&0) {
+            if *last >= next_session_id || sessions.contains_key(&0) {
                 return Err("a session identifier is out of range".into());
             }
         }
@@ -288,17 +320,31 @@ impl StateMachine {
         }
         Ok(StateMachine {
             config,
-            revision: body.revision,
-            now_ms: body.now_ms,
+            revision,
+            now_ms,
             tree,
             sessions,
             sessions_per_owner,
-            next_session_id: body.next_session_id,
+            next_session_id,
             locks,
-            cluster_identity: identity.cluster_identity,
+            cluster_identity,
             confirmed_members,
+            dirty_sessions: DirtyKeys::default(),
         })
     }
+}
+
+/// A state's parts, each already checked on its own.
+pub(crate) struct Parts {
+    pub revision: Revision,
+    pub now_ms: u64,
+    pub next_session_id: SessionId,
+    pub tree: Tree,
+    pub sessions: BTreeMap<SessionId, Session>,
+    pub locks: LockTable,
+    pub next_lock_generation: u64,
+    pub cluster_identity: Option<u128>,
+    pub confirmed_members: std::collections::BTreeSet<u64>,
 }
 
 fn read_u64(bytes: &[u8]) -> u64 {

@@ -17,6 +17,7 @@ use synod_proto::{CreateMode, Error, Event, EventType, Revision, SessionId, Stat
 
 use super::config::StateConfig;
 use super::path::{descendant_prefix, parent, validate_path};
+use super::records::DirtyKeys;
 
 /// A node's metadata, stored inline in the map entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -104,6 +105,8 @@ impl Effects<'_> {
 pub(crate) struct Tree {
     nodes: BTreeMap<Box<str>, Node>,
     ephemerals: BTreeSet<(SessionId, Box<str>)>,
+    /// Nodes changed since the last [`Tree::take_dirty`].
+    dirty: DirtyKeys<Box<str>>,
 }
 
 impl Default for Tree {
@@ -123,9 +126,13 @@ impl Tree {
                 data: Box::default(),
             },
         );
+        let mut dirty = DirtyKeys::default();
+        // A new state saves its root with its first changes.
+        dirty.mark("/");
         Tree {
             nodes,
             ephemerals: BTreeSet::new(),
+            dirty,
         }
     }
 
@@ -165,12 +172,28 @@ impl Tree {
                 ));
             }
         }
-        Ok(Tree { nodes, ephemerals })
+        Ok(Tree {
+            nodes,
+            ephemerals,
+            dirty: DirtyKeys::default(),
+        })
     }
 
     /// All nodes in path order.
     pub fn nodes(&self) -> &BTreeMap<Box<str>, Node> {
         &self.nodes
+    }
+
+    /// The nodes changed since the last call, in path order.
+    pub fn take_dirty(&mut self) -> BTreeSet<Box<str>> {
+        self.dirty.take()
+    }
+
+    /// Marks every node changed (a new state saves all of them).
+    pub fn mark_all_dirty(&mut self) {
+        for path in self.nodes.keys() {
+            self.dirty.mark(path);
+        }
     }
 
     /// Number of nodes, the root included.
@@ -301,6 +324,7 @@ impl Tree {
             self.ephemerals.insert((owner, key.clone()));
         }
         fx.record(|| Undo::Inserted(key.clone()));
+        self.dirty.mark(&key);
         self.nodes.insert(
             key,
             Node {
@@ -347,6 +371,7 @@ impl Tree {
             self.ephemerals
                 .remove(&(node.meta.ephemeral_owner, key.clone()));
         }
+        self.dirty.mark(&key);
         fx.record(|| Undo::Removed(key, node));
         let parent_path = parent(path).unwrap_or("/");
         self.touch_parent(parent_path, -1, fx);
@@ -378,6 +403,7 @@ impl Tree {
             return Err(Error::NoNode { path: path.into() });
         };
         let old_data = std::mem::replace(&mut node.data, Box::from(data));
+        self.dirty.mark(&key);
         node.meta.version += 1;
         node.meta.modified_revision = fx.revision;
         node.meta.modified_time_ms = fx.now_ms;
@@ -423,6 +449,7 @@ impl Tree {
             let undo = Undo::Meta(key.clone(), node.meta);
             fx.record(|| undo);
         }
+        self.dirty.mark(key);
         let Some(node) = self.nodes.get_mut(parent_path) else {
             return;
         };

@@ -10,26 +10,22 @@
 
 use redb::TableDefinition;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use synod_paxos::{Membership, Slot};
 
 /// The format this build reads and writes. Bump it on any change to the
 /// tables, keys or encodings below.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+///
+/// Version 2: the state machine lives in its own tables, saved as entries
+/// are applied (version 1 saved whole snapshots).
+pub(crate) const FORMAT_VERSION: u32 = 2;
 
 /// Named scalars of the replica: format version, identity, the acceptor's
 /// promise and the log's bounds. Values are sealed.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("synod_meta");
 /// The Paxos log by slot. Values are sealed [`synod_paxos::LogRecord`]s.
 pub(crate) const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("synod_log");
-/// The saved snapshot's header (key [`SNAPSHOT_HEADER_KEY`]), sealed.
-pub(crate) const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("synod_snapshot");
-/// The saved snapshot's bytes, in chunks numbered from 0. Their integrity is
-/// checked by the length and CRC-32 in the header.
-pub(crate) const SNAPSHOT_CHUNKS: TableDefinition<u64, &[u8]> =
-    TableDefinition::new("synod_snapshot_chunks");
-
 pub(crate) const KEY_FORMAT_VERSION: &str = "format_version";
 pub(crate) const KEY_IDENTITY: &str = "identity";
 pub(crate) const KEY_PROMISED: &str = "promised";
@@ -38,29 +34,9 @@ pub(crate) const KEY_LOG_START: &str = "log_start";
 pub(crate) const KEY_MEMBERSHIP: &str = "membership";
 /// Whether the replica is rejoining after losing its disk (absent: no).
 pub(crate) const KEY_JOINING: &str = "joining";
-pub(crate) const SNAPSHOT_HEADER_KEY: &str = "header";
-
-/// Snapshot bytes are stored in chunks of this size, so no single redb value
-/// grows with the state machine.
-pub(crate) const SNAPSHOT_CHUNK_BYTES_MAX: usize = 1 << 20;
 
 /// Length of the CRC-32 trailer of a sealed record.
 const CRC_BYTES: usize = 4;
-
-/// Describes the saved snapshot; the bytes live in [`SNAPSHOT_CHUNKS`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct SnapshotHeader {
-    /// The snapshot covers every slot up to and including this one.
-    pub(crate) through: Slot,
-    /// The membership in force after `through`.
-    pub(crate) membership: Membership,
-    /// Total length of the snapshot bytes.
-    pub(crate) length_bytes: u64,
-    /// Number of chunks holding them.
-    pub(crate) chunk_count: u64,
-    /// CRC-32 of all the bytes, in order.
-    pub(crate) bytes_crc32: u32,
-}
 
 /// The checksum domain of a meta value.
 pub(crate) fn meta_domain(key: &str) -> Vec<u8> {
@@ -74,11 +50,6 @@ pub(crate) fn log_domain(slot: Slot) -> Vec<u8> {
     let mut domain = b"synod/log/".to_vec();
     domain.extend_from_slice(&slot.to_be_bytes());
     domain
-}
-
-/// The checksum domain of the snapshot header.
-pub(crate) fn snapshot_domain() -> Vec<u8> {
-    b"synod/snapshot/header".to_vec()
 }
 
 fn crc(domain: &[u8], payload: &[u8]) -> u32 {

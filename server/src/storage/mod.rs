@@ -2,57 +2,64 @@
 //!
 //! [`Storage`] keeps what a replica needs to restart: the Paxos acceptor's
 //! promise, its log, the log's bounds and the membership (together a
-//! [`DurableState`]), and the last saved snapshot of the state machine
-//! ([`SavedSnapshot`]). At restart the replica restores the snapshot, which
+//! [`DurableState`]), and the state machine's own tables, saved as entries
+//! are applied (DESIGN.md section 3; see `state.rs` for
+//! their layout). At restart the replica loads the saved state, which
 //! covers every slot up to `through`, and the Paxos core replays the chosen
-//! log after it.
+//! log after it: a bounded tail, since the log is compacted below the saved
+//! state as it advances.
 //!
 //! # Layout
 //!
-//! One file, conventionally [`database_path`]`(data_dir)`, with four tables:
+//! One file, conventionally [`database_path`]`(data_dir)`, with these
+//! tables:
 //!
 //! - `synod_meta` (`&str -> bytes`): the format version, the replica's
-//!   [`Identity`], the promised ballot, `chosen_through`, `log_start` and the
-//!   membership.
+//!   [`Identity`], the promised ballot, `chosen_through`, `log_start`, the
+//!   membership, and for the state machine the live set of state tables
+//!   (`state_live`) and each set's [`SavedStateHeader`] (`state.0`,
+//!   `state.1`: the slot it covers, the membership, the scalars).
 //! - `synod_log` (`u64 slot -> bytes`): one [`LogRecord`] per retained slot.
-//! - `synod_snapshot` (`&str -> bytes`): the saved snapshot's header (the slot
-//!   it covers, the membership in force, its length and CRC-32).
-//! - `synod_snapshot_chunks` (`u64 -> bytes`): the snapshot bytes in 1 MiB
-//!   chunks.
+//! - `synod_state_{nodes,sessions,locks}.{0,1}` (`bytes -> bytes`): the
+//!   records of the two sets of state tables, one live and one for staging
+//!   a snapshot installed from a peer.
 //!
-//! Values are postcard-encoded. Every meta value, log record and snapshot
-//! header is followed by a CRC-32 over the table and key it belongs under and
-//! its encoding, verified on every read; the snapshot bytes are covered by the
-//! CRC-32 in the header. redb checksums its own pages (which catches a torn
-//! commit); ours catch a value that redb stored faithfully but that is wrong.
+//! Values are postcard-encoded. Every meta value, log record and state
+//! record is followed by a CRC-32 over the table and key it belongs under
+//! and its encoding, verified on every read. redb checksums its own pages
+//! (which catches a torn commit); ours catch a value that redb stored
+//! faithfully but that is wrong.
 //!
 //! # Use by the replica
 //!
 //! 1. A brand-new member calls [`Storage::create`] with
 //!    [`DurableState::bootstrap`]; every later start calls [`Storage::open`],
 //!    which never creates anything.
-//! 2. It restores [`Recovered::snapshot`] into the state machine, if any, and
-//!    starts the core with `Node::new(config, recovered.durable, through + 1,
-//!    now)`.
-//! 3. Each round of the writer takes every `Persist` batch queued so far,
-//!    calls [`Storage::persist`] once (one `fsync`), and then reports
-//!    `Node::persisted` with the last id.
-//! 4. To compact, it first saves a snapshot through `S` with
-//!    [`Storage::save_snapshot`], and only then calls `Node::compact(S)` (or,
-//!    for a snapshot installed from the leader, `Node::snapshot_installed`),
-//!    whose `compact_below` the next `persist` writes.
+//! 2. It loads the saved state with [`Storage::read_state`] when
+//!    [`Recovered::state`] says there is one, and starts the core with
+//!    `Node::new(config, recovered.durable, through + 1, now)`.
+//! 3. Each round of the writer takes every job queued so far and calls
+//!    [`Storage::commit`] once (one `fsync`): the core's `Persist` batches
+//!    and the state machine's changes, in order. It then reports
+//!    `Node::persisted` with the last batch id, and the slot the saved
+//!    state reached.
+//! 4. Once the saved state covers slot `S`, it calls `Node::compact(S)`, whose
+//!    `compact_below` a later commit writes (refused past `S + 1`). For a
+//!    snapshot installed from a peer, it stages the records
+//!    ([`StateWrite::StageBegin`], [`StateWrite::Stage`]), makes them live
+//!    ([`StateWrite::StageActivate`]) and only then tells the core
+//!    (`Node::snapshot_installed`).
 //! 5. On any error it stops the replica, which restarts from step 1.
 //!
 //! # Durability contract
 //!
-//! [`Storage::persist`] and [`Storage::save_snapshot`] each run one redb
-//! write transaction with [`redb::Durability::Immediate`]: when they return
-//! `Ok`, everything they were given is on stable storage (redb's
-//! one-phase-plus-checksum commit: the data, the checksums and the new
-//! header are written, then one `fsync`). The driver calls
-//! `Node::persisted(id)` only after `persist` returned `Ok` for that batch,
-//! and the core sends no message that depends on a batch before that. The
-//! crash cases, and why each is safe:
+//! [`Storage::commit`] runs one redb write transaction with
+//! [`redb::Durability::Immediate`]: when it returns `Ok`, everything it was
+//! given is on stable storage (redb's one-phase-plus-checksum commit: the
+//! data, the checksums and the new header are written, then one `fsync`).
+//! The driver calls `Node::persisted(id)` only after the commit holding that
+//! batch returned `Ok`, and the core sends no message that depends on a
+//! batch before that. The crash cases, and why each is safe:
 //!
 //! 1. **Crash before a `persist` commit is durable** (before or during its
 //!    `fsync`). On reopen redb finds either the previous header, or a new
@@ -73,12 +80,16 @@
 //!    a retry may report success for data that never reached the disk, so the
 //!    only safe course is fail-stop: the replica exits and reopens the file,
 //!    which holds the last successful commit (case 1).
-//! 4. **Crash during [`Storage::save_snapshot`].** One transaction replaces
-//!    header and chunks together: reopen finds the old snapshot or the new
-//!    one, never a mix. `persist` refuses to compact the log past the saved
-//!    snapshot (`compact_below` must be at most `through + 1`), so the log is
-//!    trimmed only after a snapshot covering the trimmed slots is durable, and
-//!    snapshot plus log tail always cover every chosen slot.
+//! 4. **Crash with state changes in flight.** State changes commit with
+//!    the batches, atomically, so a saved state never holds half a delta.
+//!    It may lag the log by up to a flush interval; the log still holds
+//!    every slot after it, because `commit` refuses to compact the log past
+//!    the saved state (`compact_below` must be at most `through + 1`) and
+//!    refuses a saved state that would go back or leave a gap before the
+//!    log. A crash while a snapshot is staged leaves the old live set,
+//!    untouched: staging writes only the other set, and one commit flips
+//!    `state_live` and drops the old set. The crash-image tests cover all
+//!    of these (`server/tests/storage.rs`).
 //! 5. **Crash during [`Storage::create`].** The file was created with
 //!    `create_new`, and all initial tables and meta are written in one
 //!    durable transaction, after which the directory is synced. A crash
@@ -103,29 +114,31 @@
 
 mod codec;
 mod error;
+mod state;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use redb::backends::FileBackend;
 use redb::{
-    Builder, Database, DatabaseError, ReadTransaction, ReadableDatabase, ReadableTable,
-    ReadableTableMetadata, StorageBackend, TableError,
+    Builder, Database, DatabaseError, ReadableDatabase, ReadableTable, StorageBackend, TableError,
 };
 use serde::{Deserialize, Serialize};
 use synod_paxos::{Ballot, DurableState, LogRecord, Membership, Persist, Slot};
 
 use codec::{
-    log_domain, meta_domain, seal, snapshot_domain, unseal, valid_membership, SnapshotHeader,
-    FORMAT_VERSION, KEY_CHOSEN_THROUGH, KEY_FORMAT_VERSION, KEY_IDENTITY, KEY_JOINING,
-    KEY_LOG_START, KEY_MEMBERSHIP, KEY_PROMISED, LOG, META, SNAPSHOT, SNAPSHOT_CHUNKS,
-    SNAPSHOT_CHUNK_BYTES_MAX, SNAPSHOT_HEADER_KEY,
+    log_domain, meta_domain, seal, unseal, valid_membership, FORMAT_VERSION, KEY_CHOSEN_THROUGH,
+    KEY_FORMAT_VERSION, KEY_IDENTITY, KEY_JOINING, KEY_LOG_START, KEY_MEMBERSHIP, KEY_PROMISED,
+    LOG, META,
 };
 pub use error::{Result, StorageError};
+pub use state::{
+    SavedStateHeader, StateDelta, StateKey, StateReader, StateRecordRef, StateTable, StateWrite,
+};
 
 /// The database file's name inside a replica's data directory.
 pub const DATABASE_FILE_NAME: &str = "synod.redb";
@@ -150,28 +163,27 @@ pub struct Identity {
     pub node_id: u64,
 }
 
-/// A snapshot of the state machine as saved on disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SavedSnapshot {
-    /// The snapshot covers every slot up to and including this one.
-    pub through: Slot,
-    /// The membership in force after `through`.
-    pub membership: Membership,
-    /// The state machine's snapshot bytes, exactly as saved.
-    pub bytes: Vec<u8>,
-}
-
 /// What [`Storage::open`] found on disk: everything a replica restarts from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recovered {
     /// The Paxos core's durable state, exactly as the acknowledged batches
     /// left it (see [`DurableState::apply`]).
     pub durable: DurableState,
-    /// The last saved snapshot, if any. Restore it and start the core with
+    /// The header of the saved state machine, if any. Load its records
+    /// with [`Storage::read_state`] and start the core with
     /// `apply_from = through + 1` (`Node::new` checks that the log covers
     /// every chosen slot from there); without one, start the state machine
     /// empty and replay the log from its start.
-    pub snapshot: Option<SavedSnapshot>,
+    pub state: Option<SavedStateHeader>,
+}
+
+/// One write of a [`Storage::commit`], in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// A batch of the Paxos core.
+    Persist(Persist),
+    /// A change to the state machine's tables.
+    State(StateWrite),
 }
 
 /// One replica's durable state in a redb database.
@@ -179,8 +191,10 @@ pub struct Recovered {
 /// Getters: [`Storage::path`], [`Storage::identity`], [`Storage::poisoned`].
 /// Constructors: [`Storage::create`] and [`Storage::open`] for a file, with
 /// `*_with_backend` variants for any redb [`StorageBackend`] (tests use
-/// in-memory ones). Writes: [`Storage::persist`], [`Storage::save_snapshot`],
-/// both durable when they return. Reads: [`Storage::load_snapshot`].
+/// in-memory ones). Writes: [`Storage::commit`] (and [`Storage::persist`]
+/// for batches alone), durable when they return. Reads:
+/// [`Storage::read_state`], and from other threads through
+/// [`Storage::state_reader`].
 ///
 /// Fail-stop: the first error from any method poisons the `Storage`, and
 /// every later call returns [`StorageError::Poisoned`]. The replica must then
@@ -188,15 +202,19 @@ pub struct Recovered {
 #[derive(Debug)]
 pub struct Storage {
     path: PathBuf,
-    database: Database,
+    database: Arc<Database>,
     identity: Identity,
     /// The committed meta values, mirrored so that a batch's effects can be
     /// computed without reading them back. Valid while not poisoned.
     promised: Ballot,
     chosen_through: Slot,
     log_start: Slot,
-    /// The slot the saved snapshot covers through, if one is saved.
-    snapshot_through: Option<Slot>,
+    /// The slot the saved state covers through, if one is saved.
+    state_through: Option<Slot>,
+    /// The live set of state tables, if a state is saved.
+    live_set: Option<u8>,
+    /// The set a snapshot is being staged into, if one is.
+    staging_set: Option<u8>,
     /// The id of the last batch persisted through this `Storage`.
     last_batch_id: Option<u64>,
     /// The first error, once one happened.
@@ -277,12 +295,14 @@ impl Storage {
         write_initial(&database, &path, &identity, state)?;
         Ok(Storage {
             path,
-            database,
+            database: Arc::new(database),
             identity,
             promised: state.promised,
             chosen_through: state.chosen_through,
             log_start: state.log_start,
-            snapshot_through: None,
+            state_through: None,
+            live_set: None,
+            staging_set: None,
             last_batch_id: None,
             poison: OnceLock::new(),
         })
@@ -376,57 +396,64 @@ impl Storage {
     /// cost no commit.
     ///
     /// Batch ids must increase, within the call and across calls on this
-    /// `Storage`. A batch may compact the log only below the saved snapshot
-    /// (`compact_below <= through + 1`), so that snapshot and log tail always
-    /// cover every chosen slot.
+    /// `Storage`. A batch may compact the log only below the saved state
+    /// (`compact_below <= through + 1`), so that saved state and log tail
+    /// always cover every chosen slot.
     ///
     /// # Errors
-    /// [`StorageError::Refused`] (nothing written) for ids out of order, a
-    /// compaction past the saved snapshot, or an invalid membership;
-    /// [`StorageError::Database`] if a write or the commit failed; always
-    /// [`StorageError::Poisoned`] after an earlier error. Any error poisons.
+    /// As [`Storage::commit`].
     pub fn persist(&mut self, batches: &[Persist]) -> Result<()> {
+        let writes: Vec<Write> = batches.iter().cloned().map(Write::Persist).collect();
+        self.commit(&writes)
+    }
+
+    /// Makes `writes` durable in order, in one write transaction with one
+    /// `fsync` (group commit): batches as [`Storage::persist`] describes,
+    /// and changes to the state tables as [`StateWrite`] describes. A crash
+    /// before it returns keeps all of them or none. Writes that change
+    /// nothing cost no commit.
+    ///
+    /// # Errors
+    /// [`StorageError::Refused`] (nothing written) for batch ids out of
+    /// order, a compaction past the saved state, an invalid membership, a
+    /// saved state that would go back or leave a gap before the log, or
+    /// staging out of order; [`StorageError::Database`] if a write or the
+    /// commit failed; always [`StorageError::Poisoned`] after an earlier
+    /// error. Any error poisons.
+    pub fn commit(&mut self, writes: &[Write]) -> Result<()> {
         self.check_live()?;
-        let result = self.persist_batches(batches);
+        let result = self.commit_writes(writes);
         self.poison_on_error(result)
     }
 
-    /// Saves `bytes`, a snapshot of the state machine covering every slot up
-    /// to `through` with `membership` in force after it, replacing any
-    /// previous snapshot. Durable when it returns `Ok`; a crash before keeps
-    /// the old snapshot or the new one, never a mix.
+    /// The slot the saved state covers, if one is saved.
+    pub fn state_through(&self) -> Option<Slot> {
+        self.state_through
+    }
+
+    /// Reads the saved state's records in one read transaction, in table
+    /// then key order, verifying each one's CRC-32 (see
+    /// [`StateReader::read`]). For a restart.
     ///
     /// # Errors
-    /// [`StorageError::Refused`] (nothing written) if the log was already
-    /// compacted past `through + 1` (the slots in between would be covered by
-    /// nothing) or `membership` is invalid; [`StorageError::Database`] if a
-    /// write or the commit failed; [`StorageError::Poisoned`] after an
+    /// As [`StateReader::read`]; [`StorageError::Poisoned`] after an
     /// earlier error. Any error poisons.
-    pub fn save_snapshot(
-        &mut self,
-        through: Slot,
-        membership: &Membership,
-        bytes: &[u8],
-    ) -> Result<()> {
+    pub fn read_state(
+        &self,
+        visit: &mut dyn FnMut(StateRecordRef<'_>) -> std::result::Result<(), String>,
+    ) -> Result<Option<SavedStateHeader>> {
         self.check_live()?;
-        let result = self.write_snapshot(through, membership, bytes);
+        let result = self.state_reader().read(&mut |_| Ok(()), visit);
         self.poison_on_error(result)
     }
 
-    /// Reads the saved snapshot in a read transaction (for sending it to a
-    /// lagging replica), verifying its length and CRC-32.
-    ///
-    /// # Errors
-    /// [`StorageError::Corrupt`] for a damaged snapshot; redb errors;
-    /// [`StorageError::Poisoned`] after an earlier error. Any error poisons.
-    pub fn load_snapshot(&self) -> Result<Option<SavedSnapshot>> {
-        self.check_live()?;
-        let result = self
-            .database
-            .begin_read()
-            .map_err(|error| redb_error(&self.path, "begin a read transaction", error))
-            .and_then(|transaction| read_snapshot(&transaction, &self.path));
-        self.poison_on_error(result)
+    /// A handle for reading the saved state from another thread (to stream
+    /// it to a lagging replica) while this `Storage` keeps writing.
+    pub fn state_reader(&self) -> StateReader {
+        StateReader {
+            database: self.database.clone(),
+            path: self.path.clone(),
+        }
     }
 
     /// Closes the database, reporting any error that dropping it would
@@ -437,9 +464,14 @@ impl Storage {
     /// earlier error.
     pub fn close(self) -> Result<()> {
         self.check_live()?;
-        self.database
-            .close()
-            .map_err(|error| redb_error(&self.path, "close the database", error))
+        match Arc::try_unwrap(self.database) {
+            Ok(database) => database
+                .close()
+                .map_err(|error| redb_error(&self.path, "close the database", error)),
+            // A reader still streams the state to a peer: the database
+            // closes when it is done. Everything written is durable.
+            Err(_shared) => Ok(()),
+        }
     }
 
     fn check_live(&self) -> Result<()> {
@@ -466,53 +498,25 @@ impl Storage {
         }
     }
 
-    fn persist_batches(&mut self, batches: &[Persist]) -> Result<()> {
-        // Check every batch before writing anything, computing the meta
-        // values the batches leave behind.
-        let mut last_batch_id = self.last_batch_id;
-        let mut promised = self.promised;
-        let mut chosen_through = self.chosen_through;
-        let mut log_start = self.log_start;
-        let mut membership = None;
-        let mut joining = None;
-        for batch in batches {
-            if let Some(last) = last_batch_id.filter(|&last| batch.id <= last) {
-                return Err(self.refused(format!(
-                    "batch {} persisted after batch {last}: batches must be persisted in increasing id order",
-                    batch.id
-                )));
-            }
-            last_batch_id = Some(batch.id);
-            if let Some(ballot) = batch.promised {
-                promised = promised.max(ballot);
-            }
-            if let Some(slot) = batch.chosen_through {
-                chosen_through = chosen_through.max(slot);
-            }
-            if let Some(below) = batch.compact_below.filter(|&below| below > log_start) {
-                if self
-                    .snapshot_through
-                    .is_none_or(|through| below > through.saturating_add(1))
-                {
-                    return Err(self.refused(format!(
-                        "batch {} compacts the log below slot {below}, past the saved snapshot ({})",
-                        batch.id,
-                        describe_snapshot(self.snapshot_through)
-                    )));
+    fn commit_writes(&mut self, writes: &[Write]) -> Result<()> {
+        // Check every write before writing anything, computing the meta
+        // values and state sets the writes leave behind.
+        let mut after = self.mirror();
+        let mut changes = false;
+        for write in writes {
+            match write {
+                Write::Persist(batch) => {
+                    self.check_batch(batch, &mut after)?;
+                    changes |= !batch.is_empty();
                 }
-                log_start = below;
-            }
-            if let Some(new) = &batch.membership {
-                valid_membership(new)
-                    .map_err(|detail| self.refused(format!("batch {}: {detail}", batch.id)))?;
-                membership = Some(new.clone());
-            }
-            if let Some(flag) = batch.joining {
-                joining = Some(flag);
+                Write::State(state) => {
+                    self.check_state_write(state, &mut after)?;
+                    changes |= !matches!(state, StateWrite::Delta(delta) if delta.is_empty());
+                }
             }
         }
-        if batches.iter().all(Persist::is_empty) {
-            self.last_batch_id = last_batch_id;
+        if !changes {
+            self.last_batch_id = after.last_batch_id;
             return Ok(());
         }
 
@@ -525,131 +529,157 @@ impl Storage {
             let mut log = transaction
                 .open_table(LOG)
                 .map_err(|error| redb_error(path, "open the log table", error))?;
-            // Replay the batches' log changes in order, exactly as
-            // `DurableState::apply` does, against the running log start.
-            let mut running_start = self.log_start;
-            for batch in batches {
-                let accepted = batch
-                    .accepted
-                    .iter()
-                    .map(|entry| (entry.slot, entry.ballot, &entry.value));
-                let learned = batch
-                    .learned
-                    .iter()
-                    .map(|entry| (entry.slot, Ballot::ZERO, &entry.value));
-                for (slot, ballot, value) in accepted.chain(learned) {
-                    if slot < running_start {
-                        continue;
-                    }
-                    let record = LogRecord {
-                        ballot,
-                        value: value.clone(),
-                    };
-                    let sealed = seal(&log_domain(slot), &record).map_err(|source| {
-                        StorageError::Encode {
-                            path: path.clone(),
-                            what: "a log record",
-                            source,
-                        }
-                    })?;
-                    log.insert(slot, sealed.as_slice())
-                        .map_err(|error| redb_error(path, "write a log record", error))?;
-                }
-                if let Some(below) = batch.compact_below.filter(|&below| below > running_start) {
-                    log.retain_in::<u64, _>(..below, |_, _| false)
-                        .map_err(|error| redb_error(path, "compact the log", error))?;
-                    running_start = below;
-                }
-            }
-            assert_eq!(
-                running_start, log_start,
-                "the log start replayed from the batches must match the one checked before writing"
-            );
-
             let mut meta = transaction
                 .open_table(META)
                 .map_err(|error| redb_error(path, "open the meta table", error))?;
-            if promised != self.promised {
-                put_meta(&mut meta, path, KEY_PROMISED, &promised)?;
+            // Replay the writes in order, exactly as `DurableState::apply`
+            // does for batches, against the running log start and sets.
+            let mut running = self.mirror();
+            for write in writes {
+                match write {
+                    Write::Persist(batch) => write_batch(&mut log, path, batch, &mut running)?,
+                    Write::State(state) => {
+                        write_state(&transaction, &mut meta, path, state, &mut running)?
+                    }
+                }
             }
-            if chosen_through != self.chosen_through {
-                put_meta(&mut meta, path, KEY_CHOSEN_THROUGH, &chosen_through)?;
+            assert_eq!(
+                running.log_start, after.log_start,
+                "the log start replayed from the writes must match the one checked before writing"
+            );
+            if after.promised != self.promised {
+                put_meta(&mut meta, path, KEY_PROMISED, &after.promised)?;
             }
-            if log_start != self.log_start {
-                put_meta(&mut meta, path, KEY_LOG_START, &log_start)?;
+            if after.chosen_through != self.chosen_through {
+                put_meta(&mut meta, path, KEY_CHOSEN_THROUGH, &after.chosen_through)?;
             }
-            if let Some(membership) = &membership {
+            if after.log_start != self.log_start {
+                put_meta(&mut meta, path, KEY_LOG_START, &after.log_start)?;
+            }
+            if let Some(membership) = &after.membership {
                 put_meta(&mut meta, path, KEY_MEMBERSHIP, membership)?;
             }
-            if let Some(joining) = &joining {
+            if let Some(joining) = &after.joining {
                 put_meta(&mut meta, path, KEY_JOINING, joining)?;
             }
         }
         transaction
             .commit()
-            .map_err(|error| redb_error(path, "commit (fsync) the batches", error))?;
+            .map_err(|error| redb_error(path, "commit (fsync) the writes", error))?;
 
-        self.last_batch_id = last_batch_id;
-        self.promised = promised;
-        self.chosen_through = chosen_through;
-        self.log_start = log_start;
+        self.last_batch_id = after.last_batch_id;
+        self.promised = after.promised;
+        self.chosen_through = after.chosen_through;
+        self.log_start = after.log_start;
+        self.state_through = after.state_through;
+        self.live_set = after.live_set;
+        self.staging_set = after.staging_set;
         Ok(())
     }
 
-    fn write_snapshot(
-        &mut self,
-        through: Slot,
-        membership: &Membership,
-        bytes: &[u8],
-    ) -> Result<()> {
-        valid_membership(membership).map_err(|detail| self.refused(detail))?;
-        if through.saturating_add(1) < self.log_start {
+    /// The committed values a commit starts from.
+    fn mirror(&self) -> Mirror {
+        Mirror {
+            last_batch_id: self.last_batch_id,
+            promised: self.promised,
+            chosen_through: self.chosen_through,
+            log_start: self.log_start,
+            membership: None,
+            joining: None,
+            state_through: self.state_through,
+            live_set: self.live_set,
+            staging_set: self.staging_set,
+        }
+    }
+
+    fn check_batch(&self, batch: &Persist, after: &mut Mirror) -> Result<()> {
+        if let Some(last) = after.last_batch_id.filter(|&last| batch.id <= last) {
             return Err(self.refused(format!(
-                "a snapshot through slot {through} leaves a gap: the log starts at slot {}",
-                self.log_start
+                "batch {} persisted after batch {last}: batches must be persisted in increasing id order",
+                batch.id
             )));
         }
-        let path = &self.path;
-        let chunks: Vec<&[u8]> = bytes.chunks(SNAPSHOT_CHUNK_BYTES_MAX).collect();
-        let header = SnapshotHeader {
-            through,
-            membership: membership.clone(),
-            length_bytes: bytes.len() as u64,
-            chunk_count: chunks.len() as u64,
-            bytes_crc32: crc32fast::hash(bytes),
-        };
-        let sealed = seal(&snapshot_domain(), &header).map_err(|source| StorageError::Encode {
-            path: path.clone(),
-            what: "the snapshot header",
-            source,
-        })?;
-        let transaction = self
-            .database
-            .begin_write()
-            .map_err(|error| redb_error(path, "begin a write transaction", error))?;
-        {
-            let mut table = transaction
-                .open_table(SNAPSHOT_CHUNKS)
-                .map_err(|error| redb_error(path, "open the snapshot chunks table", error))?;
-            table
-                .retain(|_, _| false)
-                .map_err(|error| redb_error(path, "remove the old snapshot", error))?;
-            for (index, chunk) in chunks.iter().enumerate() {
-                table
-                    .insert(index as u64, *chunk)
-                    .map_err(|error| redb_error(path, "write the snapshot", error))?;
-            }
-            let mut table = transaction
-                .open_table(SNAPSHOT)
-                .map_err(|error| redb_error(path, "open the snapshot table", error))?;
-            table
-                .insert(SNAPSHOT_HEADER_KEY, sealed.as_slice())
-                .map_err(|error| redb_error(path, "write the snapshot header", error))?;
+        after.last_batch_id = Some(batch.id);
+        if let Some(ballot) = batch.promised {
+            after.promised = after.promised.max(ballot);
         }
-        transaction
-            .commit()
-            .map_err(|error| redb_error(path, "commit (fsync) the snapshot", error))?;
-        self.snapshot_through = Some(through);
+        if let Some(slot) = batch.chosen_through {
+            after.chosen_through = after.chosen_through.max(slot);
+        }
+        if let Some(below) = batch.compact_below.filter(|&below| below > after.log_start) {
+            if after
+                .state_through
+                .is_none_or(|through| below > through.saturating_add(1))
+            {
+                return Err(self.refused(format!(
+                    "batch {} compacts the log below slot {below}, past the saved state ({})",
+                    batch.id,
+                    describe_state(after.state_through)
+                )));
+            }
+            after.log_start = below;
+        }
+        if let Some(new) = &batch.membership {
+            valid_membership(new)
+                .map_err(|detail| self.refused(format!("batch {}: {detail}", batch.id)))?;
+            after.membership = Some(new.clone());
+        }
+        if let Some(flag) = batch.joining {
+            after.joining = Some(flag);
+        }
+        Ok(())
+    }
+
+    fn check_state_write(&self, write: &StateWrite, after: &mut Mirror) -> Result<()> {
+        let check_header = |header: &SavedStateHeader, what: &str, after: &Mirror| {
+            valid_membership(&header.membership)
+                .map_err(|detail| self.refused(format!("{what}: {detail}")))?;
+            if let Some(saved) = after.state_through.filter(|&saved| header.through < saved) {
+                return Err(self.refused(format!(
+                    "{what} through slot {} would take the saved state back from slot {saved}",
+                    header.through
+                )));
+            }
+            if header.through.saturating_add(1) < after.log_start {
+                return Err(self.refused(format!(
+                    "{what} through slot {} leaves a gap: the log starts at slot {}",
+                    header.through, after.log_start
+                )));
+            }
+            Ok(())
+        };
+        match write {
+            StateWrite::Delta(delta) => {
+                let Some(header) = &delta.header else {
+                    if delta.changes.is_empty() {
+                        return Ok(());
+                    }
+                    return Err(self.refused("a state delta with changes but no header".into()));
+                };
+                check_header(header, "a state delta", after)?;
+                after.state_through = Some(header.through);
+                after.live_set.get_or_insert(0);
+            }
+            StateWrite::StageBegin => {
+                after.staging_set = Some(after.live_set.map_or(1, |live| 1 - live));
+            }
+            StateWrite::Stage(_) => {
+                if after.staging_set.is_none() {
+                    return Err(self.refused("state records staged before staging began".into()));
+                }
+            }
+            StateWrite::StageActivate(header) => {
+                let Some(staging) = after.staging_set else {
+                    return Err(
+                        self.refused("a staged state activated before staging began".into())
+                    );
+                };
+                check_header(header, "an installed state", after)?;
+                after.state_through = Some(header.through);
+                after.live_set = Some(staging);
+                after.staging_set = None;
+            }
+        }
         Ok(())
     }
 
@@ -729,16 +759,16 @@ impl Storage {
             log.insert(slot, record);
         }
 
-        let snapshot = read_snapshot(&transaction, &path)?;
-        let snapshot_through = snapshot.as_ref().map(|snapshot| snapshot.through);
+        let live = state::live_set(&meta, &path)?;
+        let state_through = live.as_ref().map(|(_, header)| header.through);
         if log_start > 0
-            && snapshot_through.is_none_or(|through| log_start > through.saturating_add(1))
+            && state_through.is_none_or(|through| log_start > through.saturating_add(1))
         {
             return Err(corrupt(
                 &path,
                 format!(
-                    "the log was compacted below slot {log_start} but the saved snapshot does not reach it ({})",
-                    describe_snapshot(snapshot_through)
+                    "the log was compacted below slot {log_start} but the saved state does not reach it ({})",
+                    describe_state(state_through)
                 ),
             ));
         }
@@ -756,20 +786,23 @@ impl Storage {
         };
         let storage = Storage {
             path,
-            database,
+            database: Arc::new(database),
             identity: stored,
             promised,
             chosen_through,
             log_start,
-            snapshot_through,
+            state_through,
+            live_set: live.as_ref().map(|(set, _)| *set),
+            staging_set: None,
             last_batch_id: None,
             poison: OnceLock::new(),
         };
-        Ok((storage, Recovered { durable, snapshot }))
+        let state = live.map(|(_, header)| header);
+        Ok((storage, Recovered { durable, state }))
     }
 }
 
-fn describe_snapshot(through: Option<Slot>) -> String {
+fn describe_state(through: Option<Slot>) -> String {
     match through {
         Some(through) => format!("it covers slots through {through}"),
         None => "none is saved".to_string(),
@@ -910,12 +943,6 @@ fn write_initial(
             log.insert(slot, sealed.as_slice())
                 .map_err(|error| redb_error(path, "write a log record", error))?;
         }
-        transaction
-            .open_table(SNAPSHOT)
-            .map_err(|error| redb_error(path, "create the snapshot table", error))?;
-        transaction
-            .open_table(SNAPSHOT_CHUNKS)
-            .map_err(|error| redb_error(path, "create the snapshot chunks table", error))?;
     }
     transaction
         .commit()
@@ -963,91 +990,171 @@ fn require_meta<T: serde::de::DeserializeOwned>(
     get_meta(table, path, key)?.ok_or_else(|| corrupt(path, format!("meta {key:?} is missing")))
 }
 
-/// Reads and verifies the saved snapshot, if any.
-fn read_snapshot(transaction: &ReadTransaction, path: &Path) -> Result<Option<SavedSnapshot>> {
-    let headers = transaction
-        .open_table(SNAPSHOT)
-        .map_err(|error| redb_error(path, "open the snapshot table", error))?;
-    let chunks = transaction
-        .open_table(SNAPSHOT_CHUNKS)
-        .map_err(|error| redb_error(path, "open the snapshot chunks table", error))?;
-    let header = headers
-        .get(SNAPSHOT_HEADER_KEY)
-        .map_err(|error| redb_error(path, "read the snapshot header", error))?;
-    let Some(header) = header else {
-        let count = chunks
-            .len()
-            .map_err(|error| redb_error(path, "read the snapshot", error))?;
-        if count != 0 {
-            return Err(corrupt(
-                path,
-                format!("{count} snapshot chunks without a snapshot header"),
-            ));
+/// The committed values of a [`Storage`], as a commit runs through its
+/// writes.
+struct Mirror {
+    last_batch_id: Option<u64>,
+    promised: Ballot,
+    chosen_through: Slot,
+    log_start: Slot,
+    membership: Option<Membership>,
+    joining: Option<bool>,
+    state_through: Option<Slot>,
+    live_set: Option<u8>,
+    staging_set: Option<u8>,
+}
+
+type LogTable<'txn> = redb::Table<'txn, u64, &'static [u8]>;
+type MetaTable<'txn> = redb::Table<'txn, &'static str, &'static [u8]>;
+
+/// Writes one batch's log changes (`DurableState::apply`'s rules) against
+/// the running log start.
+fn write_batch(
+    log: &mut LogTable<'_>,
+    path: &Path,
+    batch: &Persist,
+    running: &mut Mirror,
+) -> Result<()> {
+    let accepted = batch
+        .accepted
+        .iter()
+        .map(|entry| (entry.slot, entry.ballot, &entry.value));
+    let learned = batch
+        .learned
+        .iter()
+        .map(|entry| (entry.slot, Ballot::ZERO, &entry.value));
+    for (slot, ballot, value) in accepted.chain(learned) {
+        if slot < running.log_start {
+            continue;
         }
-        return Ok(None);
+        let record = LogRecord {
+            ballot,
+            value: value.clone(),
+        };
+        let sealed = seal(&log_domain(slot), &record).map_err(|source| StorageError::Encode {
+            path: path.to_path_buf(),
+            what: "a log record",
+            source,
+        })?;
+        log.insert(slot, sealed.as_slice())
+            .map_err(|error| redb_error(path, "write a log record", error))?;
+    }
+    if let Some(below) = batch
+        .compact_below
+        .filter(|&below| below > running.log_start)
+    {
+        log.retain_in::<u64, _>(..below, |_, _| false)
+            .map_err(|error| redb_error(path, "compact the log", error))?;
+        running.log_start = below;
+    }
+    Ok(())
+}
+
+/// Writes one state write (see [`StateWrite`]) against the running sets.
+fn write_state(
+    transaction: &redb::WriteTransaction,
+    meta: &mut MetaTable<'_>,
+    path: &Path,
+    write: &StateWrite,
+    running: &mut Mirror,
+) -> Result<()> {
+    let put_records = |set: u8,
+                       records: &mut dyn Iterator<Item = (StateTable, &[u8], Option<&[u8]>)>|
+     -> Result<()> {
+        let mut tables = Vec::with_capacity(StateTable::ALL.len());
+        for table in StateTable::ALL {
+            tables.push(
+                transaction
+                    .open_table(table.definition(set))
+                    .map_err(|error| redb_error(path, "open a state table", error))?,
+            );
+        }
+        for (table, key, value) in records {
+            let index = StateTable::ALL
+                .iter()
+                .position(|candidate| *candidate == table)
+                .unwrap_or(0);
+            let target = &mut tables[index];
+            match value {
+                Some(payload) => {
+                    let sealed = state::seal_payload(&state::record_domain(table, key), payload);
+                    target
+                        .insert(key, sealed.as_slice())
+                        .map_err(|error| redb_error(path, "write a state record", error))?;
+                }
+                None => {
+                    target
+                        .remove(key)
+                        .map_err(|error| redb_error(path, "remove a state record", error))?;
+                }
+            }
+        }
+        Ok(())
     };
-    let header: SnapshotHeader = unseal(&snapshot_domain(), header.value())
-        .map_err(|detail| corrupt(path, format!("snapshot header: {detail}")))?;
-    valid_membership(&header.membership)
-        .map_err(|detail| corrupt(path, format!("snapshot header: {detail}")))?;
-    let length = usize::try_from(header.length_bytes)
-        .map_err(|_| corrupt(path, format!("snapshot of {} bytes", header.length_bytes)))?;
-    let mut bytes = Vec::new();
-    bytes.try_reserve_exact(length).map_err(|_| {
-        corrupt(
-            path,
-            format!("snapshot of {length} bytes does not fit in memory"),
-        )
-    })?;
-    let mut expected_index = 0u64;
-    let range = chunks
-        .range::<u64>(..)
-        .map_err(|error| redb_error(path, "read the snapshot", error))?;
-    for chunk in range {
-        let (index, chunk) = chunk.map_err(|error| redb_error(path, "read the snapshot", error))?;
-        if index.value() != expected_index || expected_index >= header.chunk_count {
-            return Err(corrupt(
-                path,
-                format!(
-                    "snapshot chunk {} found where chunk {expected_index} of {} was expected",
-                    index.value(),
-                    header.chunk_count
-                ),
-            ));
+    match write {
+        StateWrite::Delta(delta) => {
+            let Some(header) = &delta.header else {
+                return Ok(());
+            };
+            let set = *running.live_set.get_or_insert(0);
+            put_records(
+                set,
+                &mut delta
+                    .changes
+                    .iter()
+                    .map(|((table, key), value)| (*table, &key[..], value.as_deref())),
+            )?;
+            put_meta(meta, path, state::header_key(set), header)?;
+            put_meta(meta, path, state::KEY_STATE_LIVE, &set)?;
+            running.state_through = Some(header.through);
         }
-        let chunk = chunk.value();
-        if bytes.len() + chunk.len() > length {
-            return Err(corrupt(
-                path,
-                format!("snapshot chunks hold more than the {length} bytes its header says"),
-            ));
+        StateWrite::StageBegin => {
+            let set = running.live_set.map_or(1, |live| 1 - live);
+            for table in StateTable::ALL {
+                transaction
+                    .delete_table(table.definition(set))
+                    .map_err(|error| redb_error(path, "empty the staging tables", error))?;
+            }
+            meta.remove(state::header_key(set))
+                .map_err(|error| redb_error(path, "remove a meta value", error))?;
+            running.staging_set = Some(set);
         }
-        bytes.extend_from_slice(chunk);
-        expected_index += 1;
+        StateWrite::Stage(records) => {
+            let Some(set) = running.staging_set else {
+                return Err(corrupt(path, "staging without a staging set".into()));
+            };
+            put_records(
+                set,
+                &mut records
+                    .iter()
+                    .map(|(table, key, value)| (*table, &key[..], Some(value.as_slice()))),
+            )?;
+        }
+        StateWrite::StageActivate(header) => {
+            let Some(set) = running.staging_set.take() else {
+                return Err(corrupt(path, "activating without a staging set".into()));
+            };
+            // The staged set may lack a table that had no records: create
+            // it, so the live set always has all three.
+            for table in StateTable::ALL {
+                transaction
+                    .open_table(table.definition(set))
+                    .map_err(|error| redb_error(path, "open a state table", error))?;
+            }
+            put_meta(meta, path, state::header_key(set), header)?;
+            put_meta(meta, path, state::KEY_STATE_LIVE, &set)?;
+            if let Some(old) = running.live_set.filter(|&old| old != set) {
+                for table in StateTable::ALL {
+                    transaction
+                        .delete_table(table.definition(old))
+                        .map_err(|error| redb_error(path, "drop the old state", error))?;
+                }
+                meta.remove(state::header_key(old))
+                    .map_err(|error| redb_error(path, "remove a meta value", error))?;
+            }
+            running.live_set = Some(set);
+            running.state_through = Some(header.through);
+        }
     }
-    if expected_index != header.chunk_count || bytes.len() != length {
-        return Err(corrupt(
-            path,
-            format!(
-                "snapshot has {expected_index} chunks and {} bytes; its header says {} and {length}",
-                bytes.len(),
-                header.chunk_count
-            ),
-        ));
-    }
-    let computed = crc32fast::hash(&bytes);
-    if computed != header.bytes_crc32 {
-        return Err(corrupt(
-            path,
-            format!(
-                "snapshot CRC-32 mismatch (stored {:08x}, computed {computed:08x})",
-                header.bytes_crc32
-            ),
-        ));
-    }
-    Ok(Some(SavedSnapshot {
-        through: header.through,
-        membership: header.membership,
-        bytes,
-    }))
+    Ok(())
 }

@@ -24,7 +24,8 @@
 //!   unidirectional stream and writes [`Envelope`](synod_paxos::Envelope)
 //!   frames on it, many per write. A snapshot is fetched over a further
 //!   bidirectional stream: one request frame, one header frame with the
-//!   snapshot's slot and length, then the raw bytes.
+//!   snapshot's slot, then chunk frames as the source produces them and an
+//!   end frame counting them (see `snapshot.rs`).
 //! - Clients: the handshake stream becomes the session stream, carrying
 //!   [`ClientFrame`](synod_proto::wire::ClientFrame)s in and
 //!   [`ServerFrame`](synod_proto::wire::ServerFrame)s out, in order.
@@ -61,7 +62,7 @@ pub use budget::{ConnectionBounds, ConnectionBudget, ReplyQueueFull, ReplySender
 pub use client::{ClientConnection, ClientListener, ClientListenerConfig, InboundFrame};
 pub use identity::{ClusterIdentity, IdentityView};
 pub use peer::{PeerNetwork, PeerNetworkConfig};
-pub use snapshot::{Snapshot, SnapshotSource};
+pub use snapshot::{SnapshotPiece, SnapshotSource};
 
 /// Application close code: the connection ended normally.
 pub const CLOSE_NORMAL: u32 = 0;
@@ -129,8 +130,6 @@ pub struct TransportLimits {
     pub keep_alive_interval: Duration,
     /// Largest snapshot accepted by [`PeerNetwork::fetch_snapshot`].
     pub snapshot_bytes_max: u64,
-    /// Bytes per write when streaming a snapshot.
-    pub snapshot_chunk_bytes: usize,
     /// Bound on one whole snapshot transfer.
     pub snapshot_timeout: Duration,
     /// Incoming peer connections served at once (members reconnecting, and
@@ -172,7 +171,6 @@ impl Default for TransportLimits {
             idle_timeout: Duration::from_secs(10),
             keep_alive_interval: Duration::from_secs(1),
             snapshot_bytes_max: 1 << 30,
-            snapshot_chunk_bytes: 1 << 20,
             snapshot_timeout: Duration::from_secs(300),
             peer_connections_max: 64,
             client_connections_max: 10_000,
@@ -204,7 +202,6 @@ impl TransportLimits {
                 "peer_write_batch_bytes_max",
                 self.peer_write_batch_bytes_max > 0,
             ),
-            ("snapshot_chunk_bytes", self.snapshot_chunk_bytes > 0),
             ("peer_connections_max", self.peer_connections_max > 0),
             ("client_connections_max", self.client_connections_max > 0),
             (
@@ -359,17 +356,18 @@ pub enum TransportError {
         /// Its reason.
         reason: String,
     },
-    /// The snapshot announced exceeds [`TransportLimits::snapshot_bytes_max`].
-    #[error("snapshot of {bytes} bytes from node {from} exceeds the limit of {max} bytes")]
+    /// The snapshot grew past [`TransportLimits::snapshot_bytes_max`].
+    #[error("snapshot from node {from} passed {bytes} bytes, over the limit of {max} bytes")]
     SnapshotTooLarge {
         /// The peer asked.
         from: NodeId,
-        /// The announced size.
+        /// The bytes received when it was refused.
         bytes: u64,
         /// The bound.
         max: u64,
     },
-    /// The snapshot stream ended early or carried more than announced.
+    /// The snapshot stream ended early, or its end frame does not count
+    /// what arrived.
     #[error("snapshot from node {from}: received {received} bytes, {expected} announced")]
     SnapshotLength {
         /// The peer asked.

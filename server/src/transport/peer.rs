@@ -26,12 +26,13 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::identity::ClusterIdentity;
-use super::snapshot::{PeerRequest, SnapshotHeader, CONTROL_FRAME_BYTES_MAX};
+use super::snapshot::{
+    PeerRequest, SnapshotFrame, SnapshotHeader, SnapshotPiece, CONTROL_FRAME_BYTES_MAX,
+};
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
-    close_code, PeerPayload, Result, Snapshot, SnapshotSource, TransportError, TransportLimits,
-    CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, CLOSE_SHUTDOWN, CLOSE_SUPERSEDED,
-    CLOSE_TIMEOUT,
+    close_code, PeerPayload, Result, SnapshotSource, TransportError, TransportLimits, CLOSE_NORMAL,
+    CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, CLOSE_SHUTDOWN, CLOSE_SUPERSEDED, CLOSE_TIMEOUT,
 };
 
 /// How a [`PeerNetwork`] is set up.
@@ -251,7 +252,10 @@ impl<M: PeerPayload> PeerNetwork<M> {
 
     /// Fetches `from`'s latest snapshot over a stream of its own on the
     /// connection to it, waiting up to the handshake timeout for that
-    /// connection. The whole transfer is bounded by
+    /// connection, and hands each chunk to `chunks` as it arrives (waiting
+    /// for room there, which paces the transfer). Returns the slot the
+    /// snapshot covers once every chunk was handed on and the sender's count
+    /// of them matched. The whole transfer is bounded by
     /// [`TransportLimits::snapshot_timeout`] and its size by
     /// [`TransportLimits::snapshot_bytes_max`].
     ///
@@ -260,7 +264,7 @@ impl<M: PeerPayload> PeerNetwork<M> {
     /// [`TransportError::SnapshotUnavailable`],
     /// [`TransportError::SnapshotTooLarge`], [`TransportError::SnapshotLength`],
     /// [`TransportError::TimedOut`], or a connection or stream failure.
-    pub async fn fetch_snapshot(&self, from: NodeId) -> Result<Snapshot> {
+    pub async fn fetch_snapshot(&self, from: NodeId, chunks: mpsc::Sender<Bytes>) -> Result<u64> {
         let outgoing = self
             .shared
             .outgoing
@@ -284,7 +288,7 @@ impl<M: PeerPayload> PeerNetwork<M> {
         let limit = self.shared.limits.snapshot_timeout;
         tokio::time::timeout(
             limit,
-            receive_snapshot(&connection, from, self.shared.limits.snapshot_bytes_max),
+            receive_snapshot(&connection, from, &self.shared.limits, &chunks),
         )
         .await
         .map_err(|_| {
@@ -918,25 +922,52 @@ async fn serve_snapshot<M: PeerPayload>(
         .read()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
         .clone();
-    let snapshot = source.and_then(|source| source.current_snapshot());
-    let header = match &snapshot {
-        Some(snapshot) => SnapshotHeader::Ready {
-            through_slot: snapshot.through_slot,
-            total_bytes: snapshot.data.len() as u64,
-        },
-        None => SnapshotHeader::Unavailable {
-            reason: "no snapshot is saved yet".to_string(),
-        },
+    let mut pieces = match source {
+        Some(source) => source.open_snapshot(),
+        None => {
+            let (sender, receiver) = mpsc::channel(1);
+            let _ = sender.try_send(SnapshotPiece::Failed(
+                "no snapshot is saved yet".to_string(),
+            ));
+            receiver
+        }
     };
+    let mut sent_through = None;
+    let mut totals = (0u64, 0u64);
     let transfer = async {
+        let header = match pieces.recv().await {
+            Some(SnapshotPiece::Start { through_slot }) => {
+                sent_through = Some(through_slot);
+                SnapshotHeader::Ready { through_slot }
+            }
+            Some(SnapshotPiece::Failed(reason)) => SnapshotHeader::Unavailable { reason },
+            Some(_) | None => SnapshotHeader::Unavailable {
+                reason: "the snapshot source produced nothing".to_string(),
+            },
+        };
         send.write_all(&encode_frame(&header)).await?;
-        if let Some(snapshot) = &snapshot {
-            let mut offset = 0;
-            while offset < snapshot.data.len() {
-                let end = (offset + limits.snapshot_chunk_bytes).min(snapshot.data.len());
-                let chunk: Bytes = snapshot.data.slice(offset..end);
-                send.write_chunk(chunk).await?;
-                offset = end;
+        if sent_through.is_some() {
+            loop {
+                let frame = match pieces.recv().await {
+                    Some(SnapshotPiece::Chunk(chunk)) => {
+                        totals.0 += 1;
+                        totals.1 += chunk.len() as u64;
+                        SnapshotFrame::Chunk(chunk)
+                    }
+                    Some(SnapshotPiece::End) => SnapshotFrame::End {
+                        chunks: totals.0,
+                        bytes: totals.1,
+                    },
+                    Some(SnapshotPiece::Failed(reason)) => SnapshotFrame::Failed(reason),
+                    Some(SnapshotPiece::Start { .. }) | None => {
+                        SnapshotFrame::Failed("the snapshot source stopped".to_string())
+                    }
+                };
+                let last = !matches!(frame, SnapshotFrame::Chunk(_));
+                send.write_all(&encode_frame(&frame)).await?;
+                if last {
+                    break;
+                }
             }
         }
         let _ = send.finish();
@@ -949,8 +980,8 @@ async fn serve_snapshot<M: PeerPayload>(
         _ = cancelled(&mut shutdown) => {}
         outcome = tokio::time::timeout(limits.snapshot_timeout, transfer) => match outcome {
             Ok(Ok(())) => {
-                if let Some(snapshot) = &snapshot {
-                    info!(node = shared.node_id, peer, through_slot = snapshot.through_slot, bytes = snapshot.data.len(), "snapshot sent");
+                if let Some(through_slot) = sent_through {
+                    info!(node = shared.node_id, peer, through_slot, chunks = totals.0, bytes = totals.1, "snapshot sent");
                 }
             }
             Ok(Err(error)) => info!(node = shared.node_id, peer, %error, "snapshot transfer failed"),
@@ -962,14 +993,15 @@ async fn serve_snapshot<M: PeerPayload>(
 async fn receive_snapshot(
     connection: &quinn::Connection,
     from: NodeId,
-    bytes_max: u64,
-) -> Result<Snapshot> {
+    limits: &TransportLimits,
+    chunks: &mpsc::Sender<Bytes>,
+) -> Result<u64> {
     let (mut send, receive) = connection.open_bi().await?;
     send.write_all(&encode_frame(&PeerRequest::Snapshot))
         .await?;
     let _ = send.finish();
     let mut frames = FrameReader::new(receive, CONTROL_FRAME_BYTES_MAX);
-    let (through_slot, total_bytes) = match frames.next::<SnapshotHeader>().await? {
+    let through_slot = match frames.next::<SnapshotHeader>().await? {
         None => {
             return Err(TransportError::SnapshotUnavailable {
                 from,
@@ -979,64 +1011,65 @@ async fn receive_snapshot(
         Some(SnapshotHeader::Unavailable { reason }) => {
             return Err(TransportError::SnapshotUnavailable { from, reason })
         }
-        Some(SnapshotHeader::Ready {
-            through_slot,
-            total_bytes,
-        }) => (through_slot, total_bytes),
+        Some(SnapshotHeader::Ready { through_slot }) => through_slot,
     };
-    let (mut receive, buffered) = frames.into_parts();
-    if total_bytes > bytes_max {
-        let _ = receive.stop(close_code(CLOSE_PROTOCOL_ERROR));
-        return Err(TransportError::SnapshotTooLarge {
-            from,
-            bytes: total_bytes,
-            max: bytes_max,
-        });
-    }
-    let expected = usize::try_from(total_bytes).map_err(|_| TransportError::SnapshotTooLarge {
-        from,
-        bytes: total_bytes,
-        max: bytes_max,
-    })?;
-    // Grow with what arrives beyond a first allocation, so that a length
-    // announced but never sent costs little.
-    let mut data = Vec::with_capacity(expected.min(SNAPSHOT_INITIAL_CAPACITY_BYTES));
-    data.extend_from_slice(&buffered);
-    let length_error = |received: usize| TransportError::SnapshotLength {
-        from,
-        received: received as u64,
-        expected: total_bytes,
-    };
-    if data.len() > expected {
-        return Err(length_error(data.len()));
-    }
-    while data.len() < expected {
-        let chunk = receive
-            .read_chunk(expected - data.len(), true)
-            .await
-            .map_err(FrameReadError::from)?;
-        match chunk {
-            Some(chunk) => data.extend_from_slice(&chunk.bytes),
-            None => return Err(length_error(data.len())),
+    frames.set_max_bytes(limits.peer_frame_bytes_max);
+    let mut received = (0u64, 0u64);
+    loop {
+        let frame = frames.next::<SnapshotFrame>().await?;
+        match frame {
+            Some(SnapshotFrame::Chunk(chunk)) => {
+                received.0 += 1;
+                received.1 += chunk.len() as u64;
+                if received.1 > limits.snapshot_bytes_max {
+                    return Err(TransportError::SnapshotTooLarge {
+                        from,
+                        bytes: received.1,
+                        max: limits.snapshot_bytes_max,
+                    });
+                }
+                if chunks.send(chunk).await.is_err() {
+                    return Err(TransportError::SnapshotUnavailable {
+                        from,
+                        reason: "the receiving side stopped taking chunks".to_string(),
+                    });
+                }
+            }
+            Some(SnapshotFrame::End {
+                chunks: sent_chunks,
+                bytes,
+            }) => {
+                if (sent_chunks, bytes) != received {
+                    return Err(TransportError::SnapshotLength {
+                        from,
+                        received: received.1,
+                        expected: bytes,
+                    });
+                }
+                break;
+            }
+            Some(SnapshotFrame::Failed(reason)) => {
+                return Err(TransportError::SnapshotUnavailable { from, reason })
+            }
+            None => {
+                return Err(TransportError::SnapshotLength {
+                    from,
+                    received: received.1,
+                    expected: received.1 + 1,
+                })
+            }
         }
     }
-    // Exactly the announced bytes, then the end of the stream.
-    match receive
-        .read_chunk(1, true)
-        .await
-        .map_err(FrameReadError::from)?
-    {
-        None => {}
-        Some(_) => return Err(length_error(data.len() + 1)),
+    // The end frame, then the end of the stream.
+    match frames.next::<SnapshotFrame>().await? {
+        None => Ok(through_slot),
+        Some(_) => Err(TransportError::SnapshotLength {
+            from,
+            received: received.1 + 1,
+            expected: received.1,
+        }),
     }
-    Ok(Snapshot {
-        through_slot,
-        data: Bytes::from(data),
-    })
 }
-
-/// The most memory reserved up front for an incoming snapshot.
-const SNAPSHOT_INITIAL_CAPACITY_BYTES: usize = 64 << 20;
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex

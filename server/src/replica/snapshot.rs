@@ -1,0 +1,248 @@
+//! Snapshots between replicas, streamed: served from a read transaction on
+//! the saved state, installed by staging the records on disk while the
+//! state is rebuilt in memory.
+//!
+//! Serving ([`serve`]): a thread opens one read transaction on the saved
+//! state tables and packs their records into chunks of about
+//! [`CHUNK_BYTES`], which it hands to the transport through a channel of
+//! [`CHUNKS_IN_FLIGHT`]: the replica holds a few chunks, never a copy of
+//! the state, and the read transaction keeps the state it started from
+//! however long the transfer takes.
+//!
+//! Installing ([`install`]): the chunks that arrive are decoded once; each
+//! record goes both into a [`StateLoader`] (the new state in memory) and,
+//! as a [`StateWrite::Stage`], to the writer, which stages it on disk in the
+//! state tables that are not live. At most [`CHUNKS_IN_FLIGHT`] staged
+//! chunks wait for the disk, which paces the transfer. The driver makes the
+//! staged state live ([`StorageJob::ActivateState`](super::driver::StorageJob))
+//! only once the whole state arrived and checked out.
+//!
+//! The stream is a sequence of postcard-encoded [`StreamRecord`]s: the
+//! header first, every record in table then key order, then an end record
+//! counting them. Records never straddle chunks.
+
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::{mpsc, Semaphore};
+
+use super::storage_thread::{StagedRecords, WriterRequest};
+use crate::state::records::StateLoader;
+use crate::state::{StateConfig, StateMachine};
+use crate::storage::{SavedStateHeader, StateReader, StateRecordRef, StateTable, StateWrite};
+use crate::transport::SnapshotPiece;
+
+/// The size chunks are filled to (a chunk holds at least one record,
+/// whatever its size).
+pub const CHUNK_BYTES: usize = 256 << 10;
+
+/// Chunks held between producer and consumer, on each side.
+pub const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Bytes borrowed from the chunk they were read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RawBytes<'a>(&'a [u8]);
+
+impl Serialize for RawBytes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawBytes<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        <&'a [u8]>::deserialize(deserializer).map(RawBytes)
+    }
+}
+
+/// One item of a snapshot stream.
+#[derive(Debug, Serialize, Deserialize)]
+enum StreamRecord<'a> {
+    /// First: what the state covers.
+    Header(SavedStateHeader),
+    /// A record of a state table.
+    Record {
+        table: StateTable,
+        #[serde(borrow)]
+        key: RawBytes<'a>,
+        #[serde(borrow)]
+        value: RawBytes<'a>,
+    },
+    /// Last: how many records came.
+    End { records: u64 },
+}
+
+/// Streams the saved state to a peer: `Start`, chunks, `End` (or
+/// `Failed`), produced on a thread of their own from one read transaction.
+pub fn serve(reader: StateReader) -> mpsc::Receiver<SnapshotPiece> {
+    let (pieces, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let spawned = std::thread::Builder::new()
+        .name("synod-snapshot".into())
+        .spawn({
+            let pieces = pieces.clone();
+            move || stream_state(&reader, &pieces)
+        });
+    if let Err(error) = spawned {
+        let _ = pieces.try_send(SnapshotPiece::Failed(format!(
+            "cannot start streaming the snapshot: {error}"
+        )));
+    }
+    receiver
+}
+
+fn stream_state(reader: &StateReader, pieces: &mpsc::Sender<SnapshotPiece>) {
+    const GONE: &str = "the peer stopped taking the snapshot";
+    // Both callbacks below add to the chunk being filled.
+    let chunk = std::cell::RefCell::new(Vec::with_capacity(CHUNK_BYTES * 2));
+    let send_chunk = || -> Result<(), String> {
+        let full = chunk.replace(Vec::with_capacity(CHUNK_BYTES * 2));
+        pieces
+            .blocking_send(SnapshotPiece::Chunk(Bytes::from(full)))
+            .map_err(|_| GONE.to_string())
+    };
+    let mut records = 0u64;
+    let result = reader.read(
+        &mut |header| {
+            pieces
+                .blocking_send(SnapshotPiece::Start {
+                    through_slot: header.through,
+                })
+                .map_err(|_| GONE.to_string())?;
+            append(
+                &mut chunk.borrow_mut(),
+                &StreamRecord::Header(header.clone()),
+            );
+            Ok(())
+        },
+        &mut |record: StateRecordRef<'_>| {
+            records += 1;
+            let full = {
+                let mut chunk = chunk.borrow_mut();
+                append(
+                    &mut chunk,
+                    &StreamRecord::Record {
+                        table: record.table,
+                        key: RawBytes(record.key),
+                        value: RawBytes(record.value),
+                    },
+                );
+                chunk.len() >= CHUNK_BYTES
+            };
+            if full {
+                send_chunk()?;
+            }
+            Ok(())
+        },
+    );
+    let last = match result {
+        Ok(Some(_)) => {
+            append(&mut chunk.borrow_mut(), &StreamRecord::End { records });
+            send_chunk().map(|()| SnapshotPiece::End)
+        }
+        Ok(None) => Ok(SnapshotPiece::Failed("no state is saved yet".to_string())),
+        Err(error) => Ok(SnapshotPiece::Failed(error.to_string())),
+    };
+    if let Ok(piece) = last {
+        let _ = pieces.blocking_send(piece);
+    }
+}
+
+fn append(chunk: &mut Vec<u8>, record: &StreamRecord<'_>) {
+    let buffer = std::mem::take(chunk);
+    *chunk = postcard::to_extend(record, buffer).expect("encoding into memory cannot fail");
+}
+
+/// A state fetched from a peer: staged on disk (not yet live) and rebuilt
+/// in memory.
+#[derive(Debug)]
+pub struct FetchedState {
+    /// What it covers.
+    pub header: SavedStateHeader,
+    /// The state, checked.
+    pub state: Box<StateMachine>,
+}
+
+/// Takes a snapshot's chunks as they arrive (until the channel closes),
+/// stages each record through the writer and rebuilds the state. Blocks:
+/// run it on a blocking thread.
+///
+/// # Errors
+/// Why the snapshot is unusable: a chunk that does not decode, records out
+/// of order or missing, a state that breaks an invariant, or the writer
+/// gone.
+pub fn install(
+    mut chunks: mpsc::Receiver<Bytes>,
+    writer: std_mpsc::Sender<WriterRequest>,
+    config: StateConfig,
+    runtime: tokio::runtime::Handle,
+) -> Result<FetchedState, String> {
+    let in_flight = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
+    let stage = |write: StateWrite| -> Result<(), String> {
+        let permit = runtime
+            .block_on(in_flight.clone().acquire_owned())
+            .map_err(|_| "the staging budget closed".to_string())?;
+        writer
+            .send(WriterRequest::Stage {
+                write,
+                permit: Some(permit),
+            })
+            .map_err(|_| "the writer stopped".to_string())
+    };
+    stage(StateWrite::StageBegin)?;
+    let mut loader = StateLoader::new(config);
+    let mut header: Option<SavedStateHeader> = None;
+    let mut ended = false;
+    while let Some(chunk) = chunks.blocking_recv() {
+        let mut staged: StagedRecords = Vec::new();
+        let mut rest: &[u8] = &chunk;
+        while !rest.is_empty() {
+            if ended {
+                return Err("records after the end of the snapshot".into());
+            }
+            let (record, remaining) = postcard::take_from_bytes::<StreamRecord<'_>>(rest)
+                .map_err(|error| format!("a snapshot record does not decode: {error}"))?;
+            rest = remaining;
+            match record {
+                StreamRecord::Header(first) => {
+                    if header.is_some() || loader.records() != 0 {
+                        return Err("a snapshot header in the middle of the snapshot".into());
+                    }
+                    header = Some(first);
+                }
+                StreamRecord::Record { table, key, value } => {
+                    if header.is_none() {
+                        return Err("a snapshot record before its header".into());
+                    }
+                    loader.record(StateRecordRef {
+                        table,
+                        key: key.0,
+                        value: value.0,
+                    })?;
+                    staged.push((table, Box::from(key.0), value.0.to_vec()));
+                }
+                StreamRecord::End { records } => {
+                    if records != loader.records() {
+                        return Err(format!(
+                            "the snapshot ends after {} records but counts {records}",
+                            loader.records()
+                        ));
+                    }
+                    ended = true;
+                }
+            }
+        }
+        if !staged.is_empty() {
+            stage(StateWrite::Stage(staged))?;
+        }
+    }
+    let (Some(header), true) = (header, ended) else {
+        return Err("the snapshot ended early".into());
+    };
+    let state = loader.finish(&header.scalars)?;
+    Ok(FetchedState {
+        header,
+        state: Box::new(state),
+    })
+}

@@ -1,0 +1,339 @@
+//! The state machine's tables: saved incrementally as entries are applied,
+//! loaded directly at restart, streamed to lagging replicas from a read
+//! transaction, and replaced whole by a snapshot installed from a peer.
+//!
+//! The storage layer does not know what the records mean. The state machine
+//! (`crate::state::records`) encodes each node, session and lock as one
+//! record under a byte key in one of three [`StateTable`]s, plus a small
+//! header of scalars (revision, time, counters). Here those records are
+//! sealed (CRC-32 over the table, key and payload), written, verified on
+//! every read and handed back in key order.
+//!
+//! # Two sets of tables
+//!
+//! There are two sets of state tables, `0` and `1`. The meta key
+//! `state_live` names the live one; its header (the slot it covers, the
+//! membership in force, the scalars) is the meta value `state.<set>`.
+//! [`StateWrite::Delta`] changes the live set in place. Installing a
+//! snapshot writes the *other* set ([`StateWrite::StageBegin`] empties it,
+//! [`StateWrite::Stage`] fills it, over as many commits as it takes), and
+//! [`StateWrite::StageActivate`] makes it live in one commit and drops the
+//! old set. A crash at any point leaves the old live set or the new one,
+//! never a mix; a half-staged set is never read and is emptied by the next
+//! `StageBegin`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use synod_paxos::{Membership, Slot};
+
+use super::codec::{meta_domain, unseal, valid_membership, META};
+use super::{corrupt, redb_error, Result};
+
+/// The three tables of state records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum StateTable {
+    /// Nodes of the namespace, keyed by path.
+    Nodes,
+    /// Open sessions, keyed by id (8 bytes, big-endian).
+    Sessions,
+    /// Locks and elections, keyed by path.
+    Locks,
+}
+
+impl StateTable {
+    /// Every table, in the order they are read and streamed.
+    pub const ALL: [StateTable; 3] = [StateTable::Nodes, StateTable::Sessions, StateTable::Locks];
+
+    fn name(self) -> &'static str {
+        match self {
+            StateTable::Nodes => "nodes",
+            StateTable::Sessions => "sessions",
+            StateTable::Locks => "locks",
+        }
+    }
+
+    pub(crate) fn definition(
+        self,
+        set: u8,
+    ) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+        let name = match (self, set) {
+            (StateTable::Nodes, 0) => "synod_state_nodes.0",
+            (StateTable::Nodes, _) => "synod_state_nodes.1",
+            (StateTable::Sessions, 0) => "synod_state_sessions.0",
+            (StateTable::Sessions, _) => "synod_state_sessions.1",
+            (StateTable::Locks, 0) => "synod_state_locks.0",
+            (StateTable::Locks, _) => "synod_state_locks.1",
+        };
+        TableDefinition::new(name)
+    }
+}
+
+/// The checksum domain of a state record.
+pub(crate) fn record_domain(table: StateTable, key: &[u8]) -> Vec<u8> {
+    let mut domain = b"synod/state/".to_vec();
+    domain.extend_from_slice(table.name().as_bytes());
+    domain.push(b'/');
+    domain.extend_from_slice(key);
+    domain
+}
+
+/// The meta key naming the live set.
+pub(crate) const KEY_STATE_LIVE: &str = "state_live";
+
+/// The meta key of a set's header.
+pub(crate) fn header_key(set: u8) -> &'static str {
+    if set == 0 {
+        "state.0"
+    } else {
+        "state.1"
+    }
+}
+
+/// What a saved state covers: the slot, the membership in force after it,
+/// and the state machine's scalars (opaque here).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedStateHeader {
+    /// Every slot up to and including this one is applied in the state.
+    pub through: Slot,
+    /// The membership in force after `through`.
+    pub membership: Membership,
+    /// The state machine's scalars, as it encoded them.
+    pub scalars: Vec<u8>,
+}
+
+/// One record of a saved state, as read back (CRC verified).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StateRecordRef<'a> {
+    /// Its table.
+    pub table: StateTable,
+    /// Its key.
+    pub key: &'a [u8],
+    /// Its payload, as the state machine encoded it.
+    pub value: &'a [u8],
+}
+
+/// A record's place: its table and key.
+pub type StateKey = (StateTable, Box<[u8]>);
+
+/// Changes to the live state, bringing it to `through`: every record
+/// written or removed since the last delta, and the new header. Later
+/// changes to a key replace earlier ones ([`StateDelta::merge`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StateDelta {
+    /// The header after the changes (`None` only for an empty delta).
+    pub header: Option<SavedStateHeader>,
+    /// Each changed record: its new payload, or `None` when removed.
+    pub changes: BTreeMap<StateKey, Option<Vec<u8>>>,
+}
+
+impl StateDelta {
+    /// The slot the delta brings the state to, if it has a header.
+    pub fn through(&self) -> Option<Slot> {
+        self.header.as_ref().map(|header| header.through)
+    }
+
+    /// Folds a later delta into this one: its header and its changes win.
+    pub fn merge(&mut self, later: StateDelta) {
+        if later.header.is_some() {
+            self.header = later.header;
+        }
+        if self.changes.is_empty() {
+            self.changes = later.changes;
+        } else {
+            self.changes.extend(later.changes);
+        }
+    }
+
+    /// Roughly how many bytes the delta holds (keys and payloads).
+    pub fn bytes(&self) -> u64 {
+        self.changes
+            .iter()
+            .map(|((_, key), value)| (key.len() + value.as_ref().map_or(0, Vec::len) + 16) as u64)
+            .sum::<u64>()
+            + self
+                .header
+                .as_ref()
+                .map_or(0, |header| header.scalars.len() as u64)
+    }
+
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.header.is_none() && self.changes.is_empty()
+    }
+}
+
+/// A write to the state tables, made durable in order with the log's
+/// batches by [`super::Storage::commit`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateWrite {
+    /// Apply changes to the live state (creating it, as set 0, if there is
+    /// none yet).
+    Delta(StateDelta),
+    /// Empty the staging set and start staging a state installed from a
+    /// peer.
+    StageBegin,
+    /// Records of the state being staged (payloads as the state machine
+    /// encoded them).
+    Stage(Vec<(StateTable, Box<[u8]>, Vec<u8>)>),
+    /// Make the staged state live, with this header, and drop the old one.
+    StageActivate(SavedStateHeader),
+}
+
+/// Where a saved state's records can be read from another thread while the
+/// writer goes on: a lagging replica's snapshot is streamed from one read
+/// transaction, so it is one consistent state however long it takes.
+#[derive(Clone, Debug)]
+pub struct StateReader {
+    pub(crate) database: Arc<Database>,
+    pub(crate) path: PathBuf,
+}
+
+impl StateReader {
+    /// Reads the live state in one read transaction: returns its header
+    /// (`None` when no state is saved yet) after calling `visit` on each
+    /// record in table then key order. `visit` may stop the read early by
+    /// returning an error, which is returned.
+    ///
+    /// # Errors
+    /// [`super::StorageError::Corrupt`] for a damaged record or header
+    /// (and for an error from `visit`); redb errors.
+    pub fn read(
+        &self,
+        header_seen: &mut dyn FnMut(&SavedStateHeader) -> std::result::Result<(), String>,
+        visit: &mut dyn FnMut(StateRecordRef<'_>) -> std::result::Result<(), String>,
+    ) -> Result<Option<SavedStateHeader>> {
+        let transaction = self
+            .database
+            .begin_read()
+            .map_err(|error| redb_error(&self.path, "begin a read transaction", error))?;
+        read_state(&transaction, &self.path, header_seen, visit)
+    }
+}
+
+/// The live set and its header, read from meta.
+pub(crate) fn live_set(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    path: &Path,
+) -> Result<Option<(u8, SavedStateHeader)>> {
+    let Some(set) = super::get_meta::<u8>(meta, path, KEY_STATE_LIVE)? else {
+        return Ok(None);
+    };
+    if set > 1 {
+        return Err(corrupt(
+            path,
+            format!("meta {KEY_STATE_LIVE:?} names set {set}"),
+        ));
+    }
+    let key = header_key(set);
+    let Some(sealed) = meta
+        .get(key)
+        .map_err(|error| redb_error(path, "read a meta value", error))?
+    else {
+        return Err(corrupt(
+            path,
+            format!("the live state set {set} has no header"),
+        ));
+    };
+    let header: SavedStateHeader = unseal(&meta_domain(key), sealed.value())
+        .map_err(|detail| corrupt(path, format!("meta {key:?}: {detail}")))?;
+    valid_membership(&header.membership)
+        .map_err(|detail| corrupt(path, format!("meta {key:?}: {detail}")))?;
+    Ok(Some((set, header)))
+}
+
+/// Reads the live state of a read transaction (see [`StateReader::read`]).
+pub(crate) fn read_state(
+    transaction: &ReadTransaction,
+    path: &Path,
+    header_seen: &mut dyn FnMut(&SavedStateHeader) -> std::result::Result<(), String>,
+    visit: &mut dyn FnMut(StateRecordRef<'_>) -> std::result::Result<(), String>,
+) -> Result<Option<SavedStateHeader>> {
+    let meta = transaction
+        .open_table(META)
+        .map_err(|error| redb_error(path, "open the meta table", error))?;
+    let Some((set, header)) = live_set(&meta, path)? else {
+        return Ok(None);
+    };
+    header_seen(&header).map_err(|detail| corrupt(path, format!("state header: {detail}")))?;
+    for table in StateTable::ALL {
+        let records = match transaction.open_table(table.definition(set)) {
+            Ok(records) => records,
+            // A set whose table was never written holds no such records.
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(error) => return Err(redb_error(path, "open a state table", error)),
+        };
+        let range = records
+            .range::<&[u8]>(..)
+            .map_err(|error| redb_error(path, "read the state", error))?;
+        for entry in range {
+            let (key, value) = entry.map_err(|error| redb_error(path, "read the state", error))?;
+            let key = key.value();
+            let payload =
+                unseal_payload(&record_domain(table, key), value.value()).map_err(|detail| {
+                    corrupt(
+                        path,
+                        format!("state {} record {:?}: {detail}", table.name(), lossy(key)),
+                    )
+                })?;
+            visit(StateRecordRef {
+                table,
+                key,
+                value: payload,
+            })
+            .map_err(|detail| {
+                corrupt(
+                    path,
+                    format!("state {} record {:?}: {detail}", table.name(), lossy(key)),
+                )
+            })?;
+        }
+    }
+    Ok(Some(header))
+}
+
+/// A key for messages: text when it is text.
+fn lossy(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
+}
+
+/// Appends the CRC-32 of `domain` and `payload` to `payload`.
+pub(crate) fn seal_payload(domain: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(domain);
+    hasher.update(payload);
+    let mut sealed = Vec::with_capacity(payload.len() + 4);
+    sealed.extend_from_slice(payload);
+    sealed.extend_from_slice(&hasher.finalize().to_le_bytes());
+    sealed
+}
+
+/// Verifies and strips the CRC-32 [`seal_payload`] appended.
+pub(crate) fn unseal_payload<'a>(
+    domain: &[u8],
+    sealed: &'a [u8],
+) -> std::result::Result<&'a [u8], String> {
+    let Some(split) = sealed.len().checked_sub(4) else {
+        return Err(format!(
+            "record of {} bytes is shorter than its checksum",
+            sealed.len()
+        ));
+    };
+    let (payload, trailer) = sealed.split_at(split);
+    let mut stored = [0u8; 4];
+    stored.copy_from_slice(trailer);
+    let stored = u32::from_le_bytes(stored);
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(domain);
+    hasher.update(payload);
+    let computed = hasher.finalize();
+    if stored != computed {
+        return Err(format!(
+            "CRC-32 mismatch (stored {stored:08x}, computed {computed:08x})"
+        ));
+    }
+    Ok(payload)
+}
