@@ -5,23 +5,37 @@
 //!   responses);
 //! - memory per node: bytes allocated by the state beyond each node's path
 //!   and data, counted by an instrumented global allocator, with 1,000,000
-//!   nodes of 100 bytes (`SYNOD_BENCH_NODES` changes the count).
+//!   nodes of 100 bytes under 1,000 parents, paths like `/bench/d123/k0000001`
+//!   (`SYNOD_BENCH_NODES` changes the count);
+//! - saving: the deltas of what each batch of 100 commands changed
+//!   (`StateMachine::take_delta`, what the replica hands its writer), and
+//!   loading the whole state back from its records (`StateLoader`, what a
+//!   restart and a snapshot install do), with the memory the loaded state
+//!   holds (its B-tree packed full).
 
 use std::alloc::System;
 use std::time::Instant;
 
 use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use synod_paxos::Membership;
 use synod_proto::{CreateMode, Op, Request};
+use synod_server::state::records::StateLoader;
 use synod_server::state::{Command, StateConfig, StateMachine};
+use synod_server::storage::{StateRecordRef, StateTable};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 
 const DATA_BYTES: usize = 100;
 const BATCH: u64 = 100_000;
+const PARENTS: u64 = 1_000;
+
+fn parent_path(index: u64) -> String {
+    format!("/bench/d{:03}", index % PARENTS)
+}
 
 fn node_path(index: u64) -> String {
-    format!("/bench/{index:010}")
+    format!("{}/k{index:07}", parent_path(index))
 }
 
 fn client(sequence: u64, op: Op) -> Command {
@@ -80,12 +94,25 @@ fn main() {
             mode: CreateMode::Persistent,
         },
     ));
+    for index in 0..PARENTS {
+        state.apply(&client(
+            2 + index,
+            Op::Create {
+                path: parent_path(index),
+                data: Vec::new(),
+                mode: CreateMode::Persistent,
+            },
+        ));
+    }
+    let first = 2 + PARENTS;
+    let membership = Membership::new(&[1, 2, 3]).expect("membership");
+    state.take_delta(0, &membership);
     let before = region.change();
     let base_bytes = before.bytes_allocated as i64 - before.bytes_deallocated as i64;
 
     let create_seconds = timed_apply(&mut state, nodes, |index| {
         client(
-            2 + index,
+            first + index,
             Op::Create {
                 path: node_path(index),
                 data: data.clone(),
@@ -100,9 +127,33 @@ fn main() {
         .sum();
     let overhead_per_node = (state_bytes - payload_bytes as i64) as f64 / nodes as f64;
 
+    // What the replica hands its writer: a delta for every 100 commands.
+    let mut delta_seconds = 0.0;
+    let mut delta_bytes = 0u64;
+    let mut next = first + nodes;
+    for round in 0..(nodes / 100).min(10_000) {
+        for index in 0..100 {
+            let applied = state.apply(&client(
+                next,
+                Op::SetData {
+                    path: node_path((round * 100 + index) * 7 % nodes),
+                    data: data.clone(),
+                    expected_version: None,
+                },
+            ));
+            assert!(matches!(&applied.response, Some(r) if r.result.is_ok()));
+            next += 1;
+        }
+        let start = Instant::now();
+        let delta = state.take_delta(round, &membership);
+        delta_seconds += start.elapsed().as_secs_f64();
+        delta_bytes += delta.bytes();
+    }
+    let delta_rounds = (nodes / 100).min(10_000);
+
     let set_seconds = timed_apply(&mut state, nodes, |index| {
         client(
-            2 + nodes + index,
+            next + index,
             Op::SetData {
                 path: node_path(index % nodes),
                 data: data.clone(),
@@ -129,7 +180,41 @@ fn main() {
     let start = Instant::now();
     let restored = StateMachine::restore(StateConfig::default(), &snapshot).map(|s| s.node_count());
     let restore_seconds = start.elapsed().as_secs_f64();
-    assert_eq!(restored, Ok(nodes + 2));
+    assert_eq!(restored, Ok(nodes + PARENTS + 2));
+    drop(snapshot);
+
+    // The whole state as records (as the storage holds them), then loaded
+    // back, as at a restart.
+    state.mark_all_dirty();
+    let all = state.take_delta(1, &membership);
+    let records: Vec<((StateTable, Box<[u8]>), Vec<u8>)> = all
+        .changes
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|value| (key, value)))
+        .collect();
+    let scalars = all.header.expect("a header").scalars;
+    let record_bytes: usize = records
+        .iter()
+        .map(|((_, key), value)| key.len() + value.len())
+        .sum();
+    let before_load = region.change();
+    let start = Instant::now();
+    let mut loader = StateLoader::new(StateConfig::default());
+    for ((table, key), value) in &records {
+        loader
+            .record(StateRecordRef {
+                table: *table,
+                key,
+                value,
+            })
+            .expect("a record");
+    }
+    let loaded = loader.finish(&scalars).expect("the state loads");
+    let load_seconds = start.elapsed().as_secs_f64();
+    let after_load = region.change();
+    let loaded_bytes = (after_load.bytes_allocated as i64 - after_load.bytes_deallocated as i64)
+        - (before_load.bytes_allocated as i64 - before_load.bytes_deallocated as i64);
+    assert_eq!(loaded.node_count(), nodes + PARENTS + 2);
 
     println!("synod-server state machine, {nodes} nodes of {DATA_BYTES} bytes, one core:");
     println!(
@@ -156,9 +241,23 @@ fn main() {
         overhead_per_node
     );
     println!(
-        "  snapshot               {:>12} bytes, written in {:.3} s, restored in {:.3} s",
-        snapshot.len(),
-        snapshot_seconds,
-        restore_seconds
+        "  snapshot (tests only)  written in {:.3} s, restored in {:.3} s",
+        snapshot_seconds, restore_seconds
+    );
+    println!(
+        "  delta per 100 sets     {:>12.1} us, {:.0} bytes",
+        delta_seconds * 1e6 / delta_rounds as f64,
+        delta_bytes as f64 / delta_rounds as f64
+    );
+    println!(
+        "  records                {:>12} records, {} bytes of keys and payloads",
+        records.len(),
+        record_bytes
+    );
+    println!(
+        "  load from records      {:>12.0} records/s  ({:.3} s), {:.1} bytes per node beyond path and data",
+        records.len() as f64 / load_seconds,
+        load_seconds,
+        (loaded_bytes - payload_bytes as i64) as f64 / nodes as f64
     );
 }

@@ -608,7 +608,7 @@ impl Driver {
                 chosen_through: core.chosen_through,
                 applied_through: core.apply_next.saturating_sub(1),
                 revision: self.state.revision(),
-                sessions: self.state.sessions().len() as u64,
+                sessions: self.state.session_count(),
                 watches: self.watches.len(),
                 peers: core
                     .peers

@@ -260,6 +260,11 @@ impl StateMachine {
         self.tree.len()
     }
 
+    /// How many sessions are open.
+    pub fn session_count(&self) -> u64 {
+        self.sessions.len() as u64
+    }
+
     /// Open sessions, ascending.
     pub fn sessions(&self) -> Vec<SessionId> {
         self.sessions.keys().copied().collect()

@@ -155,17 +155,20 @@ impl StateMachine {
     }
 }
 
-/// How many decoded nodes the loader gathers before it folds them into the
-/// namespace's tree (which it rebuilds densely packed each time).
+/// How many decoded nodes the loader gathers before it builds them into a
+/// segment of the namespace's tree.
 const LOAD_BATCH_NODES: usize = 1 << 16;
 
 /// Rebuilds a state from its records, which must come in table then key
 /// order (as storage and snapshot streams give them), then its header.
 pub struct StateLoader {
     config: StateConfig,
-    nodes: BTreeMap<Box<str>, Node>,
+    /// Segments of the tree, in key order, each a B-tree packed full; their
+    /// sizes at least halve from one to the next (a binary counter), so
+    /// merging them moves each node O(log n) times and never holds a
+    /// second copy of the tree.
+    segments: Vec<BTreeMap<Box<str>, Node>>,
     batch: Vec<(Box<str>, Node)>,
-    last_node: Option<Box<str>>,
     sessions: BTreeMap<u64, Session>,
     locks: BTreeMap<Box<str>, LockState>,
     records: u64,
@@ -176,9 +179,8 @@ impl StateLoader {
     pub fn new(config: StateConfig) -> StateLoader {
         StateLoader {
             config,
-            nodes: BTreeMap::new(),
-            batch: Vec::new(),
-            last_node: None,
+            segments: Vec::new(),
+            batch: Vec::with_capacity(LOAD_BATCH_NODES),
             sessions: BTreeMap::new(),
             locks: BTreeMap::new(),
             records: 0,
@@ -200,13 +202,12 @@ impl StateLoader {
             StateTable::Nodes => {
                 let path = std::str::from_utf8(record.key)
                     .map_err(|_| "a node path is not UTF-8".to_string())?;
-                if self.last_node.as_deref().is_some_and(|last| last >= path) {
+                if self.last_node().is_some_and(|last| last >= path) {
                     return Err(format!("node {path} is out of order"));
                 }
                 let (meta, data) = postcard::take_from_bytes::<Meta>(record.value)
                     .map_err(|error| format!("node {path} does not decode: {error}"))?;
                 let key: Box<str> = Box::from(path);
-                self.last_node = Some(key.clone());
                 self.batch.push((
                     key,
                     Node {
@@ -253,11 +254,43 @@ impl StateLoader {
         Ok(())
     }
 
-    /// Moves the gathered nodes into the tree: a bulk rebuild, which packs
-    /// the tree's nodes full and frees the old ones as it goes.
+    /// The path of the last node taken.
+    fn last_node(&self) -> Option<&str> {
+        match self.batch.last() {
+            Some((path, _)) => Some(path),
+            None => self
+                .segments
+                .last()
+                .and_then(|segment| segment.last_key_value())
+                .map(|(path, _)| &**path),
+        }
+    }
+
+    /// Builds the gathered nodes into a new segment, then merges segments
+    /// of similar size (a bulk rebuild that packs the tree full and frees
+    /// the merged ones as it goes).
     fn fold_batch(&mut self) {
-        let mut batch: BTreeMap<Box<str>, Node> = self.batch.drain(..).collect();
-        self.nodes.append(&mut batch);
+        if self.batch.is_empty() {
+            return;
+        }
+        let segment: BTreeMap<Box<str>, Node> = self.batch.drain(..).collect();
+        self.segments.push(segment);
+        while let [.., earlier, later] = &self.segments[..] {
+            if earlier.len() > 2 * later.len() {
+                break;
+            }
+            self.merge_last();
+        }
+    }
+
+    /// Merges the last segment into the one before it.
+    fn merge_last(&mut self) {
+        if let Some(mut later) = self.segments.pop() {
+            match self.segments.last_mut() {
+                Some(earlier) => earlier.append(&mut later),
+                None => self.segments.push(later),
+            }
+        }
     }
 
     /// The state, once every record was taken, with the header's scalars.
@@ -267,10 +300,14 @@ impl StateLoader {
     /// [`StateMachine::restore`] checks them).
     pub fn finish(mut self, scalars: &[u8]) -> Result<StateMachine, LoadError> {
         self.fold_batch();
+        while self.segments.len() > 1 {
+            self.merge_last();
+        }
+        let nodes = self.segments.pop().unwrap_or_default();
         let scalars: Scalars = decode(scalars)
             .map_err(|error| format!("the state header does not decode: {error}"))?;
         let locks = LockTable::from_parts(self.locks, scalars.next_lock_generation)?;
-        let tree = Tree::from_nodes(self.nodes, self.config.path_bytes_max)?;
+        let tree = Tree::from_nodes(nodes, self.config.path_bytes_max)?;
         let confirmed_members: BTreeSet<u64> = scalars.confirmed_members.iter().copied().collect();
         if confirmed_members.len() != scalars.confirmed_members.len()
             || !scalars.confirmed_members.is_sorted()

@@ -146,32 +146,56 @@ impl Tree {
         if !nodes.contains_key("/") {
             return Err("the root node is missing".into());
         }
+        // Siblings mostly come one after another in path order (a subtree
+        // between two of them breaks the run), so one cached parent serves
+        // a whole run: one lookup per run, not per node.
         let mut counts: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut run: Option<(&str, u64)> = None;
         let mut ephemerals = BTreeSet::new();
         for (path, node) in &nodes {
             validate_path(path, path_bytes_max).map_err(|error| error.to_string())?;
             if let Some(parent_path) = parent(path) {
-                let Some(parent_node) = nodes.get(parent_path) else {
-                    return Err(format!("node {path} has no parent"));
-                };
-                if parent_node.meta.ephemeral_owner != 0 {
-                    return Err(format!("node {path} has an ephemeral parent"));
+                match &mut run {
+                    Some((cached, count)) if *cached == parent_path => *count += 1,
+                    _ => {
+                        let Some(parent_node) = nodes.get(parent_path) else {
+                            return Err(format!("node {path} has no parent"));
+                        };
+                        if parent_node.meta.ephemeral_owner != 0 {
+                            return Err(format!("node {path} has an ephemeral parent"));
+                        }
+                        if let Some((cached, count)) = run.replace((parent_path, 1)) {
+                            *counts.entry(cached).or_default() += count;
+                        }
+                    }
                 }
-                *counts.entry(parent_path).or_default() += 1;
             }
             if node.meta.ephemeral_owner != 0 {
                 ephemerals.insert((node.meta.ephemeral_owner, path.clone()));
             }
         }
+        if let Some((cached, count)) = run {
+            *counts.entry(cached).or_default() += count;
+        }
+        // Both in path order: walk them together.
+        let mut counted = counts.into_iter().peekable();
         for (path, node) in &nodes {
-            let counted = counts.get(&**path).copied().unwrap_or(0);
-            if node.meta.children_count != counted {
+            let children = match counted.peek() {
+                Some((parent_path, count)) if *parent_path == &**path => {
+                    let count = *count;
+                    counted.next();
+                    count
+                }
+                _ => 0,
+            };
+            if node.meta.children_count != children {
                 return Err(format!(
-                    "node {path} records {} children but has {counted}",
+                    "node {path} records {} children but has {children}",
                     node.meta.children_count
                 ));
             }
         }
+        drop(counted);
         Ok(Tree {
             nodes,
             ephemerals,
