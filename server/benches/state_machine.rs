@@ -21,7 +21,7 @@ use synod_paxos::Membership;
 use synod_proto::{CreateMode, Op, Request};
 use synod_server::state::records::StateLoader;
 use synod_server::state::{Command, StateConfig, StateMachine};
-use synod_server::storage::{StateRecordRef, StateTable};
+use synod_server::storage::{StateKey, StateRecordRef};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
@@ -187,7 +187,7 @@ fn main() {
     // back, as at a restart.
     state.mark_all_dirty();
     let all = state.take_delta(1, &membership);
-    let records: Vec<((StateTable, Box<[u8]>), Vec<u8>)> = all
+    let records: Vec<(StateKey, Vec<u8>)> = all
         .changes
         .into_iter()
         .filter_map(|(key, value)| value.map(|value| (key, value)))
