@@ -10,6 +10,7 @@
 mod output;
 
 mod certs;
+mod cluster;
 mod commands;
 mod connect;
 mod dev;
