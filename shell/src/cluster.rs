@@ -29,7 +29,7 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use synod_client::Client;
-use synod_proto::tls::TlsFiles;
+use synod_proto::tls::{CertificateAuthority, IssuedCertificate, TlsFiles};
 
 use crate::connect::{self, ClientConfig};
 
@@ -52,11 +52,14 @@ const CONNECT_ATTEMPT_TIMEOUT_MS: u64 = 3_000;
 const SOURCE_FILES_MAX: usize = 10_000;
 
 /// Where a cluster's notices (starting, building, stopping) are printed:
-/// `synod dev` talks to the person on standard output.
+/// `synod dev` talks to the person on standard output; `synod bench` keeps
+/// standard output for its report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Notices {
     /// On standard output, as the shell's own messages.
     Stdout,
+    /// On standard error, so standard output stays for a report.
+    Stderr,
 }
 
 impl Notices {
@@ -64,6 +67,7 @@ impl Notices {
     pub fn say(self, arguments: std::fmt::Arguments<'_>) {
         match self {
             Notices::Stdout => crate::output::line(arguments),
+            Notices::Stderr => eprintln!("{arguments}"),
         }
     }
 }
@@ -83,6 +87,9 @@ pub struct LocalCluster {
     /// the pids file beside this run's, never stopped by this guard.
     others: Vec<(u64, u32)>,
     detached: bool,
+    /// Whether the data directory stays after the cluster stops (said when
+    /// it stops).
+    data_kept: bool,
 }
 
 impl Drop for LocalCluster {
@@ -100,10 +107,14 @@ impl Drop for LocalCluster {
         }
         self.children.clear();
         let _ = std::fs::remove_file(self.data.join("pids"));
-        self.notices.say(format_args!(
-            "cluster stopped; its data stays in {}",
-            self.data.display()
-        ));
+        if self.data_kept {
+            self.notices.say(format_args!(
+                "cluster stopped; its data stays in {}",
+                self.data.display()
+            ));
+        } else {
+            self.notices.say(format_args!("cluster stopped"));
+        }
     }
 }
 
@@ -211,6 +222,46 @@ pub fn port_base_fits(base: u16) -> bool {
     u32::from(base) + u32::from(CLIENT_PORT_OFFSET) + NODE_IDS.len() as u32 <= u32::from(u16::MAX)
 }
 
+/// Finds a port base whose six ports are free on 127.0.0.1, trying bases
+/// `step` apart from `first` upwards, at most `attempts` of them.
+///
+/// # Errors
+/// No free base among those tried.
+pub fn free_port_base(first: u16, step: u16, attempts: u16) -> anyhow::Result<u16> {
+    for attempt in 0..attempts {
+        let Some(base) = u16::try_from(u32::from(first) + u32::from(attempt) * u32::from(step))
+            .ok()
+            .filter(|&base| port_base_fits(base))
+        else {
+            break;
+        };
+        let all_free = NODE_IDS.iter().all(|&id| {
+            [peer_address(base, id), client_address(base, id)]
+                .iter()
+                .all(|address| std::net::UdpSocket::bind(address).is_ok())
+        });
+        if all_free {
+            return Ok(base);
+        }
+    }
+    bail!("no free range of ports on 127.0.0.1 from {first} up ({attempts} tried, {step} apart)")
+}
+
+/// Whether a UDP socket is bound to `port` on this host (from
+/// `/proc/net/udp` and `/proc/net/udp6`), without touching the port.
+pub fn udp_port_bound(port: u16) -> bool {
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/udp", "/proc/net/udp6"].iter().any(|table| {
+        std::fs::read_to_string(table).is_ok_and(|text| {
+            text.lines().skip(1).any(|line| {
+                line.split_whitespace()
+                    .nth(1)
+                    .is_some_and(|local| local.ends_with(&wanted))
+            })
+        })
+    })
+}
+
 fn peer_address(base: u16, id: u64) -> String {
     format!("127.0.0.1:{}", u64::from(base) + id)
 }
@@ -235,7 +286,13 @@ impl LocalCluster {
             children: Vec::new(),
             others: Vec::new(),
             detached: false,
+            data_kept: true,
         }
+    }
+
+    /// The data directory.
+    pub fn data(&self) -> &Path {
+        &self.data
     }
 
     /// The certificates' directory.
@@ -320,6 +377,37 @@ impl LocalCluster {
                 "generated a CA and certificates in {}",
                 certs.display()
             ));
+        }
+        Ok(())
+    }
+
+    /// Makes a new CA, a certificate per replica, the `client` certificate
+    /// and one more client certificate per name in `clients` (each its own
+    /// identity, so that many clients stay within the replicas'
+    /// per-identity bounds), replacing any there were.
+    ///
+    /// # Errors
+    /// A certificate cannot be made or written.
+    pub fn generate_certs(&self, clients: &[String]) -> anyhow::Result<()> {
+        let certs = self.certs();
+        std::fs::create_dir_all(&certs)
+            .with_context(|| format!("cannot create {}", certs.display()))?;
+        let ca = CertificateAuthority::generate(&format!("{} CA", self.name))
+            .context("cannot generate the CA")?;
+        write_pair(&certs, "ca", &ca.certificate())?;
+        let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        for id in NODE_IDS {
+            let issued = ca
+                .issue_node(id, &hosts)
+                .with_context(|| format!("cannot issue replica {id}'s certificate"))?;
+            write_pair(&certs, &format!("node-{id}"), &issued)?;
+        }
+        let names = std::iter::once("client").chain(clients.iter().map(String::as_str));
+        for name in names {
+            let issued = ca
+                .issue_client(&format!("{} {name}", self.name))
+                .with_context(|| format!("cannot issue the client certificate {name}"))?;
+            write_pair(&certs, name, &issued)?;
         }
         Ok(())
     }
@@ -446,6 +534,29 @@ impl LocalCluster {
         self.record_pids()
     }
 
+    /// Stops replica `id`, started by this run: SIGTERM, then SIGKILL after
+    /// [`STOP_TIMEOUT_MS`]; returns once it has exited.
+    ///
+    /// # Errors
+    /// This run did not start replica `id`, or the pids cannot be recorded.
+    pub fn stop_replica(&mut self, id: u64) -> anyhow::Result<()> {
+        let Some(index) = self
+            .children
+            .iter()
+            .position(|(child_id, _)| *child_id == id)
+        else {
+            bail!("replica {id} is not running (or was not started by this run)");
+        };
+        let (_, mut child) = self.children.remove(index);
+        signal(child.id(), Signal::SIGTERM);
+        wait_or_kill(
+            id,
+            &mut child,
+            Instant::now() + Duration::from_millis(STOP_TIMEOUT_MS),
+        );
+        self.record_pids()
+    }
+
     /// Replica `id`'s process id, when this run started it and it has not
     /// been stopped.
     pub fn pid(&self, id: u64) -> Option<u32> {
@@ -468,6 +579,12 @@ impl LocalCluster {
     /// Leaves the replicas running (or not) when this guard is dropped.
     pub fn set_detached(&mut self, detached: bool) {
         self.detached = detached;
+    }
+
+    /// Whether the data directory stays after the cluster stops (the
+    /// default), for the notice when it stops.
+    pub fn set_data_kept(&mut self, kept: bool) {
+        self.data_kept = kept;
     }
 
     fn record_pids(&self) -> anyhow::Result<()> {
@@ -590,6 +707,25 @@ impl LocalCluster {
     }
 }
 
+fn write_pair(dir: &Path, name: &str, issued: &IssuedCertificate) -> anyhow::Result<()> {
+    let cert = dir.join(format!("{name}.pem"));
+    std::fs::write(&cert, &issued.cert_pem)
+        .with_context(|| format!("cannot write {}", cert.display()))?;
+    let key = dir.join(format!("{name}-key.pem"));
+    let mut options = OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    use std::io::Write;
+    options
+        .open(&key)
+        .and_then(|mut file| file.write_all(issued.key_pem.as_bytes()))
+        .with_context(|| format!("cannot write {}", key.display()))
+}
+
 /// Whether any source of `synod-server` (the server, paxos and proto
 /// crates) changed after `binary` was built.
 fn older_than_sources(binary: &Path, workspace: &Path) -> bool {
@@ -654,6 +790,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bound_udp_port_is_seen_and_a_free_one_is_not() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let port = socket.local_addr().expect("address").port();
+        assert!(udp_port_bound(port));
+        drop(socket);
+        assert!(!udp_port_bound(port));
+    }
+
+    #[test]
     fn certificates_of_an_older_form_are_noticed() {
         let dir = tempfile::tempdir().expect("temp dir");
         let hosts = vec!["127.0.0.1".to_string()];
@@ -671,11 +816,33 @@ mod tests {
     #[test]
     fn node_configs_name_every_member() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let cluster = LocalCluster::new(dir.path(), 7000, "synod-dev", Notices::Stdout);
+        let cluster = LocalCluster::new(dir.path(), 7000, "synod-dev", Notices::Stderr);
         let text = cluster.node_config(2);
         assert!(text.starts_with("# written by `synod dev`\ncluster_id = \"synod-dev\"\n"));
         assert!(text.contains("id = 2\n"));
         assert!(text.contains("peer_address = \"127.0.0.1:7003\""));
         assert!(text.contains("client_address = \"127.0.0.1:7101\""));
+    }
+
+    #[test]
+    fn generated_certificates_are_of_the_current_form_and_one_per_client() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cluster = LocalCluster::new(dir.path(), 7000, "synod-bench", Notices::Stderr);
+        cluster
+            .generate_certs(&["bench-0".into(), "bench-1".into()])
+            .expect("certs");
+        assert!(replica_certificates_current(&cluster.certs()));
+        for name in ["client", "bench-0", "bench-1"] {
+            let files = TlsFiles::in_dir(&cluster.certs(), name);
+            let material = files.load().expect("loads");
+            let leaf = material.cert_chain.first().expect("a leaf");
+            assert_eq!(
+                synod_proto::tls::client_identity(leaf).as_deref(),
+                Some(format!("CN=synod-bench {name}").as_str())
+            );
+        }
+        let config = cluster.client_config_for(&[3, 1], "bench-1");
+        assert_eq!(config.endpoints, ["127.0.0.1:7103", "127.0.0.1:7101"]);
+        assert!(config.cert.ends_with("bench-1.pem"));
     }
 }
