@@ -1,9 +1,9 @@
 //! `synod dev`: a local 3-replica cluster on 127.0.0.1 with the shell
 //! attached.
 //!
-//! The replicas are child processes of the `synod-server` binary (nothing
-//! links the server), each in its own process group so that Ctrl-C in the
-//! shell never reaches them. Everything lives in the data directory:
+//! The replicas are child processes of the `synod-server` binary, started
+//! and stopped by [`LocalCluster`] (see `cluster.rs`). Everything lives in
+//! the data directory:
 //!
 //! ```text
 //! synod-dev/
@@ -17,35 +17,18 @@
 //!   pids                the running replicas' process ids
 //! ```
 
-use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
-use synod_client::Client;
 use tokio::runtime::Runtime;
 
+use crate::cluster::{self, LocalCluster, Notices, NODE_IDS};
 use crate::commands::{interrupted, Shell};
 use crate::connect::{self, ClientConfig, DEV_MARKER};
 use crate::repl;
 
-/// The replicas' ids.
-const NODE_IDS: [u64; 3] = [1, 2, 3];
-
 /// Peer ports are `base + id`, client ports `base + 100 + id`.
 pub const DEFAULT_PORT_BASE: u16 = 7000;
-
-/// Longest wait for a leader after starting the replicas.
-const READY_TIMEOUT_MS: u64 = 60_000;
-
-/// Longest wait for a replica to stop after SIGTERM before SIGKILL.
-const STOP_TIMEOUT_MS: u64 = 10_000;
-
-/// Longest wait for one connection attempt while the cluster starts.
-const CONNECT_ATTEMPT_TIMEOUT_MS: u64 = 3_000;
 
 /// `synod dev` flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -73,122 +56,6 @@ pub struct DevArgs {
     pub server: Option<PathBuf>,
 }
 
-/// The replica processes this run started; stopped when dropped unless
-/// detached, so an error on the way never leaves them behind.
-struct Replicas {
-    children: Vec<(u64, Child)>,
-    data: PathBuf,
-    detached: bool,
-}
-
-impl Drop for Replicas {
-    fn drop(&mut self) {
-        if self.detached || self.children.is_empty() {
-            return;
-        }
-        say!("stopping the replicas...");
-        for (_, child) in &self.children {
-            signal(child.id(), Signal::SIGTERM);
-        }
-        let deadline = Instant::now() + Duration::from_millis(STOP_TIMEOUT_MS);
-        for (id, child) in &mut self.children {
-            loop {
-                match child.try_wait() {
-                    Ok(Some(_)) | Err(_) => break,
-                    Ok(None) if Instant::now() >= deadline => {
-                        eprintln!("replica {id} did not stop in time; killing it");
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        break;
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(50)),
-                }
-            }
-        }
-        let _ = std::fs::remove_file(self.data.join("pids"));
-        say!("cluster stopped; its data stays in {}", self.data.display());
-    }
-}
-
-fn signal(pid: u32, signal: Signal) {
-    if let Ok(pid) = i32::try_from(pid) {
-        let _ = kill(Pid::from_raw(pid), signal);
-    }
-}
-
-/// Whether `pid` is a live (not zombie) `synod-server` process; only such a
-/// process is ever signalled by `--stop`, so a reused pid is left alone.
-fn is_live_replica(pid: u32) -> bool {
-    let Ok(command_line) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    if !String::from_utf8_lossy(&command_line).contains("synod-server") {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => !stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
-        Err(_) => false,
-    }
-}
-
-/// The `(node id, pid)` lines of `data/pids`.
-fn read_pids(data: &Path) -> Vec<(u64, u32)> {
-    std::fs::read_to_string(data.join("pids"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            Some((words.next()?.parse().ok()?, words.next()?.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Stops the replicas recorded in `data/pids`.
-fn stop(data: &Path) -> anyhow::Result<()> {
-    let pids: Vec<u32> = read_pids(data)
-        .into_iter()
-        .map(|(_, pid)| pid)
-        .filter(|&pid| is_live_replica(pid))
-        .collect();
-    if pids.is_empty() {
-        let _ = std::fs::remove_file(data.join("pids"));
-        say!("no dev cluster is running from {}", data.display());
-        return Ok(());
-    }
-    for &pid in &pids {
-        signal(pid, Signal::SIGTERM);
-    }
-    let deadline = Instant::now() + Duration::from_millis(STOP_TIMEOUT_MS);
-    while pids.iter().any(|&pid| is_live_replica(pid)) {
-        if Instant::now() >= deadline {
-            for &pid in pids.iter().filter(|&&pid| is_live_replica(pid)) {
-                eprintln!("replica process {pid} did not stop in time; killing it");
-                signal(pid, Signal::SIGKILL);
-            }
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = std::fs::remove_file(data.join("pids"));
-    say!(
-        "stopped the dev cluster in {} ({} replicas)",
-        data.display(),
-        pids.len()
-    );
-    Ok(())
-}
-
-fn peer_address(base: u16, id: u64) -> String {
-    format!("127.0.0.1:{}", u64::from(base) + id)
-}
-
-fn client_address(base: u16, id: u64) -> String {
-    format!("127.0.0.1:{}", u64::from(base) + 100 + id)
-}
-
 /// Reads the port base of an earlier run, or records this one's. The
 /// member addresses are part of the replicated state, so a data directory
 /// keeps its ports.
@@ -210,242 +77,12 @@ fn port_base(data: &Path, asked: Option<u16>) -> anyhow::Result<u16> {
         return Ok(recorded);
     }
     let base = asked.unwrap_or(DEFAULT_PORT_BASE);
-    if u32::from(base) + 100 + NODE_IDS.len() as u32 > u32::from(u16::MAX) {
+    if !cluster::port_base_fits(base) {
         bail!("--port-base {base} leaves no room for the client ports (base + 103)");
     }
     std::fs::write(&file, format!("# synod dev\nport_base = {base}\n"))
         .with_context(|| format!("cannot write {}", file.display()))?;
     Ok(base)
-}
-
-fn node_config(data: &Path, base: u16, id: u64) -> String {
-    let certs = data.join("certs");
-    let mut text = format!(
-        "# written by `synod dev`\ncluster_id = \"synod-dev\"\nid = {id}\ndata_dir = {:?}\n\n\
-         [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-        data.join(format!("node-{id}")),
-        certs.join("ca.pem"),
-        certs.join(format!("node-{id}.pem")),
-        certs.join(format!("node-{id}-key.pem")),
-    );
-    for member in NODE_IDS {
-        text.push_str(&format!(
-            "\n[[members]]\nid = {member}\npeer_address = \"{}\"\nclient_address = \"{}\"\n",
-            peer_address(base, member),
-            client_address(base, member)
-        ));
-    }
-    text
-}
-
-/// Finds `synod-server`: the flag, beside this binary (built with cargo
-/// first when this binary runs from a source checkout and the server is
-/// missing or older than its sources), or on `PATH`.
-fn server_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(path) = explicit {
-        return Ok(path.to_owned());
-    }
-    let exe = std::env::current_exe().context("cannot find this program's path")?;
-    let dir = exe.parent().context("this program has no directory")?;
-    let beside = dir.join("synod-server");
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_owned)
-        .unwrap_or_default();
-    let in_checkout = workspace.join("server/Cargo.toml").exists() && exe.starts_with(&workspace);
-    // In a source checkout, a binary older than the sources (after a pull)
-    // would run yesterday's replica: build it again.
-    if beside.exists() && !(in_checkout && older_than_sources(&beside, &workspace)) {
-        return Ok(beside);
-    }
-    if in_checkout {
-        let release = dir.file_name().is_some_and(|name| name == "release");
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut command = Command::new(cargo);
-        command
-            .args(["build", "-p", "synod-server"])
-            .current_dir(&workspace);
-        if release {
-            command.arg("--release");
-        }
-        say!(
-            "synod-server is missing or older than its sources: running `cargo build{} -p synod-server` in {}",
-            if release { " --release" } else { "" },
-            workspace.display()
-        );
-        let status = command.status().context("cannot run cargo")?;
-        if !status.success() {
-            bail!("building synod-server failed ({status})");
-        }
-        if beside.exists() {
-            return Ok(beside);
-        }
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join("synod-server");
-            if candidate.exists() {
-                return Ok(candidate);
-            }
-        }
-    }
-    bail!(
-        "cannot find synod-server beside {} or on PATH; build it with \
-         `cargo build --release -p synod-server`, or pass --server FILE",
-        exe.display()
-    )
-}
-
-/// Most files looked at when comparing a binary with its sources.
-const SOURCE_FILES_MAX: usize = 10_000;
-
-/// Whether any source of `synod-server` (the server, paxos and proto
-/// crates) changed after `binary` was built.
-fn older_than_sources(binary: &Path, workspace: &Path) -> bool {
-    let Ok(built) = std::fs::metadata(binary).and_then(|meta| meta.modified()) else {
-        return true;
-    };
-    let mut stack: Vec<PathBuf> = ["server/src", "paxos/src", "proto/src"]
-        .iter()
-        .map(|dir| workspace.join(dir))
-        .collect();
-    stack.extend(
-        [
-            "server/Cargo.toml",
-            "paxos/Cargo.toml",
-            "proto/Cargo.toml",
-            "Cargo.lock",
-        ]
-        .iter()
-        .map(|file| workspace.join(file)),
-    );
-    let mut seen = 0;
-    while let Some(path) = stack.pop() {
-        seen += 1;
-        if seen > SOURCE_FILES_MAX {
-            break;
-        }
-        if path.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(&path) {
-                stack.extend(entries.flatten().map(|entry| entry.path()));
-            }
-        } else if let Ok(modified) = std::fs::metadata(&path).and_then(|meta| meta.modified()) {
-            if modified > built {
-                return true;
-            }
-        }
-    }
-    false
-}
-
-fn check_ports_free(base: u16, ids: &[u64]) -> anyhow::Result<()> {
-    for &id in ids {
-        for address in [peer_address(base, id), client_address(base, id)] {
-            if std::net::UdpSocket::bind(&address).is_err() {
-                bail!(
-                    "{address} is in use: is another cluster running? `synod dev --stop` stops \
-                     a detached one; `--data DIR --port-base N` starts another elsewhere"
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Starts the replicas `ids`; `running` are the others, already running,
-/// recorded in the pids file alongside.
-fn start_replicas(
-    data: &Path,
-    server: &Path,
-    ids: &[u64],
-    running: &[(u64, u32)],
-    detached: bool,
-) -> anyhow::Result<Replicas> {
-    let mut replicas = Replicas {
-        children: Vec::new(),
-        data: data.to_owned(),
-        detached,
-    };
-    let mut pids: String = running
-        .iter()
-        .map(|(id, pid)| format!("{id} {pid}\n"))
-        .collect();
-    for &id in ids {
-        let config = data.join(format!("node-{id}.toml"));
-        let log_path = data.join(format!("node-{id}.log"));
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("cannot open {}", log_path.display()))?;
-        let mut command = Command::new(server);
-        command
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().context("cannot share the log file")?)
-            .stderr(log);
-        // Only a replica that never started founds the cluster; a later start
-        // must find its database.
-        let bootstrap = !data.join(format!("node-{id}/synod.redb")).exists();
-        if bootstrap {
-            command.arg("--bootstrap");
-        }
-        #[cfg(unix)]
-        {
-            use std::os::unix::process::CommandExt;
-            command.process_group(0);
-        }
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", server.display()))?;
-        pids.push_str(&format!("{id} {}\n", child.id()));
-        replicas.children.push((id, child));
-    }
-    std::fs::write(data.join("pids"), pids).context("cannot record the replicas' pids")?;
-    Ok(replicas)
-}
-
-fn log_tail(path: &Path) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(10)..].join("\n")
-}
-
-/// Waits until a session opens and the replica names a leader.
-async fn wait_ready(
-    config: &ClientConfig,
-    replicas: &mut Option<Replicas>,
-) -> anyhow::Result<Client> {
-    let deadline = Instant::now() + Duration::from_millis(READY_TIMEOUT_MS);
-    loop {
-        if let Some(replicas) = replicas.as_mut() {
-            for (id, child) in &mut replicas.children {
-                if let Ok(Some(status)) = child.try_wait() {
-                    let log = replicas.data.join(format!("node-{id}.log"));
-                    bail!(
-                        "replica {id} exited ({status}); the end of {}:\n{}",
-                        log.display(),
-                        log_tail(&log)
-                    );
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the cluster has no leader after {READY_TIMEOUT_MS} ms; see the node-*.log files"
-            );
-        }
-        if let Ok(client) = connect::connect_within(config, CONNECT_ATTEMPT_TIMEOUT_MS).await {
-            if let Ok(status) = client.status().await {
-                if status.replica.leader.is_some() {
-                    return Ok(client);
-                }
-            }
-            client.close().await;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Writes the user's config file pointing at this cluster, unless a person
@@ -478,80 +115,29 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         .canonicalize()
         .with_context(|| format!("cannot resolve {}", args.data.display()))?;
     if args.stop {
-        return stop(&data);
+        return cluster::stop_recorded(&data);
     }
     let base = port_base(&data, args.port_base)?;
-    let certs = data.join("certs");
-    let old_form = certs.join("ca.pem").exists() && !replica_certificates_current(&certs);
-    if old_form {
-        // Made by an older build: node certificates without the replica-only
-        // identity, which replicas now refuse. Development certificates are
-        // disposable, so they are made again (the CA too, so that every
-        // certificate is of one generation); the databases do not depend on
-        // them. Replicas still running hold the old ones, so stop first.
-        let running = read_pids(&data)
-            .into_iter()
-            .any(|(_, pid)| is_live_replica(pid));
-        if running {
-            bail!(
-                "{} holds certificates made by an older synod, and replicas are running with \
-                 them: stop them with `synod dev --stop --data {}`, then run `synod dev` again to \
-                 make new certificates",
-                certs.display(),
-                args.data.display()
-            );
-        }
-        say!(
-            "{} holds node certificates of an older form; making new ones",
-            certs.display()
-        );
-    }
-    if old_form || !certs.join("ca.pem").exists() {
-        let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
-        synod_proto::tls::generate_dev_certs(&certs, &NODE_IDS, &hosts)
-            .context("cannot generate the development certificates")?;
-        say!("generated a CA and certificates in {}", certs.display());
-    }
-    for id in NODE_IDS {
-        let path = data.join(format!("node-{id}.toml"));
-        std::fs::write(&path, node_config(&data, base, id))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-    }
-    let client_config = ClientConfig {
-        endpoints: NODE_IDS
-            .iter()
-            .map(|&id| client_address(base, id))
-            .collect(),
-        ca: certs.join("ca.pem"),
-        cert: certs.join("client.pem"),
-        key: certs.join("client-key.pem"),
-    };
-    let client_file = data.join("client.toml");
-    std::fs::write(
-        &client_file,
-        client_config.to_toml("# written by `synod dev`: `synod --config` this file"),
-    )
-    .with_context(|| format!("cannot write {}", client_file.display()))?;
+    let mut cluster = LocalCluster::new(&data, base, "synod-dev", Notices::Stdout);
+    cluster.ensure_dev_certs()?;
+    let client_file = cluster.write_configs()?;
+    let client_config = cluster.client_config();
 
-    let running: Vec<(u64, u32)> = read_pids(&data)
-        .into_iter()
-        .filter(|&(_, pid)| is_live_replica(pid))
-        .collect();
+    let running = cluster::running_replicas(&data);
     let missing: Vec<u64> = NODE_IDS
         .into_iter()
         .filter(|id| !running.iter().any(|(running_id, _)| running_id == id))
         .collect();
-    let mut replicas = if missing.is_empty() {
+    if missing.is_empty() {
         say!(
             "a dev cluster is already running from {}; attaching to it",
             data.display()
         );
-        None
     } else {
-        check_ports_free(base, &missing)?;
-        let server = server_binary(args.server.as_deref())?;
+        cluster.check_ports_free(&missing)?;
+        let server = cluster.server_binary(args.server.as_deref())?;
         let detached = if running.is_empty() {
-            let fresh = !data.join("node-1/synod.redb").exists();
+            let fresh = !cluster.node_dir(1).join("synod.redb").exists();
             say!(
                 "starting 3 replicas ({}) with {}",
                 if fresh {
@@ -573,17 +159,17 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
             );
             true
         };
-        Some(start_replicas(
-            &data, &server, &missing, &running, detached,
-        )?)
-    };
+        cluster.set_detached(detached);
+        cluster.start(&server, &missing, &running)?;
+    }
     let client = runtime.block_on(async {
         tokio::select! {
-            client = wait_ready(&client_config, &mut replicas) => client,
+            client = cluster.wait_ready(&client_config) => client,
             () = interrupted() => bail!("interrupted while waiting for a leader"),
         }
     })?;
     let user_config = write_user_config(&client_config);
+    let certs = cluster.certs();
     say!();
     say!("Synod dev cluster is up: 3 replicas on 127.0.0.1");
     say!(
@@ -594,7 +180,7 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         "  peers talk on       {}",
         NODE_IDS
             .iter()
-            .map(|&id| peer_address(base, id))
+            .map(|&id| cluster.peer_address(id))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -615,7 +201,7 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
             client_file.display()
         ),
     }
-    let detached = replicas.as_ref().is_none_or(|replicas| replicas.detached);
+    let detached = !cluster.started_any() || cluster.is_detached();
     if detached {
         say!("The cluster keeps running after the shell; `synod dev --stop` stops it.");
     } else {
@@ -629,22 +215,8 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         let mut shell = Shell::new(Some(client), Some(client_config), true);
         repl::run(runtime, &mut shell)
     };
-    drop(replicas);
+    drop(cluster);
     outcome
-}
-
-/// Whether every replica certificate in `certs` is of the current form (a
-/// replica-only identity for its node; see `synod_proto::tls`). A missing
-/// or unreadable one counts as not current, so it is made again.
-fn replica_certificates_current(certs: &Path) -> bool {
-    NODE_IDS.iter().all(|&id| {
-        let files = synod_proto::tls::TlsFiles::in_dir(certs, &format!("node-{id}"));
-        files.load().is_ok_and(|material| {
-            material.cert_chain.first().is_some_and(|leaf| {
-                synod_proto::tls::replica_certificate_node(leaf).is_ok_and(|named| named == id)
-            })
-        })
-    })
 }
 
 #[cfg(test)]
@@ -652,29 +224,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn certificates_of_an_older_form_are_noticed() {
+    fn the_port_base_sticks() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let hosts = vec!["127.0.0.1".to_string()];
-        synod_proto::tls::generate_dev_certs(dir.path(), &NODE_IDS, &hosts).expect("certs");
-        assert!(replica_certificates_current(dir.path()));
-        // A certificate without the replica-only identity where node 2's
-        // should be (a client's here; an older build's node certificate
-        // lacks the replica URI the same way).
-        std::fs::copy(dir.path().join("client.pem"), dir.path().join("node-2.pem")).expect("copy");
-        assert!(!replica_certificates_current(dir.path()));
-        std::fs::remove_file(dir.path().join("node-2.pem")).expect("remove");
-        assert!(!replica_certificates_current(dir.path()));
-    }
-
-    #[test]
-    fn node_configs_name_every_member_and_the_port_base_sticks() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let text = node_config(dir.path(), 7000, 2);
-        assert!(text.contains("id = 2\n"));
-        assert!(text.contains("peer_address = \"127.0.0.1:7003\""));
-        assert!(text.contains("client_address = \"127.0.0.1:7101\""));
         assert_eq!(port_base(dir.path(), Some(9000)).expect("records"), 9000);
         assert_eq!(port_base(dir.path(), None).expect("reads"), 9000);
         assert!(port_base(dir.path(), Some(9100)).is_err());
+        assert!(port_base(tempfile::tempdir().expect("dir").path(), Some(65_500)).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! The `synod` command: the interactive shell, the same commands one at a
 //! time from the command line (`synod ls /`, `synod --json get /a`), a local
-//! development cluster (`synod dev`) and certificates (`synod certs`).
+//! development cluster (`synod dev`), benchmarks on a cluster of their own
+//! (`synod bench fill`) and certificates (`synod certs`).
 //!
 //! `main` only parses arguments and dispatches: the commands are one table
 //! (`table.rs`) read by completion, help and dispatch alike.
@@ -9,7 +10,9 @@
 #[macro_use]
 mod output;
 
+mod bench;
 mod certs;
+mod cluster;
 mod commands;
 mod connect;
 mod dev;
@@ -51,6 +54,9 @@ enum TopCommand {
     Dev(dev::DevArgs),
     /// Make a CA and certificates for replicas and clients.
     Certs(certs::CertsArgs),
+    /// Start a local 3-replica cluster of its own, measure it, and print
+    /// the figures against their targets.
+    Bench(bench::BenchArgs),
     /// Open the interactive shell (what `synod` alone does).
     Shell,
     /// Any shell command, run once (see the list below).
@@ -91,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(TopCommand::Dev(args)) => dev::run(&runtime, &args),
         Some(TopCommand::Certs(args)) => certs::run(&args),
+        Some(TopCommand::Bench(args)) => bench::run(&runtime, &args, cli.json),
         None | Some(TopCommand::Shell) => {
             let config = cli.connection.resolve()?;
             let client = runtime.block_on(connect::connect(&config))?;
