@@ -8,6 +8,13 @@ use clap::Parser;
 use synod_server::config::ReplicaConfig;
 use synod_server::replica::{self, StartOptions};
 
+/// The replica's heap holds the namespace, a large set of small blocks that
+/// churns with every write: jemalloc keeps it compact and allocates fast
+/// where the system allocator fragments (it spent a third of a loaded
+/// follower's time in its free lists).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Runs one replica of a Synod cluster.
 #[derive(Parser, Debug)]
 #[command(name = "synod-server", version, about)]

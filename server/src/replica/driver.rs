@@ -28,6 +28,7 @@
 //!   [`crate::transport::identity`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use synod_paxos::{
     ChosenEntry, Envelope, Node, ProposeError, ReadOutcome, Ready, Role, Slot, Value,
@@ -39,7 +40,7 @@ use synod_proto::{Error, Request, Response, Revision, SessionId, SessionSecret, 
 
 use super::proposal::{Origin, Proposal};
 use super::sessions::SessionTracker;
-use super::snapshot::FetchedState;
+use super::snapshot::{FetchedState, StreamHolds};
 use crate::config::ReplicaConfig;
 use crate::state::watch::{EventHistory, WatchRegistry};
 use crate::state::{Applied, StateMachine};
@@ -237,6 +238,8 @@ pub struct Driver {
     reads_at_slot: BTreeMap<(Slot, u64), PendingRead>,
     reads_at_revision: BTreeMap<(Revision, u64), PendingRead>,
     fetching_snapshot: bool,
+    /// Snapshots being streamed to peers, whose log must stay.
+    holds: Arc<StreamHolds>,
     last_tick_proposal_ms: u64,
     outbox: Outbox,
     /// When this replica last proposed a cluster identity, if ever.
@@ -250,7 +253,13 @@ pub struct Driver {
 impl Driver {
     /// A driver over a started core and a restored state machine, which has
     /// applied every slot below `node.apply_next()`.
-    pub fn new(config: ReplicaConfig, node: Node, state: StateMachine, now_ms: u64) -> Driver {
+    pub fn new(
+        config: ReplicaConfig,
+        node: Node,
+        state: StateMachine,
+        holds: Arc<StreamHolds>,
+        now_ms: u64,
+    ) -> Driver {
         let limits = &config.limits;
         let watches = WatchRegistry::new(
             limits.watches_per_session_max,
@@ -282,6 +291,7 @@ impl Driver {
             reads_at_slot: BTreeMap::new(),
             reads_at_revision: BTreeMap::new(),
             fetching_snapshot: false,
+            holds,
             last_tick_proposal_ms: now_ms,
             outbox: Outbox::default(),
             last_mint_proposal_ms: None,
@@ -335,7 +345,7 @@ impl Driver {
             Input::ClientFrame { id, frame } => self.on_client_frame(id, frame),
             Input::ClientDisconnected { id } => self.on_disconnected(id),
             Input::Persisted(batch) => self.node.persisted(now, batch),
-            Input::StateSaved(through) => self.node.compact(through),
+            Input::StateSaved(through) => self.compact(through),
             Input::SnapshotFetched(result) => self.on_snapshot_fetched(result),
             Input::Tick => self.on_tick(),
         }
@@ -1282,6 +1292,19 @@ impl Driver {
                 self.serve_read(read);
             }
         }
+    }
+
+    /// Lets the core drop the log below the saved state (less its retained
+    /// tail), but never the log after a snapshot being streamed to a peer.
+    fn compact(&mut self, saved_through: Slot) {
+        let through = match self.holds.floor() {
+            Some(held) => saved_through.min(
+                held.saturating_add(1)
+                    .saturating_add(self.config.limits.log_retain_slots),
+            ),
+            None => saved_through,
+        };
+        self.node.compact(through);
     }
 
     /// Hands what the applied entries changed to the writer, through the

@@ -252,7 +252,8 @@ impl Replica {
         let writer = storage_thread::spawn(storage, settings, writer_receiver, writer_events)
             .map_err(|error| ReplicaError::Start(format!("cannot start the writer: {error}")))?;
 
-        let mut driver = Driver::new(config.clone(), node, state, clock.now_ms());
+        let holds = Arc::new(snapshot::StreamHolds::default());
+        let mut driver = Driver::new(config.clone(), node, state, holds.clone(), clock.now_ms());
         driver.replay();
         let identity = Arc::new(ClusterIdentity::new(
             config.id,
@@ -276,6 +277,7 @@ impl Replica {
             peer_inbound,
             connections,
             state_reader,
+            holds,
             identity.clone(),
         )?;
         let client_address = endpoints.client_address();

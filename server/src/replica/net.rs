@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::driver::PeerMessage;
+use super::snapshot::StreamHolds;
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
 use crate::storage::StateReader;
@@ -76,7 +77,8 @@ fn permit_count(count: u64) -> usize {
 impl Endpoints {
     /// Binds both endpoints. Peer messages arrive on `inbound`, client
     /// connections on `connections`; peers asking for a snapshot get the
-    /// saved state `state` reads, streamed. Peers are judged by the cluster identity in
+    /// saved state `state` reads, streamed, and held in `holds` while it
+    /// streams. Peers are judged by the cluster identity in
     /// `identity`.
     ///
     /// # Errors
@@ -90,6 +92,7 @@ impl Endpoints {
         inbound: mpsc::Sender<PeerMessage>,
         connections: mpsc::Sender<ClientConnection>,
         state: StateReader,
+        holds: Arc<StreamHolds>,
         identity: Arc<ClusterIdentity>,
     ) -> Result<Endpoints, ReplicaError> {
         let material = config
@@ -115,7 +118,9 @@ impl Endpoints {
             Some(socket) => PeerNetwork::start_on(socket, peer_config, inbound)?,
             None => PeerNetwork::start(peer_config, inbound)?,
         };
-        peers.register_snapshot_source(Arc::new(move || super::snapshot::serve(state.clone())));
+        peers.register_snapshot_source(Arc::new(move || {
+            super::snapshot::serve(state.clone(), holds.clone())
+        }));
         let client_config = ClientListenerConfig {
             node_id: config.id,
             listen: me.client_address,

@@ -22,10 +22,12 @@
 //! counting them. Records never straddle chunks.
 
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use synod_paxos::Slot;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::storage_thread::{StagedRecords, WriterRequest};
@@ -36,10 +38,83 @@ use crate::transport::SnapshotPiece;
 
 /// The size chunks are filled to (a chunk holds at least one record,
 /// whatever its size).
-pub const CHUNK_BYTES: usize = 256 << 10;
+pub const CHUNK_BYTES: usize = 1 << 20;
 
-/// Chunks held between producer and consumer, on each side.
-pub const CHUNKS_IN_FLIGHT: usize = 4;
+/// Chunks held between producer and consumer, on each side: a few MiB,
+/// enough that the staging writes share commits instead of waiting for
+/// an fsync each.
+pub const CHUNKS_IN_FLIGHT: usize = 8;
+
+/// How long after a snapshot stream ends the log after it is still kept
+/// (see [`StreamHolds`]): time for the peer to install it and catch up.
+pub const HOLD_GRACE: Duration = Duration::from_secs(30);
+
+/// The slots that snapshots streamed to peers cover. A peer that installs
+/// a snapshot through slot `S` catches up from the log after `S`, so the
+/// replica keeps that log (it compacts no further than `S + 1`) while the
+/// stream runs and for [`HOLD_GRACE`] after: otherwise a transfer that
+/// takes longer than the retained log lasts would be out of date on
+/// arrival and the peer would fetch again, and again. A hold lasts at most
+/// the transfer's own bound plus the grace.
+#[derive(Debug, Default)]
+pub struct StreamHolds {
+    holds: Mutex<Vec<Hold>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    id: u64,
+    through: Slot,
+    /// When the hold ends; `None` while the stream runs.
+    until: Option<Instant>,
+}
+
+impl StreamHolds {
+    /// The lowest slot held, if any.
+    pub fn floor(&self) -> Option<Slot> {
+        let now = Instant::now();
+        let mut holds = lock(&self.holds);
+        holds.retain(|hold| hold.until.is_none_or(|until| until > now));
+        holds.iter().map(|hold| hold.through).min()
+    }
+
+    fn hold(self: &Arc<Self>, through: Slot) -> HoldGuard {
+        let mut holds = lock(&self.holds);
+        let id = holds.iter().map(|hold| hold.id + 1).max().unwrap_or(0);
+        holds.push(Hold {
+            id,
+            through,
+            until: None,
+        });
+        HoldGuard {
+            holds: self.clone(),
+            id,
+        }
+    }
+}
+
+/// Ends a stream's hold (after the grace) when the stream ends, however.
+struct HoldGuard {
+    holds: Arc<StreamHolds>,
+    id: u64,
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        let until = Instant::now() + HOLD_GRACE;
+        for hold in lock(&self.holds.holds).iter_mut() {
+            if hold.id == self.id {
+                hold.until = Some(until);
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Bytes borrowed from the chunk they were read from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,14 +150,15 @@ enum StreamRecord<'a> {
 }
 
 /// Streams the saved state to a peer: `Start`, chunks, `End` (or
-/// `Failed`), produced on a thread of their own from one read transaction.
-pub fn serve(reader: StateReader) -> mpsc::Receiver<SnapshotPiece> {
+/// `Failed`), produced on a thread of their own from one read transaction,
+/// holding the log after it in `holds` meanwhile.
+pub fn serve(reader: StateReader, holds: Arc<StreamHolds>) -> mpsc::Receiver<SnapshotPiece> {
     let (pieces, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let spawned = std::thread::Builder::new()
         .name("synod-snapshot".into())
         .spawn({
             let pieces = pieces.clone();
-            move || stream_state(&reader, &pieces)
+            move || stream_state(&reader, &holds, &pieces)
         });
     if let Err(error) = spawned {
         let _ = pieces.try_send(SnapshotPiece::Failed(format!(
@@ -92,7 +168,11 @@ pub fn serve(reader: StateReader) -> mpsc::Receiver<SnapshotPiece> {
     receiver
 }
 
-fn stream_state(reader: &StateReader, pieces: &mpsc::Sender<SnapshotPiece>) {
+fn stream_state(
+    reader: &StateReader,
+    holds: &Arc<StreamHolds>,
+    pieces: &mpsc::Sender<SnapshotPiece>,
+) {
     const GONE: &str = "the peer stopped taking the snapshot";
     // Both callbacks below add to the chunk being filled.
     let chunk = std::cell::RefCell::new(Vec::with_capacity(CHUNK_BYTES * 2));
@@ -103,8 +183,10 @@ fn stream_state(reader: &StateReader, pieces: &mpsc::Sender<SnapshotPiece>) {
             .map_err(|_| GONE.to_string())
     };
     let mut records = 0u64;
+    let mut hold = None;
     let result = reader.read(
         &mut |header| {
+            hold = Some(holds.hold(header.through));
             pieces
                 .blocking_send(SnapshotPiece::Start {
                     through_slot: header.through,
@@ -147,6 +229,7 @@ fn stream_state(reader: &StateReader, pieces: &mpsc::Sender<SnapshotPiece>) {
     if let Ok(piece) = last {
         let _ = pieces.blocking_send(piece);
     }
+    drop(hold);
 }
 
 fn append(chunk: &mut Vec<u8>, record: &StreamRecord<'_>) {

@@ -350,7 +350,7 @@ impl StateMachine {
             Op::GetData { path } => {
                 let node = self.tree.check(config, path, None)?;
                 Ok(OpResult::Data {
-                    data: node.data.to_vec(),
+                    data: node.data().to_vec(),
                     stat: node.stat(),
                 })
             }
@@ -393,7 +393,7 @@ impl StateMachine {
         self.tree
             .nodes()
             .iter()
-            .map(|(path, node)| (path.to_string(), node.stat(), node.data.to_vec()))
+            .map(|(path, node)| (path.to_string(), node.stat(), node.data().to_vec()))
             .collect()
     }
 

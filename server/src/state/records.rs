@@ -93,9 +93,9 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// A node's payload: its metadata, then its data.
 fn node_payload(node: &Node) -> Vec<u8> {
-    let mut payload = postcard::to_extend(&node.meta, Vec::with_capacity(40 + node.data.len()))
+    let mut payload = postcard::to_extend(&node.meta(), Vec::with_capacity(40 + node.data().len()))
         .expect("encoding a record into memory cannot fail");
-    payload.extend_from_slice(&node.data);
+    payload.extend_from_slice(node.data());
     payload
 }
 
@@ -208,13 +208,7 @@ impl StateLoader {
                 let (meta, data) = postcard::take_from_bytes::<Meta>(record.value)
                     .map_err(|error| format!("node {path} does not decode: {error}"))?;
                 let key: Box<str> = Box::from(path);
-                self.batch.push((
-                    key,
-                    Node {
-                        meta,
-                        data: Box::from(data),
-                    },
-                ));
+                self.batch.push((key, Node::new(meta, data)));
                 if self.batch.len() >= LOAD_BATCH_NODES {
                     self.fold_batch();
                 }

@@ -286,9 +286,10 @@ impl StateMachine {
             return Err("members confirmed a cluster identity that is not there".into());
         }
         for (path, node) in tree.nodes() {
-            if node.meta.created_revision > revision
-                || node.meta.modified_revision > revision
-                || node.meta.child_modified_revision > revision
+            let meta = node.meta();
+            if meta.created_revision > revision
+                || meta.modified_revision > revision
+                || meta.child_modified_revision > revision
             {
                 return Err(format!("node {path} has a revision after the snapshot's"));
             }

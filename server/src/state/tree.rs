@@ -2,7 +2,8 @@
 //!
 //! Children are counted, not stored: listing a node's children is a range
 //! scan over the ordered paths that skips each child's subtree, so a node
-//! costs one map entry (its path, its data and 72 bytes of metadata) and
+//! costs one map entry (its path, and one heap block holding 72 bytes of
+//! metadata and its data) and
 //! nothing in its parent.
 //!
 //! Every write validates completely before it changes anything, so a failed
@@ -33,17 +34,47 @@ pub(crate) struct Meta {
     pub children_count: u64,
 }
 
-/// One node: metadata and data.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Bytes of a [`Meta`] at the front of a node's allocation.
+const META_BYTES: usize = 9 * 8;
+
+/// One node: its metadata and data in one allocation (the metadata's nine
+/// fields as little-endian `u64`s, then the data), so that a node costs one
+/// heap block and 16 bytes in the map's entry beside its path.
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) struct Node {
-    pub meta: Meta,
-    pub data: Box<[u8]>,
+    bytes: Box<[u8]>,
 }
 
 impl Node {
+    /// A node holding `meta` and `data`.
+    pub fn new(meta: Meta, data: &[u8]) -> Node {
+        let mut bytes = Vec::with_capacity(META_BYTES + data.len());
+        bytes.extend_from_slice(&meta.to_bytes());
+        bytes.extend_from_slice(data);
+        Node {
+            bytes: bytes.into_boxed_slice(),
+        }
+    }
+
+    /// Its metadata.
+    pub fn meta(&self) -> Meta {
+        Meta::from_bytes(&self.bytes[..META_BYTES])
+    }
+
+    /// Its data.
+    pub fn data(&self) -> &[u8] {
+        &self.bytes[META_BYTES..]
+    }
+
+    /// Replaces its metadata in place.
+    pub fn set_meta(&mut self, meta: &Meta) {
+        self.bytes[..META_BYTES].copy_from_slice(&meta.to_bytes());
+    }
+
     /// The node's stat as the wire shows it.
     pub fn stat(&self) -> Stat {
-        let meta = &self.meta;
+        let meta = self.meta();
+        let meta = &meta;
         Stat {
             created_revision: meta.created_revision,
             modified_revision: meta.modified_revision,
@@ -52,10 +83,90 @@ impl Node {
             version: meta.version,
             child_version: meta.child_version,
             ephemeral_owner: meta.ephemeral_owner,
-            data_length: self.data.len() as u64,
+            data_length: self.data().len() as u64,
             children_count: meta.children_count,
             child_modified_revision: meta.child_modified_revision,
         }
+    }
+}
+
+impl Meta {
+    fn fields(&self) -> [u64; 9] {
+        [
+            self.created_revision,
+            self.modified_revision,
+            self.created_time_ms,
+            self.modified_time_ms,
+            self.version,
+            self.child_version,
+            self.ephemeral_owner,
+            self.child_modified_revision,
+            self.children_count,
+        ]
+    }
+
+    fn to_bytes(self) -> [u8; META_BYTES] {
+        let mut bytes = [0u8; META_BYTES];
+        for (chunk, field) in bytes.chunks_exact_mut(8).zip(self.fields()) {
+            chunk.copy_from_slice(&field.to_le_bytes());
+        }
+        bytes
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Meta {
+        let mut fields = [0u64; 9];
+        for (field, chunk) in fields.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            *field = u64::from_le_bytes(word);
+        }
+        let [created_revision, modified_revision, created_time_ms, modified_time_ms, version, child_version, ephemeral_owner, child_modified_revision, children_count] =
+            fields;
+        Meta {
+            created_revision,
+            modified_revision,
+            created_time_ms,
+            modified_time_ms,
+            version,
+            child_version,
+            ephemeral_owner,
+            child_modified_revision,
+            children_count,
+        }
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("meta", &self.meta())
+            .field("data", &self.data())
+            .finish()
+    }
+}
+
+/// A node as snapshots encode it: the metadata, then the data.
+#[derive(Serialize, Deserialize)]
+struct NodeWire<'a> {
+    meta: Meta,
+    #[serde(borrow)]
+    data: std::borrow::Cow<'a, [u8]>,
+}
+
+impl Serialize for Node {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        NodeWire {
+            meta: self.meta(),
+            data: std::borrow::Cow::Borrowed(self.data()),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = NodeWire::deserialize(deserializer)?;
+        Ok(Node::new(wire.meta, &wire.data))
     }
 }
 
@@ -68,8 +179,8 @@ pub(crate) enum Undo {
     Removed(Box<str>, Node),
     /// The node's metadata changed: restore it.
     Meta(Box<str>, Meta),
-    /// The node's data and metadata changed: restore both.
-    Data(Box<str>, Meta, Box<[u8]>),
+    /// The node was replaced (its data changed): put the old one back.
+    Replaced(Box<str>, Node),
 }
 
 /// What a write needs from the command applying it, and what it produces.
@@ -119,13 +230,7 @@ impl Tree {
     /// A namespace holding only the root `/`.
     pub fn new() -> Self {
         let mut nodes = BTreeMap::new();
-        nodes.insert(
-            Box::from("/"),
-            Node {
-                meta: Meta::default(),
-                data: Box::default(),
-            },
-        );
+        nodes.insert(Box::from("/"), Node::new(Meta::default(), &[]));
         let mut dirty = DirtyKeys::default();
         // A new state saves its root with its first changes.
         dirty.mark("/");
@@ -161,7 +266,7 @@ impl Tree {
                         let Some(parent_node) = nodes.get(parent_path) else {
                             return Err(format!("node {path} has no parent"));
                         };
-                        if parent_node.meta.ephemeral_owner != 0 {
+                        if parent_node.meta().ephemeral_owner != 0 {
                             return Err(format!("node {path} has an ephemeral parent"));
                         }
                         if let Some((cached, count)) = run.replace((parent_path, 1)) {
@@ -170,8 +275,9 @@ impl Tree {
                     }
                 }
             }
-            if node.meta.ephemeral_owner != 0 {
-                ephemerals.insert((node.meta.ephemeral_owner, path.clone()));
+            let owner = node.meta().ephemeral_owner;
+            if owner != 0 {
+                ephemerals.insert((owner, path.clone()));
             }
         }
         if let Some((cached, count)) = run {
@@ -188,10 +294,10 @@ impl Tree {
                 }
                 _ => 0,
             };
-            if node.meta.children_count != children {
+            let recorded = node.meta().children_count;
+            if recorded != children {
                 return Err(format!(
-                    "node {path} records {} children but has {children}",
-                    node.meta.children_count
+                    "node {path} records {recorded} children but has {children}"
                 ));
             }
         }
@@ -315,13 +421,13 @@ impl Tree {
                 path: parent_path.into(),
             });
         };
-        if parent_node.meta.ephemeral_owner != 0 {
+        if parent_node.meta().ephemeral_owner != 0 {
             return Err(Error::NoChildrenForEphemerals {
                 path: parent_path.into(),
             });
         }
         let full_path = if mode.is_sequential() {
-            let full = format!("{path}{:010}", parent_node.meta.child_version);
+            let full = format!("{path}{:010}", parent_node.meta().child_version);
             validate_path(&full, config.path_bytes_max)?;
             full
         } else {
@@ -349,13 +455,7 @@ impl Tree {
         }
         fx.record(|| Undo::Inserted(key.clone()));
         self.dirty.mark(&key);
-        self.nodes.insert(
-            key,
-            Node {
-                meta,
-                data: Box::from(data),
-            },
-        );
+        self.nodes.insert(key, Node::new(meta, data));
         self.touch_parent(parent_path, 1, fx);
         fx.event(&full_path, EventType::NodeCreated);
         fx.event(parent_path, EventType::NodeChildrenChanged);
@@ -378,7 +478,7 @@ impl Tree {
             return Err(Error::bad_argument("the root node / cannot be deleted"));
         }
         let node = self.node_at_version(path, expected_version)?;
-        if node.meta.children_count != 0 {
+        if node.meta().children_count != 0 {
             return Err(Error::NotEmpty { path: path.into() });
         }
         self.remove_node(path, fx);
@@ -390,10 +490,10 @@ impl Tree {
         let Some((key, node)) = self.nodes.remove_entry(path) else {
             return;
         };
-        assert_eq!(node.meta.children_count, 0, "removing {path} with children");
-        if node.meta.ephemeral_owner != 0 {
-            self.ephemerals
-                .remove(&(node.meta.ephemeral_owner, key.clone()));
+        let meta = node.meta();
+        assert_eq!(meta.children_count, 0, "removing {path} with children");
+        if meta.ephemeral_owner != 0 {
+            self.ephemerals.remove(&(meta.ephemeral_owner, key.clone()));
         }
         self.dirty.mark(&key);
         fx.record(|| Undo::Removed(key, node));
@@ -418,21 +518,17 @@ impl Tree {
         validate_path(path, config.path_bytes_max)?;
         check_data(config, data)?;
         self.node_at_version(path, expected_version)?;
-        let Some((key, node)) = self.nodes.get_key_value(path) else {
-            return Err(Error::NoNode { path: path.into() });
-        };
-        let key = key.clone();
-        let old_meta = node.meta;
         let Some(node) = self.nodes.get_mut(path) else {
             return Err(Error::NoNode { path: path.into() });
         };
-        let old_data = std::mem::replace(&mut node.data, Box::from(data));
-        self.dirty.mark(&key);
-        node.meta.version += 1;
-        node.meta.modified_revision = fx.revision;
-        node.meta.modified_time_ms = fx.now_ms;
+        let mut meta = node.meta();
+        meta.version += 1;
+        meta.modified_revision = fx.revision;
+        meta.modified_time_ms = fx.now_ms;
+        let old = std::mem::replace(node, Node::new(meta, data));
         let stat = node.stat();
-        fx.record(|| Undo::Data(key, old_meta, old_data));
+        self.dirty.mark(path);
+        fx.record(|| Undo::Replaced(Box::from(path), old));
         fx.event(path, EventType::NodeDataChanged);
         Ok(stat)
     }
@@ -456,30 +552,26 @@ impl Tree {
             return Err(Error::NoNode { path: path.into() });
         };
         match expected_version {
-            Some(expected) if expected != node.meta.version => Err(Error::BadVersion {
+            Some(expected) if expected != node.meta().version => Err(Error::BadVersion {
                 path: path.into(),
                 expected_version: expected,
-                actual_version: node.meta.version,
+                actual_version: node.meta().version,
             }),
             _ => Ok(node),
         }
     }
 
     fn touch_parent(&mut self, parent_path: &str, delta: i64, fx: &mut Effects<'_>) {
-        let Some((key, node)) = self.nodes.get_key_value(parent_path) else {
+        let Some(node) = self.nodes.get_mut(parent_path) else {
             panic!("parent {parent_path} vanished during a write");
         };
-        if fx.undo.is_some() {
-            let undo = Undo::Meta(key.clone(), node.meta);
-            fx.record(|| undo);
-        }
-        self.dirty.mark(key);
-        let Some(node) = self.nodes.get_mut(parent_path) else {
-            return;
-        };
-        node.meta.children_count = node.meta.children_count.wrapping_add_signed(delta);
-        node.meta.child_version += 1;
-        node.meta.child_modified_revision = fx.revision;
+        let mut meta = node.meta();
+        fx.record(|| Undo::Meta(Box::from(parent_path), meta));
+        meta.children_count = meta.children_count.wrapping_add_signed(delta);
+        meta.child_version += 1;
+        meta.child_modified_revision = fx.revision;
+        node.set_meta(&meta);
+        self.dirty.mark(parent_path);
     }
 
     /// Undoes recorded changes, last first.
@@ -488,28 +580,26 @@ impl Tree {
             match change {
                 Undo::Inserted(path) => {
                     if let Some(node) = self.nodes.remove(&path) {
-                        if node.meta.ephemeral_owner != 0 {
-                            self.ephemerals.remove(&(node.meta.ephemeral_owner, path));
+                        let owner = node.meta().ephemeral_owner;
+                        if owner != 0 {
+                            self.ephemerals.remove(&(owner, path));
                         }
                     }
                 }
                 Undo::Removed(path, node) => {
-                    if node.meta.ephemeral_owner != 0 {
-                        self.ephemerals
-                            .insert((node.meta.ephemeral_owner, path.clone()));
+                    let owner = node.meta().ephemeral_owner;
+                    if owner != 0 {
+                        self.ephemerals.insert((owner, path.clone()));
                     }
                     self.nodes.insert(path, node);
                 }
                 Undo::Meta(path, meta) => {
                     if let Some(node) = self.nodes.get_mut(&path) {
-                        node.meta = meta;
+                        node.set_meta(&meta);
                     }
                 }
-                Undo::Data(path, meta, data) => {
-                    if let Some(node) = self.nodes.get_mut(&path) {
-                        node.meta = meta;
-                        node.data = data;
-                    }
+                Undo::Replaced(path, node) => {
+                    self.nodes.insert(path, node);
                 }
             }
         }

@@ -143,9 +143,10 @@ pub use state::{
 /// The database file's name inside a replica's data directory.
 pub const DATABASE_FILE_NAME: &str = "synod.redb";
 
-/// redb's page cache. Reads are served from memory by the state machine, so
-/// the cache only speeds up commits and restarts.
-const CACHE_BYTES: usize = 64 << 20;
+/// redb's page cache (half of it at most for a commit's dirty pages). Reads
+/// are served from memory by the state machine, so the cache only speeds up
+/// commits and restarts; the operating system caches the file as well.
+const CACHE_BYTES: usize = 32 << 20;
 
 /// The path of the database file in `data_dir`.
 pub fn database_path(data_dir: &Path) -> PathBuf {

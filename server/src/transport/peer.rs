@@ -22,7 +22,7 @@ use synod_proto::tls::{
 };
 use synod_proto::wire::{encode_frame, Hello, HelloReply, IdentityConflict, FRAME_HEADER_BYTES};
 use synod_proto::PROTOCOL_VERSION;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info, warn};
 
 use super::identity::ClusterIdentity;
@@ -92,6 +92,8 @@ struct Shared<M: PeerPayload> {
 struct Outgoing<M> {
     queue: mpsc::Sender<M>,
     connection: watch::Receiver<Option<quinn::Connection>>,
+    /// Cuts a backoff short: the peer just called us, so it is up.
+    redial: Arc<Notify>,
 }
 
 impl<M: PeerPayload> PeerNetwork<M> {
@@ -156,8 +158,16 @@ impl<M: PeerPayload> PeerNetwork<M> {
             }
             let (queue, queue_receiver) = mpsc::channel(config.limits.peer_queue_envelopes_max);
             let (connection_sender, connection) = watch::channel(None);
-            outgoing.insert(peer, Outgoing { queue, connection });
-            receivers.push((peer, address, queue_receiver, connection_sender));
+            let redial = Arc::new(Notify::new());
+            outgoing.insert(
+                peer,
+                Outgoing {
+                    queue,
+                    connection,
+                    redial: redial.clone(),
+                },
+            );
+            receivers.push((peer, address, queue_receiver, connection_sender, redial));
         }
         let shared = Arc::new(Shared {
             node_id: config.node_id,
@@ -174,11 +184,14 @@ impl<M: PeerPayload> PeerNetwork<M> {
             dropped_envelopes: AtomicU64::new(0),
             identity: config.identity,
         });
-        for (peer, address, queue, connection) in receivers {
+        for (peer, address, queue, connection, redial) in receivers {
             tasks.spawn(run_outgoing(
                 shared.clone(),
-                peer,
-                address,
+                Dialling {
+                    peer,
+                    address,
+                    redial,
+                },
                 queue,
                 connection,
                 tasks.shutdown(),
@@ -351,14 +364,28 @@ enum PumpEnd {
     Lost(TransportError),
 }
 
-async fn run_outgoing<M: PeerPayload>(
-    shared: Arc<Shared<M>>,
+/// Whom an outgoing task dials.
+struct Dialling {
     peer: NodeId,
     address: SocketAddr,
+    /// Notified when the peer calls in: redial without waiting out the
+    /// backoff (a member that restarts is reached at once, not after up to
+    /// [`TransportLimits::reconnect_backoff_max`]).
+    redial: Arc<Notify>,
+}
+
+async fn run_outgoing<M: PeerPayload>(
+    shared: Arc<Shared<M>>,
+    dialling: Dialling,
     mut queue: mpsc::Receiver<M>,
     connection_sender: watch::Sender<Option<quinn::Connection>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Dialling {
+        peer,
+        address,
+        redial,
+    } = dialling;
     let limits = &shared.limits;
     let mut backoff = limits.reconnect_backoff_min;
     let mut last_failure = String::new();
@@ -412,6 +439,7 @@ async fn run_outgoing<M: PeerPayload>(
         tokio::select! {
             _ = cancelled(&mut shutdown) => break,
             _ = tokio::time::sleep(backoff) => {}
+            _ = redial.notified() => {}
         }
         backoff = (backoff * 2).min(limits.reconnect_backoff_max);
     }
@@ -613,6 +641,9 @@ async fn serve_incoming<M: PeerPayload>(
         },
     };
     info!(node = shared.node_id, peer, %remote, "peer connected");
+    if let Some(outgoing) = shared.outgoing.get(&peer) {
+        outgoing.redial.notify_one();
+    }
     let superseded = lock(&shared.incoming_by_node).insert(peer, connection.clone());
     if let Some(old) = superseded {
         old.close(
