@@ -276,8 +276,10 @@ impl Replica {
             options.client_socket,
             peer_inbound,
             connections,
-            state_reader,
-            holds,
+            net::SnapshotServing {
+                state: state_reader,
+                holds,
+            },
             identity.clone(),
         )?;
         let client_address = endpoints.client_address();

@@ -20,6 +20,14 @@ use crate::transport::{
     PeerNetwork, PeerNetworkConfig, TransportLimits,
 };
 
+/// Where snapshots served to peers come from.
+pub struct SnapshotServing {
+    /// Reads the saved state.
+    pub state: StateReader,
+    /// Holds the log after a snapshot while it streams.
+    pub holds: Arc<StreamHolds>,
+}
+
 /// The peer network and the client listener of one replica.
 pub struct Endpoints {
     peers: Arc<PeerNetwork<PeerMessage>>,
@@ -77,8 +85,8 @@ fn permit_count(count: u64) -> usize {
 impl Endpoints {
     /// Binds both endpoints. Peer messages arrive on `inbound`, client
     /// connections on `connections`; peers asking for a snapshot get the
-    /// saved state `state` reads, streamed, and held in `holds` while it
-    /// streams. Peers are judged by the cluster identity in
+    /// saved state, streamed as `snapshots` says. Peers are judged by the
+    /// cluster identity in
     /// `identity`.
     ///
     /// # Errors
@@ -91,8 +99,7 @@ impl Endpoints {
         client_socket: Option<UdpSocket>,
         inbound: mpsc::Sender<PeerMessage>,
         connections: mpsc::Sender<ClientConnection>,
-        state: StateReader,
-        holds: Arc<StreamHolds>,
+        snapshots: SnapshotServing,
         identity: Arc<ClusterIdentity>,
     ) -> Result<Endpoints, ReplicaError> {
         let material = config
@@ -118,6 +125,7 @@ impl Endpoints {
             Some(socket) => PeerNetwork::start_on(socket, peer_config, inbound)?,
             None => PeerNetwork::start(peer_config, inbound)?,
         };
+        let SnapshotServing { state, holds } = snapshots;
         peers.register_snapshot_source(Arc::new(move || {
             super::snapshot::serve(state.clone(), holds.clone())
         }));
