@@ -28,6 +28,9 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use super::driver::{Input, StorageJob};
 use crate::storage::{StateDelta, StateTable, StateWrite, Storage, Write};
 
+/// A commit that takes this long is logged: every write waits for it.
+const SLOW_COMMIT: Duration = Duration::from_millis(250);
+
 /// Most jobs taken in one group-commit round.
 const JOBS_PER_ROUND_MAX: usize = 4096;
 
@@ -75,6 +78,7 @@ pub fn spawn(
                 completions: &completions,
                 pending: StateDelta::default(),
                 pending_since: None,
+                pending_bytes: 0,
             };
             if let Err(error) = writer.run(&requests) {
                 let _ = completions.send(WriterEvent::Failed(error));
@@ -103,6 +107,10 @@ struct Writer<'a> {
     pending: StateDelta,
     /// When the oldest of them arrived.
     pending_since: Option<Instant>,
+    /// The bytes of the deltas folded into `pending` (an upper bound: a key
+    /// changed twice counts twice), kept as they arrive so that no round
+    /// walks the whole pending delta.
+    pending_bytes: u64,
 }
 
 impl Writer<'_> {
@@ -151,6 +159,7 @@ impl Writer<'_> {
                 }
                 WriterRequest::Job(StorageJob::SaveState(delta)) => {
                     self.pending_since.get_or_insert_with(Instant::now);
+                    self.pending_bytes += delta.bytes();
                     self.pending.merge(delta);
                 }
                 WriterRequest::Job(StorageJob::ActivateState(header)) => {
@@ -158,6 +167,7 @@ impl Writer<'_> {
                     // for the old one (they are all for earlier slots).
                     self.pending = StateDelta::default();
                     self.pending_since = None;
+                    self.pending_bytes = 0;
                     saved_through = Some(header.through);
                     writes.push(Write::State(StateWrite::StageActivate(header)));
                 }
@@ -169,17 +179,28 @@ impl Writer<'_> {
         }
         let due = self.pending_since.is_some_and(|since| {
             since.elapsed() >= self.settings.state_flush_interval
-                || self.pending.bytes() >= self.settings.state_flush_bytes_max
+                || self.pending_bytes >= self.settings.state_flush_bytes_max
         });
         if (due || last) && !self.pending.is_empty() {
             let delta = std::mem::take(&mut self.pending);
             self.pending_since = None;
+            self.pending_bytes = 0;
             saved_through = delta.through().or(saved_through);
             writes.push(Write::State(StateWrite::Delta(delta)));
         }
+        let started = Instant::now();
         self.storage
             .commit(&writes)
             .map_err(|error| error.to_string())?;
+        let elapsed = started.elapsed();
+        if elapsed >= SLOW_COMMIT {
+            tracing::warn!(
+                elapsed_ms = elapsed.as_millis() as u64,
+                writes = writes.len(),
+                state_through = saved_through,
+                "slow commit"
+            );
+        }
         drop(permits);
         if let Some(id) = last_batch {
             let _ = self
