@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use synod_paxos::{Envelope, NodeId};
@@ -364,6 +364,9 @@ enum PumpEnd {
     Lost(TransportError),
 }
 
+/// A dial pending this long when its peer calls in is started afresh.
+const STALE_DIAL: Duration = Duration::from_millis(200);
+
 /// Whom an outgoing task dials.
 struct Dialling {
     peer: NodeId,
@@ -393,9 +396,25 @@ async fn run_outgoing<M: PeerPayload>(
         if *shutdown.borrow() {
             break;
         }
-        let dialled = tokio::select! {
-            _ = cancelled(&mut shutdown) => break,
-            dialled = dial(&shared, peer, address) => dialled,
+        let mut started = Instant::now();
+        let mut attempt = std::pin::pin!(dial(&shared, peer, address));
+        let dialled = loop {
+            tokio::select! {
+                _ = cancelled(&mut shutdown) => return,
+                dialled = &mut attempt => break dialled,
+                // The peer just called in. An attempt that has waited a
+                // while sent its first packets while the peer was down,
+                // and QUIC resends them only after a growing delay: a
+                // fresh one gets through at once. A young attempt is left
+                // alone (two members dialling each other at once must not
+                // keep cancelling each other's attempts).
+                _ = redial.notified() => {
+                    if started.elapsed() >= STALE_DIAL {
+                        attempt.set(dial(&shared, peer, address));
+                        started = Instant::now();
+                    }
+                }
+            }
         };
         match dialled {
             Ok((connection, stream)) => {
