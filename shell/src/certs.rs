@@ -79,7 +79,14 @@ fn write(dir: &Path, name: &str, issued: &IssuedCertificate, force: bool) -> any
             bail!("{} exists; pass --force to replace it", path.display());
         }
     }
-    std::fs::write(&cert, &issued.cert_pem)
+    write_pair(&cert, &key, issued)?;
+    say!("  {}  {}", cert.display(), key.display());
+    Ok(())
+}
+
+/// Writes a certificate, and its key readable by its owner only.
+pub fn write_pair(cert: &Path, key: &Path, issued: &IssuedCertificate) -> anyhow::Result<()> {
+    std::fs::write(cert, &issued.cert_pem)
         .with_context(|| format!("cannot write {}", cert.display()))?;
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -90,11 +97,9 @@ fn write(dir: &Path, name: &str, issued: &IssuedCertificate, force: bool) -> any
     }
     use std::io::Write;
     options
-        .open(&key)
+        .open(key)
         .and_then(|mut file| file.write_all(issued.key_pem.as_bytes()))
-        .with_context(|| format!("cannot write {}", key.display()))?;
-    say!("  {}  {}", cert.display(), key.display());
-    Ok(())
+        .with_context(|| format!("cannot write {}", key.display()))
 }
 
 /// Runs `synod certs`.

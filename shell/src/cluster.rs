@@ -709,21 +709,8 @@ impl LocalCluster {
 
 fn write_pair(dir: &Path, name: &str, issued: &IssuedCertificate) -> anyhow::Result<()> {
     let cert = dir.join(format!("{name}.pem"));
-    std::fs::write(&cert, &issued.cert_pem)
-        .with_context(|| format!("cannot write {}", cert.display()))?;
     let key = dir.join(format!("{name}-key.pem"));
-    let mut options = OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    use std::io::Write;
-    options
-        .open(&key)
-        .and_then(|mut file| file.write_all(issued.key_pem.as_bytes()))
-        .with_context(|| format!("cannot write {}", key.display()))
+    crate::certs::write_pair(&cert, &key, issued)
 }
 
 /// Whether any source of `synod-server` (the server, paxos and proto

@@ -1111,13 +1111,7 @@ fn write_state(
         }
         StateWrite::StageBegin => {
             let set = running.live_set.map_or(1, |live| 1 - live);
-            for table in StateTable::ALL {
-                transaction
-                    .delete_table(table.definition(set))
-                    .map_err(|error| redb_error(path, "empty the staging tables", error))?;
-            }
-            meta.remove(state::header_key(set))
-                .map_err(|error| redb_error(path, "remove a meta value", error))?;
+            drop_set(transaction, meta, path, set)?;
             running.staging_set = Some(set);
         }
         StateWrite::Stage(records) => {
@@ -1145,17 +1139,28 @@ fn write_state(
             put_meta(meta, path, state::header_key(set), header)?;
             put_meta(meta, path, state::KEY_STATE_LIVE, &set)?;
             if let Some(old) = running.live_set.filter(|&old| old != set) {
-                for table in StateTable::ALL {
-                    transaction
-                        .delete_table(table.definition(old))
-                        .map_err(|error| redb_error(path, "drop the old state", error))?;
-                }
-                meta.remove(state::header_key(old))
-                    .map_err(|error| redb_error(path, "remove a meta value", error))?;
+                drop_set(transaction, meta, path, old)?;
             }
             running.live_set = Some(set);
             running.state_through = Some(header.through);
         }
     }
+    Ok(())
+}
+
+/// Drops a set of state tables and its header.
+fn drop_set(
+    transaction: &redb::WriteTransaction,
+    meta: &mut MetaTable<'_>,
+    path: &Path,
+    set: u8,
+) -> Result<()> {
+    for table in StateTable::ALL {
+        transaction
+            .delete_table(table.definition(set))
+            .map_err(|error| redb_error(path, "drop a set of state tables", error))?;
+    }
+    meta.remove(state::header_key(set))
+        .map_err(|error| redb_error(path, "remove a meta value", error))?;
     Ok(())
 }
