@@ -67,9 +67,17 @@ pub(crate) fn seal<T: Serialize>(domain: &[u8], value: &T) -> Result<Vec<u8>, po
     Ok(bytes)
 }
 
-/// Verifies the CRC-32 of a sealed record and decodes it; the error says
-/// which check failed.
-pub(crate) fn unseal<T: DeserializeOwned>(domain: &[u8], sealed: &[u8]) -> Result<T, String> {
+/// Appends the CRC-32 of `domain` and `payload` to a copy of `payload`.
+pub(crate) fn seal_bytes(domain: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut sealed = Vec::with_capacity(payload.len() + CRC_BYTES);
+    sealed.extend_from_slice(payload);
+    sealed.extend_from_slice(&crc(domain, payload).to_le_bytes());
+    sealed
+}
+
+/// Verifies the CRC-32 [`seal_bytes`] (or [`seal`]) appended and returns
+/// the payload before it; the error says which check failed.
+pub(crate) fn unseal_bytes<'a>(domain: &[u8], sealed: &'a [u8]) -> Result<&'a [u8], String> {
     let Some(split) = sealed.len().checked_sub(CRC_BYTES) else {
         return Err(format!(
             "record of {} bytes is shorter than its checksum",
@@ -86,6 +94,13 @@ pub(crate) fn unseal<T: DeserializeOwned>(domain: &[u8], sealed: &[u8]) -> Resul
             "CRC-32 mismatch (stored {stored:08x}, computed {computed:08x})"
         ));
     }
+    Ok(payload)
+}
+
+/// Verifies the CRC-32 of a sealed record and decodes it; the error says
+/// which check failed.
+pub(crate) fn unseal<T: DeserializeOwned>(domain: &[u8], sealed: &[u8]) -> Result<T, String> {
+    let payload = unseal_bytes(domain, sealed)?;
     let (value, rest) = postcard::take_from_bytes::<T>(payload)
         .map_err(|error| format!("record does not decode: {error}"))?;
     if !rest.is_empty() {

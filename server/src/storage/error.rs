@@ -50,7 +50,10 @@ pub enum StorageError {
     },
     /// The file was written in a format version this build does not read.
     #[error(
-        "{path}: database format version {found}, but this build reads only version {expected}"
+        "{path}: database format version {found}, but this build reads only version {expected}; \
+         there is no conversion between versions: start this replica on an empty data directory \
+         with --join to restore it from its peers (a development cluster's directory can simply \
+         be removed)"
     )]
     FormatVersion {
         /// The database file.

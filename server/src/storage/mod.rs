@@ -434,7 +434,8 @@ impl Storage {
 
     /// Reads the saved state's records in one read transaction, in table
     /// then key order, verifying each one's CRC-32 (see
-    /// [`StateReader::read`]). For a restart.
+    /// [`StateReader::read`]), on this thread. (A replica restarts through
+    /// [`Storage::state_reader`], reading on a thread of its own.)
     ///
     /// # Errors
     /// As [`StateReader::read`]; [`StorageError::Poisoned`] after an
@@ -935,14 +936,7 @@ fn write_initial(
             .open_table(LOG)
             .map_err(|error| redb_error(path, "create the log table", error))?;
         for (&slot, record) in &state.log {
-            let sealed =
-                seal(&log_domain(slot), record).map_err(|source| StorageError::Encode {
-                    path: path.to_path_buf(),
-                    what: "a log record",
-                    source,
-                })?;
-            log.insert(slot, sealed.as_slice())
-                .map_err(|error| redb_error(path, "write a log record", error))?;
+            put_log_record(&mut log, path, slot, record)?;
         }
     }
     transaction
@@ -1032,13 +1026,7 @@ fn write_batch(
             ballot,
             value: value.clone(),
         };
-        let sealed = seal(&log_domain(slot), &record).map_err(|source| StorageError::Encode {
-            path: path.to_path_buf(),
-            what: "a log record",
-            source,
-        })?;
-        log.insert(slot, sealed.as_slice())
-            .map_err(|error| redb_error(path, "write a log record", error))?;
+        put_log_record(log, path, slot, &record)?;
     }
     if let Some(below) = batch
         .compact_below
@@ -1048,6 +1036,23 @@ fn write_batch(
             .map_err(|error| redb_error(path, "compact the log", error))?;
         running.log_start = below;
     }
+    Ok(())
+}
+
+/// Writes one sealed log record.
+fn put_log_record(
+    log: &mut LogTable<'_>,
+    path: &Path,
+    slot: Slot,
+    record: &LogRecord,
+) -> Result<()> {
+    let sealed = seal(&log_domain(slot), record).map_err(|source| StorageError::Encode {
+        path: path.to_path_buf(),
+        what: "a log record",
+        source,
+    })?;
+    log.insert(slot, sealed.as_slice())
+        .map_err(|error| redb_error(path, "write a log record", error))?;
     Ok(())
 }
 
@@ -1078,7 +1083,7 @@ fn write_state(
             let target = &mut tables[index];
             match value {
                 Some(payload) => {
-                    let sealed = state::seal_payload(&state::record_domain(table, key), payload);
+                    let sealed = codec::seal_bytes(&state::record_domain(table, key), payload);
                     target
                         .insert(key, sealed.as_slice())
                         .map_err(|error| redb_error(path, "write a state record", error))?;

@@ -30,7 +30,7 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefi
 use serde::{Deserialize, Serialize};
 use synod_paxos::{Membership, Slot};
 
-use super::codec::{meta_domain, unseal, valid_membership, META};
+use super::codec::{meta_domain, unseal, unseal_bytes, valid_membership, META};
 use super::{corrupt, redb_error, Result};
 
 /// The three tables of state records.
@@ -273,7 +273,7 @@ pub(crate) fn read_state(
             let (key, value) = entry.map_err(|error| redb_error(path, "read the state", error))?;
             let key = key.value();
             let payload =
-                unseal_payload(&record_domain(table, key), value.value()).map_err(|detail| {
+                unseal_bytes(&record_domain(table, key), value.value()).map_err(|detail| {
                     corrupt(
                         path,
                         format!("state {} record {:?}: {detail}", table.name(), lossy(key)),
@@ -298,42 +298,4 @@ pub(crate) fn read_state(
 /// A key for messages: text when it is text.
 fn lossy(key: &[u8]) -> String {
     String::from_utf8_lossy(key).into_owned()
-}
-
-/// Appends the CRC-32 of `domain` and `payload` to `payload`.
-pub(crate) fn seal_payload(domain: &[u8], payload: &[u8]) -> Vec<u8> {
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(domain);
-    hasher.update(payload);
-    let mut sealed = Vec::with_capacity(payload.len() + 4);
-    sealed.extend_from_slice(payload);
-    sealed.extend_from_slice(&hasher.finalize().to_le_bytes());
-    sealed
-}
-
-/// Verifies and strips the CRC-32 [`seal_payload`] appended.
-pub(crate) fn unseal_payload<'a>(
-    domain: &[u8],
-    sealed: &'a [u8],
-) -> std::result::Result<&'a [u8], String> {
-    let Some(split) = sealed.len().checked_sub(4) else {
-        return Err(format!(
-            "record of {} bytes is shorter than its checksum",
-            sealed.len()
-        ));
-    };
-    let (payload, trailer) = sealed.split_at(split);
-    let mut stored = [0u8; 4];
-    stored.copy_from_slice(trailer);
-    let stored = u32::from_le_bytes(stored);
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(domain);
-    hasher.update(payload);
-    let computed = hasher.finalize();
-    if stored != computed {
-        return Err(format!(
-            "CRC-32 mismatch (stored {stored:08x}, computed {computed:08x})"
-        ));
-    }
-    Ok(payload)
 }

@@ -161,14 +161,12 @@ impl Drop for Monitor {
     }
 }
 
-impl Monitor {
-    /// Starts polling: `replicas` are each replica's id with the config of
-    /// a session with it alone; `live` those running now, with their pids.
-    pub fn start(replicas: Vec<(u64, ClientConfig)>, live: BTreeMap<u64, u32>) -> Monitor {
-        let now = Instant::now();
-        let state = Arc::new(Mutex::new(State {
-            phase: Phase::Start,
-            started: now,
+impl State {
+    /// Nothing seen yet, in `phase` from now, with `live` replicas running.
+    fn new(phase: Phase, live: BTreeMap<u64, u32>) -> State {
+        State {
+            phase,
+            started: Instant::now(),
             live,
             latest: BTreeMap::new(),
             view: None,
@@ -176,7 +174,15 @@ impl Monitor {
             events: Vec::new(),
             memory: BTreeMap::new(),
             first_seen: BTreeMap::new(),
-        }));
+        }
+    }
+}
+
+impl Monitor {
+    /// Starts polling: `replicas` are each replica's id with the config of
+    /// a session with it alone; `live` those running now, with their pids.
+    pub fn start(replicas: Vec<(u64, ClientConfig)>, live: BTreeMap<u64, u32>) -> Monitor {
+        let state = Arc::new(Mutex::new(State::new(Phase::Start, live)));
         let (stop, stopped) = watch::channel(false);
         let tasks = replicas
             .into_iter()
@@ -339,17 +345,10 @@ mod tests {
     use super::*;
 
     fn state(live: &[u64]) -> State {
-        State {
-            phase: Phase::Baseline,
-            started: Instant::now(),
-            live: live.iter().map(|&id| (id, id as u32 + 1000)).collect(),
-            latest: BTreeMap::new(),
-            view: None,
-            changes: BTreeMap::new(),
-            events: Vec::new(),
-            memory: BTreeMap::new(),
-            first_seen: BTreeMap::new(),
-        }
+        State::new(
+            Phase::Baseline,
+            live.iter().map(|&id| (id, id as u32 + 1000)).collect(),
+        )
     }
 
     fn sample(leader: Option<u64>, ballot: &str) -> Sample {
