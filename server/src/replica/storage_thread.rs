@@ -6,8 +6,9 @@
 //! fsync), in order.
 //!
 //! The state machine's changes ([`StorageJob::SaveState`]) are not written
-//! at once: they are folded into one pending delta (a key changed many
-//! times is written once) and written with the round that comes after
+//! at once: they are kept, folded into one delta (a key changed many
+//! times is written once, [`StateDelta::merged`]) and written with the
+//! round that comes after
 //! [`WriterSettings::state_flush_interval`] has passed since the first of
 //! them, or as soon as they hold [`WriterSettings::state_flush_bytes_max`].
 //! Nothing is lost meanwhile: the log holds every entry they came from, and
@@ -76,7 +77,7 @@ pub fn spawn(
                 storage: &mut storage,
                 settings,
                 completions: &completions,
-                pending: StateDelta::default(),
+                pending: Vec::new(),
                 pending_since: None,
                 pending_bytes: 0,
             };
@@ -103,13 +104,14 @@ struct Writer<'a> {
     storage: &'a mut Storage,
     settings: WriterSettings,
     completions: &'a mpsc::UnboundedSender<WriterEvent>,
-    /// The state machine's changes not written yet, folded together.
-    pending: StateDelta,
+    /// The state machine's changes not written yet, in order; folded into
+    /// one delta when they are written.
+    pending: Vec<StateDelta>,
     /// When the oldest of them arrived.
     pending_since: Option<Instant>,
-    /// The bytes of the deltas folded into `pending` (an upper bound: a key
-    /// changed twice counts twice), kept as they arrive so that no round
-    /// walks the whole pending delta.
+    /// The bytes of the deltas in `pending` (a key changed twice counts
+    /// twice, as it is held twice until the fold), kept as they arrive so
+    /// that no round walks them all.
     pending_bytes: u64,
 }
 
@@ -160,12 +162,12 @@ impl Writer<'_> {
                 WriterRequest::Job(StorageJob::SaveState(delta)) => {
                     self.pending_since.get_or_insert_with(Instant::now);
                     self.pending_bytes += delta.bytes();
-                    self.pending.merge(delta);
+                    self.pending.push(delta);
                 }
                 WriterRequest::Job(StorageJob::ActivateState(header)) => {
                     // The installed state supersedes every change pending
                     // for the old one (they are all for earlier slots).
-                    self.pending = StateDelta::default();
+                    self.pending.clear();
                     self.pending_since = None;
                     self.pending_bytes = 0;
                     saved_through = Some(header.through);
@@ -181,8 +183,8 @@ impl Writer<'_> {
             since.elapsed() >= self.settings.state_flush_interval
                 || self.pending_bytes >= self.settings.state_flush_bytes_max
         });
-        if (due || last) && !self.pending.is_empty() {
-            let delta = std::mem::take(&mut self.pending);
+        if (due || last) && self.pending.iter().any(|delta| !delta.is_empty()) {
+            let delta = StateDelta::merged(std::mem::take(&mut self.pending));
             self.pending_since = None;
             self.pending_bytes = 0;
             saved_through = delta.through().or(saved_through);

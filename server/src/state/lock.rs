@@ -141,7 +141,7 @@ impl LockTable {
     }
 
     /// The locks changed since the last call, in path order.
-    pub fn take_dirty(&mut self) -> BTreeSet<Box<str>> {
+    pub fn take_dirty(&mut self) -> Vec<Box<str>> {
         self.dirty.take()
     }
 

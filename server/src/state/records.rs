@@ -55,8 +55,13 @@ use crate::storage::{SavedStateHeader, StateDelta, StateRecordRef, StateTable};
 
 /// Keys changed since they were last taken. Bookkeeping, not state: any
 /// two compare equal, so that a state compares by content alone.
+///
+/// Marks are appended (a key marked twice in a row is kept once) and sorted
+/// only when taken: marking is on the apply path of every command, and a
+/// push costs less than a search of an ordered set. Between two takes (one
+/// applied batch) the list holds at most a few marks per command.
 #[derive(Debug, Clone, Default)]
-pub(crate) struct DirtyKeys<K: Ord>(BTreeSet<K>);
+pub(crate) struct DirtyKeys<K: Ord>(Vec<K>);
 
 impl<K: Ord> PartialEq for DirtyKeys<K> {
     fn eq(&self, _other: &Self) -> bool {
@@ -74,14 +79,19 @@ impl<K: Ord> DirtyKeys<K> {
         Q: Ord + ?Sized + ToOwned,
         Q::Owned: Into<K>,
     {
-        if !self.0.contains(key) {
-            self.0.insert(key.to_owned().into());
+        if self.0.last().is_some_and(|last| last.borrow() == key) {
+            return;
         }
+        self.0.push(key.to_owned().into());
     }
 
-    /// The keys marked so far, in order; none are marked after.
-    pub fn take(&mut self) -> BTreeSet<K> {
-        std::mem::take(&mut self.0)
+    /// The keys marked so far, in order and each once; none are marked
+    /// after.
+    pub fn take(&mut self) -> Vec<K> {
+        let mut keys = std::mem::take(&mut self.0);
+        keys.sort_unstable();
+        keys.dedup();
+        keys
     }
 }
 
@@ -133,18 +143,22 @@ impl StateMachine {
     /// with the header of the state as it now is: applied through
     /// `through`, with `membership` in force. Costs what changed.
     pub fn take_delta(&mut self, through: Slot, membership: &Membership) -> StateDelta {
-        let mut changes = BTreeMap::new();
-        for path in self.tree.take_dirty() {
+        let nodes = self.tree.take_dirty();
+        let sessions = self.dirty_sessions.take();
+        let locks = self.locks.take_dirty();
+        // In table then key order, so the map below is built in one pass.
+        let mut changes = Vec::with_capacity(nodes.len() + sessions.len() + locks.len());
+        for path in nodes {
             let value = self.tree.get(&path).map(node_payload);
-            changes.insert((StateTable::Nodes, Box::from(path.as_bytes())), value);
+            changes.push(((StateTable::Nodes, path.into_boxed_bytes()), value));
         }
-        for session in self.dirty_sessions.take() {
+        for session in sessions {
             let value = self.sessions.get(&session).map(encode);
-            changes.insert((StateTable::Sessions, session_key(session)), value);
+            changes.push(((StateTable::Sessions, session_key(session)), value));
         }
-        for path in self.locks.take_dirty() {
+        for path in locks {
             let value = self.locks.get(&path).map(encode);
-            changes.insert((StateTable::Locks, Box::from(path.as_bytes())), value);
+            changes.push(((StateTable::Locks, path.into_boxed_bytes()), value));
         }
         StateDelta {
             header: Some(SavedStateHeader {
@@ -152,7 +166,7 @@ impl StateMachine {
                 membership: membership.clone(),
                 scalars: self.encode_scalars(),
             }),
-            changes,
+            changes: changes.into_iter().collect(),
         }
     }
 

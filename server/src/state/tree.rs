@@ -10,7 +10,7 @@
 //! write changes nothing. Inside a multi, writes also record how to undo
 //! themselves, so a later failure can roll the earlier ones back.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{btree_map, BTreeMap, BTreeSet};
 use std::ops::Bound;
 
 use serde::{Deserialize, Serialize};
@@ -315,7 +315,7 @@ impl Tree {
     }
 
     /// The nodes changed since the last call, in path order.
-    pub fn take_dirty(&mut self) -> BTreeSet<Box<str>> {
+    pub fn take_dirty(&mut self) -> Vec<Box<str>> {
         self.dirty.take()
     }
 
@@ -433,12 +433,14 @@ impl Tree {
         } else {
             path.to_owned()
         };
-        if self.nodes.contains_key(full_path.as_str()) {
-            return Err(Error::NodeExists { path: full_path });
-        }
+        // One search both checks that the node is new and inserts it.
+        let vacant = match self.nodes.entry(Box::from(full_path.as_str())) {
+            btree_map::Entry::Occupied(_) => return Err(Error::NodeExists { path: full_path }),
+            btree_map::Entry::Vacant(vacant) => vacant,
+        };
         // Validated: from here on nothing fails.
         let owner = if mode.is_ephemeral() { owner } else { 0 };
-        let key: Box<str> = Box::from(full_path.as_str());
+        let key = vacant.key().clone();
         let meta = Meta {
             created_revision: fx.revision,
             modified_revision: fx.revision,
@@ -453,9 +455,9 @@ impl Tree {
         if owner != 0 {
             self.ephemerals.insert((owner, key.clone()));
         }
+        vacant.insert(Node::new(meta, data));
         fx.record(|| Undo::Inserted(key.clone()));
         self.dirty.mark(&key);
-        self.nodes.insert(key, Node::new(meta, data));
         self.touch_parent(parent_path, 1, fx);
         fx.event(&full_path, EventType::NodeCreated);
         fx.event(parent_path, EventType::NodeChildrenChanged);

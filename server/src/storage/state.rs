@@ -136,15 +136,26 @@ impl StateDelta {
         self.header.as_ref().map(|header| header.through)
     }
 
-    /// Folds a later delta into this one: its header and its changes win.
-    pub fn merge(&mut self, later: StateDelta) {
-        if later.header.is_some() {
-            self.header = later.header;
+    /// Folds deltas, earliest first, into one: the last header, and for each
+    /// key its latest change.
+    ///
+    /// One sort of all their changes (a stable merge of the already sorted
+    /// runs), not a search of a growing map per change: a writer folds the
+    /// deltas of a whole flush interval, many thousands of changes.
+    pub fn merged(deltas: Vec<StateDelta>) -> StateDelta {
+        let header = deltas.iter().rev().find_map(|delta| delta.header.clone());
+        let count = deltas.iter().map(|delta| delta.changes.len()).sum();
+        let mut changes: Vec<(StateKey, Option<Vec<u8>>)> = Vec::with_capacity(count);
+        // Latest first, so that after the stable sort the first change of
+        // each key is its latest, and the dedup keeps it.
+        for delta in deltas.into_iter().rev() {
+            changes.extend(delta.changes);
         }
-        if self.changes.is_empty() {
-            self.changes = later.changes;
-        } else {
-            self.changes.extend(later.changes);
+        changes.sort_by(|(a, _), (b, _)| a.cmp(b));
+        changes.dedup_by(|(later_in_order, _), (kept, _)| later_in_order == kept);
+        StateDelta {
+            header,
+            changes: changes.into_iter().collect(),
         }
     }
 
@@ -298,4 +309,64 @@ pub(crate) fn read_state(
 /// A key for messages: text when it is text.
 fn lossy(key: &[u8]) -> String {
     String::from_utf8_lossy(key).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(through: Option<Slot>, changes: &[(&str, Option<&str>)]) -> StateDelta {
+        StateDelta {
+            header: through.map(|through| SavedStateHeader {
+                through,
+                membership: Membership::new(&[1, 2, 3]).expect("valid membership"),
+                scalars: vec![through as u8],
+            }),
+            changes: changes
+                .iter()
+                .map(|(key, value)| {
+                    (
+                        (StateTable::Nodes, Box::from(key.as_bytes())),
+                        value.map(|value| value.as_bytes().to_vec()),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn merged_deltas_keep_the_latest_change_of_each_key_and_the_last_header() {
+        let merged = StateDelta::merged(vec![
+            delta(
+                Some(1),
+                &[
+                    ("/a", Some("a1")),
+                    ("/b", Some("b1")),
+                    ("/c", Some("c1")),
+                    ("/e", Some("e1")),
+                ],
+            ),
+            delta(None, &[("/b", None)]),
+            delta(Some(3), &[("/a", Some("a3")), ("/d", Some("d3"))]),
+            delta(
+                Some(4),
+                &[("/c", Some("c4")), ("/b", Some("b4")), ("/e", None)],
+            ),
+            delta(None, &[]),
+        ]);
+        assert_eq!(
+            merged,
+            delta(
+                Some(4),
+                &[
+                    ("/a", Some("a3")),
+                    ("/b", Some("b4")),
+                    ("/c", Some("c4")),
+                    ("/d", Some("d3")),
+                    ("/e", None),
+                ]
+            )
+        );
+        assert_eq!(StateDelta::merged(Vec::new()), StateDelta::default());
+    }
 }

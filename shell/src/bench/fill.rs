@@ -34,7 +34,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::load::{self, Fill, Naming, SteadyWrites, FILL_ROOT};
-use super::monitor::{Monitor, POLL_INTERVAL_MS};
+use super::monitor::{self, Monitor, POLL_INTERVAL_MS};
 use super::report::{
     millis, ratio, CatchUpResult, FillReport, FillResult, Phase, ReplicaDisk, ReplicaMemory,
     RestartResult, Setup, SteadyResult,
@@ -260,6 +260,7 @@ pub async fn run(
         request_timeout,
         time_bound: Duration::from_secs(args.fill_secs_max),
         slice_creates,
+        cpu_clock: Some(replicas_cpu_clock(cluster, lagging)),
     }
     .run(&progress)
     .await?;
@@ -441,6 +442,17 @@ fn shown_ms(value: Option<f64>) -> String {
 }
 
 /// Waits until the monitor sees a leader that a majority agrees on.
+/// Reads the CPU time the replicas running the fill (all but `lagging`)
+/// have used so far; `None` once one of them is gone.
+fn replicas_cpu_clock(cluster: &LocalCluster, lagging: Option<u64>) -> load::CpuClock {
+    let pids: Vec<u32> = NODE_IDS
+        .iter()
+        .filter(|&&id| Some(id) != lagging)
+        .filter_map(|&id| cluster.pid(id))
+        .collect();
+    Arc::new(move || pids.iter().map(|&pid| monitor::read_cpu_time(pid)).sum())
+}
+
 async fn wait_for_leader(monitor: &Monitor, cluster: &mut LocalCluster) -> anyhow::Result<u64> {
     let deadline = Instant::now() + Duration::from_millis(MONITOR_READY_TIMEOUT_MS);
     loop {

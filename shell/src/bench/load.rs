@@ -286,7 +286,13 @@ pub struct Fill {
     pub time_bound: Duration,
     /// Creates per slice of the rate table.
     pub slice_creates: u64,
+    /// The CPU time the cluster's replicas have used so far, when they are
+    /// local processes: each slice then says what a create cost them.
+    pub cpu_clock: Option<CpuClock>,
 }
+
+/// Reads the CPU time a cluster's processes have used so far.
+pub type CpuClock = Arc<dyn Fn() -> Option<Duration> + Send + Sync>;
 
 /// What the fill did.
 pub struct FillOutcome {
@@ -317,8 +323,9 @@ struct FillShared {
     created: AtomicU64,
     timed_out: AtomicU64,
     errors: Mutex<BTreeMap<String, u64>>,
-    /// `(creates done, since start)` at each slice's end.
-    boundaries: Mutex<Vec<(u64, Duration)>>,
+    /// `(creates done, since start, replicas' CPU time)` at each slice's
+    /// end.
+    boundaries: Mutex<Vec<(u64, Duration, Option<Duration>)>>,
     /// One histogram per session, so that tasks rarely share a lock.
     latencies: Vec<Mutex<Histogram<u64>>>,
     stopped_at_time_bound: AtomicBool,
@@ -344,6 +351,8 @@ impl Fill {
                 .collect::<anyhow::Result<_>>()?,
             stopped_at_time_bound: AtomicBool::new(false),
         });
+        let cpu_clock = self.cpu_clock.clone();
+        let cpu_at_start = cpu_clock.as_ref().and_then(|clock| clock());
         let start = Instant::now();
         let deadline = start + self.time_bound;
         let mut tasks = JoinSet::new();
@@ -354,6 +363,7 @@ impl Fill {
                 let data = self.data.clone();
                 let naming = self.naming;
                 let timeout = self.request_timeout;
+                let cpu_clock = cpu_clock.clone();
                 tasks.spawn(async move {
                     loop {
                         if Instant::now() >= deadline {
@@ -390,8 +400,9 @@ impl Fill {
                         }
                         let done = shared.done.fetch_add(1, Ordering::Relaxed) + 1;
                         if done.is_multiple_of(slice) || done == nodes {
+                            let cpu = cpu_clock.as_ref().and_then(|clock| clock());
                             if let Ok(mut boundaries) = shared.boundaries.lock() {
-                                boundaries.push((done, answered - start));
+                                boundaries.push((done, answered - start, cpu));
                             }
                         }
                     }
@@ -419,21 +430,30 @@ impl Fill {
         boundaries.sort_unstable();
         if boundaries
             .last()
-            .is_none_or(|&(done, _)| done < creates_done)
+            .is_none_or(|&(done, _, _)| done < creates_done)
         {
             // Stopped at the time bound: the last, partial slice.
-            boundaries.push((creates_done, elapsed));
+            let cpu = cpu_clock.as_ref().and_then(|clock| clock());
+            boundaries.push((creates_done, elapsed, cpu));
         }
         let mut slices = Vec::with_capacity(boundaries.len());
-        let mut previous = (0u64, Duration::ZERO);
-        for (done, at) in boundaries {
+        let mut previous = (0u64, Duration::ZERO, cpu_at_start);
+        for (done, at, cpu) in boundaries {
             let secs = (at.saturating_sub(previous.1)).as_secs_f64();
+            let creates = done - previous.0;
+            let cpu_us_per_create = match (previous.2, cpu) {
+                (Some(before), Some(after)) if creates > 0 => {
+                    Some(after.saturating_sub(before).as_secs_f64() * 1e6 / creates as f64)
+                }
+                _ => None,
+            };
             slices.push(Slice {
                 creates_done: done,
-                rate_per_sec: super::report::ratio((done - previous.0) as f64, secs),
+                rate_per_sec: super::report::ratio(creates as f64, secs),
                 elapsed_secs: at.as_secs_f64(),
+                cpu_us_per_create,
             });
-            previous = (done, at);
+            previous = (done, at, cpu);
         }
         let mut latencies = histogram()?;
         for session in &shared.latencies {

@@ -70,6 +70,21 @@ pub fn read_memory(pid: u32) -> Option<Memory> {
     })
 }
 
+/// Clock ticks per second in `/proc/<pid>/stat` (`USER_HZ`, 100 on every
+/// Linux architecture the benchmark runs on).
+const PROC_TICKS_PER_SEC: u64 = 100;
+
+/// The CPU time (user and system) a process has used so far, from
+/// `/proc/<pid>/stat`.
+pub fn read_cpu_time(pid: u32) -> Option<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields start after its ')'.
+    let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 1000 / PROC_TICKS_PER_SEC))
+}
+
 /// One replica's memory in one phase.
 #[derive(Debug, Clone, Default)]
 struct PhaseMemory {
@@ -400,6 +415,22 @@ mod tests {
         state.phase = Phase::Restart;
         state.record_memory(1, 11, memory(50, 80));
         assert_eq!(state.memory[&(1, Phase::Restart)].peak_kb, 80);
+    }
+
+    #[test]
+    fn cpu_time_is_read_from_proc() {
+        let before = read_cpu_time(std::process::id()).expect("this process has a stat");
+        let busy_until = Instant::now() + Duration::from_millis(300);
+        let mut spins = 0u64;
+        while Instant::now() < busy_until {
+            spins = std::hint::black_box(spins + 1);
+        }
+        let after = read_cpu_time(std::process::id()).expect("this process has a stat");
+        assert!(
+            after >= before + Duration::from_millis(30),
+            "300 ms of spinning shows as {:?} of CPU time",
+            after - before
+        );
     }
 
     #[test]
