@@ -50,12 +50,13 @@ pub enum WriterRequest {
     Job(StorageJob),
     /// A piece of a snapshot being installed, from the task fetching it:
     /// [`StateWrite::StageBegin`] first, then [`StateWrite::Stage`]s. The
-    /// permit is released once the piece is durable, which paces the fetch
-    /// to the disk.
+    /// permit is released once the piece is written (staging is made
+    /// durable by the activation's commit), which paces the fetch to the
+    /// writer.
     Stage {
         /// The write.
         write: StateWrite,
-        /// Held until the write is durable.
+        /// Held until the write is committed.
         permit: Option<OwnedSemaphorePermit>,
     },
 }

@@ -26,7 +26,10 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 use serde::{Deserialize, Serialize};
 use synod_paxos::{Membership, Slot};
 
@@ -217,11 +220,13 @@ impl StateReader {
         header_seen: &mut dyn FnMut(&SavedStateHeader) -> std::result::Result<(), String>,
         visit: &mut dyn FnMut(StateRecordRef<'_>) -> std::result::Result<(), String>,
     ) -> Result<Option<SavedStateHeader>> {
-        let transaction = self
-            .database
-            .begin_read()
-            .map_err(|error| redb_error(&self.path, "begin a read transaction", error))?;
-        read_state(&transaction, &self.path, header_seen, visit)
+        super::guard_panics(&self.path, || {
+            let transaction = self
+                .database
+                .begin_read()
+                .map_err(|error| redb_error(&self.path, "begin a read transaction", error))?;
+            read_state(&transaction, &self.path, header_seen, visit)
+        })
     }
 }
 
@@ -271,18 +276,26 @@ pub(crate) fn read_state(
     };
     header_seen(&header).map_err(|detail| corrupt(path, format!("state header: {detail}")))?;
     for table in StateTable::ALL {
+        // A live set always has all three tables (its first delta, or its
+        // activation, creates them): one missing was lost to damage.
         let records = match transaction.open_table(table.definition(set)) {
             Ok(records) => records,
-            // A set whose table was never written holds no such records.
-            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(redb::TableError::TableDoesNotExist(_)) => {
+                return Err(corrupt(
+                    path,
+                    format!("the live state set {set} has no {} table", table.name()),
+                ))
+            }
             Err(error) => return Err(redb_error(path, "open a state table", error)),
         };
         let range = records
             .range::<&[u8]>(..)
             .map_err(|error| redb_error(path, "read the state", error))?;
+        let mut order = KeyOrder::new(path, table.name());
         for entry in range {
             let (key, value) = entry.map_err(|error| redb_error(path, "read the state", error))?;
             let key = key.value();
+            order.next(key)?;
             let payload =
                 unseal_bytes(&record_domain(table, key), value.value()).map_err(|detail| {
                     corrupt(
@@ -302,8 +315,73 @@ pub(crate) fn read_state(
                 )
             })?;
         }
+        order.finish(&records)?;
     }
     Ok(Some(header))
+}
+
+/// Checks a full read of a table against redb's own account of it. Every
+/// record's CRC proves the record, not that the read saw all of them: a
+/// damaged page can hide some (a lower entry count) or show a subtree twice
+/// (a wrong child pointer). So the keys must come strictly in order, and
+/// their number must be the length redb keeps in the table's header.
+pub(crate) struct KeyOrder<'a> {
+    path: &'a Path,
+    table: &'a str,
+    previous: Option<Vec<u8>>,
+    seen: u64,
+}
+
+impl<'a> KeyOrder<'a> {
+    /// Starts the read of `table` of the database at `path`.
+    pub(crate) fn new(path: &'a Path, table: &'a str) -> Self {
+        KeyOrder {
+            path,
+            table,
+            previous: None,
+            seen: 0,
+        }
+    }
+
+    /// Takes the next key read.
+    pub(crate) fn next(&mut self, key: &[u8]) -> Result<()> {
+        if let Some(previous) = &mut self.previous {
+            if key <= previous.as_slice() {
+                return Err(corrupt(
+                    self.path,
+                    format!(
+                        "the {} table gives key {:?} after {:?}: its pages are damaged",
+                        self.table,
+                        lossy(key),
+                        lossy(previous)
+                    ),
+                ));
+            }
+            previous.clear();
+            previous.extend_from_slice(key);
+        } else {
+            self.previous = Some(key.to_vec());
+        }
+        self.seen += 1;
+        Ok(())
+    }
+
+    /// Ends the read: the keys seen must be all the table holds.
+    pub(crate) fn finish(self, table: &impl ReadableTableMetadata) -> Result<()> {
+        let length = table
+            .len()
+            .map_err(|error| redb_error(self.path, "read a table's length", error))?;
+        if length != self.seen {
+            return Err(corrupt(
+                self.path,
+                format!(
+                    "the {} table holds {length} records by its header, but reading it gave {}: its pages are damaged",
+                    self.table, self.seen
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A key for messages: text when it is text.
