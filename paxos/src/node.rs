@@ -114,6 +114,9 @@ pub struct Status {
     pub promised: Ballot,
     /// Its chosen prefix.
     pub chosen_through: Slot,
+    /// The highest chosen prefix it has heard of (from a leader, or a read
+    /// index), at least its own: how far behind the cluster it is.
+    pub known_chosen_through: Slot,
     /// The first slot it has not handed out for applying.
     pub apply_next: Slot,
     /// Its first retained log slot.
@@ -471,6 +474,7 @@ impl Node {
             leader: self.leader_hint,
             promised: self.promised,
             chosen_through: self.chosen_through,
+            known_chosen_through: self.announced_chosen_through.max(self.chosen_through),
             apply_next: self.apply_next,
             log_start: self.log_start,
             pending_commands,

@@ -22,6 +22,14 @@
 //!
 //! [limits]            # all optional
 //! data_bytes_max = 1048576
+//!
+//! [log]               # optional; RUST_LOG, when set, overrides the level
+//! level = "info"      # a tracing filter: "warn", "info,synod_server=debug"
+//! format = "text"     # or "json", one object per line
+//!
+//! [monitoring]        # optional: without it, no HTTP listener
+//! http_address = "10.0.0.1:7201"   # /metrics, /livez, /readyz (plain HTTP)
+//! ready_lag_slots_max = 1000
 //! ```
 //!
 //! # Ranges
@@ -67,6 +75,7 @@
 //! | `limits.state_flush_bytes_max` | 1 MiB..=4 GiB | 64 MiB |
 //! | `limits.log_retain_slots` | 0..=10,000,000 | 10,000 |
 //! | `limits.snapshot_bytes_max` | 1 MiB..=1 TiB | 8 GiB |
+//! | `monitoring.ready_lag_slots_max` | 0..=100,000,000 | 1,000 |
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -98,6 +107,67 @@ pub struct ReplicaConfig {
     /// Size and count bounds.
     #[serde(default)]
     pub limits: Limits,
+    /// Metrics and health checks over HTTP.
+    #[serde(default)]
+    pub monitoring: Monitoring,
+    /// What the replica logs, and how.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// The replica's log, on standard error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing filter (`info`, `warn,synod_server::replica=debug`); the
+    /// `RUST_LOG` environment variable, when set, replaces it.
+    /// Default `info`.
+    pub level: String,
+    /// `text` (coloured only on a terminal) or `json` (one object per
+    /// line). Default `text`.
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The HTTP listener for metrics and health checks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Monitoring {
+    /// Where to serve `/metrics` (Prometheus' text format), `/livez` and
+    /// `/readyz`, over plain HTTP; none when absent. Port 0 picks a free
+    /// port (tests).
+    pub http_address: Option<SocketAddr>,
+    /// `/readyz` answers ready only while the replica's applied slot trails
+    /// the highest chosen slot it has heard of by at most this many.
+    /// Range: 0..=100,000,000; default 1,000.
+    pub ready_lag_slots_max: u64,
+}
+
+impl Default for Monitoring {
+    fn default() -> Monitoring {
+        Monitoring {
+            http_address: None,
+            ready_lag_slots_max: 1_000,
+        }
+    }
 }
 
 /// PEM files for mutual TLS against the cluster CA.
@@ -398,6 +468,7 @@ const NUMERIC_FIELDS: &[NumericField] = &[
     numeric!(limits.state_flush_bytes_max, 1 << 20, 4 << 30),
     numeric!(limits.log_retain_slots, 0, 10_000_000),
     numeric!(limits.snapshot_bytes_max, 1 << 20, 1 << 40),
+    numeric!(monitoring.ready_lag_slots_max, 0, 100_000_000),
 ];
 
 /// Refuses `value` for `field` unless it is within `min..=max`.
@@ -463,6 +534,12 @@ impl ReplicaConfig {
     /// The first invalid field, named.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_ranges()?;
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid(
+                "log.level",
+                format!("is not a tracing filter: {error}"),
+            ));
+        }
         if self.cluster_id.trim().is_empty() {
             return Err(invalid("cluster_id", "must not be empty"));
         }
@@ -588,6 +665,8 @@ impl ReplicaConfig {
             members: vec![member(1), member(2), member(3)],
             timeouts: Timeouts::default(),
             limits: Limits::default(),
+            monitoring: Monitoring::default(),
+            log: Default::default(),
         };
         for field in NUMERIC_FIELDS {
             (field.set)(&mut config, if upper { field.max } else { field.min });

@@ -2,6 +2,8 @@
 //! storage, and QUIC transport for peers and clients.
 
 pub mod config;
+pub mod http;
+pub mod metrics;
 pub mod replica;
 pub mod state;
 pub mod storage;

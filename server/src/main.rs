@@ -1,11 +1,12 @@
 //! `synod-server`: one Synod replica.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use synod_server::config::ReplicaConfig;
+use synod_server::config::{LogConfig, LogFormat, ReplicaConfig};
 use synod_server::replica::{self, StartOptions};
 
 /// The replica's heap holds the namespace, a large set of small blocks that
@@ -39,13 +40,6 @@ struct Arguments {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -55,9 +49,25 @@ fn main() -> ExitCode {
     }
 }
 
+/// Logs to standard error as the config says: its filter unless
+/// `RUST_LOG` is set, colour only on a terminal, or JSON lines.
+fn init_logging(log: &LogConfig) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match log.format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
+
 fn run() -> anyhow::Result<()> {
     let arguments = Arguments::parse();
     let config = ReplicaConfig::load(&arguments.config)?;
+    init_logging(&config.log);
     if arguments.check {
         // The error names the file and says what is wrong; formatting it
         // here keeps anyhow from repeating its cause.

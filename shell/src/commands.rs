@@ -1029,8 +1029,91 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
             text.push_str(&format!("\nreplica {}: {error}", report.node_id));
         }
     }
-    shell.emit(text, || json!({"replicas": replicas}));
+    let health = cluster_health(
+        &reports,
+        first.replica.node_id,
+        first.members.len(),
+        chosen_max,
+    );
+    shell.emit(text, || {
+        json!({
+            "replicas": replicas,
+            "quorum": health.quorum.is_ok(),
+            "asked_replica_ready": health.asked_ready.is_ok(),
+        })
+    });
+    // Scripts read the exit code: the table (or JSON) is printed either way.
+    health
+        .quorum
+        .map_err(|reason| anyhow::anyhow!("no quorum: {reason}"))?;
+    health.asked_ready.map_err(|reason| {
+        anyhow::anyhow!("replica {} is not ready: {reason}", first.replica.node_id)
+    })?;
     Ok(())
+}
+
+/// A replica whose applied slot trails the cluster's chosen prefix by more
+/// than this is not ready (as the replica's own `/readyz` defaults to).
+const READY_LAG_SLOTS_MAX: u64 = 1_000;
+
+/// What `status` concludes, for its exit code.
+struct ClusterHealth {
+    /// A leader that a majority of the members follow, or why there is none.
+    quorum: Result<u64, String>,
+    /// Whether the replica asked first is ready (knows a leader, is not
+    /// joining, is caught up), or why not.
+    asked_ready: Result<(), String>,
+}
+
+fn cluster_health(
+    reports: &[ReplicaReport],
+    asked: u64,
+    members: usize,
+    chosen_max: u64,
+) -> ClusterHealth {
+    let statuses: Vec<_> = reports
+        .iter()
+        .filter_map(|report| report.status.as_ref().ok())
+        .map(|status| &status.replica)
+        .collect();
+    let majority = members / 2 + 1;
+    let quorum = statuses
+        .iter()
+        .filter(|replica| replica.role == "leader")
+        .map(|leader| {
+            let followers = statuses
+                .iter()
+                .filter(|replica| replica.leader == Some(leader.node_id))
+                .count();
+            (leader.node_id, followers)
+        })
+        .find(|&(_, followers)| followers >= majority)
+        .map(|(leader, _)| leader)
+        .ok_or_else(|| {
+            format!(
+                "{} of {members} members answered, and no leader is followed by {majority} of them",
+                statuses.len()
+            )
+        });
+    let asked_ready = match statuses.iter().find(|replica| replica.node_id == asked) {
+        None => Err("it did not answer".to_string()),
+        Some(replica) if replica.role == "joining" => {
+            Err("it is rejoining after a lost disk and does not vote yet".to_string())
+        }
+        Some(replica) if replica.leader.is_none() => Err("it knows no leader".to_string()),
+        Some(replica) => {
+            let lag = chosen_max.saturating_sub(replica.applied_through);
+            if lag > READY_LAG_SLOTS_MAX {
+                Err(format!("it is {lag} slots behind the cluster"))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    ClusterHealth {
+        quorum,
+        asked_ready,
+    }
 }
 
 /// `help [COMMAND]`.

@@ -42,6 +42,15 @@ fn json(cluster: &DevCluster, args: &[&str]) -> Value {
     })
 }
 
+/// `synod status`'s exit code and standard error.
+fn status_exit(cluster: &DevCluster) -> (i32, String) {
+    let output = run(cluster.synod(), &["status"]);
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
 fn fails(cluster: &DevCluster, args: &[&str]) -> (i32, String) {
     let output = run(cluster.synod(), args);
     assert!(!output.status.success(), "synod {args:?} should fail");
@@ -232,8 +241,12 @@ fn one_shot_commands_print_json_and_fail_plainly() {
     let kept = json(&cluster, &["get", "/kept"]);
     assert_eq!(kept["data"], "yes");
 
+    // Every replica up: `status` succeeds (scripts read its exit code).
+    let (code, stderr) = status_exit(&cluster);
+    assert_eq!(code, 0, "{stderr}");
+
     // With two replicas down there is no quorum and no session can open,
-    // but `status` still reports every member.
+    // but `status` still reports every member, and exits non-zero.
     let pids = std::fs::read_to_string(cluster.data.path().join("pids")).expect("pids");
     for line in pids.lines().filter(|line| !line.starts_with("1 ")) {
         let pid: i32 = line
@@ -243,7 +256,16 @@ fn one_shot_commands_print_json_and_fail_plainly() {
             .expect("pid");
         kill(Pid::from_raw(pid), Signal::SIGTERM).expect("replica signalled");
     }
-    let status = json(&cluster, &["status"]);
+    let output = run(cluster.synod(), &["--json", "status"]);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "status without a quorum fails"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("no quorum"), "{stderr}");
+    let status: Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+    assert_eq!(status["quorum"], false, "{status}");
     let replicas = status["replicas"].as_array().expect("replicas");
     let reachable: Vec<bool> = replicas
         .iter()

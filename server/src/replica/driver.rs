@@ -29,6 +29,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use synod_paxos::{
     ChosenEntry, Envelope, Node, ProposeError, ReadOutcome, Ready, Role, Slot, Value,
@@ -36,12 +37,13 @@ use synod_paxos::{
 use synod_proto::wire::{
     ClientFrame, ClusterStatus, ReadConsistency, ReplicaStatus, ServerFrame, WatchRegistration,
 };
-use synod_proto::{Error, Request, Response, Revision, SessionId, SessionSecret, WatchKind};
+use synod_proto::{Error, Op, Request, Response, Revision, SessionId, SessionSecret, WatchKind};
 
 use super::proposal::{Origin, Proposal};
 use super::sessions::SessionTracker;
 use super::snapshot::{FetchedState, StreamHolds};
 use crate::config::ReplicaConfig;
+use crate::metrics::{gauge_value, Metrics, RequestMetrics};
 use crate::state::watch::{EventHistory, WatchRegistry};
 use crate::state::{Applied, StateMachine};
 use crate::storage::{SavedStateHeader, StateDelta};
@@ -182,6 +184,8 @@ struct PendingRead {
     connection: ConnectionId,
     kind: ReadKind,
     deadline_ms: u64,
+    /// When the driver took the request (for its latency).
+    received: Instant,
     /// Bytes charged to the connection's pending budget.
     cost: u64,
 }
@@ -190,6 +194,8 @@ struct PendingRead {
 struct WaitingWrite {
     connection: ConnectionId,
     deadline_ms: u64,
+    /// When the driver took the request (for its latency).
+    received: Instant,
     request: Request,
     /// Bytes charged to the connection's pending budget.
     cost: u64,
@@ -248,6 +254,10 @@ pub struct Driver {
     last_confirm_proposal_ms: Option<u64>,
     /// When this replica first saw it holds the cluster identity.
     identity_seen_ms: Option<u64>,
+    metrics: Arc<Metrics>,
+    request_metrics: RequestMetrics,
+    /// The core's role at the last tick, to count elections started.
+    last_role: Role,
 }
 
 impl Driver {
@@ -297,6 +307,9 @@ impl Driver {
             last_mint_proposal_ms: None,
             last_confirm_proposal_ms: None,
             identity_seen_ms: None,
+            metrics: Arc::new(Metrics::new()),
+            request_metrics: RequestMetrics::new(),
+            last_role: Role::Follower,
         }
     }
 
@@ -381,8 +394,22 @@ impl Driver {
         }
     }
 
-    /// Answers a request and settles its charge.
-    fn respond(&mut self, connection: ConnectionId, sequence: u64, cost: u64, response: Response) {
+    /// Answers a request and settles its charge, counting it (by `op` and
+    /// result, with its latency since `received`).
+    fn respond(
+        &mut self,
+        connection: ConnectionId,
+        (op, received): (&Op, Instant),
+        sequence: u64,
+        cost: u64,
+        response: Response,
+    ) {
+        self.request_metrics.record(
+            &self.metrics,
+            op,
+            &response.result,
+            received.elapsed().as_secs_f64(),
+        );
         self.answer(
             connection,
             cost,
@@ -482,6 +509,7 @@ impl Driver {
                         watches,
                     },
                     deadline_ms: deadline,
+                    received: Instant::now(),
                     cost,
                 };
                 self.start_linearizable_read(read);
@@ -491,6 +519,7 @@ impl Driver {
                 consistency,
                 watch,
             } => {
+                let received = Instant::now();
                 if session != Some(request.session) {
                     let response = Response {
                         revision: self.state.revision(),
@@ -498,7 +527,13 @@ impl Driver {
                             session: request.session,
                         }),
                     };
-                    self.respond(connection, request.sequence, cost, response);
+                    self.respond(
+                        connection,
+                        (&request.op, received),
+                        request.sequence,
+                        cost,
+                        response,
+                    );
                     return;
                 }
                 self.note_keep_alive(request.session);
@@ -507,6 +542,7 @@ impl Driver {
                         connection,
                         kind: ReadKind::Op { request, watch },
                         deadline_ms: deadline,
+                        received,
                         cost,
                     };
                     match consistency {
@@ -527,6 +563,7 @@ impl Driver {
                     let waiting = WaitingWrite {
                         connection,
                         deadline_ms: deadline,
+                        received,
                         request: request.clone(),
                         cost,
                     };
@@ -534,7 +571,13 @@ impl Driver {
                         // The same request sent twice while the first waits:
                         // the newer copy gets the answer.
                         let response = self.unavailable("superseded by a retry of the request");
-                        self.respond(earlier.connection, key.1, earlier.cost, response);
+                        self.respond(
+                            earlier.connection,
+                            (&earlier.request.op, earlier.received),
+                            key.1,
+                            earlier.cost,
+                            response,
+                        );
                     }
                     self.propose(Proposal::Client(request), deadline);
                 }
@@ -597,6 +640,60 @@ impl Driver {
         ServerFrame::WatchRefused { watch, error }
     }
 
+    /// The replica's metrics, which the driver keeps up to date.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Sets the status gauges of the metrics (the event loop calls it with
+    /// every status refresh). Costs no more than the status itself.
+    pub fn publish_metrics(&self) {
+        let metrics = &self.metrics;
+        let core = self.node.status();
+        let role = if self.node.is_joining() {
+            "joining"
+        } else {
+            match core.role {
+                Role::Leader => "leader",
+                Role::Follower => "follower",
+                Role::PreCandidate | Role::Candidate => "candidate",
+            }
+        };
+        metrics.set_role(role);
+        metrics.leader.set(gauge_value(core.leader.unwrap_or(0)));
+        metrics.ballot_round.set(gauge_value(core.promised.round));
+        metrics.chosen_slot.set(gauge_value(core.chosen_through));
+        metrics
+            .known_chosen_slot
+            .set(gauge_value(core.known_chosen_through));
+        metrics
+            .applied_slot
+            .set(gauge_value(core.apply_next.saturating_sub(1)));
+        metrics.revision.set(gauge_value(self.state.revision()));
+        metrics.nodes.set(gauge_value(self.state.node_count()));
+        metrics
+            .sessions
+            .set(gauge_value(self.state.session_count()));
+        metrics.watches.set(gauge_value(self.watches.len()));
+        metrics.locks.set(gauge_value(self.state.lock_count()));
+        metrics
+            .client_connections
+            .set(gauge_value(self.clients.len() as u64));
+        let leading = core.role == Role::Leader;
+        for member in self.node.membership().members() {
+            let progress = core
+                .peers
+                .iter()
+                .find(|peer| peer.id == *member)
+                .filter(|_| leading)
+                .map(|peer| {
+                    let lag = core.chosen_through.saturating_sub(peer.chosen_through);
+                    (peer.chosen_through, lag)
+                });
+            metrics.set_peer(*member, progress);
+        }
+    }
+
     /// This replica's status for `status` commands.
     pub fn status(&self) -> ClusterStatus {
         let core = self.node.status();
@@ -638,6 +735,7 @@ impl Driver {
     }
 
     fn propose(&mut self, proposal: Proposal, deadline_ms: u64) {
+        self.metrics.proposals.inc();
         let bytes = proposal.encode();
         match self.node.propose(self.now_ms, vec![bytes]) {
             Ok(()) => {}
@@ -721,17 +819,14 @@ impl Driver {
         let cost = read.cost;
         match read.kind {
             ReadKind::Op { request, watch } => {
-                let result = self.state.read(&request.op);
+                let mut result = self.state.read(&request.op);
                 if let (Some(kind), Some(path)) = (watch, request.op.read_path()) {
                     let registers = result.is_ok() || kind == WatchKind::Exists;
                     if registers {
                         if let Err(error) = self.watches.add(request.session, path, kind) {
-                            let response = Response {
-                                revision: self.state.revision(),
-                                result: Err(error),
-                            };
-                            self.respond(read.connection, request.sequence, cost, response);
-                            return;
+                            // The watch was asked with the read: refused, it
+                            // fails the read.
+                            result = Err(error);
                         }
                     }
                 }
@@ -739,7 +834,13 @@ impl Driver {
                     revision: self.state.revision(),
                     result,
                 };
-                self.respond(read.connection, request.sequence, cost, response);
+                self.respond(
+                    read.connection,
+                    (&request.op, read.received),
+                    request.sequence,
+                    cost,
+                    response,
+                );
             }
             ReadKind::Resume {
                 session,
@@ -842,6 +943,7 @@ impl Driver {
     fn on_tick(&mut self) {
         let now = self.now_ms;
         self.node.tick(now);
+        self.note_election();
         self.repropose_after_leader_change();
         // Proposals that found no leader try again.
         let waiting = std::mem::take(&mut self.unproposed);
@@ -874,14 +976,44 @@ impl Driver {
     /// `(session, sequence)` order. The state machine applies a request at
     /// most once, and only the first application is answered, so a write
     /// the old leader did get chosen is not applied twice.
+    /// Counts and logs an election this replica starts.
+    fn note_election(&mut self) {
+        let role = self.node.role();
+        if role == Role::Candidate && self.last_role != Role::Candidate {
+            self.metrics.elections_started.inc();
+            tracing::info!(
+                node = self.config.id,
+                ballot = %self.node.promised(),
+                "election started"
+            );
+        }
+        self.last_role = role;
+    }
+
     fn repropose_after_leader_change(&mut self) {
         let Some(leader) = self.node.leader() else {
             return;
         };
         let previous = self.last_leader.replace(leader);
         if previous.is_none_or(|previous| previous == leader) {
+            if previous.is_none() {
+                tracing::info!(
+                    node = self.config.id,
+                    leader,
+                    ballot = %self.node.promised(),
+                    "leader known"
+                );
+            }
             return;
         }
+        self.metrics.leader_changes.inc();
+        tracing::info!(
+            node = self.config.id,
+            leader,
+            previous,
+            ballot = %self.node.promised(),
+            "leader changed"
+        );
         let again: Vec<(Request, u64)> = self
             .waiting_writes
             .values()
@@ -908,7 +1040,13 @@ impl Driver {
                     .waiting_writes
                     .remove(&(request.session, request.sequence))
                 {
-                    self.respond(waiting.connection, request.sequence, waiting.cost, response);
+                    self.respond(
+                        waiting.connection,
+                        (&request.op, waiting.received),
+                        request.sequence,
+                        waiting.cost,
+                        response,
+                    );
                 }
             }
             Proposal::OpenSession { origin, .. } => {
@@ -926,7 +1064,13 @@ impl Driver {
         match read.kind {
             ReadKind::Op { request, .. } => {
                 let response = self.unavailable(reason);
-                self.respond(read.connection, request.sequence, read.cost, response);
+                self.respond(
+                    read.connection,
+                    (&request.op, read.received),
+                    request.sequence,
+                    read.cost,
+                    response,
+                );
             }
             ReadKind::Resume { .. } => {
                 let reason = reason.to_string();
@@ -945,7 +1089,13 @@ impl Driver {
             take_expired(&mut self.waiting_writes, |w| w.deadline_ms <= now)
         {
             let response = self.unavailable("the write was not applied in time");
-            self.respond(waiting.connection, sequence, waiting.cost, response);
+            self.respond(
+                waiting.connection,
+                (&waiting.request.op, waiting.received),
+                sequence,
+                waiting.cost,
+                response,
+            );
         }
         for (_, waiting) in take_expired(&mut self.opening, |w| w.deadline_ms <= now) {
             let reason = "the session was not opened in time".to_string();
@@ -1101,9 +1251,13 @@ impl Driver {
             self.outbox.peer.push((to, PeerMessage::Paxos(envelope)));
         }
         if !chosen.is_empty() {
+            let applying = Instant::now();
             for entry in chosen {
                 self.apply_entry(entry);
             }
+            self.metrics
+                .apply_seconds
+                .observe(applying.elapsed().as_secs_f64());
             self.save_changes();
             self.after_apply();
         }
@@ -1206,7 +1360,13 @@ impl Driver {
                 }
             } else if let Some(key) = request {
                 if let Some(waiting) = self.waiting_writes.remove(&key) {
-                    self.respond(waiting.connection, key.1, waiting.cost, response);
+                    self.respond(
+                        waiting.connection,
+                        (&waiting.request.op, waiting.received),
+                        key.1,
+                        waiting.cost,
+                        response,
+                    );
                 }
             }
         }

@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ReplicaConfig;
+use crate::http::HttpServer;
 use crate::state::records::StateLoader;
 use crate::state::StateMachine;
 use crate::storage::{
@@ -133,6 +134,8 @@ pub struct Replica {
     task: JoinHandle<Result<(), ReplicaError>>,
     writer: Option<std::thread::JoinHandle<()>>,
     status: watch::Receiver<ClusterStatus>,
+    http: Option<HttpServer>,
+    http_stop: watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Replica {
@@ -328,11 +331,17 @@ impl Replica {
             state_flush_interval: Duration::from_millis(config.limits.state_flush_interval_ms),
             state_flush_bytes_max: config.limits.state_flush_bytes_max,
         };
-        let writer = storage_thread::spawn(storage, settings, writer_receiver, writer_events)
-            .map_err(|error| ReplicaError::Start(format!("cannot start the writer: {error}")))?;
-
         let holds = Arc::new(snapshot::StreamHolds::default());
         let mut driver = Driver::new(config.clone(), node, state, holds.clone(), clock.now_ms());
+        let metrics = driver.metrics();
+        let writer = storage_thread::spawn(
+            storage,
+            settings,
+            metrics.clone(),
+            writer_receiver,
+            writer_events,
+        )
+        .map_err(|error| ReplicaError::Start(format!("cannot start the writer: {error}")))?;
         driver.replay();
         let identity = Arc::new(ClusterIdentity::new(
             config.id,
@@ -364,6 +373,29 @@ impl Replica {
         let client_address = endpoints.client_address();
         let peer_address = endpoints.peer_address();
         let (shutdown, shutdown_receiver) = watch::channel(false);
+        let (running, running_receiver) = watch::channel(true);
+        let (http_stop, http_stop_receiver) = watch::channel(false);
+        let http = match config.monitoring.http_address {
+            Some(address) => Some(
+                HttpServer::start(
+                    address,
+                    config.id,
+                    metrics,
+                    database_path(&config.data_dir),
+                    config.monitoring.ready_lag_slots_max,
+                    running_receiver,
+                    http_stop_receiver,
+                )
+                .await
+                .map_err(|error| {
+                    ReplicaError::Start(format!(
+                        "cannot listen on monitoring.http_address {address}: {error}"
+                    ))
+                })?,
+            ),
+            None => None,
+        };
+        driver.publish_metrics();
         let (status_sender, status) = watch::channel(driver.status());
         let id = config.id;
         let task = tokio::spawn(event_loop(EventLoop {
@@ -377,6 +409,7 @@ impl Replica {
             shutdown: shutdown_receiver,
             status: status_sender,
             identity,
+            _running: RunningFlag(running),
         }));
         tracing::info!(node = id, %client_address, %peer_address, "replica started");
         Ok(Replica {
@@ -387,7 +420,14 @@ impl Replica {
             task,
             writer: Some(writer),
             status,
+            http,
+            http_stop,
         })
+    }
+
+    /// Where the HTTP listener for metrics and health serves, if configured.
+    pub fn http_address(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(HttpServer::address)
     }
 
     /// The replica's status, refreshed every few ticks: role, leader,
@@ -445,7 +485,15 @@ impl Replica {
         result
     }
 
+    async fn stop_http(&mut self) {
+        let _ = self.http_stop.send(true);
+        if let Some(http) = self.http.take() {
+            http.stopped().await;
+        }
+    }
+
     async fn join_writer(&mut self) {
+        self.stop_http().await;
         if let Some(writer) = self.writer.take() {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
@@ -463,6 +511,17 @@ struct EventLoop {
     shutdown: watch::Receiver<bool>,
     status: watch::Sender<ClusterStatus>,
     identity: Arc<ClusterIdentity>,
+    /// Cleared when the event loop ends, however it ends (`/livez`).
+    _running: RunningFlag,
+}
+
+/// Holds `true` while its owner lives, `false` once it is dropped.
+struct RunningFlag(watch::Sender<bool>);
+
+impl Drop for RunningFlag {
+    fn drop(&mut self) {
+        let _ = self.0.send(false);
+    }
 }
 
 async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
@@ -499,6 +558,7 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
                 ticks += 1;
                 if ticks.is_multiple_of(STATUS_EVERY_TICKS) {
                     let _ = run.status.send(run.driver.status());
+                    run.driver.publish_metrics();
                 }
                 if let Some(reason) = run.identity.fatal() {
                     break Err(ReplicaError::ClusterIdentity(reason));

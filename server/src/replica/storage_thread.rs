@@ -21,12 +21,14 @@
 //! thread stops; the replica exits and recovers from disk.
 
 use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::driver::{Input, StorageJob};
+use crate::metrics::Metrics;
 use crate::storage::{StateDelta, StateTable, StateWrite, Storage, Write};
 
 /// A commit that takes this long is logged: every write waits for it.
@@ -68,6 +70,7 @@ pub type StagedRecords = Vec<(StateTable, Box<[u8]>, Vec<u8>)>;
 pub fn spawn(
     mut storage: Storage,
     settings: WriterSettings,
+    metrics: Arc<Metrics>,
     requests: std_mpsc::Receiver<WriterRequest>,
     completions: mpsc::UnboundedSender<WriterEvent>,
 ) -> std::io::Result<JoinHandle<()>> {
@@ -77,6 +80,7 @@ pub fn spawn(
             let mut writer = Writer {
                 storage: &mut storage,
                 settings,
+                metrics: &metrics,
                 completions: &completions,
                 pending: Vec::new(),
                 pending_since: None,
@@ -104,6 +108,7 @@ pub enum WriterEvent {
 struct Writer<'a> {
     storage: &'a mut Storage,
     settings: WriterSettings,
+    metrics: &'a Metrics,
     completions: &'a mpsc::UnboundedSender<WriterEvent>,
     /// The state machine's changes not written yet, in order; folded into
     /// one delta when they are written.
@@ -196,6 +201,12 @@ impl Writer<'_> {
             .commit(&writes)
             .map_err(|error| error.to_string())?;
         let elapsed = started.elapsed();
+        self.metrics
+            .storage_commit_seconds
+            .observe(elapsed.as_secs_f64());
+        self.metrics
+            .storage_commit_writes
+            .observe(writes.len() as f64);
         if elapsed >= SLOW_COMMIT {
             tracing::warn!(
                 elapsed_ms = elapsed.as_millis() as u64,
@@ -295,7 +306,14 @@ mod tests {
             state_flush_interval: Duration::from_secs(1),
             state_flush_bytes_max: 1 << 20,
         };
-        let writer = spawn(storage, settings, receiver, events).expect("spawn");
+        let writer = spawn(
+            storage,
+            settings,
+            Arc::new(Metrics::new()),
+            receiver,
+            events,
+        )
+        .expect("spawn");
 
         requests
             .send(WriterRequest::Job(promise(1, 1)))

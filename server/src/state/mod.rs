@@ -265,6 +265,11 @@ impl StateMachine {
         self.sessions.len() as u64
     }
 
+    /// How many locks are held or waited for.
+    pub fn lock_count(&self) -> u64 {
+        self.locks.parts().0.len() as u64
+    }
+
     /// Open sessions, ascending.
     pub fn sessions(&self) -> Vec<SessionId> {
         self.sessions.keys().copied().collect()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use synod_client::Client;
 use synod_proto::tls::{generate_dev_certs, DevCerts};
-use synod_server::config::{Limits, MemberConfig, ReplicaConfig, Timeouts, TlsConfig};
+use synod_server::config::{Limits, MemberConfig, Monitoring, ReplicaConfig, Timeouts, TlsConfig};
 use synod_server::replica::{Replica, StartOptions};
 use tempfile::TempDir;
 
@@ -67,6 +67,8 @@ impl Cluster {
                 members: members.clone(),
                 timeouts: Timeouts::default(),
                 limits: Limits::default(),
+                monitoring: Monitoring::default(),
+                log: Default::default(),
             };
             tweak(&mut config);
             config.validate().expect("valid test config");

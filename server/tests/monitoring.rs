@@ -1,0 +1,220 @@
+//! The HTTP listener for metrics and health checks, on a real 3-replica
+//! cluster: every replica becomes ready, its metrics parse as Prometheus
+//! text, the request, commit and apply series move when clients write, and
+//! the survivors count a leader change after the leader stops.
+
+mod cluster;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use cluster::{eventually, Cluster};
+use prometheus_parse::{Sample, Scrape, Value};
+use synod_proto::CreateMode;
+
+/// One `GET` over HTTP/1.1: the status code and the body.
+async fn get(address: SocketAddr, path: &str) -> (u16, String) {
+    let path = path.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut stream =
+            std::net::TcpStream::connect(address).expect("connect to the HTTP listener");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("a read timeout");
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .expect("send the request");
+        let mut answer = String::new();
+        stream
+            .read_to_string(&mut answer)
+            .expect("read the answer within 5 s");
+        let (head, body) = answer
+            .split_once("\r\n\r\n")
+            .expect("an HTTP answer has a head and a body");
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .expect("a status code");
+        (status, body.to_string())
+    })
+    .await
+    .expect("the request ran")
+}
+
+/// Scrapes and parses a replica's metrics.
+async fn scrape(address: SocketAddr) -> Vec<Sample> {
+    let (status, body) = get(address, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    let lines = body.lines().map(|line| Ok(line.to_string()));
+    Scrape::parse(lines)
+        .expect("the metrics parse as Prometheus text")
+        .samples
+}
+
+/// The value of the sample `name` with all of `labels`, if there is one.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .filter(|sample| sample.metric == name)
+        .find(|sample| {
+            labels
+                .iter()
+                .all(|(label, wanted)| sample.labels.get(label) == Some(*wanted))
+        })
+        .map(|sample| match &sample.value {
+            Value::Counter(value) | Value::Gauge(value) | Value::Untyped(value) => *value,
+            Value::Histogram(buckets) => buckets.last().map_or(0.0, |bucket| bucket.count),
+            Value::Summary(_) => f64::NAN,
+        })
+}
+
+/// The count of the histogram `name` with all of `labels` (0 when absent).
+fn histogram_count(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    value(samples, &format!("{name}_count"), labels)
+        .or_else(|| value(samples, name, labels))
+        .unwrap_or(0.0)
+}
+
+/// Sums a series over every replica's scrape.
+fn total(scrapes: &BTreeMap<usize, Vec<Sample>>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrapes
+        .values()
+        .map(|samples| value(samples, name, labels).unwrap_or(0.0))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_and_health_follow_writes_and_a_leader_change() {
+    let mut cluster = Cluster::start(3, |config| {
+        config.monitoring.http_address = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let addresses: Vec<SocketAddr> = cluster
+        .replicas
+        .iter()
+        .map(|replica| {
+            replica
+                .as_ref()
+                .and_then(|replica| replica.http_address())
+                .expect("an HTTP listener")
+        })
+        .collect();
+
+    for &address in &addresses {
+        let (status, body) = get(address, "/livez").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("\"live\":true"), "{body}");
+        let ready = eventually(Duration::from_secs(10), || async move {
+            get(address, "/readyz").await.0 == 200
+        })
+        .await;
+        let (_, body) = get(address, "/readyz").await;
+        assert!(ready, "replica at {address} never became ready: {body}");
+        assert!(body.contains("\"ready\":true"), "{body}");
+    }
+    let leader = cluster
+        .leader(Duration::from_secs(10))
+        .await
+        .expect("a leader");
+
+    let mut before = BTreeMap::new();
+    for (index, &address) in addresses.iter().enumerate() {
+        before.insert(index, scrape(address).await);
+    }
+    for (index, samples) in &before {
+        let leading = value(samples, "synod_role", &[("role", "leader")]);
+        assert_eq!(leading, Some(if *index == leader { 1.0 } else { 0.0 }));
+        assert!(value(samples, "synod_ballot_round", &[]).is_some_and(|round| round >= 1.0));
+    }
+
+    const WRITES: usize = 50;
+    let client = cluster.client(0).await;
+    for index in 0..WRITES {
+        client
+            .create(&format!("/m{index}"), b"x", CreateMode::Persistent)
+            .await
+            .expect("create");
+    }
+    let _ = client.get("/m0").await.expect("read");
+    // Gauges are published every 50 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut after = BTreeMap::new();
+    for (index, &address) in addresses.iter().enumerate() {
+        after.insert(index, scrape(address).await);
+    }
+    let creates = [("op", "create"), ("result", "ok")];
+    let answered = total(&after, "synod_client_requests_total", &creates)
+        - total(&before, "synod_client_requests_total", &creates);
+    assert!(
+        answered >= WRITES as f64,
+        "{answered} creates counted for {WRITES} made"
+    );
+    let timed: f64 = after
+        .values()
+        .map(|samples| {
+            histogram_count(samples, "synod_client_request_seconds", &[("op", "create")])
+        })
+        .sum();
+    assert!(
+        timed >= WRITES as f64,
+        "{timed} create latencies for {WRITES} creates"
+    );
+    for index in 0..addresses.len() {
+        let commits =
+            |samples: &Vec<Sample>| histogram_count(samples, "synod_storage_commit_seconds", &[]);
+        assert!(
+            commits(&after[&index]) > commits(&before[&index]),
+            "replica {index} counted no group commit for {WRITES} writes"
+        );
+        let applies = |samples: &Vec<Sample>| histogram_count(samples, "synod_apply_seconds", &[]);
+        assert!(applies(&after[&index]) > applies(&before[&index]));
+        let nodes = value(&after[&index], "synod_nodes", &[]).unwrap_or(0.0);
+        assert!(
+            nodes >= WRITES as f64,
+            "replica {index} shows {nodes} nodes"
+        );
+        assert!(value(&after[&index], "synod_database_bytes", &[]).is_some_and(|bytes| bytes > 0.0));
+    }
+    let leader_samples = &after[&leader];
+    for (index, config) in cluster.configs.iter().enumerate() {
+        let peer = config.id.to_string();
+        assert!(
+            value(leader_samples, "synod_peer_lag_slots", &[("peer", &peer)]).is_some(),
+            "the leader reports no lag for member {index}"
+        );
+    }
+
+    // Stop the leader: the survivors elect another and count the change.
+    let changes_before: BTreeMap<usize, f64> = after
+        .iter()
+        .map(|(index, samples)| {
+            (
+                *index,
+                value(samples, "synod_leader_changes_total", &[]).unwrap_or(0.0),
+            )
+        })
+        .collect();
+    cluster.stop(leader).await;
+    let survivors: Vec<usize> = (0..addresses.len())
+        .filter(|&index| index != leader)
+        .collect();
+    for &index in &survivors {
+        let address = addresses[index];
+        let counted = changes_before[&index];
+        let changed = eventually(Duration::from_secs(15), || async move {
+            let samples = scrape(address).await;
+            value(&samples, "synod_leader_changes_total", &[]).unwrap_or(0.0) > counted
+                && value(&samples, "synod_leader", &[]).is_some_and(|leader| leader != 0.0)
+        })
+        .await;
+        assert!(changed, "replica {index} counted no leader change");
+    }
+    // The stopped replica's listener is gone with it.
+    assert!(std::net::TcpStream::connect(addresses[leader]).is_err());
+    cluster.shutdown().await;
+}
