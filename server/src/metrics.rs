@@ -20,7 +20,9 @@
 //! - latencies: `client_request_seconds{op}` with
 //!   `client_requests_total{op,result}`, `storage_commit_seconds` (a group
 //!   commit and its fsync) with `storage_commit_writes` (jobs per commit),
-//!   `apply_seconds` (applying one chosen batch).
+//!   `apply_seconds` (applying one chosen batch), `snapshot_fetch_seconds`
+//!   with `snapshot_fetch_failures_total` (a lagging replica catching up
+//!   from a peer's snapshot).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -118,6 +120,10 @@ pub struct Metrics {
     pub storage_commit_writes: Histogram,
     /// Applying one chosen batch to the state machine.
     pub apply_seconds: Histogram,
+    /// Fetching and rebuilding a snapshot from a peer (a lagging replica).
+    pub snapshot_fetch_seconds: Histogram,
+    /// Snapshot fetches that failed.
+    pub snapshot_fetch_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -160,6 +166,8 @@ impl Metrics {
             storage_commit_seconds: Histogram::new(latency_buckets()),
             storage_commit_writes: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             apply_seconds: Histogram::new(latency_buckets()),
+            snapshot_fetch_seconds: Histogram::new(latency_buckets()),
+            snapshot_fetch_failures: Counter::default(),
             registry: Registry::default(),
         };
         for role in ROLES {
@@ -272,6 +280,16 @@ impl Metrics {
             "apply_seconds",
             "Time to apply one chosen batch to the state machine",
             metrics.apply_seconds.clone(),
+        );
+        r.register(
+            "snapshot_fetch_seconds",
+            "Time to fetch and rebuild a snapshot from a peer, for a lagging replica",
+            metrics.snapshot_fetch_seconds.clone(),
+        );
+        r.register(
+            "snapshot_fetch_failures",
+            "Snapshot fetches from a peer that failed",
+            metrics.snapshot_fetch_failures.clone(),
         );
         Metrics {
             registry,

@@ -258,6 +258,10 @@ pub struct Driver {
     request_metrics: RequestMetrics,
     /// The core's role at the last tick, to count elections started.
     last_role: Role,
+    /// Whether the core was rejoining at the last tick.
+    was_joining: bool,
+    /// When the snapshot being fetched was asked for.
+    snapshot_fetch_started: Option<Instant>,
 }
 
 impl Driver {
@@ -310,6 +314,8 @@ impl Driver {
             metrics: Arc::new(Metrics::new()),
             request_metrics: RequestMetrics::new(),
             last_role: Role::Follower,
+            was_joining: false,
+            snapshot_fetch_started: None,
         }
     }
 
@@ -944,6 +950,7 @@ impl Driver {
         let now = self.now_ms;
         self.node.tick(now);
         self.note_election();
+        self.note_rejoined();
         self.repropose_after_leader_change();
         // Proposals that found no leader try again.
         let waiting = std::mem::take(&mut self.unproposed);
@@ -976,6 +983,19 @@ impl Driver {
     /// `(session, sequence)` order. The state machine applies a request at
     /// most once, and only the first application is answered, so a write
     /// the old leader did get chosen is not applied twice.
+    /// Logs the moment a rejoining replica has caught up and votes again.
+    fn note_rejoined(&mut self) {
+        let joining = self.node.is_joining();
+        if self.was_joining && !joining {
+            tracing::info!(
+                node = self.config.id,
+                chosen_through = self.node.chosen_through(),
+                "rejoined: caught up after a lost disk, voting again"
+            );
+        }
+        self.was_joining = joining;
+    }
+
     /// Counts and logs an election this replica starts.
     fn note_election(&mut self) {
         let role = self.node.role();
@@ -1173,13 +1193,20 @@ impl Driver {
 
     fn on_snapshot_fetched(&mut self, result: Result<FetchedState, String>) {
         self.fetching_snapshot = false;
+        let started = self.snapshot_fetch_started.take();
         let fetched = match result {
             Ok(fetched) => fetched,
             Err(error) => {
+                self.metrics.snapshot_fetch_failures.inc();
                 tracing::warn!(node = self.config.id, %error, "snapshot fetch failed");
                 return;
             }
         };
+        if let Some(started) = started {
+            self.metrics
+                .snapshot_fetch_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         let FetchedState { header, state } = fetched;
         let through = header.through;
         if through < self.node.apply_next() {
@@ -1282,6 +1309,7 @@ impl Driver {
         if let Some(request) = snapshot {
             if !self.fetching_snapshot {
                 self.fetching_snapshot = true;
+                self.snapshot_fetch_started = Some(Instant::now());
                 self.outbox.fetch_snapshot = Some(request.from);
             }
         }
@@ -1380,6 +1408,13 @@ impl Driver {
             }
         }
         if !ended_sessions.is_empty() {
+            const LOGGED_SESSIONS_MAX: usize = 16;
+            tracing::info!(
+                node = self.config.id,
+                count = ended_sessions.len(),
+                sessions = ?&ended_sessions[..ended_sessions.len().min(LOGGED_SESSIONS_MAX)],
+                "sessions ended (closed or expired)"
+            );
             if let Some(tracker) = self.tracker.as_mut() {
                 tracker.ended(&ended_sessions);
             }
