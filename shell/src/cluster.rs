@@ -39,6 +39,10 @@ pub const NODE_IDS: [u64; 3] = [1, 2, 3];
 /// Client ports are `base + CLIENT_PORT_OFFSET + id`; peer ports `base + id`.
 const CLIENT_PORT_OFFSET: u16 = 100;
 
+/// The replicas' HTTP ports (metrics and health, TCP) are
+/// `base + HTTP_PORT_OFFSET + id`.
+const HTTP_PORT_OFFSET: u16 = 200;
+
 /// Longest wait for a leader after starting the replicas.
 const READY_TIMEOUT_MS: u64 = 60_000;
 
@@ -217,9 +221,9 @@ pub fn stop_recorded(data: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether a port base leaves room for every peer and client port.
+/// Whether a port base leaves room for every peer, client and HTTP port.
 pub fn port_base_fits(base: u16) -> bool {
-    u32::from(base) + u32::from(CLIENT_PORT_OFFSET) + NODE_IDS.len() as u32 <= u32::from(u16::MAX)
+    u32::from(base) + u32::from(HTTP_PORT_OFFSET) + NODE_IDS.len() as u32 <= u32::from(u16::MAX)
 }
 
 /// Finds a port base whose six ports are free on 127.0.0.1, trying bases
@@ -239,6 +243,7 @@ pub fn free_port_base(first: u16, step: u16, attempts: u16) -> anyhow::Result<u1
             [peer_address(base, id), client_address(base, id)]
                 .iter()
                 .all(|address| std::net::UdpSocket::bind(address).is_ok())
+                && std::net::TcpListener::bind(http_address(base, id)).is_ok()
         });
         if all_free {
             return Ok(base);
@@ -270,6 +275,13 @@ fn client_address(base: u16, id: u64) -> String {
     format!(
         "127.0.0.1:{}",
         u64::from(base) + u64::from(CLIENT_PORT_OFFSET) + id
+    )
+}
+
+fn http_address(base: u16, id: u64) -> String {
+    format!(
+        "127.0.0.1:{}",
+        u64::from(base) + u64::from(HTTP_PORT_OFFSET) + id
     )
 }
 
@@ -318,6 +330,11 @@ impl LocalCluster {
     /// Where replica `id` serves clients.
     pub fn client_address(&self, id: u64) -> String {
         client_address(self.port_base, id)
+    }
+
+    /// Where replica `id` serves `/metrics`, `/livez` and `/readyz`.
+    pub fn http_address(&self, id: u64) -> String {
+        http_address(self.port_base, id)
     }
 
     /// The connection settings for every replica, with the `client`
@@ -460,6 +477,10 @@ impl LocalCluster {
                 self.client_address(member)
             ));
         }
+        text.push_str(&format!(
+            "\n[monitoring]\nhttp_address = \"{}\"\n",
+            self.http_address(id)
+        ));
         text
     }
 
@@ -469,8 +490,14 @@ impl LocalCluster {
     /// One is in use, naming it.
     pub fn check_ports_free(&self, ids: &[u64]) -> anyhow::Result<()> {
         for &id in ids {
-            for address in [self.peer_address(id), self.client_address(id)] {
-                if std::net::UdpSocket::bind(&address).is_err() {
+            let http = self.http_address(id);
+            let udp_free = |address: &String| std::net::UdpSocket::bind(address).is_ok();
+            for (address, free) in [
+                (self.peer_address(id), udp_free(&self.peer_address(id))),
+                (self.client_address(id), udp_free(&self.client_address(id))),
+                (http.clone(), std::net::TcpListener::bind(&http).is_ok()),
+            ] {
+                if !free {
                     bail!(
                         "{address} is in use: is another cluster running? `synod dev --stop` stops \
                          a detached one; `--data DIR --port-base N` starts another elsewhere"
@@ -809,6 +836,7 @@ mod tests {
         assert!(text.contains("id = 2\n"));
         assert!(text.contains("peer_address = \"127.0.0.1:7003\""));
         assert!(text.contains("client_address = \"127.0.0.1:7101\""));
+        assert!(text.contains("[monitoring]\nhttp_address = \"127.0.0.1:7202\""));
     }
 
     #[test]

@@ -27,7 +27,8 @@ use crate::commands::{interrupted, Shell};
 use crate::connect::{self, ClientConfig, DEV_MARKER};
 use crate::repl;
 
-/// Peer ports are `base + id`, client ports `base + 100 + id`.
+/// Peer ports are `base + id`, client ports `base + 100 + id`, HTTP ports
+/// (metrics and health) `base + 200 + id`.
 pub const DEFAULT_PORT_BASE: u16 = 7000;
 
 /// `synod dev` flags.
@@ -36,8 +37,9 @@ pub struct DevArgs {
     /// Where the cluster's certificates, configs, databases and logs live.
     #[arg(long, default_value = "synod-dev", value_name = "DIR")]
     pub data: PathBuf,
-    /// Peer ports are BASE+1..BASE+3, client ports BASE+101..BASE+103
-    /// (default 7000, then whatever the first run used).
+    /// Peer ports are BASE+1..BASE+3, client ports BASE+101..BASE+103,
+    /// HTTP ports (metrics, health) BASE+201..BASE+203 (default 7000, then
+    /// whatever the first run used).
     #[arg(long, value_name = "BASE")]
     pub port_base: Option<u16>,
     /// Leave the replicas running when the shell ends; `synod dev --stop`
@@ -78,7 +80,7 @@ fn port_base(data: &Path, asked: Option<u16>) -> anyhow::Result<u16> {
     }
     let base = asked.unwrap_or(DEFAULT_PORT_BASE);
     if !cluster::port_base_fits(base) {
-        bail!("--port-base {base} leaves no room for the client ports (base + 103)");
+        bail!("--port-base {base} leaves no room for the HTTP ports (base + 203)");
     }
     std::fs::write(&file, format!("# synod dev\nport_base = {base}\n"))
         .with_context(|| format!("cannot write {}", file.display()))?;
@@ -181,6 +183,14 @@ pub fn run(runtime: &Runtime, args: &DevArgs) -> anyhow::Result<()> {
         NODE_IDS
             .iter()
             .map(|&id| cluster.peer_address(id))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    say!(
+        "  metrics and health  {}",
+        NODE_IDS
+            .iter()
+            .map(|&id| format!("http://{}/metrics", cluster.http_address(id)))
             .collect::<Vec<_>>()
             .join(", ")
     );

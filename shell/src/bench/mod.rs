@@ -113,8 +113,9 @@ pub struct FillArgs {
     /// Keep the temporary data directory (and say where it is).
     #[arg(long)]
     pub keep: bool,
-    /// Peer ports are BASE+1..BASE+3, client ports BASE+101..BASE+103
-    /// (default: the first free range from 10000 up).
+    /// Peer ports are BASE+1..BASE+3, client ports BASE+101..BASE+103,
+    /// HTTP ports (metrics, health) BASE+201..BASE+203 (default: the first
+    /// free range from 10000 up).
     #[arg(long, value_name = "BASE")]
     pub port_base: Option<u16>,
     /// The synod-server binary (default: beside this binary; in a source
@@ -185,7 +186,7 @@ fn run_fill(runtime: &Runtime, args: &FillArgs, json: bool) -> anyhow::Result<()
     let kept = temporary.is_none() || args.keep;
     let port_base = match args.port_base {
         Some(base) if cluster::port_base_fits(base) => base,
-        Some(base) => bail!("--port-base {base} leaves no room for the client ports (base + 103)"),
+        Some(base) => bail!("--port-base {base} leaves no room for the HTTP ports (base + 203)"),
         None => {
             // Start where this process's id says, so that benchmarks started
             // together look at different ranges first.
