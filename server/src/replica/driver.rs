@@ -646,6 +646,19 @@ impl Driver {
         ServerFrame::WatchRefused { watch, error }
     }
 
+    /// The role `status` and the metrics name: `joining` while the core
+    /// rejoins, else its role.
+    fn role_name(&self, role: Role) -> &'static str {
+        if self.node.is_joining() {
+            return "joining";
+        }
+        match role {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::PreCandidate | Role::Candidate => "candidate",
+        }
+    }
+
     /// The replica's metrics, which the driver keeps up to date.
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
@@ -656,16 +669,7 @@ impl Driver {
     pub fn publish_metrics(&self) {
         let metrics = &self.metrics;
         let core = self.node.status();
-        let role = if self.node.is_joining() {
-            "joining"
-        } else {
-            match core.role {
-                Role::Leader => "leader",
-                Role::Follower => "follower",
-                Role::PreCandidate | Role::Candidate => "candidate",
-            }
-        };
-        metrics.set_role(role);
+        metrics.set_role(self.role_name(core.role));
         metrics.leader.set(gauge_value(core.leader.unwrap_or(0)));
         metrics.ballot_round.set(gauge_value(core.promised.round));
         metrics.chosen_slot.set(gauge_value(core.chosen_through));
@@ -703,19 +707,10 @@ impl Driver {
     /// This replica's status for `status` commands.
     pub fn status(&self) -> ClusterStatus {
         let core = self.node.status();
-        let role = match core.role {
-            Role::Leader => "leader",
-            Role::Follower => "follower",
-            Role::PreCandidate | Role::Candidate => "candidate",
-        };
         ClusterStatus {
             replica: ReplicaStatus {
                 node_id: self.config.id,
-                role: if self.node.is_joining() {
-                    "joining".into()
-                } else {
-                    role.into()
-                },
+                role: self.role_name(core.role).into(),
                 leader: core.leader,
                 ballot: core.promised.to_string(),
                 chosen_through: core.chosen_through,
@@ -978,11 +973,6 @@ impl Driver {
         }
     }
 
-    /// Writes this replica forwarded to a leader that has since been
-    /// replaced may have died with it: propose them again to the new one, in
-    /// `(session, sequence)` order. The state machine applies a request at
-    /// most once, and only the first application is answered, so a write
-    /// the old leader did get chosen is not applied twice.
     /// Logs the moment a rejoining replica has caught up and votes again.
     fn note_rejoined(&mut self) {
         let joining = self.node.is_joining();
@@ -1010,6 +1000,11 @@ impl Driver {
         self.last_role = role;
     }
 
+    /// Writes this replica forwarded to a leader that has since been
+    /// replaced may have died with it: propose them again to the new one, in
+    /// `(session, sequence)` order. The state machine applies a request at
+    /// most once, and only the first application is answered, so a write
+    /// the old leader did get chosen is not applied twice.
     fn repropose_after_leader_change(&mut self) {
         let Some(leader) = self.node.leader() else {
             return;
