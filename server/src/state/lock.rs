@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 use synod_proto::{Error, Event, EventType, LeaderInfo, LockMode, Revision, Sequencer, SessionId};
 
+use super::path::PathKey;
 use super::records::DirtyKeys;
 
 /// What a lock's path is used for; a path serves one kind at a time.
@@ -88,15 +89,15 @@ pub(crate) struct LockEffects<'a> {
 /// All locks and elections.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct LockTable {
-    locks: BTreeMap<Box<str>, LockState>,
+    locks: BTreeMap<PathKey, LockState>,
     /// The generation the next grant takes.
     next_generation: u64,
     /// Derived: (session, path) for every holder and waiter.
-    by_session: BTreeSet<(SessionId, Box<str>)>,
+    by_session: BTreeSet<(SessionId, PathKey)>,
     /// Derived: (delayed_until_ms, path) for every lock in a lock-delay.
-    delayed: BTreeSet<(u64, Box<str>)>,
+    delayed: BTreeSet<(u64, PathKey)>,
     /// Locks changed since the last [`LockTable::take_dirty`].
-    dirty: DirtyKeys<Box<str>>,
+    dirty: DirtyKeys<PathKey>,
 }
 
 impl LockTable {
@@ -110,7 +111,7 @@ impl LockTable {
 
     /// Rebuilds a table from its replicated parts, recomputing the indexes.
     pub fn from_parts(
-        locks: BTreeMap<Box<str>, LockState>,
+        locks: BTreeMap<PathKey, LockState>,
         next_generation: u64,
     ) -> Result<Self, String> {
         let mut table = LockTable {
@@ -141,14 +142,14 @@ impl LockTable {
     }
 
     /// The locks changed since the last call, in path order.
-    pub fn take_dirty(&mut self) -> Vec<Box<str>> {
+    pub fn take_dirty(&mut self) -> Vec<PathKey> {
         self.dirty.take()
     }
 
     /// Marks every lock changed (a new state saves all of them).
     pub fn mark_all_dirty(&mut self) {
         for path in self.locks.keys() {
-            self.dirty.mark(path);
+            self.dirty.mark(path.as_str());
         }
     }
 
@@ -158,7 +159,7 @@ impl LockTable {
     }
 
     /// The replicated parts: the locks and the next generation.
-    pub fn parts(&self) -> (&BTreeMap<Box<str>, LockState>, u64) {
+    pub fn parts(&self) -> (&BTreeMap<PathKey, LockState>, u64) {
         (&self.locks, self.next_generation)
     }
 
@@ -199,7 +200,7 @@ impl LockTable {
                 return Err(Error::LockBusy { path: path.into() });
             }
         }
-        let key: Box<str> = Box::from(path);
+        let key: PathKey = PathKey::from(path);
         let state = self.locks.entry(key.clone()).or_insert_with(|| LockState {
             kind,
             holders: Vec::new(),
@@ -207,7 +208,7 @@ impl LockTable {
             delayed_until_ms: 0,
         });
         *fx.mutated = true;
-        self.dirty.mark(&key);
+        self.dirty.mark(key.as_str());
         self.by_session.insert((session, key));
         let grantable = state.waiters.is_empty()
             && state.delayed_until_ms <= fx.now_ms
@@ -271,8 +272,8 @@ impl LockTable {
             return Err(Error::LockNotHeld { path: path.into() });
         }
         *fx.mutated = true;
-        let key: Box<str> = Box::from(path);
-        self.dirty.mark(&key);
+        let key: PathKey = PathKey::from(path);
+        self.dirty.mark(key.as_str());
         self.by_session.remove(&(session, key.clone()));
         self.serve(&key, leader_before, fx);
         Ok(())
@@ -281,8 +282,8 @@ impl LockTable {
     /// Releases every lock the session holds and cancels its waits. When
     /// `expired`, a holder's lock-delay starts now.
     pub fn end_session(&mut self, session: SessionId, expired: bool, fx: &mut LockEffects<'_>) {
-        let start: (SessionId, Box<str>) = (session, Box::from(""));
-        let paths: Vec<Box<str>> = self
+        let start: (SessionId, PathKey) = (session, PathKey::default());
+        let paths: Vec<PathKey> = self
             .by_session
             .range(start..)
             .take_while(|(owner, _)| *owner == session)
@@ -294,7 +295,7 @@ impl LockTable {
                 continue;
             };
             *fx.mutated = true;
-            self.dirty.mark(&path);
+            self.dirty.mark(path.as_str());
             let leader_before = leader_identity(state);
             if let Some(index) = state.holders.iter().position(|h| h.session == session) {
                 let holder = state.holders.remove(index);
@@ -321,7 +322,7 @@ impl LockTable {
             }
             self.delayed.remove(&(until_ms, path.clone()));
             *fx.mutated = true;
-            self.dirty.mark(&path);
+            self.dirty.mark(path.as_str());
             let leader_before = match self.locks.get_mut(&path) {
                 Some(state) => {
                     state.delayed_until_ms = 0;
@@ -387,7 +388,7 @@ impl LockTable {
         {
             if state.delayed_until_ms != 0 {
                 self.delayed
-                    .remove(&(state.delayed_until_ms, Box::from(path)));
+                    .remove(&(state.delayed_until_ms, PathKey::from(path)));
             }
             self.locks.remove(path);
         }

@@ -449,7 +449,7 @@ impl StateMachine {
             Command::CheckpointSessions { remaining, .. } => {
                 for entry in remaining {
                     if let Some(session) = self.sessions.get_mut(&entry.session) {
-                        self.dirty_sessions.mark(&entry.session);
+                        self.dirty_sessions.mark(entry.session);
                         session.remaining_ms = entry.remaining_ms.min(session.timeout_ms);
                         session.checkpoint_time_ms = self.now_ms;
                         out.mutated = true;
@@ -483,7 +483,7 @@ impl StateMachine {
         if let (Command::Client { request, .. }, Some(response)) = (command, &response) {
             if let Some(session) = self.sessions.get_mut(&request.session) {
                 if request.sequence > session.last_sequence {
-                    self.dirty_sessions.mark(&request.session);
+                    self.dirty_sessions.mark(request.session);
                     session.last_sequence = request.sequence;
                     session.last_response = Some(response.clone());
                 }
@@ -780,7 +780,7 @@ impl StateMachine {
             },
         );
         *self.sessions_per_owner.entry(owner.to_owned()).or_insert(0) += 1;
-        self.dirty_sessions.mark(&session);
+        self.dirty_sessions.mark(session);
         out.mutated = true;
         Ok(OpResult::SessionOpened {
             session,
@@ -795,7 +795,7 @@ impl StateMachine {
         revision: Revision,
         out: &mut Output,
     ) {
-        self.dirty_sessions.mark(&session);
+        self.dirty_sessions.mark(session);
         if let Some(record) = self.sessions.remove(&session) {
             if let Some(count) = self.sessions_per_owner.get_mut(&record.owner) {
                 *count -= 1;

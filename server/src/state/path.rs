@@ -115,3 +115,8 @@ mod tests {
         assert_eq!(descendant_prefix("/a"), "/a/");
     }
 }
+
+/// An owned node or lock path as the state's maps key it. Paths up to 24
+/// bytes (most paths) are held inline, so a map compares keys without
+/// following a pointer and a path costs no heap block of its own.
+pub(crate) type PathKey = compact_str::CompactString;

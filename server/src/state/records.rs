@@ -21,33 +21,37 @@
 //!
 //! In memory (the replica's allocator is jemalloc), a node of path `p` and
 //! data `d` costs:
-//! - 32 bytes in a leaf of the namespace's B-tree: the path's pointer and
-//!   length, and the node's (`tree::Node`). Leaves hold 11 entries; they
-//!   are packed full after a load (about 34 bytes a node with the branch
-//!   nodes) and about two-thirds full after random inserts (about 50);
-//! - one heap block for the path, `len(p)` rounded up to the allocator's
-//!   size class (a 20-byte path takes 32);
-//! - one heap block for 72 bytes of metadata and the data, rounded up the
-//!   same way (100 bytes of data take 192).
+//! - 40 bytes in a leaf of the namespace's B-tree: the path (a
+//!   `path::PathKey`, which holds a path of up to 24 bytes inline, so that
+//!   searches compare keys without following a pointer) and the node's
+//!   pointer and length (`tree::Node`). Leaves hold 11 entries in a
+//!   512-byte block; they are packed full after a load (about 48 bytes a
+//!   node with the branch nodes) and about two-thirds full after random
+//!   inserts (about 70);
+//! - a heap block for the path only if it is longer than 24 bytes;
+//! - one heap block for 72 bytes of metadata and the data, rounded up to
+//!   the allocator's size class (100 bytes of data take 192).
 //!
-//! So a node with a 20-byte path and 100 bytes of data costs about 275
-//! bytes (258 once loaded), and 1,000,000 of them about 275 MB. The rest of
+//! So a node with a 20-byte path and 100 bytes of data costs about 262
+//! bytes (240 once loaded), and 1,000,000 of them about 262 MB. The rest of
 //! a replica's memory is redb's page cache (32 MiB at most), the retained
-//! log, the event history and the clients' buffers, each bounded by a
-//! limit: measured with `synod bench fill`, a replica holding 1,000,000
-//! such nodes is resident in 350-395 MB.
+//! log, the event history, the clients' buffers (each bounded by a limit)
+//! and memory freed but not yet returned to the system (jemalloc returns
+//! it after a second, see `.cargo/config.toml`): measured with
+//! `synod bench fill`, a replica holding 1,000,000 such nodes is resident
+//! in 360-380 MB.
 //!
 //! On disk, the record is the path, about 30 bytes of encoded metadata, the
 //! data and a 4-byte checksum, in redb's B-tree pages (at 1,000,000 nodes a
 //! data directory holds about 300 MB, log included).
 
-use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 use synod_paxos::{Membership, Slot};
 
 use super::lock::{LockState, LockTable};
+use super::path::PathKey;
 use super::session::Session;
 use super::tree::{Meta, Node, Tree};
 use super::{StateConfig, StateMachine};
@@ -73,16 +77,11 @@ impl<K: Ord> Eq for DirtyKeys<K> {}
 
 impl<K: Ord> DirtyKeys<K> {
     /// Marks a key changed.
-    pub fn mark<Q>(&mut self, key: &Q)
-    where
-        K: Borrow<Q>,
-        Q: Ord + ?Sized + ToOwned,
-        Q::Owned: Into<K>,
-    {
-        if self.0.last().is_some_and(|last| last.borrow() == key) {
-            return;
+    pub fn mark(&mut self, key: impl Into<K>) {
+        let key = key.into();
+        if self.0.last() != Some(&key) {
+            self.0.push(key);
         }
-        self.0.push(key.to_owned().into());
     }
 
     /// The keys marked so far, in order and each once; none are marked
@@ -150,7 +149,7 @@ impl StateMachine {
         let mut changes = Vec::with_capacity(nodes.len() + sessions.len() + locks.len());
         for path in nodes {
             let value = self.tree.get(&path).map(node_payload);
-            changes.push(((StateTable::Nodes, path.into_boxed_bytes()), value));
+            changes.push(((StateTable::Nodes, Box::from(path.as_bytes())), value));
         }
         for session in sessions {
             let value = self.sessions.get(&session).map(encode);
@@ -158,7 +157,7 @@ impl StateMachine {
         }
         for path in locks {
             let value = self.locks.get(&path).map(encode);
-            changes.push(((StateTable::Locks, path.into_boxed_bytes()), value));
+            changes.push(((StateTable::Locks, Box::from(path.as_bytes())), value));
         }
         StateDelta {
             header: Some(SavedStateHeader {
@@ -175,7 +174,7 @@ impl StateMachine {
     pub fn mark_all_dirty(&mut self) {
         self.tree.mark_all_dirty();
         for session in self.sessions.keys() {
-            self.dirty_sessions.mark(session);
+            self.dirty_sessions.mark(*session);
         }
         self.locks.mark_all_dirty();
     }
@@ -193,10 +192,10 @@ pub struct StateLoader {
     /// sizes at least halve from one to the next (a binary counter), so
     /// merging them moves each node O(log n) times and never holds a
     /// second copy of the tree.
-    segments: Vec<BTreeMap<Box<str>, Node>>,
-    batch: Vec<(Box<str>, Node)>,
+    segments: Vec<BTreeMap<PathKey, Node>>,
+    batch: Vec<(PathKey, Node)>,
     sessions: BTreeMap<u64, Session>,
-    locks: BTreeMap<Box<str>, LockState>,
+    locks: BTreeMap<PathKey, LockState>,
     records: u64,
 }
 
@@ -233,7 +232,7 @@ impl StateLoader {
                 }
                 let (meta, data) = postcard::take_from_bytes::<Meta>(record.value)
                     .map_err(|error| format!("node {path} does not decode: {error}"))?;
-                let key: Box<str> = Box::from(path);
+                let key: PathKey = PathKey::from(path);
                 self.batch.push((key, Node::new(meta, data)));
                 if self.batch.len() >= LOAD_BATCH_NODES {
                     self.fold_batch();
@@ -268,7 +267,7 @@ impl StateLoader {
                 {
                     return Err(format!("lock {path} is out of order"));
                 }
-                self.locks.insert(Box::from(path), lock);
+                self.locks.insert(PathKey::from(path), lock);
             }
         }
         Ok(())
@@ -293,7 +292,7 @@ impl StateLoader {
         if self.batch.is_empty() {
             return;
         }
-        let segment: BTreeMap<Box<str>, Node> = self.batch.drain(..).collect();
+        let segment: BTreeMap<PathKey, Node> = self.batch.drain(..).collect();
         self.segments.push(segment);
         while let [.., earlier, later] = &self.segments[..] {
             if earlier.len() > 2 * later.len() {

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use synod_proto::{Revision, SessionId};
 
 use super::lock::{LockState, LockTable};
+use super::path::PathKey;
 use super::records::DirtyKeys;
 use super::session::Session;
 use super::tree::{Node, Tree};
@@ -93,9 +94,9 @@ struct BodyRef<'a> {
     revision: Revision,
     now_ms: u64,
     next_session_id: SessionId,
-    nodes: &'a BTreeMap<Box<str>, Node>,
+    nodes: &'a BTreeMap<PathKey, Node>,
     sessions: &'a BTreeMap<SessionId, Session>,
-    locks: &'a BTreeMap<Box<str>, LockState>,
+    locks: &'a BTreeMap<PathKey, LockState>,
     next_lock_generation: u64,
 }
 
@@ -121,9 +122,9 @@ struct Body {
     revision: Revision,
     now_ms: u64,
     next_session_id: SessionId,
-    nodes: Vec<(Box<str>, Node)>,
+    nodes: Vec<(PathKey, Node)>,
     sessions: Vec<(SessionId, Session)>,
-    locks: Vec<(Box<str>, LockState)>,
+    locks: Vec<(PathKey, LockState)>,
     next_lock_generation: u64,
 }
 

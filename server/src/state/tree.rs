@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use synod_proto::{CreateMode, Error, Event, EventType, Revision, SessionId, Stat};
 
 use super::config::StateConfig;
-use super::path::{descendant_prefix, parent, validate_path};
+use super::path::{descendant_prefix, parent, validate_path, PathKey};
 use super::records::DirtyKeys;
 
 /// A node's metadata, stored inline in the map entry.
@@ -174,13 +174,13 @@ impl<'de> Deserialize<'de> for Node {
 #[derive(Debug)]
 pub(crate) enum Undo {
     /// The path was inserted: remove it.
-    Inserted(Box<str>),
+    Inserted(PathKey),
     /// The path was removed: put the node back.
-    Removed(Box<str>, Node),
+    Removed(PathKey, Node),
     /// The node's metadata changed: restore it.
-    Meta(Box<str>, Meta),
+    Meta(PathKey, Meta),
     /// The node was replaced (its data changed): put the old one back.
-    Replaced(Box<str>, Node),
+    Replaced(PathKey, Node),
 }
 
 /// What a write needs from the command applying it, and what it produces.
@@ -214,10 +214,10 @@ impl Effects<'_> {
 /// The namespace plus an index of ephemeral nodes by owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Tree {
-    nodes: BTreeMap<Box<str>, Node>,
-    ephemerals: BTreeSet<(SessionId, Box<str>)>,
+    nodes: BTreeMap<PathKey, Node>,
+    ephemerals: BTreeSet<(SessionId, PathKey)>,
     /// Nodes changed since the last [`Tree::take_dirty`].
-    dirty: DirtyKeys<Box<str>>,
+    dirty: DirtyKeys<PathKey>,
 }
 
 impl Default for Tree {
@@ -230,7 +230,7 @@ impl Tree {
     /// A namespace holding only the root `/`.
     pub fn new() -> Self {
         let mut nodes = BTreeMap::new();
-        nodes.insert(Box::from("/"), Node::new(Meta::default(), &[]));
+        nodes.insert(PathKey::from("/"), Node::new(Meta::default(), &[]));
         let mut dirty = DirtyKeys::default();
         // A new state saves its root with its first changes.
         dirty.mark("/");
@@ -244,10 +244,7 @@ impl Tree {
     /// Rebuilds a tree from its nodes, checking the invariants that the
     /// snapshot reader cannot trust: the root exists, every node's parent
     /// exists and is persistent, and every child count is right.
-    pub fn from_nodes(
-        nodes: BTreeMap<Box<str>, Node>,
-        path_bytes_max: u64,
-    ) -> Result<Self, String> {
+    pub fn from_nodes(nodes: BTreeMap<PathKey, Node>, path_bytes_max: u64) -> Result<Self, String> {
         if !nodes.contains_key("/") {
             return Err("the root node is missing".into());
         }
@@ -310,19 +307,19 @@ impl Tree {
     }
 
     /// All nodes in path order.
-    pub fn nodes(&self) -> &BTreeMap<Box<str>, Node> {
+    pub fn nodes(&self) -> &BTreeMap<PathKey, Node> {
         &self.nodes
     }
 
     /// The nodes changed since the last call, in path order.
-    pub fn take_dirty(&mut self) -> Vec<Box<str>> {
+    pub fn take_dirty(&mut self) -> Vec<PathKey> {
         self.dirty.take()
     }
 
     /// Marks every node changed (a new state saves all of them).
     pub fn mark_all_dirty(&mut self) {
         for path in self.nodes.keys() {
-            self.dirty.mark(path);
+            self.dirty.mark(path.as_str());
         }
     }
 
@@ -342,8 +339,8 @@ impl Tree {
     }
 
     /// The ephemeral nodes of a session, in path order.
-    pub fn ephemerals_of(&self, session: SessionId) -> Vec<Box<str>> {
-        let start: (SessionId, Box<str>) = (session, Box::from(""));
+    pub fn ephemerals_of(&self, session: SessionId) -> Vec<PathKey> {
+        let start: (SessionId, PathKey) = (session, PathKey::default());
         self.ephemerals
             .range(start..)
             .take_while(|(owner, _)| *owner == session)
@@ -434,7 +431,7 @@ impl Tree {
             path.to_owned()
         };
         // One search both checks that the node is new and inserts it.
-        let vacant = match self.nodes.entry(Box::from(full_path.as_str())) {
+        let vacant = match self.nodes.entry(PathKey::from(full_path.as_str())) {
             btree_map::Entry::Occupied(_) => return Err(Error::NodeExists { path: full_path }),
             btree_map::Entry::Vacant(vacant) => vacant,
         };
@@ -457,7 +454,7 @@ impl Tree {
         }
         vacant.insert(Node::new(meta, data));
         fx.record(|| Undo::Inserted(key.clone()));
-        self.dirty.mark(&key);
+        self.dirty.mark(key.as_str());
         self.touch_parent(parent_path, 1, fx);
         fx.event(&full_path, EventType::NodeCreated);
         fx.event(parent_path, EventType::NodeChildrenChanged);
@@ -497,7 +494,7 @@ impl Tree {
         if meta.ephemeral_owner != 0 {
             self.ephemerals.remove(&(meta.ephemeral_owner, key.clone()));
         }
-        self.dirty.mark(&key);
+        self.dirty.mark(key.as_str());
         fx.record(|| Undo::Removed(key, node));
         let parent_path = parent(path).unwrap_or("/");
         self.touch_parent(parent_path, -1, fx);
@@ -530,7 +527,7 @@ impl Tree {
         let old = std::mem::replace(node, Node::new(meta, data));
         let stat = node.stat();
         self.dirty.mark(path);
-        fx.record(|| Undo::Replaced(Box::from(path), old));
+        fx.record(|| Undo::Replaced(PathKey::from(path), old));
         fx.event(path, EventType::NodeDataChanged);
         Ok(stat)
     }
@@ -568,7 +565,7 @@ impl Tree {
             panic!("parent {parent_path} vanished during a write");
         };
         let mut meta = node.meta();
-        fx.record(|| Undo::Meta(Box::from(parent_path), meta));
+        fx.record(|| Undo::Meta(PathKey::from(parent_path), meta));
         meta.children_count = meta.children_count.wrapping_add_signed(delta);
         meta.child_version += 1;
         meta.child_modified_revision = fx.revision;
