@@ -3,6 +3,11 @@
 
 use synod_proto::Error;
 
+/// An owned node or lock path as the state's maps key it. Paths up to 24
+/// bytes (most paths) are held inline, so a map compares keys without
+/// following a pointer and a path costs no heap block of its own.
+pub(crate) type PathKey = compact_str::CompactString;
+
 /// Checks that `path` is a valid node path: absolute, at most
 /// `path_bytes_max` bytes, no empty segment, no trailing slash except the
 /// root, no `.` or `..` segment, and no control character.
@@ -115,8 +120,3 @@ mod tests {
         assert_eq!(descendant_prefix("/a"), "/a/");
     }
 }
-
-/// An owned node or lock path as the state's maps key it. Paths up to 24
-/// bytes (most paths) are held inline, so a map compares keys without
-/// following a pointer and a path costs no heap block of its own.
-pub(crate) type PathKey = compact_str::CompactString;
