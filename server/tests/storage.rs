@@ -973,7 +973,7 @@ fn another_format_version_is_refused() {
             error,
             StorageError::FormatVersion {
                 found: 99,
-                expected: 2,
+                expected: 3,
                 ..
             }
         ),

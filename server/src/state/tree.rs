@@ -20,6 +20,11 @@ use super::config::StateConfig;
 use super::path::{descendant_prefix, parent, validate_path, PathKey};
 use super::records::DirtyKeys;
 
+/// A changed node as the saved state names it: the revision that created
+/// it, and its path. A path deleted and created again is another node,
+/// saved under another record (see `records.rs`).
+pub(crate) type NodeMark = (Revision, PathKey);
+
 /// A node's metadata, stored inline in the map entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub(crate) struct Meta {
@@ -54,6 +59,13 @@ impl Node {
         Node {
             bytes: bytes.into_boxed_slice(),
         }
+    }
+
+    /// The revision that created it (the first of its metadata's fields).
+    pub fn created_revision(&self) -> Revision {
+        let mut bytes = [0; 8];
+        bytes.copy_from_slice(&self.bytes[..8]);
+        u64::from_le_bytes(bytes)
     }
 
     /// Its metadata.
@@ -216,8 +228,9 @@ impl Effects<'_> {
 pub(crate) struct Tree {
     nodes: BTreeMap<PathKey, Node>,
     ephemerals: BTreeSet<(SessionId, PathKey)>,
-    /// Nodes changed since the last [`Tree::take_dirty`].
-    dirty: DirtyKeys<PathKey>,
+    /// Nodes changed since the last [`Tree::take_dirty`], each with the
+    /// revision that created it (see [`NodeMark`]).
+    dirty: DirtyKeys<NodeMark>,
 }
 
 impl Default for Tree {
@@ -233,7 +246,7 @@ impl Tree {
         nodes.insert(PathKey::from("/"), Node::new(Meta::default(), &[]));
         let mut dirty = DirtyKeys::default();
         // A new state saves its root with its first changes.
-        dirty.mark("/");
+        dirty.mark((0, PathKey::from("/")));
         Tree {
             nodes,
             ephemerals: BTreeSet::new(),
@@ -311,15 +324,16 @@ impl Tree {
         &self.nodes
     }
 
-    /// The nodes changed since the last call, in path order.
-    pub fn take_dirty(&mut self) -> Vec<PathKey> {
+    /// The nodes changed since the last call, in (creating revision, path)
+    /// order.
+    pub fn take_dirty(&mut self) -> Vec<NodeMark> {
         self.dirty.take()
     }
 
     /// Marks every node changed (a new state saves all of them).
     pub fn mark_all_dirty(&mut self) {
-        for path in self.nodes.keys() {
-            self.dirty.mark(path.as_str());
+        for (path, node) in &self.nodes {
+            self.dirty.mark((node.created_revision(), path.clone()));
         }
     }
 
@@ -454,7 +468,7 @@ impl Tree {
         }
         vacant.insert(Node::new(meta, data));
         fx.record(|| Undo::Inserted(key.clone()));
-        self.dirty.mark(key.as_str());
+        self.dirty.mark((fx.revision, key));
         self.touch_parent(parent_path, 1, fx);
         fx.event(&full_path, EventType::NodeCreated);
         fx.event(parent_path, EventType::NodeChildrenChanged);
@@ -494,7 +508,7 @@ impl Tree {
         if meta.ephemeral_owner != 0 {
             self.ephemerals.remove(&(meta.ephemeral_owner, key.clone()));
         }
-        self.dirty.mark(key.as_str());
+        self.dirty.mark((meta.created_revision, key.clone()));
         fx.record(|| Undo::Removed(key, node));
         let parent_path = parent(path).unwrap_or("/");
         self.touch_parent(parent_path, -1, fx);
@@ -526,7 +540,8 @@ impl Tree {
         meta.modified_time_ms = fx.now_ms;
         let old = std::mem::replace(node, Node::new(meta, data));
         let stat = node.stat();
-        self.dirty.mark(path);
+        self.dirty
+            .mark((meta.created_revision, PathKey::from(path)));
         fx.record(|| Undo::Replaced(PathKey::from(path), old));
         fx.event(path, EventType::NodeDataChanged);
         Ok(stat)
@@ -570,7 +585,8 @@ impl Tree {
         meta.child_version += 1;
         meta.child_modified_revision = fx.revision;
         node.set_meta(&meta);
-        self.dirty.mark(parent_path);
+        self.dirty
+            .mark((meta.created_revision, PathKey::from(parent_path)));
     }
 
     /// Undoes recorded changes, last first.

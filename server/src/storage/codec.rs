@@ -18,8 +18,9 @@ use synod_paxos::{Membership, Slot};
 /// tables, keys or encodings below.
 ///
 /// Version 2: the state machine lives in its own tables, saved as entries
-/// are applied (version 1 saved whole snapshots).
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// are applied (version 1 saved whole snapshots). Version 3: node records
+/// are keyed by the revision that created them, then their path.
+pub(crate) const FORMAT_VERSION: u32 = 3;
 
 /// Named scalars of the replica: format version, identity, the acceptor's
 /// promise and the log's bounds. Values are sealed.
