@@ -75,6 +75,8 @@
 //! | `limits.state_flush_bytes_max` | 1 MiB..=4 GiB | 64 MiB |
 //! | `limits.log_retain_slots` | 0..=10,000,000 | 10,000 |
 //! | `limits.snapshot_bytes_max` | 1 MiB..=1 TiB | 8 GiB |
+//! | `limits.http_connections_max` | 1..=100,000 | 64 |
+//! | `limits.http_header_timeout_ms` | 100..=600,000 | 10,000 |
 //! | `monitoring.ready_lag_slots_max` | 0..=100,000,000 | 1,000 |
 
 use std::collections::BTreeSet;
@@ -325,6 +327,14 @@ pub struct Limits {
     /// Largest snapshot accepted from another replica.
     /// Range: 1,048,576..=1,099,511,627,776 (1 MiB to 1 TiB); default 8 GiB.
     pub snapshot_bytes_max: u64,
+    /// Most connections open at once to the HTTP listener for metrics and
+    /// health (`monitoring.http_address`); one more is closed on accept.
+    /// Range: 1..=100,000; default 64.
+    pub http_connections_max: u64,
+    /// An HTTP connection that takes longer than this to send a request's
+    /// headers, or is idle this long between requests, is closed.
+    /// Range: 100..=600,000; default 10,000.
+    pub http_header_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -349,6 +359,8 @@ impl Default for Limits {
             state_flush_bytes_max: 64 << 20,
             log_retain_slots: 10_000,
             snapshot_bytes_max: 8 << 30,
+            http_connections_max: 64,
+            http_header_timeout_ms: 10_000,
         }
     }
 }
@@ -468,6 +480,8 @@ const NUMERIC_FIELDS: &[NumericField] = &[
     numeric!(limits.state_flush_bytes_max, 1 << 20, 4 << 30),
     numeric!(limits.log_retain_slots, 0, 10_000_000),
     numeric!(limits.snapshot_bytes_max, 1 << 20, 1 << 40),
+    numeric!(limits.http_connections_max, 1, 100_000),
+    numeric!(limits.http_header_timeout_ms, 100, 600_000),
     numeric!(monitoring.ready_lag_slots_max, 0, 100_000_000),
 ];
 

@@ -13,19 +13,31 @@
 //! read is what the event loop last published to the metrics (every 50 ms),
 //! so a scrape or a probe never waits for the event loop and never slows
 //! it down.
+//!
+//! Bounds: at most `limits.http_connections_max` connections at once (one
+//! more is closed as soon as it is accepted, and counted in
+//! `synod_refused_total{limit="http_connections_max"}`), and a connection
+//! that takes longer than `limits.http_header_timeout_ms` to send a
+//! request's headers, or sits idle that long between requests, is closed.
+//! HTTP/1.1 only (hyper), with keep-alive.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use serde::Serialize;
-use tokio::sync::watch;
-use tokio::task::JoinHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinHandle, JoinSet};
 
 use crate::metrics::{gauge_value, Metrics};
 
@@ -39,6 +51,23 @@ struct Shared {
     running: watch::Receiver<bool>,
 }
 
+/// How an [`HttpServer`] is set up.
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    /// Where to listen (port 0 picks one; see [`HttpServer::address`]).
+    pub address: SocketAddr,
+    /// The replica, named in the health answers.
+    pub node: u64,
+    /// The replica's database file, whose size `/metrics` reports.
+    pub database: PathBuf,
+    /// `monitoring.ready_lag_slots_max`.
+    pub ready_lag_slots_max: u64,
+    /// `limits.http_connections_max`.
+    pub connections_max: usize,
+    /// `limits.http_header_timeout_ms`.
+    pub header_timeout: Duration,
+}
+
 /// A running HTTP listener.
 #[derive(Debug)]
 pub struct HttpServer {
@@ -47,49 +76,28 @@ pub struct HttpServer {
 }
 
 impl HttpServer {
-    /// Binds `address` and serves until `shutdown` turns true. `running`
-    /// says whether the event loop still runs.
+    /// Binds `settings.address` and serves until `shutdown` turns true.
+    /// `running` says whether the event loop still runs.
     ///
     /// # Errors
     /// The address could not be bound.
     pub async fn start(
-        address: SocketAddr,
-        node: u64,
+        settings: HttpSettings,
         metrics: Arc<Metrics>,
-        database: PathBuf,
-        ready_lag_slots_max: u64,
         running: watch::Receiver<bool>,
-        mut shutdown: watch::Receiver<bool>,
+        shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<HttpServer> {
-        let listener = tokio::net::TcpListener::bind(address).await?;
+        let listener = TcpListener::bind(settings.address).await?;
         let address = listener.local_addr()?;
+        let node = settings.node;
         let shared = Arc::new(Shared {
             node,
             metrics,
-            database,
-            ready_lag_slots_max,
+            database: settings.database.clone(),
+            ready_lag_slots_max: settings.ready_lag_slots_max,
             running,
         });
-        let app = Router::new()
-            .route("/metrics", get(serve_metrics))
-            .route("/livez", get(livez))
-            .route("/readyz", get(readyz))
-            .with_state(shared);
-        let task = tokio::spawn(async move {
-            let stopped = async move {
-                while !*shutdown.borrow_and_update() {
-                    if shutdown.changed().await.is_err() {
-                        return;
-                    }
-                }
-            };
-            if let Err(error) = axum::serve(listener, app)
-                .with_graceful_shutdown(stopped)
-                .await
-            {
-                tracing::warn!(node, %error, "the HTTP listener stopped");
-            }
-        });
+        let task = tokio::spawn(accept(listener, settings, shared, shutdown));
         tracing::info!(node, %address, "HTTP listener for metrics and health serving");
         Ok(HttpServer { address, task })
     }
@@ -102,6 +110,95 @@ impl HttpServer {
     /// Waits until it has stopped (after the shutdown it was given).
     pub async fn stopped(self) {
         let _ = self.task.await;
+    }
+}
+
+/// Accepts connections until `shutdown`, within the connection bound, then
+/// ends the open ones gracefully.
+async fn accept(
+    listener: TcpListener,
+    settings: HttpSettings,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let app = Router::new()
+        .route("/metrics", get(serve_metrics))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .with_state(shared.clone());
+    let permits = Arc::new(Semaphore::new(settings.connections_max));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        let (stream, remote) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors, most likely: wait for some to close.
+                tracing::warn!(node = settings.node, %error, "cannot accept an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            shared.metrics.refused("http_connections_max").inc();
+            tracing::info!(
+                node = settings.node,
+                %remote,
+                "HTTP connection refused: `limits.http_connections_max` ({}) are open",
+                settings.connections_max
+            );
+            drop(stream);
+            continue;
+        };
+        connections.spawn(serve_connection(
+            stream,
+            permit,
+            app.clone(),
+            settings.header_timeout,
+            shutdown.clone(),
+        ));
+    }
+    while connections.join_next().await.is_some() {}
+}
+
+/// Serves one connection, holding its permit, until it closes, times out,
+/// or the listener shuts down.
+async fn serve_connection(
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+    app: Router,
+    header_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app));
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                tracing::debug!(%error, "HTTP connection ended with an error");
+            }
+        }
+        () = stopped(&mut shutdown) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(header_timeout, connection).await;
+        }
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    while !*shutdown.borrow_and_update() {
+        if shutdown.changed().await.is_err() {
+            return;
+        }
     }
 }
 

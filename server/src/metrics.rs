@@ -12,17 +12,22 @@
 //! What is measured, by name (all prefixed `synod_`):
 //! - status: `role{role}`, `leader`, `ballot_round`, `chosen_slot`,
 //!   `known_chosen_slot`, `applied_slot`, `revision`, `nodes`, `sessions`,
-//!   `watches`, `locks`, `client_connections`, `peer_chosen_slot{peer}` and
-//!   `peer_lag_slots{peer}` (on the leader), `database_bytes` (when
-//!   scraped);
+//!   `watches`, `locks`, `lock_waiters`, `client_connections`, `peer_chosen_slot{peer}` and
+//!   `peer_lag_slots{peer}` (on the leader), `peer_connected{peer}`,
+//!   `peer_messages_dropped`, `database_bytes` (when scraped);
 //! - events: `leader_changes_total`, `elections_started_total`,
 //!   `proposals_total`;
 //! - latencies: `client_request_seconds{op}` with
 //!   `client_requests_total{op,result}`, `storage_commit_seconds` (a group
 //!   commit and its fsync) with `storage_commit_writes` (jobs per commit),
-//!   `apply_seconds` (applying one chosen batch), `snapshot_fetch_seconds`
+//!   `apply_seconds` (applying one chosen batch), `slot_commands`
+//!   (commands per chosen slot: how proposals are batched),
+//!   `snapshot_fetch_seconds`
 //!   with `snapshot_fetch_failures_total` (a lagging replica catching up
-//!   from a peer's snapshot).
+//!   from a peer's snapshot), `snapshot_serve_seconds` with
+//!   `snapshot_serve_failures_total` (streaming one to a lagging peer);
+//! - refusals: `refused_total{limit}`, a connection or request turned
+//!   away because it met the named bound of `[limits]`.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -72,6 +77,12 @@ struct RequestLabels {
     result: &'static str,
 }
 
+/// The labels of a refusal counter: the `[limits]` field that was met.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    limit: &'static str,
+}
+
 /// The roles the `role` gauge reports, one series each.
 pub const ROLES: [&str; 4] = ["leader", "follower", "candidate", "joining"];
 
@@ -99,10 +110,15 @@ pub struct Metrics {
     pub watches: Gauge,
     /// Locks held or waited for.
     pub locks: Gauge,
+    /// Sessions queued for a lock, over all locks.
+    pub lock_waiters: Gauge,
     /// Client connections it serves.
     pub client_connections: Gauge,
     peer_chosen_slot: Family<PeerLabels, Gauge>,
     peer_lag_slots: Family<PeerLabels, Gauge>,
+    peer_connected: Family<PeerLabels, Gauge>,
+    /// Messages to peers dropped so far (full queue, oversize).
+    pub peer_messages_dropped: Gauge,
     /// Bytes of its database file, set when scraped.
     pub database_bytes: Gauge,
     /// Times the leader it believes in changed to another replica.
@@ -120,10 +136,18 @@ pub struct Metrics {
     pub storage_commit_writes: Histogram,
     /// Applying one chosen batch to the state machine.
     pub apply_seconds: Histogram,
+    /// Commands per chosen slot (how well proposals are batched).
+    pub slot_commands: Histogram,
     /// Fetching and rebuilding a snapshot from a peer (a lagging replica).
     pub snapshot_fetch_seconds: Histogram,
     /// Snapshot fetches that failed.
     pub snapshot_fetch_failures: Counter,
+    /// Streaming a snapshot to a lagging peer, from the read transaction
+    /// to the last chunk handed to the transport.
+    pub snapshot_serve_seconds: Histogram,
+    /// Snapshot streams to peers that did not finish.
+    pub snapshot_serve_failures: Counter,
+    refused: Family<LimitLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -154,9 +178,12 @@ impl Metrics {
             sessions: Gauge::default(),
             watches: Gauge::default(),
             locks: Gauge::default(),
+            lock_waiters: Gauge::default(),
             client_connections: Gauge::default(),
             peer_chosen_slot: Family::default(),
             peer_lag_slots: Family::default(),
+            peer_connected: Family::default(),
+            peer_messages_dropped: Gauge::default(),
             database_bytes: Gauge::default(),
             leader_changes: Counter::default(),
             elections_started: Counter::default(),
@@ -166,8 +193,12 @@ impl Metrics {
             storage_commit_seconds: Histogram::new(latency_buckets()),
             storage_commit_writes: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             apply_seconds: Histogram::new(latency_buckets()),
+            slot_commands: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             snapshot_fetch_seconds: Histogram::new(latency_buckets()),
             snapshot_fetch_failures: Counter::default(),
+            snapshot_serve_seconds: Histogram::new(latency_buckets()),
+            snapshot_serve_failures: Counter::default(),
+            refused: Family::default(),
             registry: Registry::default(),
         };
         for role in ROLES {
@@ -222,6 +253,11 @@ impl Metrics {
         );
         r.register("locks", "Locks held or waited for", metrics.locks.clone());
         r.register(
+            "lock_waiters",
+            "Sessions queued for a lock, over all locks",
+            metrics.lock_waiters.clone(),
+        );
+        r.register(
             "client_connections",
             "Client connections served",
             metrics.client_connections.clone(),
@@ -235,6 +271,16 @@ impl Metrics {
             "peer_lag_slots",
             "How many slots each member's chosen prefix trails the leader's",
             metrics.peer_lag_slots.clone(),
+        );
+        r.register(
+            "peer_connected",
+            "1 while this replica's connection to the member is up, 0 otherwise",
+            metrics.peer_connected.clone(),
+        );
+        r.register(
+            "peer_messages_dropped",
+            "Messages to peers dropped so far (full queue, oversize)",
+            metrics.peer_messages_dropped.clone(),
         );
         r.register(
             "database_bytes",
@@ -282,6 +328,11 @@ impl Metrics {
             metrics.apply_seconds.clone(),
         );
         r.register(
+            "slot_commands",
+            "Commands in each chosen slot applied (proposals batched per slot)",
+            metrics.slot_commands.clone(),
+        );
+        r.register(
             "snapshot_fetch_seconds",
             "Time to fetch and rebuild a snapshot from a peer, for a lagging replica",
             metrics.snapshot_fetch_seconds.clone(),
@@ -291,10 +342,31 @@ impl Metrics {
             "Snapshot fetches from a peer that failed",
             metrics.snapshot_fetch_failures.clone(),
         );
+        r.register(
+            "snapshot_serve_seconds",
+            "Time to stream a snapshot to a lagging peer",
+            metrics.snapshot_serve_seconds.clone(),
+        );
+        r.register(
+            "snapshot_serve_failures",
+            "Snapshot streams to peers that did not finish",
+            metrics.snapshot_serve_failures.clone(),
+        );
+        r.register(
+            "refused",
+            "Connections and requests refused, by the limit they met",
+            metrics.refused.clone(),
+        );
         Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// The counter of refusals at `limit` (a field of `[limits]`); clones
+    /// share the count, so a component may keep one.
+    pub fn refused(&self, limit: &'static str) -> Counter {
+        self.refused.get_or_create(&LimitLabels { limit }).clone()
     }
 
     /// Sets the role gauge: 1 for `role`, 0 for the others.
@@ -332,6 +404,13 @@ impl Metrics {
                 self.peer_lag_slots.remove(&labels);
             }
         }
+    }
+
+    /// Sets whether the connection to `peer` is up.
+    pub fn set_peer_connected(&self, peer: u64, connected: bool) {
+        self.peer_connected
+            .get_or_create(&PeerLabels { peer })
+            .set(i64::from(connected));
     }
 
     /// The metrics in Prometheus' text format (OpenMetrics).

@@ -853,6 +853,10 @@ impl Model {
             .min()
     }
 
+    fn lock_waiter_count(&self) -> u64 {
+        self.locks.iter().map(|l| l.waiters.len() as u64).sum()
+    }
+
     fn session_deadlines_ms(&self, local_now_ms: u64, grace_ms: u64) -> Vec<(SessionId, u64)> {
         let mut deadlines: Vec<_> = self
             .sessions
@@ -1237,6 +1241,7 @@ proptest! {
             let expected = model.apply(command);
             prop_assert_eq!(normalized(applied.clone()), normalized(expected), "command {}: {:?}", index, command);
             prop_assert_eq!(state.next_lock_delay_end_ms(), model.next_lock_delay_end_ms());
+            prop_assert_eq!(state.lock_waiter_count(), model.lock_waiter_count(), "lock waiters after command {}", index);
             prop_assert_eq!(&twin.apply(command), &applied);
             if let Some(copy) = restored.as_mut() {
                 prop_assert_eq!(&copy.apply(command), &applied, "after restore, command {}", index);

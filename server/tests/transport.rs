@@ -37,7 +37,7 @@ use synod_proto::wire::{encode_frame, ClientFrame, Hello, ServerFrame, DEFAULT_M
 use synod_proto::PROTOCOL_VERSION;
 use synod_server::transport::{
     ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, PeerNetwork,
-    PeerNetworkConfig, SnapshotPiece, SnapshotSource, TransportError, TransportLimits,
+    PeerNetworkConfig, RefusalSink, SnapshotPiece, SnapshotSource, TransportError, TransportLimits,
     CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR,
 };
 use tokio::sync::mpsc;
@@ -773,6 +773,7 @@ fn start_listener(certs: &DevCerts) -> ClientListener {
             listen: "127.0.0.1:0".parse().expect("address"),
             tls: load(certs, 1),
             limits: limits(),
+            refusals: RefusalSink::default(),
         },
         connections,
     )

@@ -687,6 +687,9 @@ impl Driver {
         metrics.watches.set(gauge_value(self.watches.len()));
         metrics.locks.set(gauge_value(self.state.lock_count()));
         metrics
+            .lock_waiters
+            .set(gauge_value(self.state.lock_waiter_count()));
+        metrics
             .client_connections
             .set(gauge_value(self.clients.len() as u64));
         let leading = core.role == Role::Leader;
@@ -702,6 +705,19 @@ impl Driver {
                 });
             metrics.set_peer(*member, progress);
         }
+    }
+
+    /// Publishes whether the connection to each other member is up
+    /// (`connected`), and the messages to peers dropped so far.
+    pub fn publish_peer_links(&self, connected: impl Fn(u64) -> bool, dropped_messages: u64) {
+        for &member in self.node.membership().members() {
+            if member != self.config.id {
+                self.metrics.set_peer_connected(member, connected(member));
+            }
+        }
+        self.metrics
+            .peer_messages_dropped
+            .set(gauge_value(dropped_messages));
     }
 
     /// This replica's status for `status` commands.
@@ -1314,6 +1330,9 @@ impl Driver {
         let Value::Commands(batch) = entry.value else {
             return;
         };
+        self.metrics
+            .slot_commands
+            .observe(batch.commands.len() as f64);
         for bytes in batch.commands.iter() {
             if bytes.is_empty() {
                 // A rejoining replica's nudge: fills a slot, changes nothing.

@@ -31,13 +31,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::ReplicaConfig;
-use crate::http::HttpServer;
+use crate::http::{HttpServer, HttpSettings};
 use crate::state::records::StateLoader;
 use crate::state::StateMachine;
 use crate::storage::{
     database_path, Identity, Recovered, StateReader, StateRecordRef, StateTable, Storage,
 };
-use crate::transport::{ClientConnection, ClusterIdentity};
+use crate::transport::{ClientConnection, ClusterIdentity, RefusalSink};
 
 pub use driver::{Driver, Input, PeerMessage, StorageJob};
 use net::Endpoints;
@@ -367,8 +367,15 @@ impl Replica {
             net::SnapshotServing {
                 state: state_reader,
                 holds,
+                metrics: metrics.clone(),
             },
             identity.clone(),
+            RefusalSink::new({
+                let metrics = metrics.clone();
+                move |limit| {
+                    metrics.refused(limit).inc();
+                }
+            }),
         )?;
         let client_address = endpoints.client_address();
         let peer_address = endpoints.peer_address();
@@ -378,11 +385,16 @@ impl Replica {
         let http = match config.monitoring.http_address {
             Some(address) => Some(
                 HttpServer::start(
-                    address,
-                    config.id,
+                    HttpSettings {
+                        address,
+                        node: config.id,
+                        database: database_path(&config.data_dir),
+                        ready_lag_slots_max: config.monitoring.ready_lag_slots_max,
+                        connections_max: usize::try_from(config.limits.http_connections_max)
+                            .unwrap_or(usize::MAX),
+                        header_timeout: Duration::from_millis(config.limits.http_header_timeout_ms),
+                    },
                     metrics,
-                    database_path(&config.data_dir),
-                    config.monitoring.ready_lag_slots_max,
                     running_receiver,
                     http_stop_receiver,
                 )
@@ -559,6 +571,10 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
                 if ticks.is_multiple_of(STATUS_EVERY_TICKS) {
                     let _ = run.status.send(run.driver.status());
                     run.driver.publish_metrics();
+                    run.driver.publish_peer_links(
+                        |peer| run.endpoints.is_connected(peer),
+                        run.endpoints.dropped_messages(),
+                    );
                 }
                 if let Some(reason) = run.identity.fatal() {
                     break Err(ReplicaError::ClusterIdentity(reason));

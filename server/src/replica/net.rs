@@ -14,10 +14,11 @@ use super::driver::PeerMessage;
 use super::snapshot::StreamHolds;
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
+use crate::metrics::Metrics;
 use crate::storage::StateReader;
 use crate::transport::{
     ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, ConnectionBounds,
-    PeerNetwork, PeerNetworkConfig, TransportLimits,
+    PeerNetwork, PeerNetworkConfig, RefusalSink, TransportLimits,
 };
 
 /// Where snapshots served to peers come from.
@@ -26,6 +27,8 @@ pub struct SnapshotServing {
     pub state: StateReader,
     /// Holds the log after a snapshot while it streams.
     pub holds: Arc<StreamHolds>,
+    /// Where serving times are counted.
+    pub metrics: Arc<Metrics>,
 }
 
 /// The peer network and the client listener of one replica.
@@ -93,6 +96,7 @@ impl Endpoints {
     /// Unreadable TLS files, or ones unfit for this replica (a certificate
     /// the CA did not sign, that names another node, or whose key is not
     /// the one given), or an address that cannot be bound.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: &ReplicaConfig,
         peer_socket: Option<UdpSocket>,
@@ -101,6 +105,7 @@ impl Endpoints {
         connections: mpsc::Sender<ClientConnection>,
         snapshots: SnapshotServing,
         identity: Arc<ClusterIdentity>,
+        refusals: RefusalSink,
     ) -> Result<Endpoints, ReplicaError> {
         let material = config
             .load_tls()
@@ -125,15 +130,20 @@ impl Endpoints {
             Some(socket) => PeerNetwork::start_on(socket, peer_config, inbound)?,
             None => PeerNetwork::start(peer_config, inbound)?,
         };
-        let SnapshotServing { state, holds } = snapshots;
+        let SnapshotServing {
+            state,
+            holds,
+            metrics,
+        } = snapshots;
         peers.register_snapshot_source(Arc::new(move || {
-            super::snapshot::serve(state.clone(), holds.clone())
+            super::snapshot::serve(state.clone(), holds.clone(), metrics.clone())
         }));
         let client_config = ClientListenerConfig {
             node_id: config.id,
             listen: me.client_address,
             tls: material,
             limits,
+            refusals,
         };
         let clients = match client_socket {
             Some(socket) => ClientListener::start_on(socket, client_config, connections)?,
@@ -161,6 +171,17 @@ impl Endpoints {
     /// Where clients reach this replica.
     pub fn client_address(&self) -> SocketAddr {
         self.client_address
+    }
+
+    /// Whether the connection to `peer` is up now.
+    pub fn is_connected(&self, peer: u64) -> bool {
+        self.peers.is_connected(peer)
+    }
+
+    /// Messages to peers dropped so far (full queue, unknown peer,
+    /// oversize).
+    pub fn dropped_messages(&self) -> u64 {
+        self.peers.dropped_envelopes()
     }
 
     /// Queues messages for their peers; never blocks.

@@ -31,6 +31,7 @@ use synod_paxos::Slot;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::storage_thread::{StagedRecords, WriterRequest};
+use crate::metrics::Metrics;
 use crate::state::records::StateLoader;
 use crate::state::{StateConfig, StateMachine};
 use crate::storage::{SavedStateHeader, StateReader, StateRecordRef, StateTable, StateWrite};
@@ -152,13 +153,27 @@ enum StreamRecord<'a> {
 /// Streams the saved state to a peer: `Start`, chunks, `End` (or
 /// `Failed`), produced on a thread of their own from one read transaction,
 /// holding the log after it in `holds` meanwhile.
-pub fn serve(reader: StateReader, holds: Arc<StreamHolds>) -> mpsc::Receiver<SnapshotPiece> {
+/// Its time and outcome go to `metrics`.
+pub fn serve(
+    reader: StateReader,
+    holds: Arc<StreamHolds>,
+    metrics: Arc<Metrics>,
+) -> mpsc::Receiver<SnapshotPiece> {
     let (pieces, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let spawned = std::thread::Builder::new()
         .name("synod-snapshot".into())
         .spawn({
             let pieces = pieces.clone();
-            move || stream_state(&reader, &holds, &pieces)
+            move || {
+                let started = Instant::now();
+                if stream_state(&reader, &holds, &pieces) {
+                    metrics
+                        .snapshot_serve_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                } else {
+                    metrics.snapshot_serve_failures.inc();
+                }
+            }
         });
     if let Err(error) = spawned {
         let _ = pieces.try_send(SnapshotPiece::Failed(format!(
@@ -168,11 +183,12 @@ pub fn serve(reader: StateReader, holds: Arc<StreamHolds>) -> mpsc::Receiver<Sna
     receiver
 }
 
+/// Whether the whole snapshot was handed over.
 fn stream_state(
     reader: &StateReader,
     holds: &Arc<StreamHolds>,
     pieces: &mpsc::Sender<SnapshotPiece>,
-) {
+) -> bool {
     const GONE: &str = "the peer stopped taking the snapshot";
     // Both callbacks below add to the chunk being filled.
     let chunk = std::cell::RefCell::new(Vec::with_capacity(CHUNK_BYTES * 2));
@@ -226,10 +242,15 @@ fn stream_state(
         Ok(None) => Ok(SnapshotPiece::Failed("no state is saved yet".to_string())),
         Err(error) => Ok(SnapshotPiece::Failed(error.to_string())),
     };
-    if let Ok(piece) = last {
-        let _ = pieces.blocking_send(piece);
-    }
+    let served = match last {
+        Ok(piece) => {
+            let ended = matches!(piece, SnapshotPiece::End);
+            pieces.blocking_send(piece).is_ok() && ended
+        }
+        Err(_) => false,
+    };
     drop(hold);
+    served
 }
 
 fn append(chunk: &mut Vec<u8>, record: &StreamRecord<'_>) {

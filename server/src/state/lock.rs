@@ -96,6 +96,8 @@ pub(crate) struct LockTable {
     by_session: BTreeSet<(SessionId, PathKey)>,
     /// Derived: (delayed_until_ms, path) for every lock in a lock-delay.
     delayed: BTreeSet<(u64, PathKey)>,
+    /// Derived: waiters queued over all locks.
+    waiter_count: u64,
     /// Locks changed since the last [`LockTable::take_dirty`].
     dirty: DirtyKeys<PathKey>,
 }
@@ -119,6 +121,7 @@ impl LockTable {
             next_generation,
             by_session: BTreeSet::new(),
             delayed: BTreeSet::new(),
+            waiter_count: 0,
             dirty: DirtyKeys::default(),
         };
         for (path, state) in &table.locks {
@@ -131,6 +134,7 @@ impl LockTable {
             for waiter in &state.waiters {
                 table.by_session.insert((waiter.session, path.clone()));
             }
+            table.waiter_count += state.waiters.len() as u64;
             if state.holders.is_empty() && state.waiters.is_empty() && state.delayed_until_ms == 0 {
                 return Err(format!("lock {path} is empty"));
             }
@@ -151,6 +155,11 @@ impl LockTable {
         for path in self.locks.keys() {
             self.dirty.mark(path.as_str());
         }
+    }
+
+    /// Waiters queued over all locks.
+    pub fn waiter_count(&self) -> u64 {
+        self.waiter_count
     }
 
     /// The lock at a path, if it is in use.
@@ -237,6 +246,7 @@ impl LockTable {
             }));
         }
         let waiters_ahead = state.waiters.len() as u64;
+        self.waiter_count += 1;
         state.waiters.push_back(Waiter {
             session,
             mode,
@@ -268,6 +278,7 @@ impl LockTable {
             state.holders.remove(index);
         } else if let Some(index) = state.waiters.iter().position(|w| w.session == session) {
             state.waiters.remove(index);
+            self.waiter_count -= 1;
         } else {
             return Err(Error::LockNotHeld { path: path.into() });
         }
@@ -308,7 +319,9 @@ impl LockTable {
                     }
                 }
             }
+            let waiting = state.waiters.len();
             state.waiters.retain(|w| w.session != session);
+            self.waiter_count -= (waiting - state.waiters.len()) as u64;
             self.serve(&path, leader_before, fx);
         }
     }
@@ -354,6 +367,7 @@ impl LockTable {
                 let Some(waiter) = state.waiters.pop_front() else {
                     break;
                 };
+                self.waiter_count -= 1;
                 let generation = self.next_generation;
                 self.next_generation += 1;
                 let sequencer = Sequencer {

@@ -270,6 +270,11 @@ impl StateMachine {
         self.locks.parts().0.len() as u64
     }
 
+    /// Sessions queued for a lock (or an election), over all locks.
+    pub fn lock_waiter_count(&self) -> u64 {
+        self.locks.waiter_count()
+    }
+
     /// Open sessions, ascending.
     pub fn sessions(&self) -> Vec<SessionId> {
         self.sessions.keys().copied().collect()

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use synod_proto::tls::{self, FrameReadError, FrameReader, TlsMaterial};
@@ -30,7 +30,7 @@ use super::budget::{ConnectionBudget, QueuedReply, Refusal, ReplySender, WeakRep
 use super::peer::refuse;
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
-    close_code, Result, TransportError, TransportLimits, CLOSE_LIMIT, CLOSE_NORMAL,
+    close_code, RefusalSink, Result, TransportError, TransportLimits, CLOSE_LIMIT, CLOSE_NORMAL,
     CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, CLOSE_TIMEOUT,
 };
 
@@ -47,6 +47,8 @@ pub struct ClientListenerConfig {
     pub tls: TlsMaterial,
     /// Bounds and timings.
     pub limits: TransportLimits,
+    /// Where refusals are counted.
+    pub refusals: RefusalSink,
 }
 
 /// One client's session stream, handed to the replica.
@@ -123,6 +125,7 @@ struct Shared {
     permits: Arc<Semaphore>,
     handshakes: Arc<Semaphore>,
     connections_per_identity: Arc<Mutex<HashMap<String, usize>>>,
+    refusals: RefusalSink,
 }
 
 /// One identity's hold on a connection slot, given back on drop.
@@ -160,6 +163,7 @@ impl Shared {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let count = counts.entry(identity.to_owned()).or_insert(0);
             if *count >= max {
+                self.refusals.refused("client_connections_per_identity_max");
                 return Err(format!(
                     "client identity {identity:?} already has {max} connections to this replica \
                      (limit `limits.client_connections_per_identity_max`); close some first"
@@ -172,6 +176,7 @@ impl Shared {
             counts: self.connections_per_identity.clone(),
         };
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            self.refusals.refused("client_connections_max");
             format!(
                 "the replica serves {} client connections, its limit \
                  (`limits.client_connections_max`); try another replica",
@@ -234,6 +239,7 @@ impl ClientListener {
             permits: Arc::new(Semaphore::new(config.limits.client_connections_max)),
             handshakes: Arc::new(Semaphore::new(config.limits.client_handshakes_max)),
             connections_per_identity: Arc::new(Mutex::new(HashMap::new())),
+            refusals: config.refusals,
             limits: config.limits,
             endpoint,
             connections,
@@ -311,6 +317,7 @@ async fn run_accept(shared: Arc<Shared>, tasks: Tasks) {
             },
         };
         let Ok(permit) = shared.handshakes.clone().try_acquire_owned() else {
+            shared.refusals.refused("client_handshakes_max");
             warn!(
                 node = shared.node_id,
                 remote = %incoming.remote_address(),
@@ -417,6 +424,8 @@ async fn serve_client(
             frames: frames_sender,
             replies: weak_replies,
             budget: budget.clone(),
+            refusals: shared.refusals.clone(),
+            refusal_logged: AtomicBool::new(false),
         },
         fatal_sender,
         tasks.shutdown(),
@@ -496,6 +505,9 @@ struct Inbound {
     frames: mpsc::Sender<InboundFrame>,
     replies: WeakReplySender,
     budget: Arc<ConnectionBudget>,
+    refusals: RefusalSink,
+    /// Whether a refusal was logged for this connection yet.
+    refusal_logged: AtomicBool,
 }
 
 /// Decodes the session stream (and keep-alive datagrams) into `frames`,
@@ -606,7 +618,21 @@ async fn deliver(inbound: &Inbound, frame: ClientFrame, cost: u64) -> bool {
                     .await
                     .is_ok();
             }
-            Err(Refusal::Requests(error) | Refusal::Bytes(error)) if request => {
+            Err(refusal @ (Refusal::Requests(_) | Refusal::Bytes(_))) if request => {
+                let (limit, error) = match refusal {
+                    Refusal::Requests(error) => ("pending_requests_per_connection_max", error),
+                    Refusal::Bytes(error) => ("pending_request_bytes_per_connection_max", error),
+                };
+                inbound.refusals.refused(limit);
+                // The first refusal of a connection is logged; the metric
+                // counts them all, so a flood does not flood the log.
+                if !inbound.refusal_logged.swap(true, Ordering::Relaxed) {
+                    info!(
+                        limit,
+                        %error,
+                        "client request refused (later refusals on this connection are only counted)"
+                    );
+                }
                 let answer = match frame {
                     ClientFrame::Request { request, .. } => ServerFrame::Response {
                         sequence: request.sequence,

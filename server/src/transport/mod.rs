@@ -64,6 +64,32 @@ pub use identity::{ClusterIdentity, IdentityView};
 pub use peer::{PeerNetwork, PeerNetworkConfig};
 pub use snapshot::{SnapshotPiece, SnapshotSource};
 
+/// Where the transport reports a connection or request it refused, by the
+/// `[limits]` field it met (the replica counts them in its metrics).
+/// Clones report to the same place; the default reports nowhere.
+#[derive(Clone, Default)]
+pub struct RefusalSink(Option<std::sync::Arc<dyn Fn(&'static str) + Send + Sync>>);
+
+impl RefusalSink {
+    /// A sink that calls `count` with the limit of each refusal.
+    pub fn new(count: impl Fn(&'static str) + Send + Sync + 'static) -> RefusalSink {
+        RefusalSink(Some(std::sync::Arc::new(count)))
+    }
+
+    /// Reports one refusal at `limit`.
+    pub fn refused(&self, limit: &'static str) {
+        if let Some(count) = &self.0 {
+            count(limit);
+        }
+    }
+}
+
+impl std::fmt::Debug for RefusalSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RefusalSink").finish_non_exhaustive()
+    }
+}
+
 /// Application close code: the connection ended normally.
 pub const CLOSE_NORMAL: u32 = 0;
 /// Application close code: the handshake was refused (see the reason).

@@ -74,7 +74,7 @@ const WATCH_INTERVAL_MS: u64 = 50;
 const PORT_WATCH_INTERVAL_MS: u64 = 5;
 
 /// Longest a restarted replica may take to serve before the phase gives up.
-const RESTART_TIMEOUT_MS: u64 = 60_000;
+const RESTART_TIMEOUT_MS: u64 = 300_000;
 
 /// Longest one serving probe of a restarted replica may take.
 const PROBE_TIMEOUT_MS: u64 = 2_000;
