@@ -93,6 +93,7 @@
 //! ([`ClientBuilder::connect_blocking`]). `examples/lock.rs` and
 //! `examples/election.rs` run against `synod dev`.
 
+mod backup;
 mod blocking_impl;
 mod election;
 mod error;
@@ -110,6 +111,7 @@ use synod_proto::tls::TlsFiles;
 use synod_proto::wire::{ClusterStatus, ReadConsistency, WatchRegistration};
 use tokio::sync::{broadcast, mpsc, oneshot, watch as state_watch};
 
+pub use backup::SnapshotDownload;
 pub use election::{LeaderStream, Leadership};
 pub use error::{ClientError, ErrorKind, Result};
 pub use lock::{LockGuard, LockOptions};
@@ -328,27 +330,8 @@ impl ClientBuilder {
     /// [`ClientError::Config`] for bad endpoints or TLS files;
     /// [`ClientError::ConnectionLost`] when no replica answers.
     pub async fn connect(self) -> Result<Client> {
-        let tls = self.tls.clone().ok_or_else(|| {
-            ClientError::Config("no TLS files given; call tls() or tls_dir()".into())
-        })?;
-        let material = tls
-            .load()
-            .map_err(|error| ClientError::Config(error.to_string()))?;
-        let mut endpoints = Vec::new();
-        for endpoint in &self.endpoints {
-            let address: SocketAddr = endpoint
-                .to_socket_addrs()
-                .map_err(|error| ClientError::Config(format!("endpoint {endpoint}: {error}")))?
-                .next()
-                .ok_or_else(|| ClientError::Config(format!("endpoint {endpoint}: no address")))?;
-            let host = endpoint
-                .rsplit_once(':')
-                .map_or(endpoint.as_str(), |(host, _)| host)
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            endpoints.push((address, host));
-        }
+        let material = self.tls_material()?;
+        let endpoints = self.resolved_endpoints()?;
         let Some(first) = endpoints.first() else {
             return Err(ClientError::Config(
                 "no endpoints given; call endpoints() with the replicas' client addresses".into(),
@@ -359,21 +342,10 @@ impl ClientBuilder {
                 "session and request timeouts must be positive".into(),
             ));
         }
-        let bind = if first.0.is_ipv6() {
-            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
-        } else {
-            SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
-        };
         // The session task detects a silent replica itself; QUIC's idle
         // timeout is the backstop, and its pings keep NAT bindings warm.
         let idle_ms = (self.session_timeout_ms / 2).clamp(500, 10_000);
-        let mut transport = quinn::TransportConfig::default();
-        transport.keep_alive_interval(Some(Duration::from_millis(idle_ms / 4)));
-        transport.max_idle_timeout(Some(
-            quinn::VarInt::from_u32(u32::try_from(idle_ms).unwrap_or(10_000)).into(),
-        ));
-        let endpoint = synod_proto::tls::client_endpoint(&material, bind, Arc::new(transport))
-            .map_err(|error| ClientError::Config(error.to_string()))?;
+        let endpoint = quic_endpoint(&material, first.0, idle_ms)?;
         let shared = Arc::new(Shared::new());
         let settings = SessionSettings {
             endpoints,
@@ -405,6 +377,62 @@ impl ClientBuilder {
         })
     }
 
+    /// Starts a backup: connects to the first replica that answers (no
+    /// session is opened) and has it stream its saved state, one
+    /// consistent state from one read transaction, without stalling the
+    /// cluster. Read the chunks with [`SnapshotDownload::next_chunk`]; the
+    /// shell's `synod snapshot save` writes them to a file.
+    ///
+    /// # Errors
+    /// [`ClientError::Config`] for bad endpoints or TLS files;
+    /// [`ClientError::ConnectionLost`] when no replica answers or every one
+    /// refuses (the last reason is given).
+    pub async fn fetch_snapshot(self) -> Result<SnapshotDownload> {
+        let material = self.tls_material()?;
+        let endpoints = self.resolved_endpoints()?;
+        let Some(first) = endpoints.first() else {
+            return Err(ClientError::Config(
+                "no endpoints given; call endpoints() with the replicas' client addresses".into(),
+            ));
+        };
+        let endpoint = quic_endpoint(&material, first.0, 10_000)?;
+        backup::fetch(
+            endpoint,
+            &endpoints,
+            Duration::from_millis(self.request_timeout_ms),
+        )
+        .await
+    }
+
+    fn tls_material(&self) -> Result<synod_proto::tls::TlsMaterial> {
+        let tls = self.tls.clone().ok_or_else(|| {
+            ClientError::Config("no TLS files given; call tls() or tls_dir()".into())
+        })?;
+        tls.load()
+            .map_err(|error| ClientError::Config(error.to_string()))
+    }
+
+    /// The endpoints as addresses, each with the name its certificate must
+    /// carry.
+    fn resolved_endpoints(&self) -> Result<Vec<(SocketAddr, String)>> {
+        let mut endpoints = Vec::new();
+        for endpoint in &self.endpoints {
+            let address: SocketAddr = endpoint
+                .to_socket_addrs()
+                .map_err(|error| ClientError::Config(format!("endpoint {endpoint}: {error}")))?
+                .next()
+                .ok_or_else(|| ClientError::Config(format!("endpoint {endpoint}: no address")))?;
+            let host = endpoint
+                .rsplit_once(':')
+                .map_or(endpoint.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            endpoints.push((address, host));
+        }
+        Ok(endpoints)
+    }
+
     /// Connects as [`ClientBuilder::connect`] does, for programs without
     /// tokio: the returned client blocks on each call.
     ///
@@ -414,6 +442,27 @@ impl ClientBuilder {
     pub fn connect_blocking(self) -> Result<blocking::Client> {
         blocking::Client::connect(self)
     }
+}
+
+/// A QUIC client endpoint presenting `material`, for replicas like `first`
+/// (its address family), closing connections silent for `idle_ms`.
+fn quic_endpoint(
+    material: &synod_proto::tls::TlsMaterial,
+    first: SocketAddr,
+    idle_ms: u64,
+) -> Result<quinn::Endpoint> {
+    let bind = if first.is_ipv6() {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    };
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(idle_ms / 4)));
+    transport.max_idle_timeout(Some(
+        quinn::VarInt::from_u32(u32::try_from(idle_ms).unwrap_or(10_000)).into(),
+    ));
+    synod_proto::tls::client_endpoint(material, bind, Arc::new(transport))
+        .map_err(|error| ClientError::Config(error.to_string()))
 }
 
 struct Inner {

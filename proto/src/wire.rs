@@ -6,6 +6,9 @@
 //! that, a client's session stream carries [`ClientFrame`]s one way and
 //! [`ServerFrame`]s the other, in order: responses and watch events share one
 //! ordered stream, so a client sees an event before any data newer than it.
+//! A client that says [`Hello::Backup`] instead gets the replica's saved
+//! state on the stream, as a peer fetching a snapshot does: one
+//! [`SnapshotHeader`], then [`SnapshotFrame`]s.
 //!
 //! A frame is a little-endian `u32` length followed by that many bytes of
 //! postcard. Lengths above the receiver's bound are refused before anything
@@ -13,6 +16,7 @@
 //! refused with [`FrameError::Malformed`]; either closes only that
 //! connection.
 
+use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -53,6 +57,45 @@ pub enum Hello {
         /// directory and has not caught up yet.
         joining: bool,
     },
+    /// A client taking a backup: after the welcome, the replica streams
+    /// its saved state (a [`SnapshotHeader`], then [`SnapshotFrame`]s) and
+    /// finishes the stream. No session is opened.
+    Backup {
+        /// The client's protocol version.
+        protocol_version: u64,
+    },
+}
+
+/// The first frame of a snapshot stream (to a peer catching up, or to a
+/// client taking a backup).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotHeader {
+    /// [`SnapshotFrame`]s follow.
+    Ready {
+        /// The state reflects every slot through this one.
+        through_slot: u64,
+    },
+    /// No snapshot to give.
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A frame of a snapshot stream after its header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotFrame {
+    /// The next bytes, opaque to the transport.
+    Chunk(Bytes),
+    /// Every chunk was sent: how many, and their bytes in all.
+    End {
+        /// Chunks sent.
+        chunks: u64,
+        /// Their bytes.
+        bytes: u64,
+    },
+    /// The source failed part-way; the snapshot is incomplete.
+    Failed(String),
 }
 
 /// The answer to a [`Hello`].

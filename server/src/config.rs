@@ -75,6 +75,8 @@
 //! | `limits.state_flush_bytes_max` | 1 MiB..=4 GiB | 64 MiB |
 //! | `limits.log_retain_slots` | 0..=10,000,000 | 10,000 |
 //! | `limits.snapshot_bytes_max` | 1 MiB..=1 TiB | 8 GiB |
+//! | `limits.backups_max` | 1..=64 | 2 |
+//! | `limits.backup_timeout_ms` | 1,000..=86,400,000 | 3,600,000 |
 //! | `limits.http_connections_max` | 1..=100,000 | 64 |
 //! | `limits.http_header_timeout_ms` | 100..=600,000 | 10,000 |
 //! | `monitoring.ready_lag_slots_max` | 0..=100,000,000 | 1,000 |
@@ -327,6 +329,15 @@ pub struct Limits {
     /// Largest snapshot accepted from another replica.
     /// Range: 1,048,576..=1,099,511,627,776 (1 MiB to 1 TiB); default 8 GiB.
     pub snapshot_bytes_max: u64,
+    /// Most backups (`synod snapshot save`) a replica streams at once; one
+    /// more is refused with a reason naming this limit. Each holds a read
+    /// transaction on the saved state while it streams.
+    /// Range: 1..=64; default 2.
+    pub backups_max: u64,
+    /// Longest a backup may take to stream; a client reading slower is cut
+    /// off (the read transaction it holds keeps the database from reusing
+    /// pages). Range: 1,000..=86,400,000; default 3,600,000 (an hour).
+    pub backup_timeout_ms: u64,
     /// Most connections open at once to the HTTP listener for metrics and
     /// health (`monitoring.http_address`); one more is closed on accept.
     /// Range: 1..=100,000; default 64.
@@ -359,6 +370,8 @@ impl Default for Limits {
             state_flush_bytes_max: 64 << 20,
             log_retain_slots: 10_000,
             snapshot_bytes_max: 8 << 30,
+            backups_max: 2,
+            backup_timeout_ms: 3_600_000,
             http_connections_max: 64,
             http_header_timeout_ms: 10_000,
         }
@@ -480,6 +493,8 @@ const NUMERIC_FIELDS: &[NumericField] = &[
     numeric!(limits.state_flush_bytes_max, 1 << 20, 4 << 30),
     numeric!(limits.log_retain_slots, 0, 10_000_000),
     numeric!(limits.snapshot_bytes_max, 1 << 20, 1 << 40),
+    numeric!(limits.backups_max, 1, 64),
+    numeric!(limits.backup_timeout_ms, 1_000, 86_400_000),
     numeric!(limits.http_connections_max, 1, 100_000),
     numeric!(limits.http_header_timeout_ms, 100, 600_000),
     numeric!(monitoring.ready_lag_slots_max, 0, 100_000_000),

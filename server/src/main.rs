@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use synod_server::config::{LogConfig, LogFormat, ReplicaConfig};
 use synod_server::replica::{self, StartOptions};
 
@@ -18,11 +18,17 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// Runs one replica of a Synod cluster.
 #[derive(Parser, Debug)]
-#[command(name = "synod-server", version, about)]
+#[command(
+    name = "synod-server",
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Arguments {
     /// The replica's TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long, value_name = "FILE", required = true)]
+    config: Option<PathBuf>,
     /// Create the database if the data directory has none, as a founding
     /// member of a new cluster. Never use it for a replica that lost its disk.
     #[arg(long, conflicts_with = "join")]
@@ -37,6 +43,25 @@ struct Arguments {
     /// own) and the data directory.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<ServerCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ServerCommand {
+    /// Seed this replica's empty data directory from a backup (`synod
+    /// snapshot save`), for a new cluster, then exit. Run it on every
+    /// replica of the new cluster with the same backup, then start them as
+    /// usual (without --bootstrap): they hold the backup's tree, with every
+    /// session closed, and mint a new cluster identity.
+    Restore {
+        /// The new replica's TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long, value_name = "BACKUP")]
+        from: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -66,16 +91,22 @@ fn init_logging(log: &LogConfig) {
 
 fn run() -> anyhow::Result<()> {
     let arguments = Arguments::parse();
-    let config = ReplicaConfig::load(&arguments.config)?;
+    if let Some(ServerCommand::Restore { config, from }) = &arguments.command {
+        return restore(config, from);
+    }
+    let Some(config_path) = arguments.config.clone() else {
+        anyhow::bail!("--config FILE is required");
+    };
+    let config = ReplicaConfig::load(&config_path)?;
     init_logging(&config.log);
     if arguments.check {
         // The error names the file and says what is wrong; formatting it
         // here keeps anyhow from repeating its cause.
-        config.load_tls().map_err(|error| {
-            anyhow::anyhow!("{}: TLS files: {error}", arguments.config.display())
-        })?;
+        config
+            .load_tls()
+            .map_err(|error| anyhow::anyhow!("{}: TLS files: {error}", config_path.display()))?;
         config.check_data_dir()?;
-        println!("{}: valid", arguments.config.display());
+        println!("{}: valid", config_path.display());
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -92,6 +123,21 @@ fn run() -> anyhow::Result<()> {
             .await
             .context("replica stopped")
     })
+}
+
+/// `synod-server restore`: seeds the data directory and says what it holds.
+fn restore(config_path: &std::path::Path, from: &std::path::Path) -> anyhow::Result<()> {
+    let config = ReplicaConfig::load(config_path)?;
+    let restored = synod_server::backup::restore(from, &config)?;
+    println!(
+        "restored {} into {}: revision {}, {} nodes, {} sessions closed; start the replica without --bootstrap",
+        from.display(),
+        restored.database.display(),
+        restored.revision,
+        restored.nodes,
+        restored.sessions_closed
+    );
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -25,7 +25,9 @@
 //!   `snapshot_fetch_seconds`
 //!   with `snapshot_fetch_failures_total` (a lagging replica catching up
 //!   from a peer's snapshot), `snapshot_serve_seconds` with
-//!   `snapshot_serve_failures_total` (streaming one to a lagging peer);
+//!   `snapshot_serve_failures_total` (streaming one to a lagging peer),
+//!   `backup_seconds` with `backup_failures_total` (a backup streamed to
+//!   a client);
 //! - refusals: `refused_total{limit}`, a connection or request turned
 //!   away because it met the named bound of `[limits]`.
 
@@ -147,6 +149,10 @@ pub struct Metrics {
     pub snapshot_serve_seconds: Histogram,
     /// Snapshot streams to peers that did not finish.
     pub snapshot_serve_failures: Counter,
+    /// Streaming a backup to a client.
+    pub backup_seconds: Histogram,
+    /// Backups to clients that did not finish.
+    pub backup_failures: Counter,
     refused: Family<LimitLabels, Counter>,
 }
 
@@ -198,6 +204,8 @@ impl Metrics {
             snapshot_fetch_failures: Counter::default(),
             snapshot_serve_seconds: Histogram::new(latency_buckets()),
             snapshot_serve_failures: Counter::default(),
+            backup_seconds: Histogram::new(latency_buckets()),
+            backup_failures: Counter::default(),
             refused: Family::default(),
             registry: Registry::default(),
         };
@@ -351,6 +359,16 @@ impl Metrics {
             "snapshot_serve_failures",
             "Snapshot streams to peers that did not finish",
             metrics.snapshot_serve_failures.clone(),
+        );
+        r.register(
+            "backup_seconds",
+            "Time to stream a backup to a client",
+            metrics.backup_seconds.clone(),
+        );
+        r.register(
+            "backup_failures",
+            "Backups to clients that did not finish",
+            metrics.backup_failures.clone(),
         );
         r.register(
             "refused",

@@ -1,7 +1,8 @@
 //! The `synod` command: the interactive shell, the same commands one at a
 //! time from the command line (`synod ls /`, `synod --json get /a`), a local
 //! development cluster (`synod dev`), benchmarks on a cluster of their own
-//! (`synod bench fill`) and certificates (`synod certs`).
+//! (`synod bench fill`), backups (`synod snapshot save`) and certificates
+//! (`synod certs`).
 //!
 //! `main` only parses arguments and dispatches: the commands are one table
 //! (`table.rs`) read by completion, help and dispatch alike.
@@ -20,6 +21,7 @@ mod paths;
 mod probe;
 mod render;
 mod repl;
+mod snapshot;
 mod table;
 
 use std::process::ExitCode;
@@ -57,6 +59,9 @@ enum TopCommand {
     /// Start a local 3-replica cluster of its own, measure it, and print
     /// the figures against their targets.
     Bench(bench::BenchArgs),
+    /// Back up a live cluster to a file, or check a backup file.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCommand),
     /// Open the interactive shell (what `synod` alone does).
     Shell,
     /// Any shell command, run once (see the list below).
@@ -98,6 +103,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Some(TopCommand::Dev(args)) => dev::run(&runtime, &args),
         Some(TopCommand::Certs(args)) => certs::run(&args),
         Some(TopCommand::Bench(args)) => bench::run(&runtime, &args, cli.json),
+        Some(TopCommand::Snapshot(command)) => {
+            snapshot::run(&runtime, &cli.connection, &command, cli.json)
+        }
         None | Some(TopCommand::Shell) => {
             let config = cli.connection.resolve()?;
             let client = runtime.block_on(connect::connect(&config))?;

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::driver::PeerMessage;
+use super::snapshot::ServeTiming;
 use super::snapshot::StreamHolds;
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
@@ -58,6 +59,8 @@ fn limits(config: &ReplicaConfig) -> TransportLimits {
             limits.client_connections_per_identity_max,
         ),
         client_handshakes_max: permit_count(limits.client_handshakes_max),
+        backups_max: permit_count(limits.backups_max),
+        backup_timeout: Duration::from_millis(limits.backup_timeout_ms),
         client_idle_timeout: Duration::from_millis(limits.client_idle_timeout_ms),
         handshake_timeout: Duration::from_millis(limits.handshake_timeout_ms),
         client_queue_frames_max: 1024,
@@ -135,8 +138,13 @@ impl Endpoints {
             holds,
             metrics,
         } = snapshots;
-        peers.register_snapshot_source(Arc::new(move || {
-            super::snapshot::serve(state.clone(), holds.clone(), metrics.clone())
+        let peer_timing = ServeTiming {
+            seconds: metrics.snapshot_serve_seconds.clone(),
+            failures: metrics.snapshot_serve_failures.clone(),
+        };
+        peers.register_snapshot_source(Arc::new({
+            let state = state.clone();
+            move || super::snapshot::serve(state.clone(), Some(holds.clone()), peer_timing.clone())
         }));
         let client_config = ClientListenerConfig {
             node_id: config.id,
@@ -149,6 +157,14 @@ impl Endpoints {
             Some(socket) => ClientListener::start_on(socket, client_config, connections)?,
             None => ClientListener::start(client_config, connections)?,
         };
+        // A backup holds no log: nothing catches up from it.
+        let backup_timing = ServeTiming {
+            seconds: metrics.backup_seconds.clone(),
+            failures: metrics.backup_failures.clone(),
+        };
+        clients.register_snapshot_source(Arc::new(move || {
+            super::snapshot::serve(state.clone(), None, backup_timing.clone())
+        }));
         let peer_address = peers
             .local_addr()
             .map_err(|error| ReplicaError::Start(error.to_string()))?;

@@ -31,11 +31,12 @@ use synod_paxos::Slot;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::storage_thread::{StagedRecords, WriterRequest};
-use crate::metrics::Metrics;
 use crate::state::records::StateLoader;
 use crate::state::{StateConfig, StateMachine};
 use crate::storage::{SavedStateHeader, StateReader, StateRecordRef, StateTable, StateWrite};
 use crate::transport::SnapshotPiece;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 
 /// The size chunks are filled to (a chunk holds at least one record,
 /// whatever its size).
@@ -153,11 +154,21 @@ enum StreamRecord<'a> {
 /// Streams the saved state to a peer: `Start`, chunks, `End` (or
 /// `Failed`), produced on a thread of their own from one read transaction,
 /// holding the log after it in `holds` meanwhile.
-/// Its time and outcome go to `metrics`.
+/// Where a snapshot stream's time and failures are counted.
+#[derive(Debug, Clone)]
+pub struct ServeTiming {
+    /// The time of each stream that finished.
+    pub seconds: Histogram,
+    /// Streams that did not finish.
+    pub failures: Counter,
+}
+
+/// Holds the log in `holds`, if given (a peer catches up from it; a backup
+/// does not). Its time and outcome go to `timing`.
 pub fn serve(
     reader: StateReader,
-    holds: Arc<StreamHolds>,
-    metrics: Arc<Metrics>,
+    holds: Option<Arc<StreamHolds>>,
+    timing: ServeTiming,
 ) -> mpsc::Receiver<SnapshotPiece> {
     let (pieces, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let spawned = std::thread::Builder::new()
@@ -166,12 +177,10 @@ pub fn serve(
             let pieces = pieces.clone();
             move || {
                 let started = Instant::now();
-                if stream_state(&reader, &holds, &pieces) {
-                    metrics
-                        .snapshot_serve_seconds
-                        .observe(started.elapsed().as_secs_f64());
+                if stream_state(&reader, holds.as_ref(), &pieces) {
+                    timing.seconds.observe(started.elapsed().as_secs_f64());
                 } else {
-                    metrics.snapshot_serve_failures.inc();
+                    timing.failures.inc();
                 }
             }
         });
@@ -186,7 +195,7 @@ pub fn serve(
 /// Whether the whole snapshot was handed over.
 fn stream_state(
     reader: &StateReader,
-    holds: &Arc<StreamHolds>,
+    holds: Option<&Arc<StreamHolds>>,
     pieces: &mpsc::Sender<SnapshotPiece>,
 ) -> bool {
     const GONE: &str = "the peer stopped taking the snapshot";
@@ -202,7 +211,7 @@ fn stream_state(
     let mut hold = None;
     let result = reader.read(
         &mut |header| {
-            hold = Some(holds.hold(header.through));
+            hold = holds.map(|holds| holds.hold(header.through));
             pieces
                 .blocking_send(SnapshotPiece::Start {
                     through_slot: header.through,
@@ -295,14 +304,111 @@ pub fn install(
             .map_err(|_| "the writer stopped".to_string())
     };
     stage(StateWrite::StageBegin)?;
-    let mut loader = StateLoader::new(config);
-    let mut header: Option<SavedStateHeader> = None;
-    let mut ended = false;
+    let mut decoder = StreamDecoder::new(config);
     while let Some(chunk) = chunks.blocking_recv() {
         let mut staged: StagedRecords = Vec::new();
-        let mut rest: &[u8] = &chunk;
+        decoder.chunk(&chunk, |record| {
+            staged.push((record.table, Box::from(record.key), record.value.to_vec()));
+        })?;
+        if !staged.is_empty() {
+            stage(StateWrite::Stage(staged))?;
+        }
+    }
+    decoder.finish()
+}
+
+/// Counts what a snapshot stream holds, chunk by chunk, without building
+/// the state: its header and the records of each table.
+#[derive(Debug, Default)]
+pub(crate) struct StreamScanner {
+    /// The header, once seen.
+    pub header: Option<SavedStateHeader>,
+    /// Records per table: nodes, sessions, locks.
+    pub counts: [u64; 3],
+    /// Whether the end record was seen (and its count matched).
+    pub ended: bool,
+}
+
+impl StreamScanner {
+    /// Takes the next chunk.
+    ///
+    /// # Errors
+    /// A record that does not decode, a record before the header or after
+    /// the end, or an end record whose count does not match.
+    pub fn chunk(&mut self, chunk: &[u8]) -> Result<(), String> {
+        let mut rest: &[u8] = chunk;
         while !rest.is_empty() {
-            if ended {
+            if self.ended {
+                return Err("records after the end of the snapshot".into());
+            }
+            let (record, remaining) = postcard::take_from_bytes::<StreamRecord<'_>>(rest)
+                .map_err(|error| format!("a snapshot record does not decode: {error}"))?;
+            rest = remaining;
+            match record {
+                StreamRecord::Header(header) => {
+                    if self.header.is_some() {
+                        return Err("a second snapshot header".into());
+                    }
+                    self.header = Some(header);
+                }
+                StreamRecord::Record { table, .. } => {
+                    if self.header.is_none() {
+                        return Err("a snapshot record before its header".into());
+                    }
+                    let index = match table {
+                        StateTable::Nodes => 0,
+                        StateTable::Sessions => 1,
+                        StateTable::Locks => 2,
+                    };
+                    self.counts[index] += 1;
+                }
+                StreamRecord::End { records } => {
+                    let counted: u64 = self.counts.iter().sum();
+                    if records != counted {
+                        return Err(format!(
+                            "the snapshot ends after {counted} records but counts {records}"
+                        ));
+                    }
+                    self.ended = true;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a snapshot stream chunk by chunk into the state it holds,
+/// checking its order, its count and every invariant of the state.
+pub(crate) struct StreamDecoder {
+    loader: StateLoader,
+    header: Option<SavedStateHeader>,
+    ended: bool,
+}
+
+impl StreamDecoder {
+    /// A decoder for a state with these limits.
+    pub fn new(config: StateConfig) -> StreamDecoder {
+        StreamDecoder {
+            loader: StateLoader::new(config),
+            header: None,
+            ended: false,
+        }
+    }
+
+    /// Takes the next chunk; `on_record` sees each record of it once the
+    /// loader took it.
+    ///
+    /// # Errors
+    /// Why the stream is unusable: a record that does not decode, one out
+    /// of order or before the header, or anything after the end.
+    pub fn chunk(
+        &mut self,
+        chunk: &[u8],
+        mut on_record: impl FnMut(StateRecordRef<'_>),
+    ) -> Result<(), String> {
+        let mut rest: &[u8] = chunk;
+        while !rest.is_empty() {
+            if self.ended {
                 return Err("records after the end of the snapshot".into());
             }
             let (record, remaining) = postcard::take_from_bytes::<StreamRecord<'_>>(rest)
@@ -310,43 +416,49 @@ pub fn install(
             rest = remaining;
             match record {
                 StreamRecord::Header(first) => {
-                    if header.is_some() || loader.records() != 0 {
+                    if self.header.is_some() || self.loader.records() != 0 {
                         return Err("a snapshot header in the middle of the snapshot".into());
                     }
-                    header = Some(first);
+                    self.header = Some(first);
                 }
                 StreamRecord::Record { table, key, value } => {
-                    if header.is_none() {
+                    if self.header.is_none() {
                         return Err("a snapshot record before its header".into());
                     }
-                    loader.record(StateRecordRef {
+                    let record = StateRecordRef {
                         table,
                         key: key.0,
                         value: value.0,
-                    })?;
-                    staged.push((table, Box::from(key.0), value.0.to_vec()));
+                    };
+                    self.loader.record(record)?;
+                    on_record(record);
                 }
                 StreamRecord::End { records } => {
-                    if records != loader.records() {
+                    if records != self.loader.records() {
                         return Err(format!(
                             "the snapshot ends after {} records but counts {records}",
-                            loader.records()
+                            self.loader.records()
                         ));
                     }
-                    ended = true;
+                    self.ended = true;
                 }
             }
         }
-        if !staged.is_empty() {
-            stage(StateWrite::Stage(staged))?;
-        }
+        Ok(())
     }
-    let (Some(header), true) = (header, ended) else {
-        return Err("the snapshot ended early".into());
-    };
-    let state = loader.finish(&header.scalars)?;
-    Ok(FetchedState {
-        header,
-        state: Box::new(state),
-    })
+
+    /// The state, once the whole stream was taken.
+    ///
+    /// # Errors
+    /// The stream ended early, or the state breaks an invariant.
+    pub fn finish(self) -> Result<FetchedState, String> {
+        let (Some(header), true) = (self.header, self.ended) else {
+            return Err("the snapshot ended early".into());
+        };
+        let state = self.loader.finish(&header.scalars)?;
+        Ok(FetchedState {
+            header,
+            state: Box::new(state),
+        })
+    }
 }

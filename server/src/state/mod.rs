@@ -275,6 +275,13 @@ impl StateMachine {
         self.locks.waiter_count()
     }
 
+    /// Forgets the cluster's identity and which members confirmed it, for
+    /// a state restored into a new cluster (which mints its own).
+    pub fn forget_cluster_identity(&mut self) {
+        self.cluster_identity = None;
+        self.confirmed_members.clear();
+    }
+
     /// Open sessions, ascending.
     pub fn sessions(&self) -> Vec<SessionId> {
         self.sessions.keys().copied().collect()

@@ -111,6 +111,17 @@ pub(crate) struct Scalars {
     pub confirmed_members: Vec<u64>,
 }
 
+/// The revision, the leader-stamped time and the cluster identity of a
+/// saved state's header, without loading the state.
+///
+/// # Errors
+/// The header does not decode.
+pub fn header_scalars(scalars: &[u8]) -> Result<(u64, u64, Option<u128>), LoadError> {
+    let scalars: Scalars =
+        decode(scalars).map_err(|error| format!("the state header does not decode: {error}"))?;
+    Ok((scalars.revision, scalars.now_ms, scalars.cluster_identity))
+}
+
 /// Why records could not be turned back into a state.
 pub type LoadError = String;
 

@@ -14,11 +14,16 @@
 //! 3. Each connection's pending requests and queued replies are charged to
 //!    its own [`ConnectionBudget`] (see that module).
 //! 4. A connection that sends nothing for `client_idle_timeout` is closed.
+//! 5. A connection whose hello asks for a backup ([`Hello::Backup`]) takes
+//!    one of `backups_max` permits (or is refused), gets the saved state
+//!    streamed as a peer would ([`send_snapshot`]), for at most
+//!    `backup_timeout`, and is closed; it never reaches the replica's
+//!    event loop.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use synod_proto::tls::{self, FrameReadError, FrameReader, TlsMaterial};
 use synod_proto::wire::{decode_frame, encode_frame, ClientFrame, Hello, HelloReply, ServerFrame};
@@ -28,6 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::budget::{ConnectionBudget, QueuedReply, Refusal, ReplySender, WeakReplySender};
 use super::peer::refuse;
+use super::snapshot::{send_snapshot, SnapshotPiece, SnapshotSource};
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
     close_code, RefusalSink, Result, TransportError, TransportLimits, CLOSE_LIMIT, CLOSE_NORMAL,
@@ -126,6 +132,16 @@ struct Shared {
     handshakes: Arc<Semaphore>,
     connections_per_identity: Arc<Mutex<HashMap<String, usize>>>,
     refusals: RefusalSink,
+    backups: Arc<Semaphore>,
+    snapshot_source: RwLock<Option<Arc<dyn SnapshotSource>>>,
+}
+
+/// What a welcomed client asked for in its hello.
+enum Purpose {
+    /// A session: the stream goes to the replica.
+    Session,
+    /// A backup, holding one of the `backups_max` permits.
+    Backup(OwnedSemaphorePermit),
 }
 
 /// One identity's hold on a connection slot, given back on drop.
@@ -240,6 +256,8 @@ impl ClientListener {
             handshakes: Arc::new(Semaphore::new(config.limits.client_handshakes_max)),
             connections_per_identity: Arc::new(Mutex::new(HashMap::new())),
             refusals: config.refusals,
+            backups: Arc::new(Semaphore::new(config.limits.backups_max)),
+            snapshot_source: RwLock::new(None),
             limits: config.limits,
             endpoint,
             connections,
@@ -260,6 +278,17 @@ impl ClientListener {
     /// The socket's error.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.shared.endpoint.local_addr()
+    }
+
+    /// Sets where backups asked for by clients come from, replacing any
+    /// earlier source. Until one is set, backups are answered that no
+    /// snapshot is saved.
+    pub fn register_snapshot_source(&self, source: Arc<dyn SnapshotSource>) {
+        *self
+            .shared
+            .snapshot_source
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(source);
     }
 
     /// Client connections open now.
@@ -371,7 +400,7 @@ async fn serve_client(
         ) => accepted,
     };
     drop(handshake_permit);
-    let (mut send, frames) = match accepted {
+    let (mut send, frames, purpose) = match accepted {
         Ok(Some(session)) => session,
         Ok(None) => return,
         Err(_) => {
@@ -383,6 +412,11 @@ async fn serve_client(
     let (Some(identity), Ok(_slot)) = (identity, admitted) else {
         return;
     };
+    if let Purpose::Backup(permit) = purpose {
+        drop(frames);
+        serve_backup(&shared, &connection, &identity, send, permit, &mut shutdown).await;
+        return;
+    }
 
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let budget = ConnectionBudget::new(limits.client_bounds);
@@ -443,6 +477,56 @@ async fn serve_client(
     .await;
 }
 
+/// Streams the saved state to a client that asked for a backup, within
+/// `backup_timeout`, then closes the connection.
+async fn serve_backup(
+    shared: &Shared,
+    connection: &quinn::Connection,
+    identity: &str,
+    mut send: quinn::SendStream,
+    _permit: OwnedSemaphorePermit,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let source = shared
+        .snapshot_source
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    let mut pieces = match source {
+        Some(source) => source.open_snapshot(),
+        None => {
+            let (sender, receiver) = mpsc::channel(1);
+            let _ = sender.try_send(SnapshotPiece::Failed(
+                "no snapshot is saved yet".to_string(),
+            ));
+            receiver
+        }
+    };
+    let node = shared.node_id;
+    let remote = connection.remote_address();
+    let timeout = shared.limits.backup_timeout;
+    tokio::select! {
+        _ = cancelled(shutdown) => {
+            connection.close(close_code(CLOSE_SHUTDOWN), b"replica shutting down");
+            return;
+        }
+        outcome = tokio::time::timeout(timeout, send_snapshot(&mut send, &mut pieces)) => match outcome {
+            Ok(Ok(Some(sent))) => info!(
+                node, %remote, identity, through_slot = sent.through_slot, chunks = sent.chunks,
+                bytes = sent.bytes, "backup sent"
+            ),
+            Ok(Ok(None)) => info!(node, %remote, identity, "backup asked for, but no state is saved"),
+            Ok(Err(error)) => info!(node, %remote, identity, %error, "backup failed"),
+            Err(_) => {
+                info!(node, %remote, identity, "backup cut off: `limits.backup_timeout_ms` passed");
+                connection.close(close_code(CLOSE_TIMEOUT), b"backup took too long");
+                return;
+            }
+        },
+    }
+    connection.close(close_code(CLOSE_NORMAL), b"backup sent");
+}
+
 /// Reads the client's hello and answers it; the session stream if welcomed.
 /// A connection that met a bound (`refusal`) is refused with it after its
 /// hello, so the client can print why.
@@ -450,7 +534,7 @@ async fn accept_hello(
     shared: &Shared,
     connection: &quinn::Connection,
     refusal: Option<String>,
-) -> Option<(quinn::SendStream, FrameReader)> {
+) -> Option<(quinn::SendStream, FrameReader, Purpose)> {
     let (mut send, receive) = match connection.accept_bi().await {
         Ok(streams) => streams,
         Err(error) => {
@@ -461,9 +545,29 @@ async fn accept_hello(
     let mut frames = FrameReader::new(receive, shared.limits.client_frame_bytes_max);
     let verdict = match frames.next::<Hello>().await {
         Ok(Some(Hello::Client { protocol_version })) if protocol_version == PROTOCOL_VERSION => {
-            refusal.map_or(Ok(()), Err)
+            refusal.map_or(Ok(Purpose::Session), Err)
         }
-        Ok(Some(Hello::Client { protocol_version })) => Err(format!(
+        Ok(Some(Hello::Backup { protocol_version })) if protocol_version == PROTOCOL_VERSION => {
+            match refusal {
+                Some(reason) => Err(reason),
+                None => shared
+                    .backups
+                    .clone()
+                    .try_acquire_owned()
+                    .map(Purpose::Backup)
+                    .map_err(|_| {
+                        shared.refusals.refused("backups_max");
+                        format!(
+                            "the replica is streaming {} backups, its limit \
+                             (`limits.backups_max`); try again later or ask another replica",
+                            shared.limits.backups_max
+                        )
+                    }),
+            }
+        }
+        Ok(Some(
+            Hello::Client { protocol_version } | Hello::Backup { protocol_version },
+        )) => Err(format!(
             "protocol version {protocol_version} is not supported; this replica speaks version {PROTOCOL_VERSION}"
         )),
         Ok(Some(Hello::Peer { .. })) => Err(
@@ -473,13 +577,13 @@ async fn accept_hello(
         Err(error) => Err(format!("unreadable hello: {error}")),
     };
     match verdict {
-        Ok(()) => {
+        Ok(purpose) => {
             let welcome = HelloReply::Welcome {
                 protocol_version: PROTOCOL_VERSION,
                 node_id: shared.node_id,
             };
             match send.write_all(&encode_frame(&welcome)).await {
-                Ok(()) => Some((send, frames)),
+                Ok(()) => Some((send, frames, purpose)),
                 Err(error) => {
                     debug!(node = shared.node_id, %error, "cannot welcome client");
                     None

@@ -178,6 +178,10 @@ pub struct TransportLimits {
     pub client_bounds: ConnectionBounds,
     /// Bytes of server frames gathered into one stream write.
     pub client_write_batch_bytes_max: usize,
+    /// Backups streamed to clients at once; more are refused.
+    pub backups_max: usize,
+    /// Bound on streaming one backup to a client.
+    pub backup_timeout: Duration,
     /// On shutdown, how long to wait for closed connections to drain (so
     /// peers hear the close) before giving up; the socket is released once
     /// they have drained.
@@ -206,6 +210,8 @@ impl Default for TransportLimits {
             client_queue_frames_max: 1024,
             client_bounds: ConnectionBounds::default(),
             client_write_batch_bytes_max: 1 << 20,
+            backups_max: 2,
+            backup_timeout: Duration::from_secs(3600),
             shutdown_drain_timeout: Duration::from_secs(1),
         }
     }

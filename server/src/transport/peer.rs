@@ -27,7 +27,8 @@ use tracing::{debug, info, warn};
 
 use super::identity::ClusterIdentity;
 use super::snapshot::{
-    PeerRequest, SnapshotFrame, SnapshotHeader, SnapshotPiece, CONTROL_FRAME_BYTES_MAX,
+    send_snapshot, PeerRequest, SnapshotFrame, SnapshotHeader, SnapshotPiece,
+    CONTROL_FRAME_BYTES_MAX,
 };
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
@@ -835,7 +836,7 @@ fn judge_hello<M: PeerPayload>(
             cluster_identity,
             joining,
         ),
-        Hello::Client { .. } => {
+        Hello::Client { .. } | Hello::Backup { .. } => {
             return Err(Refusal::Plain(
                 "this is a replica's peer port; clients connect to its client port".to_string(),
             ))
@@ -982,58 +983,13 @@ async fn serve_snapshot<M: PeerPayload>(
             receiver
         }
     };
-    let mut sent_through = None;
-    let mut totals = (0u64, 0u64);
-    let transfer = async {
-        let header = match pieces.recv().await {
-            Some(SnapshotPiece::Start { through_slot }) => {
-                sent_through = Some(through_slot);
-                SnapshotHeader::Ready { through_slot }
-            }
-            Some(SnapshotPiece::Failed(reason)) => SnapshotHeader::Unavailable { reason },
-            Some(_) | None => SnapshotHeader::Unavailable {
-                reason: "the snapshot source produced nothing".to_string(),
-            },
-        };
-        send.write_all(&encode_frame(&header)).await?;
-        if sent_through.is_some() {
-            loop {
-                let frame = match pieces.recv().await {
-                    Some(SnapshotPiece::Chunk(chunk)) => {
-                        totals.0 += 1;
-                        totals.1 += chunk.len() as u64;
-                        SnapshotFrame::Chunk(chunk)
-                    }
-                    Some(SnapshotPiece::End) => SnapshotFrame::End {
-                        chunks: totals.0,
-                        bytes: totals.1,
-                    },
-                    Some(SnapshotPiece::Failed(reason)) => SnapshotFrame::Failed(reason),
-                    Some(SnapshotPiece::Start { .. }) | None => {
-                        SnapshotFrame::Failed("the snapshot source stopped".to_string())
-                    }
-                };
-                let last = !matches!(frame, SnapshotFrame::Chunk(_));
-                send.write_all(&encode_frame(&frame)).await?;
-                if last {
-                    break;
-                }
-            }
-        }
-        let _ = send.finish();
-        // Let the bytes arrive before this task (and maybe the connection)
-        // goes away.
-        let _ = send.stopped().await;
-        Ok::<(), TransportError>(())
-    };
     tokio::select! {
         _ = cancelled(&mut shutdown) => {}
-        outcome = tokio::time::timeout(limits.snapshot_timeout, transfer) => match outcome {
-            Ok(Ok(())) => {
-                if let Some(through_slot) = sent_through {
-                    info!(node = shared.node_id, peer, through_slot, chunks = totals.0, bytes = totals.1, "snapshot sent");
-                }
+        outcome = tokio::time::timeout(limits.snapshot_timeout, send_snapshot(&mut send, &mut pieces)) => match outcome {
+            Ok(Ok(Some(sent))) => {
+                info!(node = shared.node_id, peer, through_slot = sent.through_slot, chunks = sent.chunks, bytes = sent.bytes, "snapshot sent");
             }
+            Ok(Ok(None)) => {}
             Ok(Err(error)) => info!(node = shared.node_id, peer, %error, "snapshot transfer failed"),
             Err(_) => info!(node = shared.node_id, peer, "snapshot transfer timed out"),
         },

@@ -13,6 +13,10 @@
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use synod_proto::wire::encode_frame;
+pub(crate) use synod_proto::wire::{SnapshotFrame, SnapshotHeader};
+
+use super::TransportError;
 use tokio::sync::mpsc;
 
 /// One piece of a snapshot, as a [`SnapshotSource`] produces it.
@@ -57,35 +61,78 @@ pub(crate) enum PeerRequest {
     Snapshot,
 }
 
-/// The answer to [`PeerRequest::Snapshot`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum SnapshotHeader {
-    /// [`SnapshotFrame`]s follow.
-    Ready {
-        /// The snapshot's slot.
-        through_slot: u64,
-    },
-    /// No snapshot to give.
-    Unavailable {
-        /// Why.
-        reason: String,
-    },
+/// What [`send_snapshot`] sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SnapshotSent {
+    /// The snapshot reflects every slot through this one.
+    pub through_slot: u64,
+    /// Chunks sent.
+    pub chunks: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
-/// A frame of a snapshot after its header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum SnapshotFrame {
-    /// The next bytes.
-    Chunk(Bytes),
-    /// Every chunk was sent: how many, and their bytes in all.
-    End {
-        /// Chunks sent.
-        chunks: u64,
-        /// Their bytes.
-        bytes: u64,
-    },
-    /// The source failed part-way; the snapshot is incomplete.
-    Failed(String),
+/// Writes a snapshot to `send` as the source produces it: the header,
+/// the chunks, the end frame counting them; then finishes the stream and
+/// waits until the other side has it. `None` when the source had no
+/// snapshot to give (the header says why). Bound it with a timeout: a
+/// slow reader holds it (and the source's read transaction) that long.
+pub(crate) async fn send_snapshot(
+    send: &mut quinn::SendStream,
+    pieces: &mut mpsc::Receiver<SnapshotPiece>,
+) -> Result<Option<SnapshotSent>, TransportError> {
+    let through_slot = match pieces.recv().await {
+        Some(SnapshotPiece::Start { through_slot }) => Some(through_slot),
+        Some(SnapshotPiece::Failed(reason)) => {
+            send.write_all(&encode_frame(&SnapshotHeader::Unavailable { reason }))
+                .await?;
+            None
+        }
+        Some(_) | None => {
+            let reason = "the snapshot source produced nothing".to_string();
+            send.write_all(&encode_frame(&SnapshotHeader::Unavailable { reason }))
+                .await?;
+            None
+        }
+    };
+    let mut sent = None;
+    if let Some(through_slot) = through_slot {
+        send.write_all(&encode_frame(&SnapshotHeader::Ready { through_slot }))
+            .await?;
+        let (mut chunks, mut bytes) = (0u64, 0u64);
+        loop {
+            let frame = match pieces.recv().await {
+                Some(SnapshotPiece::Chunk(chunk)) => {
+                    chunks += 1;
+                    bytes += chunk.len() as u64;
+                    SnapshotFrame::Chunk(chunk)
+                }
+                Some(SnapshotPiece::End) => SnapshotFrame::End { chunks, bytes },
+                Some(SnapshotPiece::Failed(reason)) => SnapshotFrame::Failed(reason),
+                Some(SnapshotPiece::Start { .. }) | None => {
+                    SnapshotFrame::Failed("the snapshot source stopped".to_string())
+                }
+            };
+            let complete = matches!(frame, SnapshotFrame::End { .. });
+            let last = !matches!(frame, SnapshotFrame::Chunk(_));
+            send.write_all(&encode_frame(&frame)).await?;
+            if last {
+                if complete {
+                    sent = Some(SnapshotSent {
+                        through_slot,
+                        chunks,
+                        bytes,
+                    });
+                }
+                break;
+            }
+        }
+    }
+    let _ = send.finish();
+    // Let the bytes arrive before the caller (and maybe the connection)
+    // goes away.
+    let _ = send.stopped().await;
+    Ok(sent)
 }
 
 /// Bound on the request and header frames of a bulk-transfer stream.

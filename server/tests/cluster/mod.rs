@@ -29,6 +29,25 @@ impl Cluster {
     /// Starts `size` replicas with default timeouts, after `tweak` adjusts
     /// each configuration.
     pub async fn start(size: u64, tweak: impl Fn(&mut ReplicaConfig)) -> Cluster {
+        Cluster::start_seeded(size, tweak, None).await
+    }
+
+    /// Starts `size` replicas whose data directories `seed` fills first
+    /// (for instance from a backup); they start as existing members, not
+    /// with `--bootstrap`.
+    pub async fn start_from(
+        size: u64,
+        tweak: impl Fn(&mut ReplicaConfig),
+        seed: impl Fn(&ReplicaConfig),
+    ) -> Cluster {
+        Cluster::start_seeded(size, tweak, Some(&seed)).await
+    }
+
+    async fn start_seeded(
+        size: u64,
+        tweak: impl Fn(&mut ReplicaConfig),
+        seed: Option<&dyn Fn(&ReplicaConfig)>,
+    ) -> Cluster {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -74,10 +93,15 @@ impl Cluster {
             config.validate().expect("valid test config");
             configs.push(config);
         }
+        if let Some(seed) = seed {
+            for config in &configs {
+                seed(config);
+            }
+        }
         let mut replicas = Vec::new();
         for (config, (peer, client)) in configs.iter().zip(sockets) {
             let options = StartOptions {
-                bootstrap: true,
+                bootstrap: seed.is_none(),
                 peer_socket: Some(peer),
                 client_socket: Some(client),
                 ..StartOptions::default()
