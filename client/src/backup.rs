@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use synod_proto::tls::{handshake, FrameReader};
+use synod_proto::tls::{handshake, FrameReader, HandshakeError};
 use synod_proto::wire::{Hello, SnapshotFrame, SnapshotHeader};
 
 use crate::error::ClientError;
@@ -78,20 +78,38 @@ impl SnapshotDownload {
     }
 }
 
+/// Why one replica did not start a backup.
+enum NotStarted {
+    /// It answered, and refused (a limit, or no saved state yet).
+    Refused(String),
+    /// It could not be reached, or the connection broke.
+    Unreachable(String),
+}
+
 /// Asks each replica in turn for a backup; the first that starts one.
+/// When some replica answered but refused, its reason is the error
+/// ([`synod_proto::Error::Unavailable`]); otherwise the replicas were
+/// unreachable ([`ClientError::ConnectionLost`]).
 pub(crate) async fn fetch(
     endpoint: quinn::Endpoint,
     endpoints: &[(SocketAddr, String)],
     timeout: Duration,
 ) -> Result<SnapshotDownload> {
-    let mut last_error = String::from("no replica was asked");
+    let mut refused = None;
+    let mut unreachable = String::from("no replica was asked");
     for (address, name) in endpoints {
         match start(&endpoint, *address, name, timeout).await {
             Ok(download) => return Ok(download),
-            Err(error) => last_error = format!("{address}: {error}"),
+            Err(NotStarted::Refused(reason)) => {
+                refused.get_or_insert(format!("{address} refused the backup: {reason}"));
+            }
+            Err(NotStarted::Unreachable(error)) => unreachable = format!("{address}: {error}"),
         }
     }
-    Err(ClientError::ConnectionLost(last_error))
+    Err(match refused {
+        Some(reason) => ClientError::Refused(synod_proto::Error::Unavailable { reason }),
+        None => ClientError::ConnectionLost(unreachable),
+    })
 }
 
 async fn start(
@@ -99,24 +117,28 @@ async fn start(
     address: SocketAddr,
     name: &str,
     timeout: Duration,
-) -> std::result::Result<SnapshotDownload, String> {
+) -> std::result::Result<SnapshotDownload, NotStarted> {
+    let unreachable = |error: String| NotStarted::Unreachable(error);
     let connecting = endpoint
         .connect(address, name)
-        .map_err(|error| error.to_string())?;
+        .map_err(|error| unreachable(error.to_string()))?;
     let connection = tokio::time::timeout(timeout, connecting)
         .await
-        .map_err(|_| format!("no connection within {} ms", timeout.as_millis()))?
-        .map_err(|error| error.to_string())?;
+        .map_err(|_| unreachable(format!("no connection within {} ms", timeout.as_millis())))?
+        .map_err(|error| unreachable(error.to_string()))?;
     let hello = Hello::Backup {
         protocol_version: synod_proto::PROTOCOL_VERSION,
     };
-    let mut handshaken = handshake(connection, &hello, BACKUP_FRAME_BYTES_MAX, timeout)
-        .await
-        .map_err(|error| error.to_string())?;
+    let mut handshaken = match handshake(connection, &hello, BACKUP_FRAME_BYTES_MAX, timeout).await
+    {
+        Ok(handshaken) => handshaken,
+        Err(HandshakeError::Refused { reason }) => return Err(NotStarted::Refused(reason)),
+        Err(error) => return Err(unreachable(error.to_string())),
+    };
     let header = tokio::time::timeout(timeout, handshaken.frames.next::<SnapshotHeader>())
         .await
-        .map_err(|_| "the replica did not start the backup in time".to_string())?
-        .map_err(|error| error.to_string())?;
+        .map_err(|_| unreachable("the replica did not start the backup in time".to_string()))?
+        .map_err(|error| unreachable(error.to_string()))?;
     match header {
         Some(SnapshotHeader::Ready { through_slot }) => Ok(SnapshotDownload {
             connection: handshaken.connection,
@@ -126,7 +148,9 @@ async fn start(
             received: (0, 0),
             ended: false,
         }),
-        Some(SnapshotHeader::Unavailable { reason }) => Err(reason),
-        None => Err("the replica closed the stream without an answer".to_string()),
+        Some(SnapshotHeader::Unavailable { reason }) => Err(NotStarted::Refused(reason)),
+        None => Err(unreachable(
+            "the replica closed the stream without an answer".to_string(),
+        )),
     }
 }

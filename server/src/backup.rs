@@ -77,14 +77,14 @@ const CHUNK_BYTES_MAX: u64 = 256 << 20;
 #[non_exhaustive]
 pub enum BackupError {
     /// Reading or writing the file failed.
-    #[error("{path}: cannot {operation}: {source}")]
+    #[error("{path}: cannot {operation}: {error}")]
     Io {
         /// The file.
         path: PathBuf,
         /// What was being done.
         operation: &'static str,
         /// The error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The file exists already; a backup never overwrites one.
     #[error("{path} exists already; choose another name or remove it first")]
@@ -142,10 +142,10 @@ type Result<T> = std::result::Result<T, BackupError>;
 
 fn io_error(path: &Path, operation: &'static str) -> impl FnOnce(std::io::Error) -> BackupError {
     let path = path.to_path_buf();
-    move |source| BackupError::Io {
+    move |error| BackupError::Io {
         path,
         operation,
-        source,
+        error,
     }
 }
 
@@ -193,7 +193,7 @@ impl BackupWriter {
                 _ => BackupError::Io {
                     path: partial.clone(),
                     operation: "create the backup file",
-                    source,
+                    error: source,
                 },
             })?;
         let mut writer = BackupWriter {
@@ -245,7 +245,7 @@ impl BackupWriter {
             return Err(BackupError::Io {
                 path: partial,
                 operation: "finish the backup file",
-                source: std::io::Error::other("already finished"),
+                error: std::io::Error::other("already finished"),
             });
         };
         let finished = file

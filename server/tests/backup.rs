@@ -316,7 +316,7 @@ async fn backups_past_the_limit_are_refused_with_its_name() {
         .fetch_snapshot()
         .await;
     match second {
-        Err(ClientError::ConnectionLost(reason)) => {
+        Err(ClientError::Refused(synod_proto::Error::Unavailable { reason })) => {
             assert!(reason.contains("limits.backups_max"), "{reason}");
         }
         other => panic!("a second backup at once was not refused: {other:?}"),

@@ -248,7 +248,11 @@ fn stream_state(
             append(&mut chunk.borrow_mut(), &StreamRecord::End { records });
             send_chunk().map(|()| SnapshotPiece::End)
         }
-        Ok(None) => Ok(SnapshotPiece::Failed("no state is saved yet".to_string())),
+        Ok(None) => Ok(SnapshotPiece::Failed(
+            "no state is saved yet (a new cluster saves its first within \
+             `limits.state_flush_interval_ms` of its first write); try again in a moment"
+                .to_string(),
+        )),
         Err(error) => Ok(SnapshotPiece::Failed(error.to_string())),
     };
     let served = match last {
