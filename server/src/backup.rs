@@ -26,6 +26,11 @@
 //! the state, checking every invariant the state machine relies on: a
 //! damaged, truncated or foreign file is refused with the reason.
 //!
+//! A stopped replica's data directory can also be written out as a backup
+//! ([`export`], `synod-server export`): for a cluster that lost its
+//! majority for good, the survivor's saved state with its chosen log
+//! applied.
+//!
 //! # Restoring
 //!
 //! [`restore`] seeds one new replica's data directory from a backup:
@@ -525,6 +530,34 @@ fn verify_checksum(path: &Path, file_bytes: u64) -> Result<String> {
         )));
     }
     Ok(hex(&stored))
+}
+
+/// Writes a backup of a stopped replica's data directory to `to`: its
+/// saved state with every chosen slot of its log applied (see
+/// [`crate::replica::recover_offline`]). For disaster recovery, when a
+/// cluster lost its majority for good and a survivor's data is the best
+/// copy left: restore the new cluster from this file. Slots the survivor
+/// accepted but never learned were chosen are not in it.
+///
+/// # Errors
+/// The database cannot be opened or its state does not load
+/// ([`BackupError::Damaged`] with the reason); the file cannot be written.
+pub fn export(config: &ReplicaConfig, to: impl AsRef<Path>) -> Result<BackupSummary> {
+    let to = to.as_ref();
+    let mut writer = BackupWriter::create(to)?;
+    let mut recovered =
+        crate::replica::recover_offline(config).map_err(|error| BackupError::Damaged {
+            path: database_path(&config.data_dir),
+            reason: error.to_string(),
+        })?;
+    crate::replica::snapshot::encode_state(
+        &mut recovered.state,
+        recovered.applied_through,
+        &recovered.membership,
+        |chunk| writer.chunk(chunk),
+    )?;
+    writer.finish()?;
+    scan_backup(to)
 }
 
 /// What [`restore`] made.

@@ -62,6 +62,18 @@ enum ServerCommand {
         #[arg(long, value_name = "BACKUP")]
         from: PathBuf,
     },
+    /// Write a stopped replica's state (its saved state with every chosen
+    /// slot of its log applied) to a backup file, then exit: for a cluster
+    /// that lost its majority for good, restore a new cluster from the
+    /// survivor's export (see the README's disaster recovery steps).
+    Export {
+        /// The stopped replica's TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// The backup file to write (never overwritten).
+        #[arg(long, value_name = "BACKUP")]
+        to: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -91,8 +103,23 @@ fn init_logging(log: &LogConfig) {
 
 fn run() -> anyhow::Result<()> {
     let arguments = Arguments::parse();
-    if let Some(ServerCommand::Restore { config, from }) = &arguments.command {
-        return restore(config, from);
+    match &arguments.command {
+        Some(ServerCommand::Restore { config, from }) => return restore(config, from),
+        Some(ServerCommand::Export { config, to }) => {
+            let config = ReplicaConfig::load(config)?;
+            let exported = synod_server::backup::export(&config, to)?;
+            println!(
+                "exported replica {} to {}: revision {}, {} nodes, through slot {}, sha256 {}",
+                config.id,
+                to.display(),
+                exported.revision,
+                exported.nodes,
+                exported.through_slot,
+                exported.sha256
+            );
+            return Ok(());
+        }
+        None => {}
     }
     let Some(config_path) = arguments.config.clone() else {
         anyhow::bail!("--config FILE is required");

@@ -181,7 +181,31 @@ async fn a_backup_under_writes_restores_into_a_new_cluster_node_by_node() {
     owner.close().await;
     writer_client.close().await;
     client.close().await;
-    source.shutdown().await;
+    // Stopped, but its data directories kept for the export below.
+    let mut source = source;
+    for index in 0..source.replicas.len() {
+        source.stop(index).await;
+    }
+
+    // Disaster recovery: a stopped replica's data, its log applied, as a
+    // backup. It holds every write it learned was chosen, so at least the
+    // backup's, and a consistent prefix of the writer's.
+    let exported = dir.path().join("survivor.backup");
+    let export = backup::export(&source.configs[0], &exported).expect("export the survivor");
+    assert!(
+        export.revision >= revision,
+        "{export:?} against the backup's {revision}"
+    );
+    let survivor_state =
+        backup::read_backup(&exported, backup::any_state_config()).expect("the export loads");
+    assert_eq!(survivor_state.summary, export);
+    assert!(
+        acked
+            .iter()
+            .any(|(_, _, at)| *at > revision && *at <= export.revision)
+            || export.revision == revision,
+        "the export applied the log after the saved state"
+    );
 
     let restored = Cluster::start_from(3, fast_flush, |config| {
         let summary = backup::restore(&file, config).expect("restore");

@@ -324,6 +324,12 @@ impl Driver {
         &self.node
     }
 
+    /// The state machine, and the last slot applied to it.
+    pub fn into_state(self) -> (StateMachine, u64) {
+        let applied = self.node.status().apply_next.saturating_sub(1);
+        (self.state, applied)
+    }
+
     /// The state machine, for status and tests.
     pub fn state(&self) -> &StateMachine {
         &self.state

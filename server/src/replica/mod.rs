@@ -295,6 +295,51 @@ fn load_records(reader: StateReader, loader: &mut StateLoader) -> Result<(), Rep
     Ok(())
 }
 
+/// A replica's state as its data directory holds it, with its chosen log
+/// applied (see [`recover_offline`]).
+#[derive(Debug)]
+pub struct OfflineState {
+    /// The state machine.
+    pub state: StateMachine,
+    /// The last slot applied to it.
+    pub applied_through: u64,
+    /// The membership the database holds.
+    pub membership: synod_paxos::Membership,
+}
+
+/// Opens a stopped replica's database (never creating one), loads its
+/// saved state and applies every chosen slot its log holds after it, as a
+/// restart would, without starting anything or writing to the database.
+/// For disaster recovery (`synod-server export`): the survivor of a
+/// cluster that lost its majority for good.
+///
+/// # Errors
+/// As a restart's: a missing or unusable database, a saved state that does
+/// not load.
+pub fn recover_offline(config: &ReplicaConfig) -> Result<OfflineState, ReplicaError> {
+    let clock = Clock::new();
+    let (storage, recovered) = open_storage(config, false, false)?;
+    let (state, apply_from) = load_state(config, &storage, &recovered)?;
+    let membership = recovered.durable.membership.clone();
+    let node = Node::new(
+        config.paxos_config(config.id),
+        recovered.durable.clone(),
+        apply_from,
+        clock.now_ms(),
+    )
+    .map_err(|error| ReplicaError::Start(error.to_string()))?;
+    let holds = Arc::new(snapshot::StreamHolds::default());
+    let mut driver = Driver::new(config.clone(), node, state, holds, clock.now_ms());
+    driver.replay();
+    drop(storage);
+    let (state, applied_through) = driver.into_state();
+    Ok(OfflineState {
+        state,
+        applied_through,
+        membership,
+    })
+}
+
 impl Replica {
     /// Starts a replica in this process.
     ///

@@ -266,6 +266,47 @@ fn stream_state(
     served
 }
 
+/// Encodes a whole state as a snapshot stream (the header, every record,
+/// the end), handing chunks of about [`CHUNK_BYTES`] to `sink`: the stream
+/// a replica would serve had it saved this state through `through`.
+///
+/// # Errors
+/// The first error of `sink`.
+pub fn encode_state<E>(
+    state: &mut StateMachine,
+    through: Slot,
+    membership: &synod_paxos::Membership,
+    mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<u64, E> {
+    state.mark_all_dirty();
+    let delta = state.take_delta(through, membership);
+    let mut chunk = Vec::with_capacity(CHUNK_BYTES * 2);
+    if let Some(header) = delta.header {
+        append(&mut chunk, &StreamRecord::Header(header));
+    }
+    let mut records = 0u64;
+    for ((table, key), value) in &delta.changes {
+        // Every record of a whole state is present; nothing to remove.
+        let Some(value) = value else { continue };
+        records += 1;
+        append(
+            &mut chunk,
+            &StreamRecord::Record {
+                table: *table,
+                key: RawBytes(key),
+                value: RawBytes(value),
+            },
+        );
+        if chunk.len() >= CHUNK_BYTES {
+            sink(&chunk)?;
+            chunk.clear();
+        }
+    }
+    append(&mut chunk, &StreamRecord::End { records });
+    sink(&chunk)?;
+    Ok(records)
+}
+
 fn append(chunk: &mut Vec<u8>, record: &StreamRecord<'_>) {
     let buffer = std::mem::take(chunk);
     *chunk = postcard::to_extend(record, buffer).expect("encoding into memory cannot fail");
