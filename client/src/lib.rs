@@ -331,12 +331,7 @@ impl ClientBuilder {
     /// [`ClientError::ConnectionLost`] when no replica answers.
     pub async fn connect(self) -> Result<Client> {
         let material = self.tls_material()?;
-        let endpoints = self.resolved_endpoints()?;
-        let Some(first) = endpoints.first() else {
-            return Err(ClientError::Config(
-                "no endpoints given; call endpoints() with the replicas' client addresses".into(),
-            ));
-        };
+        let (endpoints, first) = self.resolved_endpoints()?;
         if self.session_timeout_ms == 0 || self.request_timeout_ms == 0 {
             return Err(ClientError::Config(
                 "session and request timeouts must be positive".into(),
@@ -345,7 +340,7 @@ impl ClientBuilder {
         // The session task detects a silent replica itself; QUIC's idle
         // timeout is the backstop, and its pings keep NAT bindings warm.
         let idle_ms = (self.session_timeout_ms / 2).clamp(500, 10_000);
-        let endpoint = quic_endpoint(&material, first.0, idle_ms)?;
+        let endpoint = quic_endpoint(&material, first, idle_ms)?;
         let shared = Arc::new(Shared::new());
         let settings = SessionSettings {
             endpoints,
@@ -389,13 +384,8 @@ impl ClientBuilder {
     /// refuses (the last reason is given).
     pub async fn fetch_snapshot(self) -> Result<SnapshotDownload> {
         let material = self.tls_material()?;
-        let endpoints = self.resolved_endpoints()?;
-        let Some(first) = endpoints.first() else {
-            return Err(ClientError::Config(
-                "no endpoints given; call endpoints() with the replicas' client addresses".into(),
-            ));
-        };
-        let endpoint = quic_endpoint(&material, first.0, 10_000)?;
+        let (endpoints, first) = self.resolved_endpoints()?;
+        let endpoint = quic_endpoint(&material, first, 10_000)?;
         backup::fetch(
             endpoint,
             &endpoints,
@@ -413,8 +403,8 @@ impl ClientBuilder {
     }
 
     /// The endpoints as addresses, each with the name its certificate must
-    /// carry.
-    fn resolved_endpoints(&self) -> Result<Vec<(SocketAddr, String)>> {
+    /// carry, and the first address.
+    fn resolved_endpoints(&self) -> Result<(Vec<(SocketAddr, String)>, SocketAddr)> {
         let mut endpoints = Vec::new();
         for endpoint in &self.endpoints {
             let address: SocketAddr = endpoint
@@ -430,7 +420,12 @@ impl ClientBuilder {
                 .to_string();
             endpoints.push((address, host));
         }
-        Ok(endpoints)
+        let Some(&(first, _)) = endpoints.first() else {
+            return Err(ClientError::Config(
+                "no endpoints given; call endpoints() with the replicas' client addresses".into(),
+            ));
+        };
+        Ok((endpoints, first))
     }
 
     /// Connects as [`ClientBuilder::connect`] does, for programs without

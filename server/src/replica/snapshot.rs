@@ -381,14 +381,8 @@ impl StreamScanner {
     /// A record that does not decode, a record before the header or after
     /// the end, or an end record whose count does not match.
     pub fn chunk(&mut self, chunk: &[u8]) -> Result<(), String> {
-        let mut rest: &[u8] = chunk;
-        while !rest.is_empty() {
-            if self.ended {
-                return Err("records after the end of the snapshot".into());
-            }
-            let (record, remaining) = postcard::take_from_bytes::<StreamRecord<'_>>(rest)
-                .map_err(|error| format!("a snapshot record does not decode: {error}"))?;
-            rest = remaining;
+        let ended = &mut self.ended;
+        for_each_record(chunk, ended, |record| {
             match record {
                 StreamRecord::Header(header) => {
                     if self.header.is_some() {
@@ -414,12 +408,33 @@ impl StreamScanner {
                             "the snapshot ends after {counted} records but counts {records}"
                         ));
                     }
-                    self.ended = true;
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
+}
+
+/// Decodes the records of one chunk in order and hands each to `take`;
+/// `ended` is set after an end record, and any record after it refused.
+fn for_each_record(
+    chunk: &[u8],
+    ended: &mut bool,
+    mut take: impl FnMut(StreamRecord<'_>) -> Result<(), String>,
+) -> Result<(), String> {
+    let mut rest: &[u8] = chunk;
+    while !rest.is_empty() {
+        if *ended {
+            return Err("records after the end of the snapshot".into());
+        }
+        let (record, remaining) = postcard::take_from_bytes::<StreamRecord<'_>>(rest)
+            .map_err(|error| format!("a snapshot record does not decode: {error}"))?;
+        rest = remaining;
+        let end = matches!(record, StreamRecord::End { .. });
+        take(record)?;
+        *ended = end;
+    }
+    Ok(())
 }
 
 /// Decodes a snapshot stream chunk by chunk into the state it holds,
@@ -451,23 +466,21 @@ impl StreamDecoder {
         chunk: &[u8],
         mut on_record: impl FnMut(StateRecordRef<'_>),
     ) -> Result<(), String> {
-        let mut rest: &[u8] = chunk;
-        while !rest.is_empty() {
-            if self.ended {
-                return Err("records after the end of the snapshot".into());
-            }
-            let (record, remaining) = postcard::take_from_bytes::<StreamRecord<'_>>(rest)
-                .map_err(|error| format!("a snapshot record does not decode: {error}"))?;
-            rest = remaining;
+        let Self {
+            loader,
+            header,
+            ended,
+        } = self;
+        for_each_record(chunk, ended, |record| {
             match record {
                 StreamRecord::Header(first) => {
-                    if self.header.is_some() || self.loader.records() != 0 {
+                    if header.is_some() || loader.records() != 0 {
                         return Err("a snapshot header in the middle of the snapshot".into());
                     }
-                    self.header = Some(first);
+                    *header = Some(first);
                 }
                 StreamRecord::Record { table, key, value } => {
-                    if self.header.is_none() {
+                    if header.is_none() {
                         return Err("a snapshot record before its header".into());
                     }
                     let record = StateRecordRef {
@@ -475,21 +488,20 @@ impl StreamDecoder {
                         key: key.0,
                         value: value.0,
                     };
-                    self.loader.record(record)?;
+                    loader.record(record)?;
                     on_record(record);
                 }
                 StreamRecord::End { records } => {
-                    if records != self.loader.records() {
+                    if records != loader.records() {
                         return Err(format!(
                             "the snapshot ends after {} records but counts {records}",
-                            self.loader.records()
+                            loader.records()
                         ));
                     }
-                    self.ended = true;
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// The state, once the whole stream was taken.

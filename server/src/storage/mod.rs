@@ -363,7 +363,6 @@ impl Storage {
                 detail: "the file is empty (did creating it crash?)".to_string(),
             });
         }
-        read_ahead(&path)?;
         guard_panics(&path, || {
             let database = builder()
                 .open(&path)
@@ -846,37 +845,17 @@ fn describe_state(through: Option<Slot>) -> String {
     }
 }
 
-/// Reads the whole file once, front to back in large blocks, so that the
-/// integrity check and the load that follow find it in the page cache.
-/// They visit pages in tree order, one 4 KiB read at a time, which on a
-/// file that left the cache is bound by random reads: at 10,000,000 nodes
-/// (1.9 GB) opening took 151 s that way, where reading the file in order
-/// takes 10 s (and about 0.1 s when it is cached already).
-fn read_ahead(path: &Path) -> Result<()> {
-    let io = |source| StorageError::Io {
-        path: path.to_path_buf(),
-        operation: "read the database file ahead of opening it",
-        source,
-    };
-    let mut file = File::open(path).map_err(io)?;
-    let mut block = vec![0u8; 8 << 20];
-    loop {
-        match std::io::Read::read(&mut file, &mut block) {
-            Ok(0) => return Ok(()),
-            Ok(_) => {}
-            Err(error) if error.kind() == ErrorKind::Interrupted => {}
-            Err(error) => return Err(io(error)),
-        }
-    }
-}
-
 /// redb's options, with its integrity check on every open: every page
 /// checksum is verified and the allocator state rebuilt from the trees, so
 /// a damaged file is refused at once rather than trusted (after a clean
 /// shutdown redb would otherwise load its saved allocator state as it is,
 /// and a damaged one panics in a later commit). It costs a read of the
-/// whole file: 0.4 s at 1,000,000 nodes (490 MB) and 3.8 s at 10,000,000
-/// (3.4 GB) from the page cache, after [`read_ahead`] put it there.
+/// whole file, page by page in tree order: 0.4 s at 1,000,000 nodes
+/// (490 MB) and 3.8 s at 10,000,000 (3.4 GB) from the page cache, but
+/// 132-151 s at 10,000,000 (about 2 GB) when much of the file had left it
+/// (random 4 KiB reads). Reading the whole file in order just before
+/// opening did not shorten that in the one run tried (132 s), so it was
+/// taken out again.
 fn builder() -> Builder {
     let mut builder = Builder::new();
     builder

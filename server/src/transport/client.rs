@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::budget::{ConnectionBudget, QueuedReply, Refusal, ReplySender, WeakReplySender};
 use super::peer::refuse;
-use super::snapshot::{send_snapshot, SnapshotPiece, SnapshotSource};
+use super::snapshot::{open_registered, send_snapshot, SnapshotSource};
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
     close_code, RefusalSink, Result, TransportError, TransportLimits, CLOSE_LIMIT, CLOSE_NORMAL,
@@ -487,21 +487,7 @@ async fn serve_backup(
     _permit: OwnedSemaphorePermit,
     shutdown: &mut watch::Receiver<bool>,
 ) {
-    let source = shared
-        .snapshot_source
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone();
-    let mut pieces = match source {
-        Some(source) => source.open_snapshot(),
-        None => {
-            let (sender, receiver) = mpsc::channel(1);
-            let _ = sender.try_send(SnapshotPiece::Failed(
-                "no snapshot is saved yet".to_string(),
-            ));
-            receiver
-        }
-    };
+    let mut pieces = open_registered(&shared.snapshot_source);
     let node = shared.node_id;
     let remote = connection.remote_address();
     let timeout = shared.limits.backup_timeout;

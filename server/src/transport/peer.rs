@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 
 use super::identity::ClusterIdentity;
 use super::snapshot::{
-    send_snapshot, PeerRequest, SnapshotFrame, SnapshotHeader, SnapshotPiece,
+    open_registered, send_snapshot, PeerRequest, SnapshotFrame, SnapshotHeader,
     CONTROL_FRAME_BYTES_MAX,
 };
 use super::tasks::{cancelled, Supervisor, Tasks};
@@ -968,21 +968,7 @@ async fn serve_snapshot<M: PeerPayload>(
             return;
         }
     }
-    let source = shared
-        .snapshot_source
-        .read()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-        .clone();
-    let mut pieces = match source {
-        Some(source) => source.open_snapshot(),
-        None => {
-            let (sender, receiver) = mpsc::channel(1);
-            let _ = sender.try_send(SnapshotPiece::Failed(
-                "no snapshot is saved yet".to_string(),
-            ));
-            receiver
-        }
-    };
+    let mut pieces = open_registered(&shared.snapshot_source);
     tokio::select! {
         _ = cancelled(&mut shutdown) => {}
         outcome = tokio::time::timeout(limits.snapshot_timeout, send_snapshot(&mut send, &mut pieces)) => match outcome {

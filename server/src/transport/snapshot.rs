@@ -61,6 +61,27 @@ pub(crate) enum PeerRequest {
     Snapshot,
 }
 
+/// Opens the snapshot of the source registered in `slot`; with none
+/// registered yet, a stream that says so.
+pub(crate) fn open_registered(
+    slot: &std::sync::RwLock<Option<std::sync::Arc<dyn SnapshotSource>>>,
+) -> mpsc::Receiver<SnapshotPiece> {
+    let source = slot
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone();
+    match source {
+        Some(source) => source.open_snapshot(),
+        None => {
+            let (sender, receiver) = mpsc::channel(1);
+            let _ = sender.try_send(SnapshotPiece::Failed(
+                "no snapshot is saved yet".to_string(),
+            ));
+            receiver
+        }
+    }
+}
+
 /// What [`send_snapshot`] sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct SnapshotSent {
