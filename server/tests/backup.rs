@@ -37,6 +37,16 @@ async fn dump(client: &Client, root: &str) -> BTreeMap<String, (Vec<u8>, synod_p
     nodes
 }
 
+/// The cluster identity the first replica holds, if any.
+fn cluster_identity(cluster: &Cluster) -> Option<String> {
+    cluster.replicas[0]
+        .as_ref()
+        .expect("running")
+        .status()
+        .replica
+        .cluster_identity
+}
+
 async fn take_backup(cluster: &Cluster, file: &std::path::Path) {
     let mut writer = BackupWriter::create(file).expect("a new backup file");
     let mut download = Client::builder()
@@ -171,12 +181,7 @@ async fn a_backup_under_writes_restores_into_a_new_cluster_node_by_node() {
             expected_hot.insert(path.clone(), value.clone());
         }
     }
-    let source_identity = source.replicas[0]
-        .as_ref()
-        .expect("running")
-        .status()
-        .replica
-        .cluster_identity;
+    let source_identity = cluster_identity(&source);
     drop(held);
     owner.close().await;
     writer_client.close().await;
@@ -259,22 +264,12 @@ async fn a_backup_under_writes_restores_into_a_new_cluster_node_by_node() {
     assert!(stat.modified_revision > revision);
     // The new cluster mints its own identity.
     let minted = eventually(Duration::from_secs(10), || {
-        let identity = restored.replicas[0]
-            .as_ref()
-            .expect("running")
-            .status()
-            .replica
-            .cluster_identity;
+        let identity = cluster_identity(&restored);
         async move { identity.is_some() }
     })
     .await;
     assert!(minted, "the restored cluster minted no identity");
-    let identity = restored.replicas[0]
-        .as_ref()
-        .expect("running")
-        .status()
-        .replica
-        .cluster_identity;
+    let identity = cluster_identity(&restored);
     assert_ne!(
         identity, source_identity,
         "the restored cluster is a new cluster"
