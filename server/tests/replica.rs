@@ -333,7 +333,10 @@ async fn a_replica_that_lost_its_disk_rejoins_only_when_told_and_votes_once_caug
         .expect("leader");
     let lost = (leader + 1) % 3;
     let other = (leader + 2) % 3;
-    let client = cluster.client(leader).await;
+    // The cluster goes without a quorum for seconds below: a session long
+    // enough to outlive that, so that the last write tests the quorum and
+    // not the session's timeout.
+    let client = cluster.client_with(leader, 60_000).await;
     for i in 0..100 {
         client
             .create(&format!("/kept-{i}"), b"k", CreateMode::Persistent)
