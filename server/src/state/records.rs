@@ -44,7 +44,7 @@
 //! and memory freed but not yet returned to the system (jemalloc returns
 //! it after a second, see `.cargo/config.toml`): measured with
 //! `synod bench fill`, a replica holding 1,000,000 such nodes is resident
-//! in 360-380 MB.
+//! in 303-390 MB (the least on a replica that loaded a packed tree).
 //!
 //! On disk, the record is the path, about 30 bytes of encoded metadata, the
 //! data and a 4-byte checksum, in redb's B-tree pages (at 1,000,000 nodes a
