@@ -284,13 +284,7 @@ impl Drop for BackupWriter {
 }
 
 fn sync_directory_of(path: &Path) -> Result<()> {
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
-    File::open(directory)
-        .and_then(|directory| directory.sync_all())
-        .map_err(io_error(directory, "sync the directory"))
+    crate::storage::sync_parent(path).map_err(io_error(path, "sync the directory holding"))
 }
 
 fn hex(bytes: &[u8]) -> String {

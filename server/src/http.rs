@@ -40,6 +40,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::metrics::{gauge_value, Metrics};
+use crate::transport::cancelled;
 
 /// What the handlers read.
 struct Shared {
@@ -130,7 +131,7 @@ async fn accept(
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
-            () = stopped(&mut shutdown) => break,
+            () = cancelled(&mut shutdown) => break,
             accepted = listener.accept() => accepted,
         };
         while connections.try_join_next().is_some() {}
@@ -186,18 +187,9 @@ async fn serve_connection(
                 tracing::debug!(%error, "HTTP connection ended with an error");
             }
         }
-        () = stopped(&mut shutdown) => {
+        () = cancelled(&mut shutdown) => {
             connection.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(header_timeout, connection).await;
-        }
-    }
-}
-
-/// Resolves once `shutdown` is true (or its sender is gone).
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    while !*shutdown.borrow_and_update() {
-        if shutdown.changed().await.is_err() {
-            return;
         }
     }
 }

@@ -919,18 +919,25 @@ fn open_error(path: &Path, error: DatabaseError) -> StorageError {
     }
 }
 
-fn sync_parent_directory(path: &Path) -> Result<()> {
+/// Syncs the directory holding `path`, so that a file created or renamed
+/// in it survives a crash.
+///
+/// # Errors
+/// Opening or syncing the directory failed.
+pub(crate) fn sync_parent(path: &Path) -> std::io::Result<()> {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    File::open(parent)
-        .and_then(|directory| directory.sync_all())
-        .map_err(|source| StorageError::Io {
-            path: path.to_path_buf(),
-            operation: "sync the data directory",
-            source,
-        })
+    File::open(parent).and_then(|directory| directory.sync_all())
+}
+
+fn sync_parent_directory(path: &Path) -> Result<()> {
+    sync_parent(path).map_err(|source| StorageError::Io {
+        path: path.to_path_buf(),
+        operation: "sync the data directory",
+        source,
+    })
 }
 
 fn check_initial_state(path: &Path, state: &DurableState) -> Result<()> {

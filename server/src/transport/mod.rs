@@ -63,6 +63,7 @@ pub use client::{ClientConnection, ClientListener, ClientListenerConfig, Inbound
 pub use identity::{ClusterIdentity, IdentityView};
 pub use peer::{PeerNetwork, PeerNetworkConfig};
 pub use snapshot::{SnapshotPiece, SnapshotSource};
+pub(crate) use tasks::cancelled;
 
 /// Where the transport reports a connection or request it refused, by the
 /// `[limits]` field it met (the replica counts them in its metrics).
