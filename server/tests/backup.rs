@@ -22,6 +22,8 @@ use synod_server::backup::{self, BackupError, BackupWriter};
 const STILL_NODES: usize = 120;
 /// Nodes the writer keeps setting while the backup is taken.
 const HOT_NODES: usize = 20;
+/// The subject of the test clients' certificate: who owns their sessions.
+const CLIENT_IDENTITY: &str = "CN=synod client";
 
 /// Every node under `root`, depth first: path -> (data, stat).
 async fn dump(client: &Client, root: &str) -> BTreeMap<String, (Vec<u8>, synod_proto::Stat)> {
@@ -158,6 +160,16 @@ async fn a_backup_under_writes_restores_into_a_new_cluster_node_by_node() {
     assert_eq!(summary.locks, 1, "{summary:?}");
     let full = backup::read_backup(&file, backup::any_state_config()).expect("the backup loads");
     assert_eq!(full.summary, summary, "scanning and loading agree");
+    // A backup carries no session's secret: every session in it answers
+    // to the zero secret, which no live session has.
+    let sessions = full.state.state.sessions();
+    assert!(sessions.len() >= 3, "{sessions:?}");
+    for session in sessions {
+        full.state
+            .state
+            .check_session_owner(session, CLIENT_IDENTITY, 0)
+            .unwrap_or_else(|error| panic!("session {session} kept its secret: {error}"));
+    }
     let revision = summary.revision;
     let last_acked = acked
         .iter()

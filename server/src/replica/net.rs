@@ -11,8 +11,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::driver::PeerMessage;
-use super::snapshot::ServeTiming;
-use super::snapshot::StreamHolds;
+use super::snapshot::{Secrets, ServeTiming, StreamHolds};
 use super::ReplicaError;
 use crate::config::ReplicaConfig;
 use crate::metrics::Metrics;
@@ -144,7 +143,14 @@ impl Endpoints {
         };
         peers.register_snapshot_source(Arc::new({
             let state = state.clone();
-            move || super::snapshot::serve(state.clone(), Some(holds.clone()), peer_timing.clone())
+            move || {
+                super::snapshot::serve(
+                    state.clone(),
+                    Some(holds.clone()),
+                    Secrets::Keep,
+                    peer_timing.clone(),
+                )
+            }
         }));
         let client_config = ClientListenerConfig {
             node_id: config.id,
@@ -163,7 +169,7 @@ impl Endpoints {
             failures: metrics.backup_failures.clone(),
         };
         clients.register_snapshot_source(Arc::new(move || {
-            super::snapshot::serve(state.clone(), None, backup_timing.clone())
+            super::snapshot::serve(state.clone(), None, Secrets::Zero, backup_timing.clone())
         }));
         let peer_address = peers
             .local_addr()

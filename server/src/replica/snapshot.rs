@@ -31,7 +31,7 @@ use synod_paxos::Slot;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::storage_thread::{StagedRecords, WriterRequest};
-use crate::state::records::StateLoader;
+use crate::state::records::{session_record_without_secret, StateLoader};
 use crate::state::{StateConfig, StateMachine};
 use crate::storage::{SavedStateHeader, StateReader, StateRecordRef, StateTable, StateWrite};
 use crate::transport::SnapshotPiece;
@@ -163,11 +163,22 @@ pub struct ServeTiming {
     pub failures: Counter,
 }
 
+/// Whether a stream carries the sessions' secrets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    /// Kept: a peer that installs the state resumes the sessions.
+    Keep,
+    /// Zeroed ([`session_record_without_secret`]): a backup, which a
+    /// restore opens with every session closed.
+    Zero,
+}
+
 /// Holds the log in `holds`, if given (a peer catches up from it; a backup
 /// does not). Its time and outcome go to `timing`.
 pub fn serve(
     reader: StateReader,
     holds: Option<Arc<StreamHolds>>,
+    secrets: Secrets,
     timing: ServeTiming,
 ) -> mpsc::Receiver<SnapshotPiece> {
     let (pieces, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
@@ -177,7 +188,7 @@ pub fn serve(
             let pieces = pieces.clone();
             move || {
                 let started = Instant::now();
-                if stream_state(&reader, holds.as_ref(), &pieces) {
+                if stream_state(&reader, holds.as_ref(), secrets, &pieces) {
                     timing.seconds.observe(started.elapsed().as_secs_f64());
                 } else {
                     timing.failures.inc();
@@ -196,6 +207,7 @@ pub fn serve(
 fn stream_state(
     reader: &StateReader,
     holds: Option<&Arc<StreamHolds>>,
+    secrets: Secrets,
     pieces: &mpsc::Sender<SnapshotPiece>,
 ) -> bool {
     const GONE: &str = "the peer stopped taking the snapshot";
@@ -225,6 +237,12 @@ fn stream_state(
         },
         &mut |record: StateRecordRef<'_>| {
             records += 1;
+            let redacted = match (secrets, record.table) {
+                (Secrets::Zero, StateTable::Sessions) => {
+                    Some(session_record_without_secret(record.value)?)
+                }
+                _ => None,
+            };
             let full = {
                 let mut chunk = chunk.borrow_mut();
                 append(
@@ -232,7 +250,7 @@ fn stream_state(
                     &StreamRecord::Record {
                         table: record.table,
                         key: RawBytes(record.key),
-                        value: RawBytes(record.value),
+                        value: RawBytes(redacted.as_deref().unwrap_or(record.value)),
                     },
                 );
                 chunk.len() >= CHUNK_BYTES
@@ -268,7 +286,8 @@ fn stream_state(
 
 /// Encodes a whole state as a snapshot stream (the header, every record,
 /// the end), handing chunks of about [`CHUNK_BYTES`] to `sink`: the stream
-/// a replica would serve had it saved this state through `through`.
+/// a replica would serve as a backup had it saved this state through
+/// `through` (sessions' secrets zeroed, [`Secrets::Zero`]).
 ///
 /// # Errors
 /// The first error of `sink`.
@@ -289,12 +308,19 @@ pub fn encode_state<E>(
         // Every record of a whole state is present; nothing to remove.
         let Some(value) = value else { continue };
         records += 1;
+        let redacted = match table {
+            StateTable::Sessions => Some(
+                session_record_without_secret(value)
+                    .expect("a session record just encoded decodes"),
+            ),
+            _ => None,
+        };
         append(
             &mut chunk,
             &StreamRecord::Record {
                 table: *table,
                 key: RawBytes(key),
-                value: RawBytes(value),
+                value: RawBytes(redacted.as_deref().unwrap_or(value)),
             },
         );
         if chunk.len() >= CHUNK_BYTES {

@@ -155,6 +155,21 @@ fn parse_node_record_key(key: &[u8]) -> Result<(Revision, &str), LoadError> {
     Ok((Revision::from_be_bytes(*created), path))
 }
 
+/// A saved session record with its secret zeroed: what a backup carries.
+/// A restored cluster closes every session, so nothing needs the secrets,
+/// and whoever holds a backup must not be able to resume a live session
+/// with one (resuming needs the owner's certificate as well, but a secret
+/// is a secret).
+///
+/// # Errors
+/// The record does not decode as a session.
+pub fn session_record_without_secret(value: &[u8]) -> Result<Vec<u8>, LoadError> {
+    let mut session: Session =
+        decode(value).map_err(|error| format!("a session record does not decode: {error}"))?;
+    session.secret = 0;
+    Ok(encode(&session))
+}
+
 fn session_key(session: u64) -> Box<[u8]> {
     Box::from(session.to_be_bytes())
 }
