@@ -45,9 +45,11 @@
 //!   of a fresh log.
 //!
 //! Every member of the new cluster restores from the same file and so
-//! starts from the same state, byte for byte. The database is built in
-//! `synod.redb.restoring` and renamed into place once durable: a restore
-//! that fails or is killed leaves no database behind.
+//! starts from the same state, byte for byte. The databases are built as
+//! `synod.redb.restoring` and `synod-state.redb.restoring` and renamed into
+//! place once durable, the log database last: a restore that fails or is
+//! killed leaves no log database behind, so nothing starts from half of
+//! one (a state database alone is overwritten by the next restore).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, BufWriter, ErrorKind, Read, Write as _};
@@ -61,7 +63,7 @@ use crate::config::ReplicaConfig;
 use crate::replica::snapshot::{FetchedState, StreamDecoder, StreamScanner};
 use crate::state::records::header_scalars;
 use crate::state::{Command, StateConfig};
-use crate::storage::{database_path, Identity, StateWrite, Storage, StorageError, Write};
+use crate::storage::{DatabasePaths, Identity, StateWrite, Storage, StorageError, Write};
 
 /// The first bytes of every backup file.
 pub const BACKUP_MAGIC: &[u8; 8] = b"SYNODBAK";
@@ -541,7 +543,7 @@ pub fn export(config: &ReplicaConfig, to: impl AsRef<Path>) -> Result<BackupSumm
     let mut writer = BackupWriter::create(to)?;
     let mut recovered =
         crate::replica::recover_offline(config).map_err(|error| BackupError::Damaged {
-            path: database_path(&config.data_dir),
+            path: DatabasePaths::in_dir(&config.data_dir).log,
             reason: error.to_string(),
         })?;
     crate::replica::snapshot::encode_state(
@@ -579,9 +581,11 @@ pub struct RestoreSummary {
 /// cluster's limits ([`BackupError::Damaged`]); storage errors.
 pub fn restore(from: impl AsRef<Path>, config: &ReplicaConfig) -> Result<RestoreSummary> {
     let from = from.as_ref();
-    let database = database_path(&config.data_dir);
-    if database.exists() {
-        return Err(BackupError::DatabaseExists { path: database });
+    let databases = DatabasePaths::in_dir(&config.data_dir);
+    if databases.log.exists() {
+        return Err(BackupError::DatabaseExists {
+            path: databases.log,
+        });
     }
     let Backup { summary, state } = read_backup(from, config.state_config())?;
     let mut state = state.state;
@@ -601,14 +605,13 @@ pub fn restore(from: impl AsRef<Path>, config: &ReplicaConfig) -> Result<Restore
     let delta = state.take_delta(0, &membership);
     std::fs::create_dir_all(&config.data_dir)
         .map_err(io_error(&config.data_dir, "create the data directory"))?;
-    let mut building = database.clone().into_os_string();
-    building.push(".restoring");
-    let building = PathBuf::from(building);
-    // A restore killed before the rename left this behind; it holds
+    let building = databases.with_suffix(".restoring");
+    // A restore killed before the renames left these behind; they hold
     // nothing anyone relies on.
-    if building.exists() {
-        std::fs::remove_file(&building)
-            .map_err(io_error(&building, "remove an unfinished restore"))?;
+    for path in [&building.log, &building.state] {
+        if path.exists() {
+            std::fs::remove_file(path).map_err(io_error(path, "remove an unfinished restore"))?;
+        }
     }
     let identity = Identity {
         cluster_id: config.cluster_id.clone(),
@@ -618,18 +621,25 @@ pub fn restore(from: impl AsRef<Path>, config: &ReplicaConfig) -> Result<Restore
         let mut storage =
             Storage::create(&building, identity, &DurableState::bootstrap(membership))?;
         storage.commit(&[Write::State(StateWrite::Delta(delta))])?;
-        drop(storage);
-        std::fs::rename(&building, &database)
-            .map_err(io_error(&database, "move the restored database into place"))?;
-        sync_directory_of(&database)
+        storage.close()?;
+        std::fs::rename(&building.state, &databases.state).map_err(io_error(
+            &databases.state,
+            "move the restored database into place",
+        ))?;
+        std::fs::rename(&building.log, &databases.log).map_err(io_error(
+            &databases.log,
+            "move the restored database into place",
+        ))?;
+        sync_directory_of(&databases.log)
     })();
     if let Err(error) = written {
-        let _ = std::fs::remove_file(&building);
+        let _ = std::fs::remove_file(&building.log);
+        let _ = std::fs::remove_file(&building.state);
         return Err(error);
     }
     Ok(RestoreSummary {
         backup: summary,
-        database,
+        database: databases.log,
         sessions_closed,
         nodes: state.node_count(),
         revision: state.revision(),

@@ -22,7 +22,6 @@
 //! HTTP/1.1 only (hyper), with keep-alive.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,13 +39,14 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::metrics::{gauge_value, Metrics};
+use crate::storage::DatabasePaths;
 use crate::transport::cancelled;
 
 /// What the handlers read.
 struct Shared {
     node: u64,
     metrics: Arc<Metrics>,
-    database: PathBuf,
+    databases: DatabasePaths,
     ready_lag_slots_max: u64,
     /// Set while the event loop runs: `/livez` fails once it has stopped.
     running: watch::Receiver<bool>,
@@ -59,8 +59,8 @@ pub struct HttpSettings {
     pub address: SocketAddr,
     /// The replica, named in the health answers.
     pub node: u64,
-    /// The replica's database file, whose size `/metrics` reports.
-    pub database: PathBuf,
+    /// The replica's database files, whose size `/metrics` reports.
+    pub databases: DatabasePaths,
     /// `monitoring.ready_lag_slots_max`.
     pub ready_lag_slots_max: u64,
     /// `limits.http_connections_max`.
@@ -94,7 +94,7 @@ impl HttpServer {
         let shared = Arc::new(Shared {
             node,
             metrics,
-            database: settings.database.clone(),
+            databases: settings.databases.clone(),
             ready_lag_slots_max: settings.ready_lag_slots_max,
             running,
         });
@@ -195,12 +195,10 @@ async fn serve_connection(
 }
 
 async fn serve_metrics(State(shared): State<Arc<Shared>>) -> Response {
-    if let Ok(metadata) = std::fs::metadata(&shared.database) {
-        shared
-            .metrics
-            .database_bytes
-            .set(gauge_value(metadata.len()));
-    }
+    shared
+        .metrics
+        .database_bytes
+        .set(gauge_value(shared.databases.bytes()));
     (
         [(
             header::CONTENT_TYPE,

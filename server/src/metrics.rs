@@ -19,7 +19,9 @@
 //!   `proposals_total`;
 //! - latencies: `client_request_seconds{op}` with
 //!   `client_requests_total{op,result}`, `storage_commit_seconds` (a group
-//!   commit and its fsync) with `storage_commit_writes` (jobs per commit),
+//!   commit of the log and its fsync) with `storage_commit_writes` (jobs
+//!   per commit), `state_commit_seconds` (a commit of the state database:
+//!   a flush of applied changes, or a piece of a snapshot being installed),
 //!   `apply_seconds` (applying one chosen batch), `slot_commands`
 //!   (commands per chosen slot: how proposals are batched),
 //!   `snapshot_fetch_seconds`
@@ -136,6 +138,8 @@ pub struct Metrics {
     pub storage_commit_seconds: Histogram,
     /// Group commits: the jobs each took.
     pub storage_commit_writes: Histogram,
+    /// Commits of the state database, fsync included.
+    pub state_commit_seconds: Histogram,
     /// Applying one chosen batch to the state machine.
     pub apply_seconds: Histogram,
     /// Commands per chosen slot (how well proposals are batched).
@@ -198,6 +202,7 @@ impl Metrics {
             requests: Family::default(),
             storage_commit_seconds: Histogram::new(latency_buckets()),
             storage_commit_writes: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            state_commit_seconds: Histogram::new(latency_buckets()),
             apply_seconds: Histogram::new(latency_buckets()),
             slot_commands: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             snapshot_fetch_seconds: Histogram::new(latency_buckets()),
@@ -322,13 +327,18 @@ impl Metrics {
         );
         r.register(
             "storage_commit_seconds",
-            "Time of a group commit, fsync included",
+            "Time of a group commit of the log, fsync included",
             metrics.storage_commit_seconds.clone(),
         );
         r.register(
             "storage_commit_writes",
             "Jobs written by one group commit",
             metrics.storage_commit_writes.clone(),
+        );
+        r.register(
+            "state_commit_seconds",
+            "Time of a commit of the state database (a flush or a staged snapshot piece), fsync included",
+            metrics.state_commit_seconds.clone(),
         );
         r.register(
             "apply_seconds",

@@ -37,7 +37,7 @@ use synod_paxos::{
     Value,
 };
 use synod_server::storage::{
-    database_path, Identity, Recovered, SavedStateHeader, StateDelta, StateTable, StateWrite,
+    DatabasePaths, Identity, Recovered, SavedStateHeader, StateDelta, StateTable, StateWrite,
     Storage, StorageError, Write,
 };
 
@@ -91,18 +91,10 @@ impl Model {
         }
     }
 
-    /// Whether a reopened database holds this model's durable state and
+    /// Whether reopened databases hold this model's durable state and
     /// saved state.
     fn matches(&self, storage: &Storage, recovered: &Recovered) -> bool {
-        recovered.durable == self.durable
-            && recovered.state == self.state.as_ref().map(|state| state.header.clone())
-            && read_records(storage).ok()
-                == Some(
-                    self.state
-                        .as_ref()
-                        .map(|state| state.records.clone())
-                        .unwrap_or_default(),
-                )
+        matches_parts(self, self, storage, recovered)
     }
 
     fn state_through(&self) -> Option<Slot> {
@@ -148,6 +140,36 @@ impl Model {
             }
         }
     }
+}
+
+/// Whether reopened databases hold the log of `log` and the saved state
+/// of `state` (two models when a crash came between the two databases'
+/// commits of one call). The log recovered is the one `log` holds, less
+/// what a saved state past its chosen prefix covers (durability case 4).
+fn matches_parts(log: &Model, state: &Model, storage: &Storage, recovered: &Recovered) -> bool {
+    recovered.durable == expected_durable(&log.durable, state.state_through())
+        && recovered.state == state.state.as_ref().map(|state| state.header.clone())
+        && read_records(storage).ok()
+            == Some(
+                state
+                    .state
+                    .as_ref()
+                    .map(|state| state.records.clone())
+                    .unwrap_or_default(),
+            )
+}
+
+/// The durable state a restart gives for the log `durable` next to a
+/// saved state through `state_through`: a saved state past the log's
+/// chosen prefix covers the log at or below it.
+fn expected_durable(durable: &DurableState, state_through: Option<Slot>) -> DurableState {
+    let mut expected = durable.clone();
+    if let Some(through) = state_through.filter(|&through| through > durable.chosen_through) {
+        expected.log = expected.log.split_off(&(through + 1));
+        expected.log_start = through + 1;
+        expected.chosen_through = through;
+    }
+    expected
 }
 
 /// Every record of the saved state, in order.
@@ -282,13 +304,43 @@ fn random_state_write(rng: &mut ChaCha8Rng, model: &Model) -> Write {
     Write::State(write)
 }
 
-fn open_image(bytes: &[u8], name: &str) -> Result<(Storage, Recovered), StorageError> {
+/// The names two in-memory databases go by in errors.
+fn memory_paths(name: &str) -> DatabasePaths {
+    DatabasePaths {
+        log: name.into(),
+        state: format!("{name}-state").into(),
+    }
+}
+
+fn memory_backend(bytes: &[u8]) -> InMemoryBackend {
     let backend = InMemoryBackend::new();
     backend
         .set_len(bytes.len() as u64)
         .expect("in-memory set_len");
     backend.write(0, bytes).expect("in-memory write");
-    Storage::open_with_backend(backend, name, &identity())
+    backend
+}
+
+/// Opens the images of a log and a state database.
+fn open_image(images: &[Vec<u8>; 2], name: &str) -> Result<(Storage, Recovered), StorageError> {
+    Storage::open_with_backends(
+        memory_backend(&images[LOG_FILE]),
+        memory_backend(&images[STATE_FILE]),
+        &memory_paths(name),
+        &identity(),
+    )
+}
+
+/// A fresh pair of in-memory databases.
+fn create_in_memory(state: &DurableState) -> Storage {
+    Storage::create_with_backends(
+        InMemoryBackend::new(),
+        InMemoryBackend::new(),
+        &memory_paths("memory"),
+        identity(),
+        state,
+    )
+    .expect("create")
 }
 
 // ---------------------------------------------------------------------------
@@ -315,9 +367,13 @@ fn apply_op(image: &mut Vec<u8>, op: &Op, torn_at: Option<usize>) {
     }
 }
 
-/// A crash image and how it was made.
+/// Which of a replica's two files a disk holds.
+const LOG_FILE: usize = 0;
+const STATE_FILE: usize = 1;
+
+/// A crash image of both files and how it was made.
 struct CrashImage {
-    bytes: Vec<u8>,
+    bytes: [Vec<u8>; 2],
     how: &'static str,
 }
 
@@ -335,70 +391,106 @@ struct Disk {
     fail_syncs: bool,
     /// Makes every `write` fail while set.
     fail_writes: bool,
-    /// Crash images are taken only while this is set.
-    recording: Option<ChaCha8Rng>,
-    images: Vec<CrashImage>,
 }
 
 impl Disk {
-    fn capture_between_syncs(&mut self) {
-        let mut image = self.durable.clone();
-        for op in &self.pending {
-            apply_op(&mut image, op, None);
-        }
-        self.images.push(CrashImage {
-            bytes: image,
-            how: "synced bytes plus every write so far (a crash between syncs)",
-        });
-    }
-
-    /// The images a crash during this sync could leave.
-    fn capture_during_sync(&mut self) {
-        let Some(rng) = self.recording.as_mut() else {
-            return;
-        };
-        let count = self.pending.len();
-        // A prefix of the unsynced writes, the last of them torn.
-        let kept = rng.random_range(0..=count);
-        let mut image = self.durable.clone();
-        for (index, op) in self.pending[..kept].iter().enumerate() {
-            let torn_at = match op {
-                Op::Write { data, .. } if index + 1 == kept && !data.is_empty() => {
-                    Some(rng.random_range(0..data.len()))
-                }
-                _ => None,
-            };
-            apply_op(&mut image, op, torn_at);
-        }
-        self.images.push(CrashImage {
-            bytes: image,
-            how: "synced bytes plus a prefix of the unsynced writes, the last one torn",
-        });
-        // Any subset, in order (the disk may reorder writes until the sync).
+    /// What a crash now could leave of this file: the synced bytes and a
+    /// random subset of the unsynced writes, in order.
+    fn crashed(&self, rng: &mut ChaCha8Rng) -> Vec<u8> {
         let mut image = self.durable.clone();
         for op in &self.pending {
             if rng.random_bool(0.5) {
                 apply_op(&mut image, op, None);
             }
         }
-        self.images.push(CrashImage {
-            bytes: image,
-            how: "synced bytes plus a random subset of the unsynced writes",
-        });
+        image
     }
 }
 
-/// A redb backend over shared memory that tracks written versus synced bytes.
-#[derive(Clone, Default)]
+/// The two files of one replica, on disks that crash together.
+#[derive(Default)]
+struct Disks {
+    files: [Disk; 2],
+    /// Crash images are taken only while this is set.
+    recording: Option<ChaCha8Rng>,
+    images: Vec<CrashImage>,
+}
+
+impl Disks {
+    /// Records an image: `file` as given, the other as a crash now could
+    /// leave it.
+    fn record(&mut self, file: usize, bytes: Vec<u8>, how: &'static str) {
+        let Some(rng) = self.recording.as_mut() else {
+            return;
+        };
+        let other = self.files[1 - file].crashed(rng);
+        let mut pair = [Vec::new(), Vec::new()];
+        pair[file] = bytes;
+        pair[1 - file] = other;
+        self.images.push(CrashImage { bytes: pair, how });
+    }
+
+    fn capture_between_syncs(&mut self, file: usize) {
+        let mut image = self.files[file].durable.clone();
+        for op in &self.files[file].pending {
+            apply_op(&mut image, op, None);
+        }
+        self.record(
+            file,
+            image,
+            "synced bytes plus every write so far (a crash between syncs)",
+        );
+    }
+
+    /// The images a crash during this sync of `file` could leave.
+    fn capture_during_sync(&mut self, file: usize) {
+        let Some(rng) = self.recording.as_mut() else {
+            return;
+        };
+        let disk = &self.files[file];
+        let count = disk.pending.len();
+        // A prefix of the unsynced writes, the last of them torn.
+        let kept = rng.random_range(0..=count);
+        let mut prefix = disk.durable.clone();
+        for (index, op) in disk.pending[..kept].iter().enumerate() {
+            let torn_at = match op {
+                Op::Write { data, .. } if index + 1 == kept && !data.is_empty() => {
+                    Some(rng.random_range(0..data.len()))
+                }
+                _ => None,
+            };
+            apply_op(&mut prefix, op, torn_at);
+        }
+        // Any subset, in order (the disk may reorder writes until the sync).
+        let subset = disk.crashed(rng);
+        self.record(
+            file,
+            prefix,
+            "synced bytes plus a prefix of the unsynced writes, the last one torn",
+        );
+        self.record(
+            file,
+            subset,
+            "synced bytes plus a random subset of the unsynced writes",
+        );
+    }
+}
+
+/// A redb backend over shared memory that tracks written versus synced
+/// bytes: one of the two files of a [`CrashPair`].
+#[derive(Clone)]
 struct CrashBackend {
-    disk: Arc<Mutex<Disk>>,
+    disks: Arc<Mutex<Disks>>,
+    file: usize,
 }
 
 // By hand: a derived impl would print every byte of the disk.
 impl std::fmt::Debug for CrashBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let disk = self.disk();
+        let disks = self.disks();
+        let disk = &disks.files[self.file];
         f.debug_struct("CrashBackend")
+            .field("file", &self.file)
             .field("live_bytes", &disk.live.len())
             .field("durable_bytes", &disk.durable.len())
             .field("pending_ops", &disk.pending.len())
@@ -408,46 +500,121 @@ impl std::fmt::Debug for CrashBackend {
 }
 
 impl CrashBackend {
-    fn disk(&self) -> MutexGuard<'_, Disk> {
+    fn disks(&self) -> MutexGuard<'_, Disks> {
         // A panic elsewhere in a test poisons the lock; the bytes stay usable.
-        self.disk
+        self.disks
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
+}
 
-    /// A backend whose disk holds `image`, all of it synced.
-    fn from_image(image: Vec<u8>) -> CrashBackend {
-        let backend = CrashBackend::default();
-        {
-            let mut disk = backend.disk();
-            disk.live = image.clone();
-            disk.durable = image;
+/// The log and state files of one replica, on [`CrashBackend`]s that share
+/// their crash images.
+#[derive(Clone, Debug)]
+struct CrashPair {
+    log: CrashBackend,
+    state: CrashBackend,
+}
+
+impl CrashPair {
+    fn new() -> CrashPair {
+        let disks = Arc::new(Mutex::new(Disks::default()));
+        CrashPair {
+            log: CrashBackend {
+                disks: disks.clone(),
+                file: LOG_FILE,
+            },
+            state: CrashBackend {
+                disks,
+                file: STATE_FILE,
+            },
         }
-        backend
     }
 
-    fn durable_image(&self) -> Vec<u8> {
-        self.disk().durable.clone()
+    /// A pair whose disks hold `images`, all of them synced.
+    fn from_images(images: [Vec<u8>; 2]) -> CrashPair {
+        let pair = CrashPair::new();
+        {
+            let mut disks = pair.disks();
+            for (disk, image) in disks.files.iter_mut().zip(images) {
+                disk.live = image.clone();
+                disk.durable = image;
+            }
+        }
+        pair
     }
 
-    fn live_image(&self) -> Vec<u8> {
-        self.disk().live.clone()
+    fn disks(&self) -> MutexGuard<'_, Disks> {
+        self.log.disks()
+    }
+
+    fn create(&self, state: &DurableState) -> Storage {
+        Storage::create_with_backends(
+            self.log.clone(),
+            self.state.clone(),
+            &memory_paths("memory"),
+            identity(),
+            state,
+        )
+        .expect("create")
+    }
+
+    fn open(&self) -> Result<(Storage, Recovered), StorageError> {
+        Storage::open_with_backends(
+            self.log.clone(),
+            self.state.clone(),
+            &memory_paths("memory"),
+            &identity(),
+        )
+    }
+
+    fn durable_images(&self) -> [Vec<u8>; 2] {
+        let disks = self.disks();
+        [
+            disks.files[0].durable.clone(),
+            disks.files[1].durable.clone(),
+        ]
+    }
+
+    fn live_images(&self) -> [Vec<u8>; 2] {
+        let disks = self.disks();
+        [disks.files[0].live.clone(), disks.files[1].live.clone()]
     }
 
     fn take_images(&self) -> Vec<CrashImage> {
-        std::mem::take(&mut self.disk().images)
+        std::mem::take(&mut self.disks().images)
+    }
+
+    /// Syncs of both files so far.
+    fn syncs(&self) -> u64 {
+        let disks = self.disks();
+        disks.files.iter().map(|disk| disk.syncs).sum()
+    }
+
+    /// Makes every sync of both files fail, or succeed again.
+    fn fail_syncs(&self, fail: bool) {
+        for disk in &mut self.disks().files {
+            disk.fail_syncs = fail;
+        }
+    }
+
+    /// Makes every write to both files fail, or succeed again.
+    fn fail_writes(&self, fail: bool) {
+        for disk in &mut self.disks().files {
+            disk.fail_writes = fail;
+        }
     }
 }
 
 impl StorageBackend for CrashBackend {
     fn len(&self) -> Result<u64, std::io::Error> {
-        Ok(self.disk().live.len() as u64)
+        Ok(self.disks().files[self.file].live.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
-        let disk = self.disk();
+        let disks = self.disks();
         let offset = usize::try_from(offset).map_err(|_| ErrorKind::InvalidInput)?;
-        let source = disk
+        let source = disks.files[self.file]
             .live
             .get(offset..offset + out.len())
             .ok_or(ErrorKind::UnexpectedEof)?;
@@ -456,7 +623,8 @@ impl StorageBackend for CrashBackend {
     }
 
     fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
-        let mut disk = self.disk();
+        let mut disks = self.disks();
+        let disk = &mut disks.files[self.file];
         let op = Op::SetLen(len);
         apply_op(&mut disk.live, &op, None);
         disk.pending.push(op);
@@ -464,41 +632,42 @@ impl StorageBackend for CrashBackend {
     }
 
     fn sync_data(&self) -> Result<(), std::io::Error> {
-        let mut disk = self.disk();
-        disk.syncs += 1;
-        if disk.fail_syncs {
+        let mut disks = self.disks();
+        disks.files[self.file].syncs += 1;
+        if disks.files[self.file].fail_syncs {
             return Err(std::io::Error::other("injected fsync failure"));
         }
-        disk.capture_during_sync();
+        disks.capture_during_sync(self.file);
+        let disk = &mut disks.files[self.file];
         disk.durable = disk.live.clone();
         disk.pending.clear();
-        if disk.recording.is_some() {
-            let image = disk.durable.clone();
-            disk.images.push(CrashImage {
-                bytes: image,
-                how: "the bytes just synced (a crash right after the sync)",
-            });
-        }
+        let image = disk.durable.clone();
+        disks.record(
+            self.file,
+            image,
+            "the bytes just synced (a crash right after the sync)",
+        );
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
-        let mut disk = self.disk();
-        if disk.fail_writes {
+        let mut disks = self.disks();
+        if disks.files[self.file].fail_writes {
             return Err(std::io::Error::other("injected write failure"));
         }
         let op = Op::Write {
             offset,
             data: data.to_vec(),
         };
+        let disk = &mut disks.files[self.file];
         apply_op(&mut disk.live, &op, None);
         disk.pending.push(op);
-        let between = match disk.recording.as_mut() {
+        let between = match disks.recording.as_mut() {
             Some(rng) => rng.random_bool(0.02),
             None => false,
         };
         if between {
-            disk.capture_between_syncs();
+            disks.capture_between_syncs(self.file);
         }
         Ok(())
     }
@@ -608,11 +777,12 @@ fn scripted_calls() -> Vec<Call> {
 #[test]
 fn persisted_batches_reopen_as_durable_state_apply_leaves_them() {
     let directory = tempfile::tempdir().expect("temporary directory");
-    let path = database_path(directory.path());
+    let paths = DatabasePaths::in_dir(directory.path());
     let mut model = Model::new();
     let mut storage =
-        Storage::create(&path, identity(), &model.durable).expect("create the database");
-    assert_eq!(storage.path(), path.as_path());
+        Storage::create(&paths, identity(), &model.durable).expect("create the databases");
+    assert_eq!(storage.path(), paths.log.as_path());
+    assert_eq!(storage.state_path(), paths.state.as_path());
     assert_eq!(storage.identity(), &identity());
     for call in scripted_calls() {
         call.run(&mut storage).expect("call succeeds");
@@ -625,7 +795,7 @@ fn persisted_batches_reopen_as_durable_state_apply_leaves_them() {
     assert_eq!(storage.state_through(), Some(2));
     storage.close().expect("close");
 
-    let (storage, recovered) = Storage::open(&path, &identity()).expect("reopen");
+    let (storage, recovered) = Storage::open(&paths, &identity()).expect("reopen");
     assert!(model.matches(&storage, &recovered));
     assert_eq!(read_records(&storage).expect("records").len(), 3);
     // The state is one a core can restart from, after the saved state.
@@ -640,23 +810,34 @@ fn persisted_batches_reopen_as_durable_state_apply_leaves_them() {
     assert_eq!(recovered.durable.chosen_through, 4);
     drop(storage);
 
-    // Creating over an existing database is refused.
+    // Creating over an existing database is refused, and so is creating
+    // next to a state database left alone (nothing is overwritten).
     let error =
-        Storage::create(&path, identity(), &Model::new().durable).expect_err("the file exists");
+        Storage::create(&paths, identity(), &Model::new().durable).expect_err("the file exists");
     assert!(
         matches!(error, StorageError::AlreadyExists { .. }),
         "{error}"
     );
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.log);
+    std::fs::remove_file(&paths.log).expect("remove the log database");
+    let error = Storage::create(&paths, identity(), &Model::new().durable)
+        .expect_err("the state file exists");
+    assert!(
+        matches!(error, StorageError::AlreadyExists { .. }),
+        "{error}"
+    );
+    assert_mentions_path(&error, &paths.state);
+    assert!(
+        !paths.log.exists(),
+        "a refused create leaves no log database behind"
+    );
 }
 
 #[test]
 fn deltas_and_installed_states_round_trip_and_replace_each_other() {
-    let backend = CrashBackend::default();
+    let backend = CrashPair::new();
     let mut model = Model::new();
-    let mut storage =
-        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
-            .expect("create");
+    let mut storage = backend.create(&model.durable);
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let big = |rng: &mut ChaCha8Rng, length: usize| -> Vec<u8> {
         (0..length).map(|_| rng.random()).collect()
@@ -729,7 +910,7 @@ fn deltas_and_installed_states_round_trip_and_replace_each_other() {
     assert_eq!(records.len(), 119, "the installed state, less one removed");
     assert!(records.keys().all(|(table, _)| *table == StateTable::Locks));
     drop(storage);
-    let (storage, recovered) = open_image(&backend.live_image(), "reopened").expect("reopen");
+    let (storage, recovered) = open_image(&backend.live_images(), "reopened").expect("reopen");
     assert!(model.matches(&storage, &recovered));
 }
 
@@ -829,10 +1010,9 @@ proptest! {
     /// Random batch sequences, with reopens in between, against `DurableState::apply`.
     #[test]
     fn random_batches_match_durable_state_apply(raw_calls in proptest::collection::vec(raw_call_strategy(), 1..24)) {
-        let mut backend = CrashBackend::default();
+        let mut backend = CrashPair::new();
         let mut model = Model::new();
-        let mut storage = Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
-            .expect("create");
+        let mut storage = backend.create(&model.durable);
         let mut next_id = 1;
         for raw in raw_calls {
             let call = match raw {
@@ -853,9 +1033,9 @@ proptest! {
                 }))]),
                 RawCall::Reopen => {
                     drop(storage);
-                    backend = CrashBackend::from_image(backend.live_image());
+                    backend = CrashPair::from_images(backend.live_images());
                     let (reopened, recovered) =
-                        Storage::open_with_backend(backend.clone(), "memory", &identity())
+                        backend.open()
                             .expect("reopen");
                     prop_assert!(model.matches(&reopened, &recovered));
                     model.staging = None;
@@ -869,7 +1049,7 @@ proptest! {
             call.apply(&mut model);
         }
         drop(storage);
-        let (storage, recovered) = open_image(&backend.live_image(), "memory").expect("reopen");
+        let (storage, recovered) = open_image(&backend.live_images(), "memory").expect("reopen");
         prop_assert!(model.matches(&storage, &recovered), "{:?}", recovered);
     }
 }
@@ -887,11 +1067,11 @@ fn assert_mentions_path(error: &StorageError, path: &Path) {
     assert_eq!(error.path(), path);
 }
 
-/// A fresh database on disk with a few log entries, closed.
-fn database_on_disk() -> (tempfile::TempDir, std::path::PathBuf) {
+/// Fresh databases on disk with a few log entries, closed.
+fn database_on_disk() -> (tempfile::TempDir, DatabasePaths) {
     let directory = tempfile::tempdir().expect("temporary directory");
-    let path = database_path(directory.path());
-    let mut storage = Storage::create(&path, identity(), &Model::new().durable).expect("create");
+    let paths = DatabasePaths::in_dir(directory.path());
+    let mut storage = Storage::create(&paths, identity(), &Model::new().durable).expect("create");
     storage
         .persist(&[Persist {
             id: 1,
@@ -905,7 +1085,7 @@ fn database_on_disk() -> (tempfile::TempDir, std::path::PathBuf) {
         }])
         .expect("persist");
     storage.close().expect("close");
-    (directory, path)
+    (directory, paths)
 }
 
 const RAW_META: TableDefinition<&str, &[u8]> = TableDefinition::new("synod_meta");
@@ -913,24 +1093,24 @@ const RAW_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("synod_log");
 
 #[test]
 fn a_wrong_cluster_or_node_is_refused() {
-    let (_directory, path) = database_on_disk();
+    let (_directory, paths) = database_on_disk();
     let other_cluster = Identity {
         cluster_id: "other-cluster".to_string(),
         node_id: 2,
     };
-    let error = Storage::open(&path, &other_cluster).expect_err("wrong cluster");
+    let error = Storage::open(&paths, &other_cluster).expect_err("wrong cluster");
     assert!(
         matches!(error, StorageError::WrongCluster { .. }),
         "{error}"
     );
     assert!(error.to_string().contains("other-cluster"), "{error}");
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.log);
 
     let other_node = Identity {
         cluster_id: "test-cluster".to_string(),
         node_id: 3,
     };
-    let error = Storage::open(&path, &other_node).expect_err("wrong node");
+    let error = Storage::open(&paths, &other_node).expect_err("wrong node");
     assert!(
         matches!(
             error,
@@ -942,17 +1122,17 @@ fn a_wrong_cluster_or_node_is_refused() {
         ),
         "{error}"
     );
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.log);
 
     // The right identity still opens it.
-    Storage::open(&path, &identity()).expect("right identity");
+    Storage::open(&paths, &identity()).expect("right identity");
 }
 
 #[test]
 fn another_format_version_is_refused() {
-    let (_directory, path) = database_on_disk();
+    let (_directory, paths) = database_on_disk();
     {
-        let database = redb::Database::open(&path).expect("raw open");
+        let database = redb::Database::open(&paths.log).expect("raw open");
         let transaction = database.begin_write().expect("raw write");
         {
             let mut meta = transaction.open_table(RAW_META).expect("meta table");
@@ -967,28 +1147,28 @@ fn another_format_version_is_refused() {
         }
         transaction.commit().expect("raw commit");
     }
-    let error = Storage::open(&path, &identity()).expect_err("version 99");
+    let error = Storage::open(&paths, &identity()).expect_err("version 99");
     assert!(
         matches!(
             error,
             StorageError::FormatVersion {
                 found: 99,
-                expected: 3,
+                expected: 4,
                 ..
             }
         ),
         "{error}"
     );
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.log);
 }
 
 #[test]
 fn a_damaged_log_record_is_refused() {
-    let (_directory, path) = database_on_disk();
+    let (_directory, paths) = database_on_disk();
     {
         // redb stores the damaged value faithfully, with valid page
         // checksums: only the record's own CRC-32 can catch it.
-        let database = redb::Database::open(&path).expect("raw open");
+        let database = redb::Database::open(&paths.log).expect("raw open");
         let transaction = database.begin_write().expect("raw write");
         {
             let mut log = transaction.open_table(RAW_LOG).expect("log table");
@@ -1004,19 +1184,19 @@ fn a_damaged_log_record_is_refused() {
         }
         transaction.commit().expect("raw commit");
     }
-    let error = Storage::open(&path, &identity()).expect_err("damaged record");
+    let error = Storage::open(&paths, &identity()).expect_err("damaged record");
     assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
     assert!(error.to_string().contains("log slot 1"), "{error}");
     assert!(error.to_string().contains("CRC-32"), "{error}");
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.log);
 }
 
 #[test]
 fn inconsistent_meta_is_refused() {
-    let (_directory, path) = database_on_disk();
+    let (_directory, paths) = database_on_disk();
     {
         // A log entry below the log start, with a valid record.
-        let database = redb::Database::open(&path).expect("raw open");
+        let database = redb::Database::open(&paths.log).expect("raw open");
         let transaction = database.begin_write().expect("raw write");
         {
             let mut log = transaction.open_table(RAW_LOG).expect("log table");
@@ -1038,17 +1218,17 @@ fn inconsistent_meta_is_refused() {
         }
         transaction.commit().expect("raw commit");
     }
-    let error = Storage::open(&path, &identity()).expect_err("inconsistent");
+    let error = Storage::open(&paths, &identity()).expect_err("inconsistent");
     assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
     assert!(error.to_string().contains("below its start 5"), "{error}");
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.log);
 }
 
 #[test]
 fn a_damaged_state_record_is_refused() {
-    let (_directory, path) = database_on_disk();
+    let (_directory, paths) = database_on_disk();
     {
-        let (mut storage, _) = Storage::open(&path, &identity()).expect("open");
+        let (mut storage, _) = Storage::open(&paths, &identity()).expect("open");
         storage
             .commit(&[Write::State(StateWrite::Delta(StateDelta {
                 header: Some(SavedStateHeader {
@@ -1069,7 +1249,7 @@ fn a_damaged_state_record_is_refused() {
     {
         // redb stores the damaged value faithfully, with valid page
         // checksums: only the record's own CRC-32 can catch it.
-        let database = redb::Database::open(&path).expect("raw open");
+        let database = redb::Database::open(&paths.state).expect("raw open");
         let transaction = database.begin_write().expect("raw write");
         {
             let mut nodes = transaction
@@ -1088,84 +1268,182 @@ fn a_damaged_state_record_is_refused() {
         }
         transaction.commit().expect("raw commit");
     }
-    let (storage, recovered) = Storage::open(&path, &identity()).expect("the log is intact");
+    let (storage, recovered) = Storage::open(&paths, &identity()).expect("the log is intact");
     assert_eq!(recovered.state.map(|state| state.through), Some(1));
     let error = read_records(&storage).expect_err("damaged record");
     assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
     assert!(error.to_string().contains("nodes record \"/a\""), "{error}");
     assert!(error.to_string().contains("CRC-32"), "{error}");
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.state);
+}
+
+/// Replaces one of the two files of a good pair of databases with
+/// `contents` (or removes it, for `None`) and returns the open's error,
+/// after checking that it names that file.
+fn refused_with_file(which: usize, contents: Option<&[u8]>) -> StorageError {
+    let (_directory, paths) = database_on_disk();
+    let path = if which == LOG_FILE {
+        &paths.log
+    } else {
+        &paths.state
+    };
+    match contents {
+        Some(contents) => std::fs::write(path, contents).expect("write the file"),
+        None => std::fs::remove_file(path).expect("remove the file"),
+    }
+    let error = Storage::open(&paths, &identity()).expect_err("refused");
+    assert_mentions_path(&error, path);
+    error
 }
 
 #[test]
 fn a_file_that_is_not_a_database_is_refused() {
-    let directory = tempfile::tempdir().expect("temporary directory");
-    for (name, contents) in [
-        ("text.redb", b"this is not a database\n".repeat(400)),
-        ("short.redb", b"redb".to_vec()),
-        ("zeros.redb", vec![0u8; 65536]),
-    ] {
-        let path = directory.path().join(name);
-        std::fs::write(&path, &contents).expect("write the file");
-        let error = Storage::open(&path, &identity()).expect_err("not a database");
-        assert!(
-            matches!(
-                error,
-                StorageError::Corrupt { .. } | StorageError::Database { .. }
-            ),
-            "{name}: {error}"
-        );
-        assert_mentions_path(&error, &path);
-    }
-
-    // An empty file (a crash right after the file was created).
-    let path = directory.path().join("empty.redb");
-    std::fs::write(&path, b"").expect("write the file");
-    let error = Storage::open(&path, &identity()).expect_err("empty");
-    assert!(matches!(error, StorageError::NotSynod { .. }), "{error}");
-    assert_mentions_path(&error, &path);
-
-    // A redb database that is not Synod's.
-    let path = directory.path().join("foreign.redb");
-    {
+    let foreign = {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let path = directory.path().join("foreign.redb");
         let database = redb::Database::create(&path).expect("raw create");
         let transaction = database.begin_write().expect("raw write");
         transaction
             .open_table(TableDefinition::<u64, u64>::new("other"))
             .expect("table");
         transaction.commit().expect("raw commit");
+        drop(database);
+        std::fs::read(&path).expect("read the foreign database")
+    };
+    for which in [LOG_FILE, STATE_FILE] {
+        for (name, contents) in [
+            ("text", b"this is not a database\n".repeat(400)),
+            ("short", b"redb".to_vec()),
+            ("zeros", vec![0u8; 65536]),
+        ] {
+            let error = refused_with_file(which, Some(&contents));
+            assert!(
+                matches!(
+                    error,
+                    StorageError::Corrupt { .. } | StorageError::Database { .. }
+                ),
+                "{name}: {error}"
+            );
+        }
+        // An empty file (a crash right after the file was created).
+        let error = refused_with_file(which, Some(b""));
+        assert!(matches!(error, StorageError::NotSynod { .. }), "{error}");
+        // A redb database that is not Synod's.
+        let error = refused_with_file(which, Some(&foreign));
+        assert!(matches!(error, StorageError::NotSynod { .. }), "{error}");
+        // No file at all: a replica that lost either file never starts as
+        // if it had an empty past.
+        let error = refused_with_file(which, None);
+        assert!(matches!(error, StorageError::NotFound { .. }), "{error}");
     }
-    let error = Storage::open(&path, &identity()).expect_err("foreign");
-    assert!(matches!(error, StorageError::NotSynod { .. }), "{error}");
-    assert_mentions_path(&error, &path);
+}
 
-    // No file at all.
-    let path = directory.path().join("missing.redb");
-    let error = Storage::open(&path, &identity()).expect_err("missing");
-    assert!(matches!(error, StorageError::NotFound { .. }), "{error}");
-    assert_mentions_path(&error, &path);
+#[test]
+fn one_file_in_place_of_the_other_is_refused() {
+    let (_directory, paths) = database_on_disk();
+    let log = std::fs::read(&paths.log).expect("read the log database");
+    let state = std::fs::read(&paths.state).expect("read the state database");
+    std::fs::write(&paths.log, &state).expect("swap");
+    std::fs::write(&paths.state, &log).expect("swap");
+    let error = Storage::open(&paths, &identity()).expect_err("swapped files");
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("state database, opened as its log database"),
+        "{error}"
+    );
+    assert_mentions_path(&error, &paths.log);
+}
+
+#[test]
+fn a_state_database_older_than_the_log_compaction_is_refused() {
+    let (_directory, paths) = database_on_disk();
+    let old_state = std::fs::read(&paths.state).expect("read the state database");
+    {
+        let (mut storage, _) = Storage::open(&paths, &identity()).expect("open");
+        storage
+            .commit(&[
+                Write::State(StateWrite::Delta(StateDelta {
+                    header: Some(header(1, &Model::new(), b"through 1")),
+                    changes: BTreeMap::new(),
+                })),
+                Write::Persist(Persist {
+                    id: 1,
+                    chosen_through: Some(1),
+                    compact_below: Some(2),
+                    ..Persist::default()
+                }),
+            ])
+            .expect("save and compact");
+        storage.close().expect("close");
+    }
+    // The state database from before the save, next to the compacted log.
+    std::fs::write(&paths.state, &old_state).expect("put back the old state");
+    let error = Storage::open(&paths, &identity()).expect_err("state too old");
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
+    assert!(
+        error.to_string().contains("compacted below slot 2"),
+        "{error}"
+    );
+    assert_mentions_path(&error, &paths.state);
+}
+
+#[test]
+fn a_saved_state_ahead_of_the_chosen_log_covers_the_log_below_it() {
+    // The state database saved through slot 3 while the log knew only
+    // slot 1 chosen (the two commit apart): slots 2 and 3 of the log may
+    // hold acceptances that lost, so a restart must not treat them as
+    // chosen. The state covers them.
+    let backend = CrashPair::new();
+    let mut storage = backend.create(&Model::new().durable);
+    let accept = |slot| AcceptedEntry {
+        slot,
+        ballot: Ballot::new(1, 1),
+        value: commands(format!("slot {slot}").as_bytes()),
+    };
+    storage
+        .commit(&[
+            Write::Persist(Persist {
+                id: 1,
+                accepted: (1..=4).map(accept).collect(),
+                chosen_through: Some(1),
+                ..Persist::default()
+            }),
+            Write::State(StateWrite::Delta(StateDelta {
+                header: Some(header(3, &Model::new(), b"through 3")),
+                changes: BTreeMap::new(),
+            })),
+        ])
+        .expect("commit");
+    drop(storage);
+    let (_storage, recovered) = open_image(&backend.live_images(), "memory").expect("reopen");
+    assert_eq!(recovered.state.map(|state| state.through), Some(3));
+    assert_eq!(recovered.durable.chosen_through, 3);
+    assert_eq!(recovered.durable.log_start, 4);
+    assert_eq!(
+        recovered.durable.log.keys().copied().collect::<Vec<_>>(),
+        vec![4],
+        "only the log after the saved state is kept"
+    );
+    let config = synod_paxos::Config::new(2, 7);
+    synod_paxos::Node::new(config, recovered.durable, 4, 0).expect("the core starts");
 }
 
 #[test]
 fn a_database_already_open_is_refused() {
-    let (_directory, path) = database_on_disk();
-    let (first, _) = Storage::open(&path, &identity()).expect("first open");
-    let error = Storage::open(&path, &identity()).expect_err("second open");
+    let (_directory, paths) = database_on_disk();
+    let (first, _) = Storage::open(&paths, &identity()).expect("first open");
+    let error = Storage::open(&paths, &identity()).expect_err("second open");
     assert!(matches!(error, StorageError::AlreadyOpen { .. }), "{error}");
-    assert_mentions_path(&error, &path);
+    assert_mentions_path(&error, &paths.log);
     drop(first);
-    Storage::open(&path, &identity()).expect("open after the first closed");
+    Storage::open(&paths, &identity()).expect("open after the first closed");
 }
 
 #[test]
 fn illegal_calls_are_refused_and_poison() {
-    let mut storage = Storage::create_with_backend(
-        InMemoryBackend::new(),
-        "memory",
-        identity(),
-        &Model::new().durable,
-    )
-    .expect("create");
+    let mut storage = create_in_memory(&Model::new().durable);
     // Compaction with no snapshot saved would lose chosen slots.
     let error = storage
         .persist(&[Persist {
@@ -1205,25 +1483,13 @@ fn illegal_calls_are_refused_and_poison() {
             "before staging began",
         ),
     ] {
-        let mut storage = Storage::create_with_backend(
-            InMemoryBackend::new(),
-            "memory",
-            identity(),
-            &model.durable,
-        )
-        .expect("create");
+        let mut storage = create_in_memory(&model.durable);
         let error = storage.commit(&writes).expect_err("refused");
         assert!(matches!(error, StorageError::Refused { .. }), "{error}");
         assert!(error.to_string().contains(what), "{error}");
     }
 
-    let mut storage = Storage::create_with_backend(
-        InMemoryBackend::new(),
-        "memory",
-        identity(),
-        &Model::new().durable,
-    )
-    .expect("create");
+    let mut storage = create_in_memory(&Model::new().durable);
     let batch = |id| Persist {
         id,
         promised: Some(Ballot::new(id, 1)),
@@ -1236,8 +1502,14 @@ fn illegal_calls_are_refused_and_poison() {
     // A non-empty backend is not a place to create a database.
     let backend = InMemoryBackend::new();
     backend.set_len(10).expect("set_len");
-    let error = Storage::create_with_backend(backend, "memory", identity(), &Model::new().durable)
-        .expect_err("not empty");
+    let error = Storage::create_with_backends(
+        backend,
+        InMemoryBackend::new(),
+        &memory_paths("memory"),
+        identity(),
+        &Model::new().durable,
+    )
+    .expect_err("not empty");
     assert!(
         matches!(error, StorageError::AlreadyExists { .. }),
         "{error}"
@@ -1313,13 +1585,18 @@ enum Outcome {
     Refused,
     /// The state before the call in flight.
     Before,
+    /// The state database after the call in flight, the log before it: a
+    /// crash between the two databases' commits (the state commits first).
+    StateOnly,
     /// The state after the call in flight.
     After,
 }
 
 /// Checks one crash image: it must open, never panic, and hold exactly the
-/// state `before` or `after` the call in flight (so nothing acknowledged is
-/// lost and nothing is half-applied). While `creating`, an image may also be
+/// state `before` or `after` the call in flight, or the state database's
+/// part of the call without the log's (so nothing acknowledged is lost,
+/// nothing is half-applied in either database, and the log never holds a
+/// call's batches without its state writes). While `creating`, an image may also be
 /// refused cleanly with an error naming the database: nothing was
 /// acknowledged yet.
 fn check_image(
@@ -1353,6 +1630,10 @@ fn check_image(
                 Ok(Outcome::After)
             } else if before.is_some_and(|before| before.matches(&storage, &recovered)) {
                 Ok(Outcome::Before)
+            } else if before
+                .is_some_and(|before| matches_parts(before, after, &storage, &recovered))
+            {
+                Ok(Outcome::StateOnly)
             } else {
                 Err(format!(
                     "{context}: the image ({}) holds a state that is neither before nor after the call: promised {}, chosen_through {}, log_start {}, {} log entries, state through {:?}, {:?} records",
@@ -1418,20 +1699,18 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
     };
     println!("crash test seed {seed} (replay with SYNOD_STORAGE_SEED={seed})");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut backend = CrashBackend::default();
-    backend.disk().recording = Some(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
+    let mut backend = CrashPair::new();
+    backend.disks().recording = Some(ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
 
     let mut tally = Tally::default();
     let mut model = Model::new();
-    let mut storage =
-        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
-            .expect("create");
+    let mut storage = backend.create(&model.durable);
     for image in backend.take_images() {
         tally.check(&image, None, &model, true, "during create");
     }
 
     let mut next_id = 1;
-    let mut syncs_before = backend.disk().syncs;
+    let mut syncs_before = backend.syncs();
     let mut restarts = 0usize;
     for call_index in 0..calls {
         let call = random_call(&mut rng, &model, &mut next_id);
@@ -1446,11 +1725,11 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
         }
         // Acknowledged: the synced bytes alone must hold this call.
         let acknowledged = CrashImage {
-            bytes: backend.durable_image(),
+            bytes: backend.durable_images(),
             how: "the synced bytes after the call returned",
         };
         tally.check(&acknowledged, None, &model, false, &context);
-        let syncs = backend.disk().syncs;
+        let syncs = backend.syncs();
         if call.only_stages() {
             assert_eq!(
                 syncs, syncs_before,
@@ -1475,15 +1754,20 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
         if !images.is_empty() && rng.random_bool(0.06) {
             let image = &images[rng.random_range(0..images.len())];
             drop(storage);
-            backend = CrashBackend::from_image(image.bytes.clone());
-            backend.disk().recording = Some(ChaCha8Rng::seed_from_u64(rng.random()));
-            let (restarted, recovered) =
-                Storage::open_with_backend(backend.clone(), "memory", &identity())
-                    .unwrap_or_else(|error| panic!("{context}: restart failed: {error}"));
+            backend = CrashPair::from_images(image.bytes.clone());
+            backend.disks().recording = Some(ChaCha8Rng::seed_from_u64(rng.random()));
+            let (restarted, recovered) = backend
+                .open()
+                .unwrap_or_else(|error| panic!("{context}: restart failed: {error}"));
             let recovered = if model.matches(&restarted, &recovered) {
                 model.clone()
             } else if before.matches(&restarted, &recovered) {
                 before.clone()
+            } else if matches_parts(&before, &model, &restarted, &recovered) {
+                Model {
+                    durable: before.durable.clone(),
+                    ..model.clone()
+                }
             } else {
                 panic!(
                     "{context}: the restart recovered neither the state before nor after the call"
@@ -1503,7 +1787,7 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
             for image in backend.take_images() {
                 tally.check(&image, None, &model, false, &context);
             }
-            syncs_before = backend.disk().syncs;
+            syncs_before = backend.syncs();
         }
     }
 
@@ -1546,11 +1830,9 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
 
 #[test]
 fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
-    let backend = CrashBackend::default();
+    let backend = CrashPair::new();
     let mut model = Model::new();
-    let mut storage =
-        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
-            .expect("create");
+    let mut storage = backend.create(&model.durable);
     let first = Call::persist(vec![Persist {
         id: 1,
         promised: Some(Ballot::new(1, 1)),
@@ -1564,7 +1846,7 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
     first.run(&mut storage).expect("first persist");
     first.apply(&mut model);
 
-    backend.disk().fail_syncs = true;
+    backend.fail_syncs(true);
     let second = vec![Persist {
         id: 2,
         promised: Some(Ballot::new(2, 1)),
@@ -1576,7 +1858,7 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
     assert!(storage.poisoned().is_some());
 
     // The disk recovers, the storage does not: fail-stop.
-    backend.disk().fail_syncs = false;
+    backend.fail_syncs(false);
     let third = [Persist {
         id: 3,
         promised: Some(Ballot::new(3, 1)),
@@ -1600,7 +1882,7 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
     assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
 
     // Restarting from what reached the disk gives the acknowledged state.
-    let (storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
+    let (storage, recovered) = open_image(&backend.durable_images(), "restarted").expect("reopen");
     assert!(
         model.matches(&storage, &recovered),
         "{:?}",
@@ -1612,10 +1894,10 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
 fn recovered_state_restarts_a_paxos_core() {
     // The storage's output is what `Node::new` takes.
     let directory = tempfile::tempdir().expect("temporary directory");
-    let path = database_path(directory.path());
+    let paths = DatabasePaths::in_dir(directory.path());
     let state = DurableState::bootstrap(members(&[1, 2, 3]));
-    drop(Storage::create(&path, identity(), &state).expect("create"));
-    let (_storage, recovered) = Storage::open(&path, &identity()).expect("open");
+    drop(Storage::create(&paths, identity(), &state).expect("create"));
+    let (_storage, recovered) = Storage::open(&paths, &identity()).expect("open");
     assert_eq!(recovered.durable, state);
     assert_eq!(recovered.state, None);
     let config = synod_paxos::Config::new(2, 7);
@@ -1624,12 +1906,10 @@ fn recovered_state_restarts_a_paxos_core() {
 
 #[test]
 fn a_failed_write_poisons_the_storage_too() {
-    let backend = CrashBackend::default();
+    let backend = CrashPair::new();
     let model = Model::new();
-    let mut storage =
-        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
-            .expect("create");
-    backend.disk().fail_writes = true;
+    let mut storage = backend.create(&model.durable);
+    backend.fail_writes(true);
     let error = storage
         .commit(&[Write::State(StateWrite::Delta(StateDelta {
             header: Some(header(0, &model, b"")),
@@ -1642,7 +1922,7 @@ fn a_failed_write_poisons_the_storage_too() {
         }))])
         .expect_err("the write fails");
     assert!(matches!(error, StorageError::Database { .. }), "{error}");
-    backend.disk().fail_writes = false;
+    backend.fail_writes(false);
     let error = storage
         .persist(&[Persist {
             id: 1,
@@ -1656,7 +1936,7 @@ fn a_failed_write_poisons_the_storage_too() {
         "{error}"
     );
     drop(storage);
-    let (storage, recovered) = open_image(&backend.durable_image(), "restarted").expect("reopen");
+    let (storage, recovered) = open_image(&backend.durable_images(), "restarted").expect("reopen");
     assert!(model.matches(&storage, &recovered));
 }
 
@@ -1677,12 +1957,10 @@ fn flipped_bits_are_refused_or_harmless_and_never_panic() {
         Err(_) => 11,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let backend = CrashBackend::default();
+    let backend = CrashPair::new();
     let mut model = Model::new();
     let mut history = vec![model.clone()];
-    let mut storage =
-        Storage::create_with_backend(backend.clone(), "memory", identity(), &model.durable)
-            .expect("create");
+    let mut storage = backend.create(&model.durable);
     let mut next_id = 1;
     for _ in 0..20 {
         let call = random_call(&mut rng, &model, &mut next_id);
@@ -1691,7 +1969,7 @@ fn flipped_bits_are_refused_or_harmless_and_never_panic() {
         history.push(model.clone());
     }
     drop(storage);
-    let image = backend.live_image();
+    let image = backend.live_images();
     let (mut intact, mut refused, mut older) = (0, 0, 0);
     // SYNOD_STORAGE_FLIPS makes a longer soak.
     let flips: usize = std::env::var("SYNOD_STORAGE_FLIPS").map_or(300, |text| {
@@ -1699,18 +1977,22 @@ fn flipped_bits_are_refused_or_harmless_and_never_panic() {
     });
     for flip in 0..flips {
         let mut damaged = image.clone();
+        let file = &mut damaged[flip / 2 % 2];
         // Half the flips hit the header region, where a few bytes matter most.
         let offset = if flip % 2 == 0 {
-            rng.random_range(0..damaged.len().min(4096))
+            rng.random_range(0..file.len().min(4096))
         } else {
-            rng.random_range(0..damaged.len())
+            rng.random_range(0..file.len())
         };
-        damaged[offset] ^= 1 << rng.random_range(0..8);
+        file[offset] ^= 1 << rng.random_range(0..8);
         let opened = std::panic::catch_unwind(|| open_image(&damaged, "damaged"));
         match opened {
             Err(_) => panic!("seed {seed}: opening with byte {offset} flipped panicked"),
             Ok(Err(error)) => {
-                assert_eq!(error.path(), Path::new("damaged"), "{error}");
+                assert!(
+                    [Path::new("damaged"), Path::new("damaged-state")].contains(&error.path()),
+                    "{error}"
+                );
                 refused += 1;
             }
             Ok(Ok((storage, _))) if read_records(&storage).is_err() => refused += 1,

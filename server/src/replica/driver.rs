@@ -1253,9 +1253,11 @@ impl Driver {
         let old = std::mem::replace(&mut self.state, *state);
         self.outbox.discarded_state = Some(Box::new(old));
         self.outbox.storage.push(StorageJob::ActivateState(header));
-        // The writer reports StateSaved once the state is live on disk; the
-        // core may hear of it now because the storage jobs run in order: no
-        // later persist (its compaction above all) overtakes it.
+        // The state writer reports StateSaved once the state is live on
+        // disk. The core may hear of it now: the batch in which it then
+        // compacts its log below the snapshot waits in the log writer until
+        // the state writer has made the snapshot live
+        // (`LogStore::wait_for_saved_state`).
         self.node
             .snapshot_installed(self.now_ms, through, membership);
         self.after_apply();

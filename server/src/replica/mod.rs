@@ -9,8 +9,9 @@
 //! a fatal error. The chosen log on disk is applied before the endpoints
 //! bind, so the cluster identity the state holds is in the first peer
 //! handshake (see [`crate::transport::identity`]); a replica its peers
-//! refuse for its identity stops with [`ReplicaError::ClusterIdentity`]. One task owns the core and the state machine; one OS
-//! thread owns the database and commits in groups.
+//! refuse for its identity stops with [`ReplicaError::ClusterIdentity`]. One task owns the core and the state machine; two OS
+//! threads own the two databases, the log's committing in groups and the
+//! state's flushing applied changes now and then.
 
 pub mod driver;
 mod net;
@@ -24,7 +25,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use synod_paxos::{DurableState, Membership, Node};
+use synod_paxos::{DurableState, Membership, Node, Persist};
 use synod_proto::wire::ClusterStatus;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -35,7 +36,7 @@ use crate::http::{HttpServer, HttpSettings};
 use crate::state::records::StateLoader;
 use crate::state::StateMachine;
 use crate::storage::{
-    database_path, Identity, Recovered, StateReader, StateRecordRef, StateTable, Storage,
+    DatabasePaths, Identity, Recovered, StateReader, StateRecordRef, StateTable, Storage,
 };
 use crate::transport::{ClientConnection, ClusterIdentity, RefusalSink};
 
@@ -132,7 +133,8 @@ pub struct Replica {
     peer_address: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), ReplicaError>>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    /// The log and state writer threads, joined at the end.
+    writers: Vec<std::thread::JoinHandle<()>>,
     status: watch::Receiver<ClusterStatus>,
     http: Option<HttpServer>,
     http_stop: watch::Sender<bool>,
@@ -156,8 +158,8 @@ fn open_storage(
         cluster_id: config.cluster_id.clone(),
         node_id: config.id,
     };
-    let path = database_path(&config.data_dir);
-    if !path.exists() {
+    let paths = DatabasePaths::in_dir(&config.data_dir);
+    if !paths.log.exists() {
         if bootstrap && join {
             return Err(ReplicaError::Start(
                 "--bootstrap and --join exclude each other".into(),
@@ -186,7 +188,7 @@ fn open_storage(
         } else {
             DurableState::bootstrap(membership)
         };
-        let storage = Storage::create(&path, identity, &durable)?;
+        let storage = Storage::create(&paths, identity, &durable)?;
         return Ok((
             storage,
             Recovered {
@@ -195,7 +197,7 @@ fn open_storage(
             },
         ));
     }
-    Ok(Storage::open(&path, &identity)?)
+    Ok(Storage::open(&paths, &identity)?)
 }
 
 /// Loads the saved state machine (or starts an empty one) and says from
@@ -369,6 +371,7 @@ impl Replica {
         )
         .map_err(|error| ReplicaError::Start(error.to_string()))?;
 
+        let (log_requests, log_receiver) = std_mpsc::channel::<Persist>();
         let (writer_requests, writer_receiver) = std_mpsc::channel::<WriterRequest>();
         let (writer_events, writer_events_receiver) = mpsc::unbounded_channel();
         let state_reader = storage.state_reader();
@@ -379,14 +382,22 @@ impl Replica {
         let holds = Arc::new(snapshot::StreamHolds::default());
         let mut driver = Driver::new(config.clone(), node, state, holds.clone(), clock.now_ms());
         let metrics = driver.metrics();
-        let writer = storage_thread::spawn(
-            storage,
+        let (log_store, state_store) = storage.into_parts();
+        let state_writer = storage_thread::spawn_state_writer(
+            state_store,
             settings,
             metrics.clone(),
             writer_receiver,
+            writer_events.clone(),
+        )
+        .map_err(|error| ReplicaError::Start(format!("cannot start the state writer: {error}")))?;
+        let log_writer = storage_thread::spawn_log_writer(
+            log_store,
+            metrics.clone(),
+            log_receiver,
             writer_events,
         )
-        .map_err(|error| ReplicaError::Start(format!("cannot start the writer: {error}")))?;
+        .map_err(|error| ReplicaError::Start(format!("cannot start the log writer: {error}")))?;
         driver.replay();
         let identity = Arc::new(ClusterIdentity::new(
             config.id,
@@ -433,7 +444,7 @@ impl Replica {
                     HttpSettings {
                         address,
                         node: config.id,
-                        database: database_path(&config.data_dir),
+                        databases: DatabasePaths::in_dir(&config.data_dir),
                         ready_lag_slots_max: config.monitoring.ready_lag_slots_max,
                         connections_max: usize::try_from(config.limits.http_connections_max)
                             .unwrap_or(usize::MAX),
@@ -459,6 +470,7 @@ impl Replica {
             driver,
             clock,
             endpoints,
+            log_writer: log_requests,
             writer: writer_requests,
             writer_events: writer_events_receiver,
             peer_receiver,
@@ -475,7 +487,7 @@ impl Replica {
             peer_address,
             shutdown,
             task,
-            writer: Some(writer),
+            writers: vec![log_writer, state_writer],
             status,
             http,
             http_stop,
@@ -551,7 +563,7 @@ impl Replica {
 
     async fn join_writer(&mut self) {
         self.stop_http().await;
-        if let Some(writer) = self.writer.take() {
+        for writer in std::mem::take(&mut self.writers) {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
     }
@@ -561,6 +573,9 @@ struct EventLoop {
     driver: Driver,
     clock: Clock,
     endpoints: Endpoints,
+    /// The core's batches, to the log writer.
+    log_writer: std_mpsc::Sender<Persist>,
+    /// Everything else, to the state writer.
     writer: std_mpsc::Sender<WriterRequest>,
     writer_events: mpsc::UnboundedReceiver<WriterEvent>,
     peer_receiver: mpsc::Receiver<PeerMessage>,
@@ -653,7 +668,11 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
             break Err(ReplicaError::Fatal(error));
         }
         for job in outbox.storage {
-            if run.writer.send(WriterRequest::Job(job)).is_err() {
+            let sent = match job {
+                StorageJob::Persist(batch) => run.log_writer.send(batch).is_ok(),
+                job => run.writer.send(WriterRequest::Job(job)).is_ok(),
+            };
+            if !sent {
                 break;
             }
         }
@@ -692,6 +711,7 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
         }
     };
     run.endpoints.close().await;
+    drop(run.log_writer);
     drop(run.writer);
     result
 }

@@ -1,21 +1,29 @@
-//! The replica's writer: one OS thread that owns the [`Storage`] and makes
-//! the driver's jobs durable in order.
+//! The replica's writers: two OS threads, one for each database (see
+//! `crate::storage`), that make the driver's jobs durable in order.
 //!
-//! Group commit: while one commit is in flight, jobs keep queueing; the next
-//! round takes everything queued and writes it in one transaction (one
-//! fsync), in order.
+//! The log writer ([`spawn_log_writer`]) takes the core's `Persist`
+//! batches. Group commit: while one commit is in flight, batches keep
+//! queueing; the next round takes everything queued and writes it in one
+//! transaction (one fsync), in order. A round whose batches compact the
+//! log first waits until the state database has saved the state the
+//! compaction relies on ([`LogStore::wait_for_saved_state`]): the driver
+//! tells the core of a snapshot installed before the writer has made it
+//! live, so the batch that compacts below it can reach this thread first.
 //!
-//! The state machine's changes ([`StorageJob::SaveState`]) are not written
-//! at once: they are kept, folded into one delta (a key changed many
-//! times is written once, [`StateDelta::merged`]) and written with the
-//! round that comes after
+//! The state writer ([`spawn_state_writer`]) takes the state machine's
+//! changes ([`StorageJob::SaveState`]), snapshots being installed
+//! ([`WriterRequest::Stage`], [`StorageJob::ActivateState`]). Changes are
+//! not written at once: they are kept, folded into one delta (a key changed
+//! many times is written once, [`StateDelta::merged`]) and written after
 //! [`WriterSettings::state_flush_interval`] has passed since the first of
 //! them, or as soon as they hold [`WriterSettings::state_flush_bytes_max`].
 //! Nothing is lost meanwhile: the log holds every entry they came from, and
 //! is compacted only below a saved state (the driver compacts when it hears
 //! [`Input::StateSaved`]). So a restart loads the saved state and replays
 //! at most one interval of the log, and a B-tree page that many changes
-//! touch is written once per interval instead of once per commit.
+//! touch is written once per interval instead of once per commit. A flush
+//! of a large state takes hundreds of milliseconds; on a thread and a
+//! database of its own it never holds up the log's commits.
 //!
 //! Fail-stop: the first error is reported to the driver as fatal and the
 //! thread stops; the replica exits and recovers from disk.
@@ -25,14 +33,18 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use synod_paxos::Persist;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 use super::driver::{Input, StorageJob};
 use crate::metrics::Metrics;
-use crate::storage::{StateDelta, StateTable, StateWrite, Storage, Write};
+use crate::storage::{LogStore, StateDelta, StateStore, StateTable, StateWrite};
 
 /// A commit that takes this long is logged: every write waits for it.
 const SLOW_COMMIT: Duration = Duration::from_millis(250);
+
+/// A state flush that takes this long is logged.
+const SLOW_FLUSH: Duration = Duration::from_secs(1);
 
 /// Most jobs taken in one group-commit round.
 const JOBS_PER_ROUND_MAX: usize = 4096;
@@ -46,9 +58,10 @@ pub struct WriterSettings {
     pub state_flush_bytes_max: u64,
 }
 
-/// A request to the writer thread.
+/// A request to the state writer.
 pub enum WriterRequest {
-    /// A job from the driver.
+    /// A job from the driver (never [`StorageJob::Persist`], which goes to
+    /// the log writer).
     Job(StorageJob),
     /// A piece of a snapshot being installed, from the task fetching it:
     /// [`StateWrite::StageBegin`] first, then [`StateWrite::Stage`]s. The
@@ -66,19 +79,93 @@ pub enum WriterRequest {
 /// Records of a staged snapshot, as the writer takes them.
 pub type StagedRecords = Vec<(StateTable, Box<[u8]>, Vec<u8>)>;
 
-/// Starts the writer thread.
-pub fn spawn(
-    mut storage: Storage,
+/// What a writer tells the replica.
+#[derive(Debug)]
+pub enum WriterEvent {
+    /// A driver input: `Persisted` or `StateSaved`.
+    Done(Input),
+    /// A write failed; the replica must stop.
+    Failed(String),
+}
+
+/// Starts the log writer thread.
+pub fn spawn_log_writer(
+    mut log: LogStore,
+    metrics: Arc<Metrics>,
+    requests: std_mpsc::Receiver<Persist>,
+    completions: mpsc::UnboundedSender<WriterEvent>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("synod-log".into())
+        .spawn(move || {
+            if let Err(error) = run_log_writer(&mut log, &metrics, &requests, &completions) {
+                let _ = completions.send(WriterEvent::Failed(error));
+                return;
+            }
+            if let Err(error) = log.close() {
+                tracing::error!(%error, "closing the log database failed");
+            }
+        })
+}
+
+fn run_log_writer(
+    log: &mut LogStore,
+    metrics: &Metrics,
+    requests: &std_mpsc::Receiver<Persist>,
+    completions: &mpsc::UnboundedSender<WriterEvent>,
+) -> Result<(), String> {
+    while let Ok(first) = requests.recv() {
+        let mut round = vec![first];
+        while round.len() < JOBS_PER_ROUND_MAX {
+            match requests.try_recv() {
+                Ok(batch) => round.push(batch),
+                Err(_) => break,
+            }
+        }
+        let batches: Vec<&Persist> = round.iter().collect();
+        if !log.wait_for_saved_state(&batches) {
+            // The state writer stopped (the replica is stopping, or it
+            // failed and said so): these batches were never acknowledged.
+            tracing::info!(
+                batches = batches.len(),
+                "the state database closed; batches compacting below it are not written"
+            );
+            return Ok(());
+        }
+        let started = Instant::now();
+        log.commit(&batches).map_err(|error| error.to_string())?;
+        let elapsed = started.elapsed();
+        metrics
+            .storage_commit_seconds
+            .observe(elapsed.as_secs_f64());
+        metrics.storage_commit_writes.observe(batches.len() as f64);
+        if elapsed >= SLOW_COMMIT {
+            tracing::warn!(
+                elapsed_ms = elapsed.as_millis() as u64,
+                batches = batches.len(),
+                "slow commit"
+            );
+        }
+        if let Some(last) = round.last() {
+            let _ = completions.send(WriterEvent::Done(Input::Persisted(last.id)));
+        }
+    }
+    Ok(())
+}
+
+/// Starts the state writer thread.
+pub fn spawn_state_writer(
+    mut state: StateStore,
     settings: WriterSettings,
     metrics: Arc<Metrics>,
     requests: std_mpsc::Receiver<WriterRequest>,
     completions: mpsc::UnboundedSender<WriterEvent>,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
-        .name("synod-storage".into())
+        .name("synod-state".into())
         .spawn(move || {
-            let mut writer = Writer {
-                storage: &mut storage,
+            let mut writer = StateWriter {
+                state: &mut state,
                 settings,
                 metrics: &metrics,
                 completions: &completions,
@@ -90,23 +177,14 @@ pub fn spawn(
                 let _ = completions.send(WriterEvent::Failed(error));
                 return;
             }
-            if let Err(error) = storage.close() {
-                tracing::error!(%error, "closing the database failed");
+            if let Err(error) = state.close() {
+                tracing::error!(%error, "closing the state database failed");
             }
         })
 }
 
-/// What the writer tells the replica.
-#[derive(Debug)]
-pub enum WriterEvent {
-    /// A driver input: `Persisted` or `StateSaved`.
-    Done(Input),
-    /// A write failed; the replica must stop.
-    Failed(String),
-}
-
-struct Writer<'a> {
-    storage: &'a mut Storage,
+struct StateWriter<'a> {
+    state: &'a mut StateStore,
     settings: WriterSettings,
     metrics: &'a Metrics,
     completions: &'a mpsc::UnboundedSender<WriterEvent>,
@@ -121,7 +199,7 @@ struct Writer<'a> {
     pending_bytes: u64,
 }
 
-impl Writer<'_> {
+impl StateWriter<'_> {
     fn run(&mut self, requests: &std_mpsc::Receiver<WriterRequest>) -> Result<(), String> {
         loop {
             let first = match self.pending_since {
@@ -155,16 +233,11 @@ impl Writer<'_> {
 
     /// Writes one round in one commit, then reports it.
     fn round(&mut self, round: Vec<WriterRequest>, last: bool) -> Result<(), String> {
-        let mut writes: Vec<Write> = Vec::with_capacity(round.len() + 1);
+        let mut writes: Vec<StateWrite> = Vec::with_capacity(round.len() + 1);
         let mut permits = Vec::new();
-        let mut last_batch = None;
         let mut saved_through = None;
         for request in round {
             match request {
-                WriterRequest::Job(StorageJob::Persist(batch)) => {
-                    last_batch = Some(batch.id);
-                    writes.push(Write::Persist(batch));
-                }
                 WriterRequest::Job(StorageJob::SaveState(delta)) => {
                     self.pending_since.get_or_insert_with(Instant::now);
                     self.pending_bytes += delta.bytes();
@@ -177,11 +250,17 @@ impl Writer<'_> {
                     self.pending_since = None;
                     self.pending_bytes = 0;
                     saved_through = Some(header.through);
-                    writes.push(Write::State(StateWrite::StageActivate(header)));
+                    writes.push(StateWrite::StageActivate(header));
+                }
+                WriterRequest::Job(StorageJob::Persist(batch)) => {
+                    return Err(format!(
+                        "batch {} reached the state writer; batches go to the log writer",
+                        batch.id
+                    ));
                 }
                 WriterRequest::Stage { write, permit } => {
                     permits.extend(permit);
-                    writes.push(Write::State(write));
+                    writes.push(write);
                 }
             }
         }
@@ -194,33 +273,28 @@ impl Writer<'_> {
             self.pending_since = None;
             self.pending_bytes = 0;
             saved_through = delta.through().or(saved_through);
-            writes.push(Write::State(StateWrite::Delta(delta)));
+            writes.push(StateWrite::Delta(delta));
         }
         let started = Instant::now();
-        self.storage
-            .commit(&writes)
+        let refs: Vec<&StateWrite> = writes.iter().collect();
+        self.state
+            .commit(&refs)
             .map_err(|error| error.to_string())?;
         let elapsed = started.elapsed();
-        self.metrics
-            .storage_commit_seconds
-            .observe(elapsed.as_secs_f64());
-        self.metrics
-            .storage_commit_writes
-            .observe(writes.len() as f64);
-        if elapsed >= SLOW_COMMIT {
+        if !writes.is_empty() {
+            self.metrics
+                .state_commit_seconds
+                .observe(elapsed.as_secs_f64());
+        }
+        if elapsed >= SLOW_FLUSH {
             tracing::warn!(
                 elapsed_ms = elapsed.as_millis() as u64,
                 writes = writes.len(),
                 state_through = saved_through,
-                "slow commit"
+                "slow state flush"
             );
         }
         drop(permits);
-        if let Some(id) = last_batch {
-            let _ = self
-                .completions
-                .send(WriterEvent::Done(Input::Persisted(id)));
-        }
         if let Some(through) = saved_through {
             let _ = self
                 .completions
@@ -240,10 +314,10 @@ mod tests {
 
     use redb::backends::InMemoryBackend;
     use redb::StorageBackend;
-    use synod_paxos::{Ballot, DurableState, Membership, Persist};
+    use synod_paxos::{Ballot, DurableState, Membership};
 
     use super::*;
-    use crate::storage::Identity;
+    use crate::storage::{DatabasePaths, Identity, Storage};
 
     /// An in-memory disk whose syncs fail on command.
     #[derive(Debug)]
@@ -273,12 +347,12 @@ mod tests {
         }
     }
 
-    fn promise(id: u64, round: u64) -> StorageJob {
-        StorageJob::Persist(Persist {
+    fn promise(id: u64, round: u64) -> Persist {
+        Persist {
             id,
             promised: Some(Ballot::new(round, 1)),
             ..Persist::default()
-        })
+        }
     }
 
     #[test]
@@ -293,46 +367,38 @@ mod tests {
             cluster_id: "test".into(),
             node_id: 1,
         };
-        let storage = Storage::create_with_backend(
+        let paths = DatabasePaths {
+            log: "flaky.redb".into(),
+            state: "state.redb".into(),
+        };
+        let storage = Storage::create_with_backends(
             disk,
-            "flaky.redb",
+            InMemoryBackend::new(),
+            &paths,
             identity,
             &DurableState::bootstrap(membership),
         )
         .expect("create");
         let (requests, receiver) = std_mpsc::channel();
         let (events, mut completions) = mpsc::unbounded_channel();
-        let settings = WriterSettings {
-            state_flush_interval: Duration::from_secs(1),
-            state_flush_bytes_max: 1 << 20,
-        };
-        let writer = spawn(
-            storage,
-            settings,
-            Arc::new(Metrics::new()),
-            receiver,
-            events,
-        )
-        .expect("spawn");
+        let (log, _state) = storage.into_parts();
+        let writer =
+            spawn_log_writer(log, Arc::new(Metrics::new()), receiver, events).expect("spawn");
 
-        requests
-            .send(WriterRequest::Job(promise(1, 1)))
-            .expect("send");
+        requests.send(promise(1, 1)).expect("send");
         match completions.blocking_recv() {
             Some(WriterEvent::Done(Input::Persisted(1))) => {}
             other => panic!("expected batch 1 durable, got {other:?}"),
         }
 
         fail_syncs.store(true, Ordering::SeqCst);
-        requests
-            .send(WriterRequest::Job(promise(2, 2)))
-            .expect("send");
+        requests.send(promise(2, 2)).expect("send");
         match completions.blocking_recv() {
             Some(WriterEvent::Failed(reason)) => assert!(reason.contains("flaky.redb"), "{reason}"),
             other => panic!("expected a fatal failure, got {other:?}"),
         }
         // The writer stopped: nothing more is acknowledged.
-        let _ = requests.send(WriterRequest::Job(promise(3, 3)));
+        let _ = requests.send(promise(3, 3));
         writer.join().expect("the writer thread ends");
         assert!(completions.blocking_recv().is_none());
     }

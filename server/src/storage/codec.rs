@@ -19,8 +19,10 @@ use synod_paxos::{Membership, Slot};
 ///
 /// Version 2: the state machine lives in its own tables, saved as entries
 /// are applied (version 1 saved whole snapshots). Version 3: node records
-/// are keyed by the revision that created them, then their path.
-pub(crate) const FORMAT_VERSION: u32 = 3;
+/// are keyed by the revision that created them, then their path. Version
+/// 4: the state tables moved to a database file of their own, and each
+/// file's meta says which of the two it is ([`KEY_ROLE`]).
+pub(crate) const FORMAT_VERSION: u32 = 4;
 
 /// Named scalars of the replica: format version, identity, the acceptor's
 /// promise and the log's bounds. Values are sealed.
@@ -35,6 +37,13 @@ pub(crate) const KEY_LOG_START: &str = "log_start";
 pub(crate) const KEY_MEMBERSHIP: &str = "membership";
 /// Whether the replica is rejoining after losing its disk (absent: no).
 pub(crate) const KEY_JOINING: &str = "joining";
+/// Which of a replica's two database files this is: [`ROLE_LOG`] or
+/// [`ROLE_STATE`], so that one is never opened as the other.
+pub(crate) const KEY_ROLE: &str = "role";
+/// The role of the file holding the promise, the log and its bounds.
+pub(crate) const ROLE_LOG: &str = "log";
+/// The role of the file holding the state machine's tables.
+pub(crate) const ROLE_STATE: &str = "state";
 
 /// Length of the CRC-32 trailer of a sealed record.
 const CRC_BYTES: usize = 4;
