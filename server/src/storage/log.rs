@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase};
 use synod_paxos::{Ballot, DurableState, LogRecord, Membership, Persist, Slot};
@@ -21,7 +21,7 @@ use super::codec::{
 };
 use super::{
     check_header_meta, corrupt, describe_state, get_meta, guard_panics, put_meta, redb_error,
-    require_meta, state, Identity, Result, Shared, StorageError,
+    refused, require_meta, state, Identity, Poison, Result, Shared, StorageError,
 };
 
 /// The log database of one replica, written by one thread.
@@ -40,7 +40,7 @@ pub struct LogStore {
     pub(super) log_start: Slot,
     /// The id of the last batch persisted.
     last_batch_id: Option<u64>,
-    poison: OnceLock<String>,
+    poison: Poison,
     shared: Arc<Shared>,
 }
 
@@ -69,11 +69,11 @@ impl LogStore {
 
     /// The first error this store returned, if any.
     pub fn poisoned(&self) -> Option<&str> {
-        self.poison.get().map(String::as_str)
+        self.poison.cause()
     }
 
     pub(super) fn poison(&self, cause: &str) {
-        let _ = self.poison.set(cause.to_string());
+        self.poison.set(cause);
     }
 
     /// Makes `batches` durable, in one write transaction with one `fsync`
@@ -135,20 +135,11 @@ impl LogStore {
     }
 
     pub(super) fn check_live(&self) -> Result<()> {
-        match self.poison.get() {
-            Some(cause) => Err(StorageError::Poisoned {
-                path: self.path.clone(),
-                cause: cause.clone(),
-            }),
-            None => Ok(()),
-        }
+        self.poison.check(&self.path)
     }
 
     fn refused(&self, detail: String) -> StorageError {
-        StorageError::Refused {
-            path: self.path.clone(),
-            detail,
-        }
+        refused(&self.path, detail)
     }
 
     /// Checks `batches` against the committed values and a saved state
@@ -322,7 +313,7 @@ pub(super) fn recover(
         chosen_through,
         log_start,
         last_batch_id: None,
-        poison: OnceLock::new(),
+        poison: Poison::default(),
         shared,
     };
     Ok((store, durable))
@@ -345,7 +336,7 @@ pub(super) fn created(
         chosen_through: state.chosen_through,
         log_start: state.log_start,
         last_batch_id: None,
-        poison: OnceLock::new(),
+        poison: Poison::default(),
         shared,
     }
 }

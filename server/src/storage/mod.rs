@@ -174,7 +174,7 @@ use std::io::ErrorKind;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use redb::backends::FileBackend;
@@ -681,6 +681,41 @@ impl Storage {
     fn check_live(&self) -> Result<()> {
         self.log.check_live()?;
         self.state.check_live()
+    }
+}
+
+/// The first error a store returned: once set, every call fails
+/// (fail-stop).
+#[derive(Debug, Default)]
+pub(crate) struct Poison(OnceLock<String>);
+
+impl Poison {
+    fn cause(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    fn set(&self, cause: &str) {
+        let _ = self.0.set(cause.to_string());
+    }
+
+    /// `Ok` while nothing failed, then [`StorageError::Poisoned`] naming
+    /// `path` and the first error.
+    fn check(&self, path: &Path) -> Result<()> {
+        match self.0.get() {
+            Some(cause) => Err(StorageError::Poisoned {
+                path: path.to_path_buf(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A write refused before anything was written.
+fn refused(path: &Path, detail: String) -> StorageError {
+    StorageError::Refused {
+        path: path.to_path_buf(),
+        detail,
     }
 }
 

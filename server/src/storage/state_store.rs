@@ -12,7 +12,7 @@
 //! slot the saved state now covers, so the log may be compacted below it.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase};
 use synod_paxos::Slot;
@@ -20,8 +20,8 @@ use synod_paxos::Slot;
 use super::codec::{self, valid_membership, META, ROLE_STATE};
 use super::state::{self, SavedStateHeader, StateReader, StateRecordRef, StateTable, StateWrite};
 use super::{
-    check_header_meta, corrupt, guard_panics, put_meta, redb_error, Identity, Result, Shared,
-    StorageError,
+    check_header_meta, corrupt, guard_panics, put_meta, redb_error, refused, Identity, Poison,
+    Result, Shared, StorageError,
 };
 
 /// The state database of one replica, written by one thread and read from
@@ -39,7 +39,7 @@ pub struct StateStore {
     live_set: Option<u8>,
     /// The set a snapshot is being staged into, if one is.
     staging_set: Option<u8>,
-    poison: OnceLock<String>,
+    poison: Poison,
     /// Tells the log database when this store is gone.
     shared: ClosesOnDrop,
 }
@@ -80,11 +80,11 @@ impl StateStore {
 
     /// The first error this store returned, if any.
     pub fn poisoned(&self) -> Option<&str> {
-        self.poison.get().map(String::as_str)
+        self.poison.cause()
     }
 
     pub(super) fn poison(&self, cause: &str) {
-        let _ = self.poison.set(cause.to_string());
+        self.poison.set(cause);
         self.shared.close_state();
     }
 
@@ -168,20 +168,11 @@ impl StateStore {
     }
 
     pub(super) fn check_live(&self) -> Result<()> {
-        match self.poison.get() {
-            Some(cause) => Err(StorageError::Poisoned {
-                path: self.path.clone(),
-                cause: cause.clone(),
-            }),
-            None => Ok(()),
-        }
+        self.poison.check(&self.path)
     }
 
     fn refused(&self, detail: String) -> StorageError {
-        StorageError::Refused {
-            path: self.path.clone(),
-            detail,
-        }
+        refused(&self.path, detail)
     }
 
     /// Checks `writes` against the committed sets and a log starting at
@@ -320,7 +311,7 @@ pub(super) fn recover(
         state_through,
         live_set: live.as_ref().map(|(set, _)| *set),
         staging_set: None,
-        poison: OnceLock::new(),
+        poison: Poison::default(),
         shared: ClosesOnDrop(shared),
     };
     Ok((store, live.map(|(_, header)| header)))
@@ -334,7 +325,7 @@ pub(super) fn created(database: Database, path: PathBuf, shared: Arc<Shared>) ->
         state_through: None,
         live_set: None,
         staging_set: None,
-        poison: OnceLock::new(),
+        poison: Poison::default(),
         shared: ClosesOnDrop(shared),
     }
 }
