@@ -5,6 +5,8 @@
 //! wire and on disk. Sizes and counters are `u64`, never `usize`, so the
 //! encoding is the same on every platform.
 
+#[cfg(feature = "certgen")]
+pub mod certgen;
 mod error;
 mod event;
 mod request;

@@ -1,6 +1,7 @@
 //! Mutual TLS for Synod's QUIC connections, shared by the replica and the
 //! client: loading PEM files, building rustls and quinn configurations,
-//! generating development certificates, and the connection handshake.
+//! and the connection handshake. Making certificates is
+//! [`certgen`](crate::certgen)'s, behind the `certgen` feature.
 //!
 //! # Trust model
 //!
@@ -13,12 +14,12 @@
 //!
 //! Replicas and clients share the CA, so a replica's certificate must carry
 //! an identity no client certificate can have. A replica certificate
-//! ([`CertificateAuthority::issue_node`]) has, all at once:
+//! (`certgen::CertificateAuthority::issue_node`) has, all at once:
 //! - both extended key usages, serverAuth and clientAuth (replicas both
 //!   accept and dial), where a client certificate has clientAuth only;
 //! - the URI subject alternative name [`replica_uri`]
 //!   (`synod-replica://node-<id>`), a form
-//!   [`CertificateAuthority::issue_client`] never writes;
+//!   `certgen::CertificateAuthority::issue_client` never writes;
 //! - the DNS name [`node_server_name`] (`node-<id>.synod`), the server name
 //!   its peers dial it with, so that rustls checks it on every dial.
 //!
@@ -37,13 +38,6 @@
 //! same stream. For a client, that stream then carries the session
 //! ([`ClientFrame`](crate::wire::ClientFrame)s one way,
 //! [`ServerFrame`](crate::wire::ServerFrame)s the other); see [`connect`].
-//!
-//! # Development certificates
-//!
-//! [`generate_dev_certs`] writes a CA, one certificate per replica and one
-//! client certificate into a directory, for `synod certs`, `synod dev` and
-//! tests. They are not meant for production: keys are ECDSA P-256 generated
-//! on the spot and the certificates never expire.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -234,7 +228,7 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// The files [`generate_dev_certs`] writes for `name` (`node-<id>` or
+    /// The files `certgen::generate_dev_certs` writes for `name` (`node-<id>` or
     /// `client`) in `dir`: `ca.pem`, `<name>.pem` and `<name>-key.pem`.
     pub fn in_dir(dir: &Path, name: &str) -> TlsFiles {
         TlsFiles {
@@ -435,14 +429,6 @@ pub enum TlsError {
         /// The cause.
         source: std::io::Error,
     },
-    /// A file could not be written.
-    #[error("cannot write {}: {source}", path.display())]
-    Write {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
     /// A file is not PEM, or a PEM section in it is damaged.
     #[error("{} is not a valid PEM file: {detail}", path.display())]
     NotPem {
@@ -478,9 +464,6 @@ pub enum TlsError {
     /// match the certificate).
     #[error("TLS configuration refused: {0}")]
     Config(String),
-    /// Certificate generation failed.
-    #[error("certificate generation failed: {0}")]
-    Generate(#[from] rcgen::Error),
     /// A certificate does not chain to the configured CA.
     #[error(
         "certificate {} is not signed by the CA {}: issue it from that CA, or point \
@@ -535,10 +518,6 @@ pub enum TlsError {
         /// The certificate.
         cert: PathBuf,
     },
-    /// A certificate was asked for with a name only (another) replica's
-    /// certificate may carry.
-    #[error("{0:?} is a name only a replica's own certificate may carry; choose another name")]
-    ReservedName(String),
 }
 
 /// Result of the TLS functions.
@@ -562,7 +541,10 @@ fn check_looks_like_pem(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn parse_certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>> {
+pub(crate) fn parse_certificates(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<CertificateDer<'static>>> {
     check_looks_like_pem(path, bytes)?;
     let certificates = CertificateDer::pem_slice_iter(bytes)
         .collect::<std::result::Result<Vec<_>, _>>()
@@ -578,7 +560,7 @@ fn parse_certificates(path: &Path, bytes: &[u8]) -> Result<Vec<CertificateDer<'s
     Ok(certificates)
 }
 
-fn parse_private_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>> {
+pub(crate) fn parse_private_key(path: &Path, bytes: &[u8]) -> Result<PrivateKeyDer<'static>> {
     check_looks_like_pem(path, bytes)?;
     PrivateKeyDer::from_pem_slice(bytes).map_err(|error| match error {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoPrivateKey {
@@ -691,6 +673,14 @@ pub fn client_identity(certificate: &CertificateDer<'_>) -> Option<String> {
     (!subject.is_empty()).then_some(subject)
 }
 
+/// When `certificate` stops being valid (its notAfter), or `None` when it
+/// cannot be parsed.
+pub fn certificate_not_after(certificate: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(certificate.as_ref()).ok()?;
+    let seconds = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    std::time::SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))
+}
+
 /// The certificate chain a connection's peer presented (leaf first), if any.
 pub fn peer_certificates(connection: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
     connection
@@ -698,216 +688,6 @@ pub fn peer_certificates(connection: &quinn::Connection) -> Option<Vec<Certifica
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()
         .map(|chain| *chain)
-}
-
-// ---------------------------------------------------------------------------
-// Certificate generation (development and tests).
-
-/// A PEM certificate with its PEM private key.
-#[derive(Clone)]
-pub struct IssuedCertificate {
-    /// The certificate, PEM.
-    pub cert_pem: String,
-    /// Its private key, PEM (PKCS#8).
-    pub key_pem: String,
-}
-
-impl fmt::Debug for IssuedCertificate {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IssuedCertificate").finish_non_exhaustive()
-    }
-}
-
-/// A certificate authority generated on the spot, able to issue replica and
-/// client certificates.
-pub struct CertificateAuthority {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl fmt::Debug for CertificateAuthority {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertificateAuthority")
-            .finish_non_exhaustive()
-    }
-}
-
-impl CertificateAuthority {
-    /// Generates a self-signed CA with the given common name.
-    ///
-    /// # Errors
-    /// [`TlsError::Generate`].
-    pub fn generate(common_name: &str) -> Result<CertificateAuthority> {
-        let mut params = rcgen::CertificateParams::default();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, common_name);
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = rcgen::KeyPair::generate()?;
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, key)?;
-        Ok(CertificateAuthority { issuer })
-    }
-
-    /// The CA's certificate and key, PEM.
-    pub fn certificate(&self) -> IssuedCertificate {
-        IssuedCertificate {
-            cert_pem: self.issuer.pem(),
-            key_pem: self.issuer.key().serialize_pem(),
-        }
-    }
-
-    /// Issues a replica's certificate, valid for TLS server and client
-    /// authentication (replicas dial each other), naming the replica URI
-    /// [`replica_uri`]`(node_id)`, the DNS name
-    /// [`node_server_name`]`(node_id)` and every host in `hosts` (DNS names
-    /// or IP addresses, such as `localhost` and `127.0.0.1`): what
-    /// [`replica_certificate_node`] requires.
-    ///
-    /// # Errors
-    /// [`TlsError::Generate`], for example for a host that is not a valid
-    /// DNS name; [`TlsError::ReservedName`] for a host naming another
-    /// replica.
-    pub fn issue_node(&self, node_id: u64, hosts: &[String]) -> Result<IssuedCertificate> {
-        let own = node_server_name(node_id);
-        if let Some(host) = hosts
-            .iter()
-            .find(|host| is_replica_name(host) && !host.eq_ignore_ascii_case(&own))
-        {
-            return Err(TlsError::ReservedName(host.clone()));
-        }
-        let mut names = vec![own];
-        names.extend(hosts.iter().cloned());
-        let mut params = rcgen::CertificateParams::new(names)?;
-        let uri = rcgen::string::Ia5String::try_from(replica_uri(node_id))?;
-        params.subject_alt_names.push(rcgen::SanType::URI(uri));
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, format!("synod node {node_id}"));
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        self.issue(params)
-    }
-
-    /// Issues a client certificate (client authentication only) with the
-    /// given common name; it names no host and no replica URI, so it cannot
-    /// pose as a replica.
-    ///
-    /// # Errors
-    /// [`TlsError::Generate`]; [`TlsError::ReservedName`] for a common name
-    /// of a replica's form (`node-<id>.synod`, or one naming
-    /// `synod-replica`).
-    pub fn issue_client(&self, common_name: &str) -> Result<IssuedCertificate> {
-        if is_replica_name(common_name) {
-            return Err(TlsError::ReservedName(common_name.to_string()));
-        }
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, common_name);
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue(params)
-    }
-
-    fn issue(&self, mut params: rcgen::CertificateParams) -> Result<IssuedCertificate> {
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.use_authority_key_identifier_extension = true;
-        let key = rcgen::KeyPair::generate()?;
-        let certificate = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCertificate {
-            cert_pem: certificate.pem(),
-            key_pem: key.serialize_pem(),
-        })
-    }
-}
-
-/// The files [`generate_dev_certs`] wrote.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DevCerts {
-    /// The directory holding them.
-    pub dir: PathBuf,
-    /// The replicas certificates were made for.
-    pub node_ids: Vec<u64>,
-}
-
-impl DevCerts {
-    /// Replica `node_id`'s files (`ca.pem`, `node-<id>.pem`, `node-<id>-key.pem`).
-    pub fn node(&self, node_id: u64) -> TlsFiles {
-        TlsFiles::in_dir(&self.dir, &format!("node-{node_id}"))
-    }
-
-    /// The client's files (`ca.pem`, `client.pem`, `client-key.pem`).
-    pub fn client(&self) -> TlsFiles {
-        TlsFiles::in_dir(&self.dir, "client")
-    }
-
-    /// The CA's key (`ca-key.pem`), kept to issue more certificates.
-    pub fn ca_key(&self) -> PathBuf {
-        self.dir.join("ca-key.pem")
-    }
-}
-
-/// Generates a CA, a certificate per replica in `node_ids` (valid for
-/// `hosts`, e.g. `localhost` and `127.0.0.1`, and for its
-/// [`node_server_name`]) and a client certificate, and writes them as PEM
-/// into `dir` (created if missing): `ca.pem`, `ca-key.pem`, `node-<id>.pem`,
-/// `node-<id>-key.pem`, `client.pem`, `client-key.pem`. Private keys are
-/// written readable by their owner only (on Unix). Existing files are
-/// overwritten.
-///
-/// # Errors
-/// [`TlsError::Generate`] or [`TlsError::Write`].
-pub fn generate_dev_certs(dir: &Path, node_ids: &[u64], hosts: &[String]) -> Result<DevCerts> {
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let ca = CertificateAuthority::generate("Synod development CA")?;
-    write_pair(dir, "ca", &ca.certificate())?;
-    for &node_id in node_ids {
-        write_pair(
-            dir,
-            &format!("node-{node_id}"),
-            &ca.issue_node(node_id, hosts)?,
-        )?;
-    }
-    write_pair(dir, "client", &ca.issue_client("synod client")?)?;
-    Ok(DevCerts {
-        dir: dir.to_owned(),
-        node_ids: node_ids.to_vec(),
-    })
-}
-
-fn write_pair(dir: &Path, name: &str, issued: &IssuedCertificate) -> Result<()> {
-    let cert_path = dir.join(format!("{name}.pem"));
-    std::fs::write(&cert_path, &issued.cert_pem).map_err(|source| TlsError::Write {
-        path: cert_path,
-        source,
-    })?;
-    let key_path = dir.join(format!("{name}-key.pem"));
-    write_private(&key_path, issued.key_pem.as_bytes()).map_err(|source| TlsError::Write {
-        path: key_path,
-        source,
-    })
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
 }
 
 // ---------------------------------------------------------------------------
@@ -1199,244 +979,6 @@ pub fn client_endpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dev_certs_load_and_build_configs() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let hosts = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-        let certs = generate_dev_certs(dir.path(), &[1, 2, 3], &hosts).expect("generate");
-        for name in [
-            "ca.pem",
-            "ca-key.pem",
-            "node-1.pem",
-            "node-3-key.pem",
-            "client.pem",
-            "client-key.pem",
-        ] {
-            assert!(dir.path().join(name).is_file(), "{name} written");
-        }
-        let node = certs.node(2).load().expect("node 2 loads");
-        let client = certs.client().load().expect("client loads");
-        server_config(&node).expect("server config");
-        client_config(&node).expect("a replica dials peers too");
-        client_config(&client).expect("client config");
-        let transport = Arc::new(quinn::TransportConfig::default());
-        quic_server_config(&node, transport.clone()).expect("quic server config");
-        quic_client_config(&client, transport).expect("quic client config");
-
-        let leaf = &node.cert_chain[0];
-        assert!(certificate_names(leaf, &node_server_name(2)));
-        assert!(certificate_names(leaf, "localhost"));
-        assert!(certificate_names(leaf, "127.0.0.1"));
-        assert!(!certificate_names(leaf, &node_server_name(1)));
-        assert!(!certificate_names(
-            &client.cert_chain[0],
-            &node_server_name(2)
-        ));
-        assert_eq!(replica_certificate_node(leaf), Ok(2));
-        assert!(matches!(
-            replica_certificate_node(&client.cert_chain[0]),
-            Err(NotReplicaCertificate::Usages(_))
-        ));
-    }
-
-    fn leaf_of(issued: &IssuedCertificate) -> CertificateDer<'static> {
-        parse_certificates(Path::new("test"), issued.cert_pem.as_bytes()).expect("parses")[0]
-            .clone()
-    }
-
-    #[test]
-    fn only_replica_certificates_name_a_replica() {
-        let ca = CertificateAuthority::generate("test CA").expect("CA");
-        let node = ca.issue_node(3, &["localhost".into()]).expect("node");
-        assert_eq!(replica_certificate_node(&leaf_of(&node)), Ok(3));
-
-        // A client certificate that names node-3.synod: the DNS name alone
-        // makes no replica.
-        let mut params = rcgen::CertificateParams::new(vec![node_server_name(3)]).expect("params");
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-        let client_only = ca.issue(params).expect("issued");
-        let leaf = leaf_of(&client_only);
-        assert!(certificate_names(&leaf, &node_server_name(3)));
-        let error = replica_certificate_node(&leaf).expect_err("client usage only");
-        assert!(matches!(error, NotReplicaCertificate::Usages(_)), "{error}");
-        assert!(error.to_string().contains("clientAuth"), "{error}");
-
-        // Both usages and the DNS name, but no replica URI.
-        let mut params = rcgen::CertificateParams::new(vec![node_server_name(3)]).expect("params");
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let old_form = ca.issue(params.clone()).expect("issued");
-        assert!(matches!(
-            replica_certificate_node(&leaf_of(&old_form)),
-            Err(NotReplicaCertificate::ReplicaName(_))
-        ));
-
-        // A replica URI for one node and the DNS name of another.
-        let mut mismatched = params.clone();
-        mismatched.subject_alt_names.push(rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from(replica_uri(4)).expect("uri"),
-        ));
-        assert!(matches!(
-            replica_certificate_node(&leaf_of(&ca.issue(mismatched).expect("issued"))),
-            Err(NotReplicaCertificate::DnsName { .. })
-        ));
-
-        // Two replica URIs, and a non-canonical id.
-        let mut twice = params.clone();
-        for id in [3, 4] {
-            twice.subject_alt_names.push(rcgen::SanType::URI(
-                rcgen::string::Ia5String::try_from(replica_uri(id)).expect("uri"),
-            ));
-        }
-        assert!(replica_certificate_node(&leaf_of(&ca.issue(twice).expect("issued"))).is_err());
-        let mut padded = params;
-        padded.subject_alt_names.push(rcgen::SanType::URI(
-            rcgen::string::Ia5String::try_from("synod-replica://node-03".to_string()).expect("uri"),
-        ));
-        assert!(replica_certificate_node(&leaf_of(&ca.issue(padded).expect("issued"))).is_err());
-
-        // Garbage is an error, not a panic.
-        assert!(matches!(
-            replica_certificate_node(&CertificateDer::from(vec![0x30, 0x03, 0x01])),
-            Err(NotReplicaCertificate::Unparsable(_))
-        ));
-
-        // Replica names are refused for clients and for other replicas.
-        for name in ["node-3.synod", "NODE-12.SYNOD", "synod-replica://node-1"] {
-            assert!(matches!(
-                ca.issue_client(name),
-                Err(TlsError::ReservedName(_))
-            ));
-        }
-        assert!(ca.issue_client("node-3.example").is_ok());
-        assert!(matches!(
-            ca.issue_node(1, &["node-2.synod".into()]),
-            Err(TlsError::ReservedName(_))
-        ));
-        assert!(ca.issue_node(1, &["node-1.synod".into()]).is_ok());
-    }
-
-    #[test]
-    fn load_errors_name_the_file() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let certs = generate_dev_certs(dir.path(), &[1], &[]).expect("generate");
-        let good = certs.node(1);
-
-        let missing = TlsFiles {
-            key: dir.path().join("nope.pem"),
-            ..good.clone()
-        };
-        let error = missing.load().expect_err("missing key");
-        assert!(matches!(error, TlsError::Read { .. }));
-        assert!(error.to_string().contains("nope.pem"), "{error}");
-
-        let garbage = dir.path().join("garbage.pem");
-        std::fs::write(&garbage, b"hello").expect("write");
-        let error = TlsFiles {
-            cert: garbage.clone(),
-            ..good.clone()
-        }
-        .load()
-        .expect_err("not pem");
-        assert!(matches!(error, TlsError::NotPem { .. }), "{error}");
-        assert!(error.to_string().contains("garbage.pem"), "{error}");
-
-        // A certificate where the key should be, and a key where the
-        // certificate should be.
-        let error = TlsFiles {
-            key: good.cert.clone(),
-            ..good.clone()
-        }
-        .load()
-        .expect_err("no key");
-        assert!(matches!(error, TlsError::NoPrivateKey { .. }), "{error}");
-        let error = TlsFiles {
-            cert: good.key.clone(),
-            ..good.clone()
-        }
-        .load()
-        .expect_err("no certificate");
-        assert!(matches!(error, TlsError::NoCertificate { .. }), "{error}");
-
-        // A key that does not match the certificate.
-        let mismatched = TlsFiles {
-            key: certs.client().key,
-            ..good
-        }
-        .load()
-        .expect("parses");
-        assert!(matches!(
-            server_config(&mismatched),
-            Err(TlsError::Config(_))
-        ));
-    }
-
-    #[test]
-    fn node_material_is_checked_against_ca_name_and_key() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let hosts = vec!["localhost".to_string()];
-        let certs = generate_dev_certs(dir.path(), &[1, 2], &hosts).expect("generate");
-        certs.node(2).load_for_node(2).expect("node 2's own files");
-
-        // A certificate for node 2 from another CA.
-        let other_dir = tempfile::tempdir().expect("temp dir");
-        let other = generate_dev_certs(other_dir.path(), &[2], &hosts).expect("generate");
-        let foreign = TlsFiles {
-            ca: certs.node(2).ca,
-            ..other.node(2)
-        };
-        let error = foreign.load_for_node(2).expect_err("another CA");
-        assert!(matches!(error, TlsError::NotSignedByCa { .. }), "{error}");
-        let message = error.to_string();
-        assert!(
-            message.contains("node-2.pem is not signed by the CA"),
-            "{message}"
-        );
-        assert!(
-            message.contains(&certs.node(2).ca.display().to_string()),
-            "{message}"
-        );
-
-        // Node 1's key beside node 2's certificate.
-        let swapped = TlsFiles {
-            key: certs.node(1).key,
-            ..certs.node(2)
-        };
-        let error = swapped.load_for_node(2).expect_err("swapped key");
-        assert!(matches!(error, TlsError::KeyMismatch { .. }), "{error}");
-        assert!(
-            error
-                .to_string()
-                .contains("node-1-key.pem does not match certificate"),
-            "{error}"
-        );
-
-        // Node 1's files configured for node 2.
-        let error = certs.node(1).load_for_node(2).expect_err("another node's");
-        assert!(matches!(error, TlsError::WrongNode { .. }), "{error}");
-        assert!(
-            error
-                .to_string()
-                .contains("node-1.pem does not name node-2.synod: it was made for another node"),
-            "{error}"
-        );
-
-        // A client certificate is no replica certificate.
-        let error = certs.client().load_for_node(1).expect_err("client's");
-        assert!(error.to_string().contains("client.pem"), "{error}");
-
-        // A replica's certificate where the CA should be.
-        let error = TlsFiles {
-            ca: certs.node(1).cert,
-            ..certs.node(2)
-        }
-        .load_for_node(2)
-        .expect_err("no CA");
-        assert!(matches!(error, TlsError::NotSignedByCa { .. }), "{error}");
-    }
 
     #[test]
     fn frames_encode_back_to_back() {

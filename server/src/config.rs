@@ -10,6 +10,7 @@
 //! ca = "/etc/synod/ca.pem"
 //! cert = "/etc/synod/node-1.pem"
 //! key = "/etc/synod/node-1-key.pem"
+//! reload_check_ms = 5000   # optional: a replaced file is reloaded (or on SIGHUP)
 //!
 //! [[members]]
 //! id = 1
@@ -80,6 +81,7 @@
 //! | `limits.http_connections_max` | 1..=100,000 | 64 |
 //! | `limits.http_header_timeout_ms` | 100..=600,000 | 10,000 |
 //! | `monitoring.ready_lag_slots_max` | 0..=100,000,000 | 1,000 |
+//! | `tls.reload_check_ms` (0: on SIGHUP only) | 0..=3,600,000 | 5,000 |
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -184,6 +186,18 @@ pub struct TlsConfig {
     pub cert: PathBuf,
     /// This replica's private key.
     pub key: PathBuf,
+    /// How often the replica looks whether the three files changed, and
+    /// reloads them if so (a replaced certificate is used without a
+    /// restart); 0 looks only on SIGHUP. Range 0..=3,600,000, default 5,000.
+    #[serde(default = "default_tls_reload_check_ms")]
+    pub reload_check_ms: u64,
+}
+
+/// How often TLS files are looked at by default: every 5 s.
+pub const DEFAULT_TLS_RELOAD_CHECK_MS: u64 = 5_000;
+
+fn default_tls_reload_check_ms() -> u64 {
+    DEFAULT_TLS_RELOAD_CHECK_MS
 }
 
 /// A voting member and where to reach it.
@@ -498,6 +512,7 @@ const NUMERIC_FIELDS: &[NumericField] = &[
     numeric!(limits.http_connections_max, 1, 100_000),
     numeric!(limits.http_header_timeout_ms, 100, 600_000),
     numeric!(monitoring.ready_lag_slots_max, 0, 100_000_000),
+    numeric!(tls.reload_check_ms, 0, 3_600_000),
 ];
 
 /// Refuses `value` for `field` unless it is within `min..=max`.
@@ -690,6 +705,7 @@ impl ReplicaConfig {
                 ca: "ca.pem".into(),
                 cert: "node-1.pem".into(),
                 key: "node-1-key.pem".into(),
+                reload_check_ms: DEFAULT_TLS_RELOAD_CHECK_MS,
             },
             members: vec![member(1), member(2), member(3)],
             timeouts: Timeouts::default(),

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -144,6 +145,7 @@ fn run() -> anyhow::Result<()> {
         let options = StartOptions {
             bootstrap: arguments.bootstrap,
             join: arguments.join,
+            reload_tls: Some(reload_on_hangup()),
             ..StartOptions::default()
         };
         replica::run(config, options, shutdown_signal())
@@ -165,6 +167,31 @@ fn restore(config_path: &std::path::Path, from: &std::path::Path) -> anyhow::Res
         restored.sessions_closed
     );
     Ok(())
+}
+
+/// What SIGHUP notifies: the replica then reloads its TLS files. Taking
+/// SIGHUP also keeps it from ending the process (its default action).
+fn reload_on_hangup() -> Arc<tokio::sync::Notify> {
+    let reload = Arc::new(tokio::sync::Notify::new());
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hangups) => {
+                let reload = reload.clone();
+                tokio::spawn(async move {
+                    while hangups.recv().await.is_some() {
+                        tracing::info!("SIGHUP: reloading the TLS files");
+                        reload.notify_one();
+                    }
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot take SIGHUP; TLS files reload on change only")
+            }
+        }
+    }
+    reload
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -17,6 +17,9 @@
 //!   `peer_messages_dropped`, `database_bytes` (when scraped);
 //! - events: `leader_changes_total`, `elections_started_total`,
 //!   `proposals_total`;
+//! - certificates: `tls_certificate_expiry_seconds` (when the certificate
+//!   in use expires), `tls_reloads_total` and `tls_reload_failures_total`
+//!   (rotations without a restart, see `replica::tls_watch`);
 //! - latencies: `client_request_seconds{op}` with
 //!   `client_requests_total{op,result}`, `storage_commit_seconds` (a group
 //!   commit of the log and its fsync) with `storage_commit_writes` (jobs
@@ -158,6 +161,12 @@ pub struct Metrics {
     /// Backups to clients that did not finish.
     pub backup_failures: Counter,
     refused: Family<LimitLabels, Counter>,
+    /// TLS files reloaded and put in place.
+    pub tls_reloads: Counter,
+    /// TLS files looked at and refused (the old ones stayed in use).
+    pub tls_reload_failures: Counter,
+    /// When the certificate in use expires, in seconds since the epoch.
+    pub tls_certificate_expiry_seconds: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -212,6 +221,9 @@ impl Metrics {
             backup_seconds: Histogram::new(latency_buckets()),
             backup_failures: Counter::default(),
             refused: Family::default(),
+            tls_reloads: Counter::default(),
+            tls_reload_failures: Counter::default(),
+            tls_certificate_expiry_seconds: Gauge::default(),
             registry: Registry::default(),
         };
         for role in ROLES {
@@ -299,6 +311,21 @@ impl Metrics {
             "database_bytes",
             "Bytes of the database file",
             metrics.database_bytes.clone(),
+        );
+        r.register(
+            "tls_reloads",
+            "Times the TLS files were reloaded and put in place without a restart",
+            metrics.tls_reloads.clone(),
+        );
+        r.register(
+            "tls_reload_failures",
+            "Times changed TLS files were refused (the certificate in use stayed)",
+            metrics.tls_reload_failures.clone(),
+        );
+        r.register(
+            "tls_certificate_expiry_seconds",
+            "When this replica's certificate in use expires, in seconds since the Unix epoch",
+            metrics.tls_certificate_expiry_seconds.clone(),
         );
         r.register(
             "leader_changes",

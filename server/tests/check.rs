@@ -7,7 +7,8 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use synod_proto::tls::{generate_dev_certs, TlsFiles};
+use synod_proto::certgen::generate_dev_certs;
+use synod_proto::tls::TlsFiles;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_synod-server");
 

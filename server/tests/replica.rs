@@ -387,7 +387,8 @@ async fn a_replica_that_lost_its_disk_rejoins_only_when_told_and_votes_once_caug
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_frames_and_foreign_certificates_are_refused_while_the_cluster_serves() {
     use std::sync::Arc;
-    use synod_proto::tls::{client_endpoint, connect, generate_dev_certs};
+    use synod_proto::certgen::generate_dev_certs;
+    use synod_proto::tls::{client_endpoint, connect};
     use synod_proto::wire::{ServerFrame, DEFAULT_MAX_FRAME_BYTES};
 
     let cluster = Cluster::start(3, |_| {}).await;

@@ -29,9 +29,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use synod_paxos::{Ballot, Commit, Envelope, Forward, Message, NodeId};
+use synod_proto::certgen::{generate_dev_certs, DevCerts};
 use synod_proto::tls::{
-    self, connect, generate_dev_certs, handshake, node_server_name, DevCerts, HandshakeError,
-    Handshaken, TlsMaterial,
+    self, connect, handshake, node_server_name, HandshakeError, Handshaken, TlsMaterial,
 };
 use synod_proto::wire::{encode_frame, ClientFrame, Hello, ServerFrame, DEFAULT_MAX_FRAME_BYTES};
 use synod_proto::PROTOCOL_VERSION;

@@ -29,7 +29,10 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use synod_client::Client;
-use synod_proto::tls::{CertificateAuthority, IssuedCertificate, TlsFiles};
+use synod_proto::certgen::{
+    CertificateAuthority, IssuedCertificate, CA_VALIDITY_DAYS, LEAF_VALIDITY_DAYS,
+};
+use synod_proto::tls::TlsFiles;
 
 use crate::connect::{self, ClientConfig};
 
@@ -388,7 +391,7 @@ impl LocalCluster {
         }
         if old_form || !certs.join("ca.pem").exists() {
             let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
-            synod_proto::tls::generate_dev_certs(&certs, &NODE_IDS, &hosts)
+            synod_proto::certgen::generate_dev_certs(&certs, &NODE_IDS, &hosts)
                 .context("cannot generate the development certificates")?;
             self.notices.say(format_args!(
                 "generated a CA and certificates in {}",
@@ -409,20 +412,20 @@ impl LocalCluster {
         let certs = self.certs();
         std::fs::create_dir_all(&certs)
             .with_context(|| format!("cannot create {}", certs.display()))?;
-        let ca = CertificateAuthority::generate(&format!("{} CA", self.name))
+        let ca = CertificateAuthority::generate(&format!("{} CA", self.name), CA_VALIDITY_DAYS)
             .context("cannot generate the CA")?;
         write_pair(&certs, "ca", &ca.certificate())?;
         let hosts = vec!["127.0.0.1".to_string(), "localhost".to_string()];
         for id in NODE_IDS {
             let issued = ca
-                .issue_node(id, &hosts)
+                .issue_node(id, &hosts, LEAF_VALIDITY_DAYS)
                 .with_context(|| format!("cannot issue replica {id}'s certificate"))?;
             write_pair(&certs, &format!("node-{id}"), &issued)?;
         }
         let names = std::iter::once("client").chain(clients.iter().map(String::as_str));
         for name in names {
             let issued = ca
-                .issue_client(&format!("{} {name}", self.name))
+                .issue_client(&format!("{} {name}", self.name), LEAF_VALIDITY_DAYS)
                 .with_context(|| format!("cannot issue the client certificate {name}"))?;
             write_pair(&certs, name, &issued)?;
         }
@@ -735,9 +738,12 @@ impl LocalCluster {
 }
 
 fn write_pair(dir: &Path, name: &str, issued: &IssuedCertificate) -> anyhow::Result<()> {
-    let cert = dir.join(format!("{name}.pem"));
-    let key = dir.join(format!("{name}-key.pem"));
-    crate::certs::write_pair(&cert, &key, issued)
+    let files = TlsFiles::in_dir(dir, name);
+    Ok(synod_proto::certgen::write_pair(
+        &files.cert,
+        &files.key,
+        issued,
+    )?)
 }
 
 /// Whether any source of `synod-server` (the server, paxos and proto
@@ -816,7 +822,7 @@ mod tests {
     fn certificates_of_an_older_form_are_noticed() {
         let dir = tempfile::tempdir().expect("temp dir");
         let hosts = vec!["127.0.0.1".to_string()];
-        synod_proto::tls::generate_dev_certs(dir.path(), &NODE_IDS, &hosts).expect("certs");
+        synod_proto::certgen::generate_dev_certs(dir.path(), &NODE_IDS, &hosts).expect("certs");
         assert!(replica_certificates_current(dir.path()));
         // A certificate without the replica-only identity where node 2's
         // should be (a client's here; an older build's node certificate

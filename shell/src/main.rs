@@ -79,6 +79,10 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => error.exit(),
     };
+    if let Some(refusal) = unused_flag(&matches) {
+        eprintln!("synod: {refusal}");
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) if error.is::<Interrupted>() => ExitCode::from(130),
@@ -91,6 +95,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The global flags that commands which connect to no cluster would
+/// ignore, by command: given on the command line, they are refused rather
+/// than silently dropped (set in the environment, they are not looked at).
+const UNUSED_FLAGS: &[(&str, &[&str])] = &[
+    ("dev", &["endpoints", "ca", "cert", "key", "config", "json"]),
+    (
+        "certs",
+        &["endpoints", "ca", "cert", "key", "config", "json"],
+    ),
+    ("bench", &["endpoints", "ca", "cert", "key", "config"]),
+];
+
+/// Why the command line is refused: a flag its command does not use.
+fn unused_flag(matches: &clap::ArgMatches) -> Option<String> {
+    let (command, sub_matches) = matches.subcommand()?;
+    let (_, unused) = UNUSED_FLAGS.iter().find(|(name, _)| *name == command)?;
+    let given = |id: &str, matches: &clap::ArgMatches| {
+        matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    };
+    let flag = unused
+        .iter()
+        .find(|id| given(id, matches) || given(id, sub_matches))?;
+    let doing = match command {
+        "dev" => "it starts a cluster of its own",
+        "certs" => "it makes certificates and connects to no cluster",
+        _ => "it measures a cluster of its own",
+    };
+    Some(format!(
+        "synod {command} does not use --{flag} ({doing}); leave it out"
+    ))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

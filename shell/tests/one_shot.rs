@@ -7,7 +7,10 @@
 //! of every replica, leader), that the connection may also come from SYNOD_*
 //! environment variables, that errors exit non-zero with a plain message
 //! (missing node, wrong version, unknown command, bad arguments, no cluster
-//! configured), that `synod certs` writes a CA and certificates, that a
+//! configured), that `synod certs` writes a CA and certificates and issues
+//! more from an existing CA that the running cluster accepts, that a
+//! replica takes a replaced certificate on SIGHUP, that flags a
+//! command does not use are refused, that a
 //! second `synod dev` on the same data directory finds the data written
 //! before it was stopped, and that `status` still answers, marking the lost
 //! replicas unreachable, when two of the three replicas are stopped.
@@ -224,14 +227,107 @@ fn one_shot_commands_print_json_and_fail_plainly() {
     ] {
         assert!(certs.join(file).exists(), "{file} missing");
     }
+    let ca_before = std::fs::read(certs.join("ca.pem")).expect("ca.pem");
     let again = run(
         synod_with_home(empty_home.path()),
-        &["certs", "--dir", &certs_arg],
+        &["certs", "--dir", &certs_arg, "--client", "app"],
+    );
+    assert!(!again.status.success(), "an existing certificate is kept");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("pass --force"));
+    assert_eq!(
+        std::fs::read(certs.join("ca.pem")).expect("ca.pem"),
+        ca_before,
+        "the CA is kept"
+    );
+
+    // A client certificate issued today from the running cluster's CA is
+    // accepted by the cluster.
+    let cluster_certs = certs_dir.display().to_string();
+    let output = run(
+        synod_with_home(empty_home.path()),
+        &[
+            "certs",
+            "--dir",
+            &cluster_certs,
+            "--client",
+            "ops",
+            "--days",
+            "30",
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("issuing from the CA"), "{stdout}");
+    let mut command = synod_with_home(empty_home.path());
+    command
+        .env("SYNOD_ENDPOINTS", &endpoints)
+        .env("SYNOD_CA", certs_dir.join("ca.pem"))
+        .env("SYNOD_CERT", certs_dir.join("ops.pem"))
+        .env("SYNOD_KEY", certs_dir.join("ops-key.pem"));
+    let output = run(command, &["--json", "create", "/ops-was-here", "yes"]);
+    assert!(
+        output.status.success(),
+        "the new certificate is accepted: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // A replica's certificate replaced with one from the same CA is taken
+    // on SIGHUP, without a restart, and the replica goes on serving.
+    let output = run(
+        synod_with_home(empty_home.path()),
+        &[
+            "certs",
+            "--dir",
+            &cluster_certs,
+            "--node",
+            "1=127.0.0.1,localhost",
+            "--force",
+        ],
     );
     assert!(
-        !again.status.success(),
-        "an existing CA is not overwritten silently"
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
     );
+    let pids = std::fs::read_to_string(cluster.data.path().join("pids")).expect("pids");
+    let replica_1: i32 = pids
+        .lines()
+        .find_map(|line| line.strip_prefix("1 "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("replica 1's pid");
+    kill(Pid::from_raw(replica_1), Signal::SIGHUP).expect("replica 1 signalled");
+    let log = cluster.data.path().join("node-1.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let reloaded = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.lines().any(|line| {
+            line.contains("TLS certificate reloaded") && line.contains("on_request=true")
+        }) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(reloaded, "replica 1 logs the reload on SIGHUP");
+    let (code, stderr) = status_exit(&cluster);
+    assert_eq!(code, 0, "every replica still serves: {stderr}");
+
+    // Flags a command does not use are refused, not dropped.
+    let output = run(
+        synod_with_home(empty_home.path()),
+        &["certs", "--dir", &certs_arg, "--endpoints", "127.0.0.1:1"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--endpoints"), "{stderr}");
+    assert!(stderr.contains("synod certs"), "{stderr}");
 
     // A second `synod dev` on the same data finds what the first one kept.
     json(&cluster, &["create", "/kept", "yes"]);

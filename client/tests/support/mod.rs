@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use synod_client::{Client, ClientError};
-use synod_proto::tls::{generate_dev_certs, DevCerts};
+use synod_proto::certgen::{generate_dev_certs, DevCerts};
 use tempfile::TempDir;
 
 /// The workspace's target directory.

@@ -19,6 +19,7 @@ pub mod proposal;
 pub mod sessions;
 pub mod snapshot;
 mod storage_thread;
+mod tls_watch;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::mpsc as std_mpsc;
@@ -71,6 +72,9 @@ pub struct StartOptions {
     pub peer_socket: Option<UdpSocket>,
     /// An already bound socket for the client endpoint.
     pub client_socket: Option<UdpSocket>,
+    /// Notified to reload the TLS files at once (`synod-server` notifies
+    /// it on SIGHUP); they are also looked at every `tls.reload_check_ms`.
+    pub reload_tls: Option<Arc<tokio::sync::Notify>>,
 }
 
 /// Why a replica could not start or had to stop.
@@ -135,6 +139,8 @@ pub struct Replica {
     task: JoinHandle<Result<(), ReplicaError>>,
     /// The log and state writer threads, joined at the end.
     writers: Vec<std::thread::JoinHandle<()>>,
+    /// The task that reloads changed TLS files, stopped at the end.
+    tls_watch: JoinHandle<()>,
     status: watch::Receiver<ClusterStatus>,
     http: Option<HttpServer>,
     http_stop: watch::Sender<bool>,
@@ -353,6 +359,13 @@ impl Replica {
         options: StartOptions,
     ) -> Result<Replica, ReplicaError> {
         let clock = Clock::new();
+        // The TLS files first: a bad one fails the start at once, before
+        // the state is loaded. What they look like is taken before they are
+        // read, so a change made while they are read is seen.
+        let tls_files = tls_watch::Fingerprint::of(&tls_watch::watched_files(&config));
+        let material = config
+            .load_tls()
+            .map_err(|error| ReplicaError::Start(error.to_string()))?;
         let opening = Instant::now();
         let (storage, recovered) = open_storage(&config, options.bootstrap, options.join)?;
         tracing::info!(
@@ -414,8 +427,10 @@ impl Replica {
 
         let (peer_inbound, peer_receiver) = mpsc::channel::<PeerMessage>(65_536);
         let (connections, connection_receiver) = mpsc::channel::<ClientConnection>(1024);
+        tls_watch::note_certificate(config.id, &material, &metrics);
         let endpoints = Endpoints::start(
             &config,
+            material,
             options.peer_socket,
             options.client_socket,
             peer_inbound,
@@ -436,6 +451,14 @@ impl Replica {
         let client_address = endpoints.client_address();
         let peer_address = endpoints.peer_address();
         let (shutdown, shutdown_receiver) = watch::channel(false);
+        let tls_watch = tokio::spawn(tls_watch::run(tls_watch::TlsWatch {
+            config: config.clone(),
+            reloader: endpoints.tls_reloader(),
+            metrics: metrics.clone(),
+            loaded: tls_files,
+            requests: options.reload_tls,
+            shutdown: shutdown_receiver.clone(),
+        }));
         let (running, running_receiver) = watch::channel(true);
         let (http_stop, http_stop_receiver) = watch::channel(false);
         let http = match config.monitoring.http_address {
@@ -488,6 +511,7 @@ impl Replica {
             shutdown,
             task,
             writers: vec![log_writer, state_writer],
+            tls_watch,
             status,
             http,
             http_stop,
@@ -562,6 +586,7 @@ impl Replica {
     }
 
     async fn join_writer(&mut self) {
+        self.tls_watch.abort();
         self.stop_http().await;
         for writer in std::mem::take(&mut self.writers) {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;

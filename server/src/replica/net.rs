@@ -18,8 +18,9 @@ use crate::metrics::Metrics;
 use crate::storage::StateReader;
 use crate::transport::{
     ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, ConnectionBounds,
-    PeerNetwork, PeerNetworkConfig, RefusalSink, TransportLimits,
+    PeerNetwork, PeerNetworkConfig, RefusalSink, TlsReloader, TransportLimits,
 };
+use synod_proto::tls::TlsMaterial;
 
 /// Where snapshots served to peers come from.
 pub struct SnapshotServing {
@@ -88,19 +89,19 @@ fn permit_count(count: u64) -> usize {
 }
 
 impl Endpoints {
-    /// Binds both endpoints. Peer messages arrive on `inbound`, client
-    /// connections on `connections`; peers asking for a snapshot get the
-    /// saved state, streamed as `snapshots` says. Peers are judged by the
-    /// cluster identity in
-    /// `identity`.
+    /// Binds both endpoints with `material` (checked for this replica).
+    /// Peer messages arrive on `inbound`, client connections on
+    /// `connections`; peers asking for a snapshot get the saved state,
+    /// streamed as `snapshots` says. Peers are judged by the cluster
+    /// identity in `identity`.
     ///
     /// # Errors
-    /// Unreadable TLS files, or ones unfit for this replica (a certificate
-    /// the CA did not sign, that names another node, or whose key is not
-    /// the one given), or an address that cannot be bound.
+    /// An address that cannot be bound, or material no TLS configuration
+    /// can be built from.
     #[allow(clippy::too_many_arguments)]
     pub fn start(
         config: &ReplicaConfig,
+        material: TlsMaterial,
         peer_socket: Option<UdpSocket>,
         client_socket: Option<UdpSocket>,
         inbound: mpsc::Sender<PeerMessage>,
@@ -109,9 +110,6 @@ impl Endpoints {
         identity: Arc<ClusterIdentity>,
         refusals: RefusalSink,
     ) -> Result<Endpoints, ReplicaError> {
-        let material = config
-            .load_tls()
-            .map_err(|error| ReplicaError::Start(error.to_string()))?;
         let me = config.me();
         let limits = limits(config);
         let members: BTreeMap<u64, SocketAddr> = config
@@ -188,6 +186,15 @@ impl Endpoints {
     /// Where peers reach this replica.
     pub fn peer_address(&self) -> SocketAddr {
         self.peer_address
+    }
+
+    /// What replaces the TLS material of both endpoints.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        let peers = self.peers.tls_reloader();
+        match &self.clients {
+            Some(clients) => peers.and(clients.tls_reloader()),
+            None => peers,
+        }
     }
 
     /// Where clients reach this replica.

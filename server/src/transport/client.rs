@@ -36,8 +36,8 @@ use super::peer::refuse;
 use super::snapshot::{open_registered, send_snapshot, SnapshotSource};
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
-    close_code, RefusalSink, Result, TransportError, TransportLimits, CLOSE_LIMIT, CLOSE_NORMAL,
-    CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, CLOSE_TIMEOUT,
+    close_code, RefusalSink, Result, TlsReloader, TlsTarget, TransportError, TransportLimits,
+    CLOSE_LIMIT, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_SHUTDOWN, CLOSE_TIMEOUT,
 };
 
 /// How a [`ClientListener`] is set up.
@@ -126,6 +126,8 @@ struct Shared {
     node_id: u64,
     limits: TransportLimits,
     endpoint: quinn::Endpoint,
+    /// The QUIC settings every configuration is built with.
+    quic_transport: Arc<quinn::TransportConfig>,
     connections: mpsc::Sender<ClientConnection>,
     next_id: AtomicU64,
     permits: Arc<Semaphore>,
@@ -134,6 +136,14 @@ struct Shared {
     refusals: RefusalSink,
     backups: Arc<Semaphore>,
     snapshot_source: RwLock<Option<Arc<dyn SnapshotSource>>>,
+}
+
+impl TlsTarget for Shared {
+    fn replace_tls(&self, material: &TlsMaterial) -> Result<()> {
+        let server = tls::quic_server_config(material, self.quic_transport.clone())?;
+        self.endpoint.set_server_config(Some(server));
+        Ok(())
+    }
 }
 
 /// What a welcomed client asked for in its hello.
@@ -239,7 +249,7 @@ impl ClientListener {
             source,
         })?;
         let transport = config.limits.client_quic_transport()?;
-        let server_config = tls::quic_server_config(&config.tls, transport)?;
+        let server_config = tls::quic_server_config(&config.tls, transport.clone())?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Config("no tokio runtime is running".into()))?;
         let endpoint = quinn::Endpoint::new(
@@ -260,6 +270,7 @@ impl ClientListener {
             snapshot_source: RwLock::new(None),
             limits: config.limits,
             endpoint,
+            quic_transport: transport,
             connections,
             next_id: AtomicU64::new(1),
         });
@@ -278,6 +289,15 @@ impl ClientListener {
     /// The socket's error.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.shared.endpoint.local_addr()
+    }
+
+    /// What replaces the TLS material of this endpoint, for the client
+    /// connections it accepts from then on.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        let target: Arc<dyn TlsTarget> = self.shared.clone();
+        TlsReloader {
+            targets: vec![Arc::downgrade(&target)],
+        }
     }
 
     /// Sets where backups asked for by clients come from, replacing any

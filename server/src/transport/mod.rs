@@ -32,6 +32,13 @@
 //!   Keep-alives may also come as QUIC datagrams holding one postcard
 //!   `ClientFrame::KeepAlive` (no length prefix).
 //!
+//! # Certificate rotation
+//!
+//! [`TlsReloader`] replaces an endpoint's certificate, key and CA for the
+//! connections made after it (accepted and dialled); connections already
+//! open keep the ones they were made with. It holds the endpoints weakly,
+//! so it never keeps a stopped transport's socket bound.
+//!
 //! # Failure isolation
 //!
 //! A malformed or oversize frame closes only the connection it came on
@@ -64,6 +71,56 @@ pub use identity::{ClusterIdentity, IdentityView};
 pub use peer::{PeerNetwork, PeerNetworkConfig};
 pub use snapshot::{SnapshotPiece, SnapshotSource};
 pub(crate) use tasks::cancelled;
+
+/// An endpoint whose TLS configuration can be replaced (see
+/// [`TlsReloader`]).
+trait TlsTarget: Send + Sync {
+    fn replace_tls(&self, material: &synod_proto::tls::TlsMaterial) -> Result<()>;
+}
+
+/// Replaces the TLS material of a replica's endpoints for the connections
+/// made from now on, without a restart (see the module docs). Built from
+/// [`PeerNetwork::tls_reloader`] and [`ClientListener::tls_reloader`],
+/// joined with [`TlsReloader::and`].
+#[derive(Clone, Default)]
+pub struct TlsReloader {
+    targets: Vec<std::sync::Weak<dyn TlsTarget>>,
+}
+
+impl TlsReloader {
+    /// One reloader for the endpoints of both.
+    pub fn and(mut self, other: TlsReloader) -> TlsReloader {
+        self.targets.extend(other.targets);
+        self
+    }
+
+    /// Builds every endpoint's new configuration from `material`, then
+    /// puts them all in place; when one cannot be built, none is replaced.
+    /// `material` must have been checked for this replica
+    /// ([`synod_proto::tls::check_node_material`]).
+    ///
+    /// # Errors
+    /// [`TransportError::Tls`] for material no configuration can be built
+    /// from, [`TransportError::Closed`] when every endpoint has stopped.
+    pub fn reload(&self, material: &synod_proto::tls::TlsMaterial) -> Result<()> {
+        let live: Vec<Arc<dyn TlsTarget>> = self
+            .targets
+            .iter()
+            .filter_map(std::sync::Weak::upgrade)
+            .collect();
+        if live.is_empty() {
+            return Err(TransportError::Closed);
+        }
+        // Build every configuration first (quinn validates them as they
+        // are built), so that a failure leaves each endpoint as it was.
+        synod_proto::tls::server_config(material)?;
+        synod_proto::tls::client_config(material)?;
+        for target in live {
+            target.replace_tls(material)?;
+        }
+        Ok(())
+    }
+}
 
 /// Where the transport reports a connection or request it refused, by the
 /// `[limits]` field it met (the replica counts them in its metrics).
@@ -372,6 +429,9 @@ pub enum TransportError {
     /// The configuration is inconsistent.
     #[error("invalid transport configuration: {0}")]
     Config(String),
+    /// The endpoints have stopped.
+    #[error("the transport has stopped")]
+    Closed,
     /// The node is not a member (or is this replica).
     #[error("node {0} is not another member of the cluster")]
     UnknownPeer(NodeId),

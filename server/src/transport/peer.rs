@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,8 +32,9 @@ use super::snapshot::{
 };
 use super::tasks::{cancelled, Supervisor, Tasks};
 use super::{
-    close_code, PeerPayload, Result, SnapshotSource, TransportError, TransportLimits, CLOSE_NORMAL,
-    CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, CLOSE_SHUTDOWN, CLOSE_SUPERSEDED, CLOSE_TIMEOUT,
+    close_code, PeerPayload, Result, SnapshotSource, TlsReloader, TlsTarget, TransportError,
+    TransportLimits, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, CLOSE_SHUTDOWN,
+    CLOSE_SUPERSEDED, CLOSE_TIMEOUT,
 };
 
 /// How a [`PeerNetwork`] is set up.
@@ -78,7 +79,10 @@ struct Shared<M: PeerPayload> {
     cluster_id: String,
     limits: TransportLimits,
     endpoint: quinn::Endpoint,
-    client_config: quinn::ClientConfig,
+    /// The QUIC settings every configuration is built with.
+    quic_transport: Arc<quinn::TransportConfig>,
+    /// How peers are dialled: replaced when the TLS material is.
+    client_config: RwLock<quinn::ClientConfig>,
     members: BTreeMap<NodeId, SocketAddr>,
     outgoing: BTreeMap<NodeId, Outgoing<M>>,
     delivered: mpsc::Sender<M>,
@@ -87,6 +91,19 @@ struct Shared<M: PeerPayload> {
     incoming_permits: Arc<Semaphore>,
     dropped_envelopes: AtomicU64,
     identity: Arc<ClusterIdentity>,
+}
+
+impl<M: PeerPayload> TlsTarget for Shared<M> {
+    fn replace_tls(&self, material: &TlsMaterial) -> Result<()> {
+        let server = tls::quic_server_config(material, self.quic_transport.clone())?;
+        let client = tls::quic_client_config(material, self.quic_transport.clone())?;
+        self.endpoint.set_server_config(Some(server));
+        *self
+            .client_config
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = client;
+        Ok(())
+    }
 }
 
 /// This replica's side of the link to one peer.
@@ -139,7 +156,7 @@ impl<M: PeerPayload> PeerNetwork<M> {
         })?;
         let transport = config.limits.quic_transport()?;
         let server_config = tls::quic_server_config(&config.tls, transport.clone())?;
-        let client_config = tls::quic_client_config(&config.tls, transport)?;
+        let client_config = tls::quic_client_config(&config.tls, transport.clone())?;
         let runtime = quinn::default_runtime()
             .ok_or_else(|| TransportError::Config("no tokio runtime is running".into()))?;
         let endpoint = quinn::Endpoint::new(
@@ -176,7 +193,8 @@ impl<M: PeerPayload> PeerNetwork<M> {
             incoming_permits: Arc::new(Semaphore::new(config.limits.peer_connections_max)),
             limits: config.limits,
             endpoint,
-            client_config,
+            quic_transport: transport,
+            client_config: RwLock::new(client_config),
             members: config.members,
             outgoing,
             delivered,
@@ -213,6 +231,15 @@ impl<M: PeerPayload> PeerNetwork<M> {
     /// The socket's error.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.shared.endpoint.local_addr()
+    }
+
+    /// What replaces the TLS material of this endpoint: for the
+    /// connections it accepts and the peers it dials from then on.
+    pub fn tls_reloader(&self) -> TlsReloader {
+        let target: Arc<dyn TlsTarget> = self.shared.clone();
+        TlsReloader {
+            targets: vec![Arc::downgrade(&target)],
+        }
     }
 
     /// Queues `envelopes` for their destinations; never blocks. An envelope
@@ -472,13 +499,14 @@ async fn dial<M: PeerPayload>(
     address: SocketAddr,
 ) -> Result<(quinn::Connection, quinn::SendStream)> {
     let limits = &shared.limits;
+    let client_config = shared
+        .client_config
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
     let connecting = shared
         .endpoint
-        .connect_with(
-            shared.client_config.clone(),
-            address,
-            &node_server_name(peer),
-        )
+        .connect_with(client_config, address, &node_server_name(peer))
         .map_err(synod_proto::tls::HandshakeError::from)?;
     let connection = tokio::time::timeout(limits.handshake_timeout, connecting)
         .await

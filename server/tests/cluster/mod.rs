@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use synod_client::Client;
-use synod_proto::tls::{generate_dev_certs, DevCerts};
+use synod_proto::certgen::{generate_dev_certs, DevCerts};
 use synod_server::config::{Limits, MemberConfig, Monitoring, ReplicaConfig, Timeouts, TlsConfig};
 use synod_server::replica::{Replica, StartOptions};
 use tempfile::TempDir;
@@ -82,6 +82,7 @@ impl Cluster {
                     ca: files.ca,
                     cert: files.cert,
                     key: files.key,
+                    reload_check_ms: synod_server::config::DEFAULT_TLS_RELOAD_CHECK_MS,
                 },
                 members: members.clone(),
                 timeouts: Timeouts::default(),
@@ -211,6 +212,7 @@ impl Cluster {
                         join,
                         peer_socket: Some(peer),
                         client_socket: Some(client),
+                        reload_tls: None,
                     };
                     let replica = Replica::start(config, options).await.expect("restart");
                     self.replicas[index] = Some(replica);
