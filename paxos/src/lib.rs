@@ -52,7 +52,8 @@ pub use config::{Config, ConfigError};
 pub use durable::{DurableState, LogRecord, Persist};
 pub use message::*;
 pub use node::{
-    Node, PeerStatus, ProposeError, ReadId, ReadOutcome, Ready, Role, SnapshotRequest, Status,
+    JoinProgress, Node, PeerStatus, ProposeError, ReadId, ReadOutcome, Ready, Role,
+    SnapshotRequest, Status,
 };
 pub use types::{
     AcceptedEntry, Ballot, Batch, ChosenEntry, Command, Membership, NodeId, Slot, Value,

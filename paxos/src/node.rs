@@ -217,6 +217,22 @@ struct Leader {
     reads_waiting_quorum: VecDeque<(u64, Reader, Slot, u64)>,
 }
 
+/// Where a replica rejoining after losing its disk stands
+/// ([`Node::join_progress`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum JoinProgress {
+    /// Waiting for these members to report what they promised and accepted;
+    /// it must hear from every other member before it may vote.
+    WaitingFor(Vec<NodeId>),
+    /// Every member reported: it votes once its chosen prefix reaches `slot`.
+    CatchingUp {
+        /// The highest slot another member reported accepted or chosen.
+        slot: Slot,
+        /// Its own chosen prefix now.
+        chosen_through: Slot,
+    },
+}
+
 /// A replica rejoining after losing its disk: what the other members told it.
 #[derive(Debug, Default)]
 struct Joining {
@@ -430,6 +446,27 @@ impl Node {
     /// not vote yet).
     pub fn is_joining(&self) -> bool {
         self.joining.is_some()
+    }
+
+    /// Where a rejoining replica stands, or `None` once it votes.
+    pub fn join_progress(&self) -> Option<JoinProgress> {
+        let joining = self.joining.as_ref()?;
+        Some(match joining.target {
+            Some((_, slot)) => JoinProgress::CatchingUp {
+                slot,
+                chosen_through: self.chosen_through,
+            },
+            None => JoinProgress::WaitingFor(
+                self.membership
+                    .members()
+                    .iter()
+                    .copied()
+                    .filter(|&member| {
+                        member != self.config.id && !joining.replies.contains_key(&member)
+                    })
+                    .collect(),
+            ),
+        })
     }
 
     /// Whether this replica leads and holds a lease at `now_ms` (its clock).

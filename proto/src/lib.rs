@@ -22,8 +22,9 @@ pub use response::{LeaderInfo, MultiResult, OpResult, Response, Stat};
 /// Version of the client and peer protocol, exchanged in the handshake.
 /// A peer speaking another version is refused with a clear error.
 /// Version 2 added the cluster identity to the peer hello and session
-/// secrets to opening and resuming sessions.
-pub const PROTOCOL_VERSION: u64 = 2;
+/// secrets to opening and resuming sessions; version 3 added why a replica
+/// waits to its status.
+pub const PROTOCOL_VERSION: u64 = 3;
 
 /// A session's identifier, assigned by the state machine; `0` is never a
 /// session and means "no owner" in [`Stat::ephemeral_owner`].

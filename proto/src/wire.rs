@@ -302,6 +302,10 @@ pub struct ReplicaStatus {
     pub cluster_identity: Option<String>,
     /// The members that confirmed they hold the cluster's state.
     pub confirmed_members: Vec<u64>,
+    /// Why the replica is not part of a working quorum, in words for a
+    /// person (for example "rejoining after a lost disk: waiting for
+    /// members 2, 3 to report"); `None` while it is.
+    pub waiting: Option<String>,
 }
 
 /// The answer to [`ClientFrame::Status`]: the replica's own status.

@@ -356,6 +356,18 @@ async fn a_replica_that_lost_its_disk_rejoins_only_when_told_and_votes_once_caug
     tokio::time::sleep(Duration::from_millis(3000)).await;
     let status = cluster.replicas[lost].as_ref().expect("up").status();
     assert_eq!(status.replica.role, "joining", "it does not vote yet");
+    // It says what it waits for.
+    let other_id = cluster.configs[other].id;
+    let waiting = status
+        .replica
+        .waiting
+        .expect("a joining replica says why it waits");
+    assert!(
+        waiting.starts_with(&format!(
+            "rejoining after a lost disk: waiting for member {other_id} to report"
+        )),
+        "{waiting}"
+    );
     // Once every member answers, it catches up and votes again.
     cluster.restart(other).await;
     let joined = eventually(Duration::from_secs(15), || async {
@@ -369,6 +381,20 @@ async fn a_replica_that_lost_its_disk_rejoins_only_when_told_and_votes_once_caug
     })
     .await;
     assert!(joined, "it rejoins once every other member answered");
+    let waits_for_nothing = eventually(Duration::from_secs(10), || async {
+        cluster.replicas[lost]
+            .as_ref()
+            .expect("up")
+            .status()
+            .replica
+            .waiting
+            .is_none()
+    })
+    .await;
+    assert!(
+        waits_for_nothing,
+        "a voting member with a leader waits for nothing"
+    );
     let reader = cluster.client(lost).await;
     let (data, _) = reader
         .get_with("/kept-99", Some(synod_client::Consistency::Sequential))

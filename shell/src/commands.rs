@@ -977,6 +977,7 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
                     "lag_slots": lag,
                     "cluster_identity": replica.cluster_identity,
                     "confirmed_members": replica.confirmed_members,
+                    "waiting": replica.waiting,
                     "peers": replica
                         .peers
                         .iter()
@@ -1025,8 +1026,13 @@ pub async fn status(shell: &mut Shell, _parsed: Parsed) -> anyhow::Result<()> {
         .join("\n");
     text.push_str(&identity_line(&reports));
     for report in &reports {
-        if let Err(error) = &report.status {
-            text.push_str(&format!("\nreplica {}: {error}", report.node_id));
+        match &report.status {
+            Err(error) => text.push_str(&format!("\nreplica {}: {error}", report.node_id)),
+            Ok(status) => {
+                if let Some(reason) = &status.replica.waiting {
+                    text.push_str(&format!("\nreplica {}: {reason}", report.node_id));
+                }
+            }
         }
     }
     let health = cluster_health(

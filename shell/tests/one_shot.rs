@@ -13,7 +13,8 @@
 //! command does not use are refused, that a
 //! second `synod dev` on the same data directory finds the data written
 //! before it was stopped, and that `status` still answers, marking the lost
-//! replicas unreachable, when two of the three replicas are stopped.
+//! replicas unreachable and the one left saying why it waits, when two of
+//! the three replicas are stopped.
 
 mod common;
 
@@ -368,4 +369,27 @@ fn one_shot_commands_print_json_and_fail_plainly() {
         .map(|r| r["reachable"].as_bool().unwrap_or(false))
         .collect();
     assert_eq!(reachable, vec![true, false, false], "{status}");
+    // The replica left says why it serves nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let waiting = loop {
+        let output = run(cluster.synod(), &["--json", "status"]);
+        let status: Value = serde_json::from_slice(&output.stdout).expect("JSON on stdout");
+        let waiting = status["replicas"][0]["waiting"].as_str().map(String::from);
+        if waiting
+            .as_deref()
+            .is_some_and(|reason| reason.contains("no connection to members 2, 3"))
+            || std::time::Instant::now() > deadline
+        {
+            break waiting;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let waiting = waiting.expect("replica 1 says why it waits");
+    assert!(
+        waiting.starts_with("no quorum: no connection to members 2, 3"),
+        "{waiting}"
+    );
+    let output = run(cluster.synod(), &["status"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("replica 1: no quorum"), "{text}");
 }

@@ -42,6 +42,7 @@ use synod_proto::{Error, Op, Request, Response, Revision, SessionId, SessionSecr
 use super::proposal::{Origin, Proposal};
 use super::sessions::SessionTracker;
 use super::snapshot::{FetchedState, StreamHolds};
+use super::waiting::Waiting;
 use crate::config::ReplicaConfig;
 use crate::metrics::{gauge_value, Metrics, RequestMetrics};
 use crate::state::watch::{EventHistory, WatchRegistry};
@@ -217,6 +218,9 @@ struct WaitingProposal {
 /// Bound on proposals waiting for a leader at one replica.
 const WAITING_PROPOSALS_MAX: usize = 100_000;
 
+/// How long a replica waits for the same thing before it logs it.
+const WAITING_LOG_AFTER_MS: u64 = 3_000;
+
 /// The replica's event loop state. See the module docs.
 pub struct Driver {
     config: ReplicaConfig,
@@ -262,6 +266,10 @@ pub struct Driver {
     was_joining: bool,
     /// When the snapshot being fetched was asked for.
     snapshot_fetch_started: Option<Instant>,
+    /// The other members its connection to is up, as last published.
+    connected_peers: BTreeSet<u64>,
+    /// What it waits for, since when (ms), and whether that was logged.
+    waiting_seen: Option<(Waiting, u64, bool)>,
 }
 
 impl Driver {
@@ -292,6 +300,8 @@ impl Driver {
             history,
             tracker: None,
             keep_alives: BTreeSet::new(),
+            connected_peers: BTreeSet::new(),
+            waiting_seen: None,
             last_keep_alive_flush_ms: now_ms,
             next_origin_token: 1,
             opening: BTreeMap::new(),
@@ -714,16 +724,64 @@ impl Driver {
     }
 
     /// Publishes whether the connection to each other member is up
-    /// (`connected`), and the messages to peers dropped so far.
-    pub fn publish_peer_links(&self, connected: impl Fn(u64) -> bool, dropped_messages: u64) {
+    /// (`connected`), and the messages to peers dropped so far; logs what
+    /// the replica waits for when that starts, changes or ends.
+    pub fn publish_peer_links(&mut self, connected: impl Fn(u64) -> bool, dropped_messages: u64) {
+        self.connected_peers.clear();
         for &member in self.node.membership().members() {
             if member != self.config.id {
-                self.metrics.set_peer_connected(member, connected(member));
+                let up = connected(member);
+                self.metrics.set_peer_connected(member, up);
+                if up {
+                    self.connected_peers.insert(member);
+                }
             }
         }
         self.metrics
             .peer_messages_dropped
             .set(gauge_value(dropped_messages));
+        self.log_waiting();
+    }
+
+    /// Logs what the replica waits for once it has waited for it
+    /// [`WAITING_LOG_AFTER_MS`] (a start or a leader change waits briefly,
+    /// which is not worth a warning), and when the wait ends.
+    fn log_waiting(&mut self) {
+        let now = self.now_ms;
+        let waiting = self.waiting();
+        match (waiting, &mut self.waiting_seen) {
+            (None, seen) => {
+                if let Some((_, _, true)) = seen.take() {
+                    tracing::info!(node = self.config.id, "part of a working quorum again");
+                }
+            }
+            (Some(reason), Some((before, since, logged))) if reason.same_kind(before) => {
+                if !*logged && now.saturating_sub(*since) >= WAITING_LOG_AFTER_MS {
+                    tracing::warn!(node = self.config.id, %reason, "waiting");
+                    *logged = true;
+                }
+                *before = reason;
+            }
+            (Some(reason), seen) => {
+                let logged = seen.as_ref().is_some_and(|(_, _, logged)| *logged);
+                if logged {
+                    tracing::warn!(node = self.config.id, %reason, "waiting");
+                }
+                *seen = Some((reason, now, logged));
+            }
+        }
+    }
+
+    /// What the replica waits for, if it is not part of a working quorum.
+    fn waiting(&self) -> Option<Waiting> {
+        let members: BTreeSet<u64> = self.node.membership().members().iter().copied().collect();
+        Waiting::of(
+            self.config.id,
+            &self.node.status(),
+            self.node.join_progress(),
+            &members,
+            &self.connected_peers,
+        )
     }
 
     /// This replica's status for `status` commands.
@@ -747,6 +805,7 @@ impl Driver {
                     .collect(),
                 cluster_identity: self.state.cluster_identity().map(identity_hex),
                 confirmed_members: self.state.confirmed_members().iter().copied().collect(),
+                waiting: self.waiting().map(|reason| reason.to_string()),
             },
             members: self
                 .config

@@ -20,6 +20,7 @@ pub mod sessions;
 pub mod snapshot;
 mod storage_thread;
 mod tls_watch;
+mod waiting;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::mpsc as std_mpsc;
@@ -654,12 +655,12 @@ async fn event_loop(mut run: EventLoop) -> Result<(), ReplicaError> {
             _ = tick.tick() => {
                 ticks += 1;
                 if ticks.is_multiple_of(STATUS_EVERY_TICKS) {
-                    let _ = run.status.send(run.driver.status());
-                    run.driver.publish_metrics();
                     run.driver.publish_peer_links(
                         |peer| run.endpoints.is_connected(peer),
                         run.endpoints.dropped_messages(),
                     );
+                    let _ = run.status.send(run.driver.status());
+                    run.driver.publish_metrics();
                 }
                 if let Some(reason) = run.identity.fatal() {
                     break Err(ReplicaError::ClusterIdentity(reason));
