@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::ReplicaConfig;
 use crate::http::{HttpServer, HttpSettings};
-use crate::state::records::StateLoader;
+use crate::state::records::{NodeBatcher, SortedNodes, StateLoader};
 use crate::state::StateMachine;
 use crate::storage::{
     DatabasePaths, Identity, Recovered, StateReader, StateRecordRef, StateTable, Storage,
@@ -219,7 +219,11 @@ fn load_state(
     };
     let started = Instant::now();
     let mut loader = StateLoader::new(config.state_config());
-    load_records(storage.state_reader(), &mut loader)?;
+    load_records(
+        storage.state_reader(),
+        &mut loader,
+        config.state_config().path_bytes_max,
+    )?;
     let records = loader.records();
     let read_ms = started.elapsed().as_millis() as u64;
     let state = loader
@@ -244,19 +248,56 @@ struct RecordBatch {
     records: Vec<(StateTable, usize, usize)>,
 }
 
-/// Records per batch handed from the reading thread to the loader.
+/// What the reading thread hands the loader: nodes decoded and sorted, or
+/// other records as they were read.
+enum LoadPiece {
+    Nodes(SortedNodes),
+    Records(RecordBatch),
+}
+
+/// Records per batch of other records handed to the loader.
 const LOAD_BATCH_RECORDS: usize = 8192;
 
-/// Feeds the saved state's records to `loader`, reading them (redb, CRCs)
-/// on a thread of its own so that reading and rebuilding overlap: a
-/// restart takes the longer of the two, not their sum.
-fn load_records(reader: StateReader, loader: &mut StateLoader) -> Result<(), ReplicaError> {
-    let (batches, arriving) = std_mpsc::sync_channel::<RecordBatch>(4);
+/// Feeds the saved state's records to `loader`. A thread of its own reads
+/// them (redb, CRCs) and decodes, checks and sorts the nodes in batches
+/// ([`NodeBatcher`]), so that this thread only builds and merges the
+/// namespace's segments: a restart takes about the longer of the two, not
+/// their sum.
+fn load_records(
+    reader: StateReader,
+    loader: &mut StateLoader,
+    path_bytes_max: u64,
+) -> Result<(), ReplicaError> {
+    let (pieces, arriving) = std_mpsc::sync_channel::<LoadPiece>(4);
     let reading = std::thread::Builder::new()
         .name("synod-load".into())
         .spawn(move || {
+            let send = |piece| {
+                pieces
+                    .send(piece)
+                    .map_err(|_| "the loader stopped".to_string())
+            };
+            let mut nodes = Some(NodeBatcher::new(path_bytes_max));
+            // The nodes table comes first: its last batch goes before any
+            // other record.
+            let finish_nodes = |nodes: &mut Option<NodeBatcher>| -> Result<(), String> {
+                if let Some(sorted) = nodes.take().map(NodeBatcher::finish).transpose()?.flatten() {
+                    send(LoadPiece::Nodes(sorted))?;
+                }
+                Ok(())
+            };
             let mut batch = RecordBatch::default();
             let result = reader.read(&mut |_| Ok(()), &mut |record| {
+                if record.table == StateTable::Nodes {
+                    let Some(batcher) = nodes.as_mut() else {
+                        return Err("a node record after the other tables".into());
+                    };
+                    if let Some(sorted) = batcher.record(record.key, record.value)? {
+                        send(LoadPiece::Nodes(sorted))?;
+                    }
+                    return Ok(());
+                }
+                finish_nodes(&mut nodes)?;
                 batch.bytes.extend_from_slice(record.key);
                 let key_end = batch.bytes.len();
                 batch.bytes.extend_from_slice(record.value);
@@ -264,20 +305,34 @@ fn load_records(reader: StateReader, loader: &mut StateLoader) -> Result<(), Rep
                     .records
                     .push((record.table, key_end, batch.bytes.len()));
                 if batch.records.len() >= LOAD_BATCH_RECORDS {
-                    batches
-                        .send(std::mem::take(&mut batch))
-                        .map_err(|_| "the loader stopped".to_string())?;
+                    send(LoadPiece::Records(std::mem::take(&mut batch)))?;
                 }
                 Ok(())
             });
-            if result.is_ok() && !batch.records.is_empty() {
-                let _ = batches.send(batch);
-            }
-            result
+            result.map_err(ReplicaError::from)?;
+            finish_nodes(&mut nodes)
+                .and_then(|()| {
+                    if batch.records.is_empty() {
+                        Ok(())
+                    } else {
+                        send(LoadPiece::Records(batch))
+                    }
+                })
+                .map_err(|detail| ReplicaError::Start(format!("saved state: {detail}")))
         })
         .map_err(|error| ReplicaError::Start(format!("cannot start loading the state: {error}")))?;
     let mut refused = None;
-    'batches: for batch in arriving.iter() {
+    'pieces: for piece in arriving.iter() {
+        let batch = match piece {
+            LoadPiece::Nodes(sorted) => {
+                if let Err(error) = loader.take_nodes(sorted) {
+                    refused = Some(error);
+                    break 'pieces;
+                }
+                continue;
+            }
+            LoadPiece::Records(batch) => batch,
+        };
         let mut start = 0;
         for &(table, key_end, end) in &batch.records {
             let record = StateRecordRef {
@@ -288,11 +343,11 @@ fn load_records(reader: StateReader, loader: &mut StateLoader) -> Result<(), Rep
             start = end;
             if let Err(error) = loader.record(record) {
                 refused = Some(error);
-                break 'batches;
+                break 'pieces;
             }
         }
     }
-    // Stops the reader if the loader refused a record.
+    // Stops the reader if the loader refused a piece.
     drop(arriving);
     let read = reading
         .join()

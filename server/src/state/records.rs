@@ -57,7 +57,7 @@ use synod_paxos::{Membership, Slot};
 use synod_proto::Revision;
 
 use super::lock::{LockState, LockTable};
-use super::path::PathKey;
+use super::path::{validate_path, PathKey};
 use super::session::Session;
 use super::tree::{Meta, Node, Tree};
 use super::{StateConfig, StateMachine};
@@ -240,6 +240,82 @@ impl StateMachine {
 /// segment of the namespace's tree.
 const LOAD_BATCH_NODES: usize = 1 << 16;
 
+/// Decodes node records, which must come in key order, into batches of
+/// nodes sorted by path, each path checked. A [`StateLoader`] has one, and
+/// a restart runs one on the thread that reads the records, so that
+/// decoding and sorting overlap with building the tree
+/// ([`StateLoader::take_nodes`]).
+pub struct NodeBatcher {
+    path_bytes_max: u64,
+    batch: Vec<(PathKey, Node)>,
+    /// The key of the last record taken.
+    last_key: Vec<u8>,
+}
+
+/// Nodes sorted by path, no path twice: a batch from a [`NodeBatcher`].
+pub struct SortedNodes(Vec<(PathKey, Node)>);
+
+impl NodeBatcher {
+    /// A batcher for paths of at most `path_bytes_max` bytes.
+    pub fn new(path_bytes_max: u64) -> NodeBatcher {
+        NodeBatcher {
+            path_bytes_max,
+            batch: Vec::with_capacity(LOAD_BATCH_NODES),
+            last_key: Vec::new(),
+        }
+    }
+
+    /// Takes one node record; returns the batch once it is full.
+    ///
+    /// # Errors
+    /// A message saying why the record does not decode, is out of order,
+    /// or names a path twice within the batch.
+    pub fn record(&mut self, key: &[u8], value: &[u8]) -> Result<Option<SortedNodes>, LoadError> {
+        let (created, path) = parse_node_record_key(key)?;
+        if !self.last_key.is_empty() && *self.last_key >= *key {
+            return Err(format!("node {path} is out of order"));
+        }
+        self.last_key.clear();
+        self.last_key.extend_from_slice(key);
+        validate_path(path, self.path_bytes_max)
+            .map_err(|error| format!("node {path}: {error}"))?;
+        let (meta, data) = postcard::take_from_bytes::<Meta>(value)
+            .map_err(|error| format!("node {path} does not decode: {error}"))?;
+        if meta.created_revision != created {
+            return Err(format!(
+                "node {path} is saved under revision {created} but was created at {}",
+                meta.created_revision
+            ));
+        }
+        self.batch
+            .push((PathKey::from(path), Node::new(meta, data)));
+        if self.batch.len() >= LOAD_BATCH_NODES {
+            return self.take().map(Some);
+        }
+        Ok(None)
+    }
+
+    /// The nodes taken since the last full batch, if any.
+    ///
+    /// # Errors
+    /// A path named twice within them.
+    pub fn finish(mut self) -> Result<Option<SortedNodes>, LoadError> {
+        if self.batch.is_empty() {
+            return Ok(None);
+        }
+        self.take().map(Some)
+    }
+
+    fn take(&mut self) -> Result<SortedNodes, LoadError> {
+        let mut batch = std::mem::replace(&mut self.batch, Vec::with_capacity(LOAD_BATCH_NODES));
+        batch.sort_unstable_by(|(left, _), (right, _)| left.cmp(right));
+        if let Some(pair) = batch.windows(2).find(|pair| pair[0].0 == pair[1].0) {
+            return Err(format!("node {} is saved twice", pair[0].0));
+        }
+        Ok(SortedNodes(batch))
+    }
+}
+
 /// Rebuilds a state from its records, which must come in table then key
 /// order (as storage and snapshot streams give them), then its header.
 pub struct StateLoader {
@@ -249,9 +325,8 @@ pub struct StateLoader {
     /// moves each node O(log n) times and never holds a second copy of the
     /// tree.
     segments: Vec<BTreeMap<PathKey, Node>>,
-    batch: Vec<(PathKey, Node)>,
-    /// The key of the last node record taken (records come in key order).
-    last_node_key: Vec<u8>,
+    /// Decodes the node records taken with [`StateLoader::record`].
+    nodes: Option<NodeBatcher>,
     sessions: BTreeMap<u64, Session>,
     locks: BTreeMap<PathKey, LockState>,
     records: u64,
@@ -261,10 +336,9 @@ impl StateLoader {
     /// A loader for a state with these limits.
     pub fn new(config: StateConfig) -> StateLoader {
         StateLoader {
+            nodes: Some(NodeBatcher::new(config.path_bytes_max)),
             config,
             segments: Vec::new(),
-            batch: Vec::with_capacity(LOAD_BATCH_NODES),
-            last_node_key: Vec::new(),
             sessions: BTreeMap::new(),
             locks: BTreeMap::new(),
             records: 0,
@@ -284,24 +358,11 @@ impl StateLoader {
         self.records += 1;
         match record.table {
             StateTable::Nodes => {
-                let (created, path) = parse_node_record_key(record.key)?;
-                if !self.last_node_key.is_empty() && *self.last_node_key >= *record.key {
-                    return Err(format!("node {path} is out of order"));
-                }
-                self.last_node_key.clear();
-                self.last_node_key.extend_from_slice(record.key);
-                let (meta, data) = postcard::take_from_bytes::<Meta>(record.value)
-                    .map_err(|error| format!("node {path} does not decode: {error}"))?;
-                if meta.created_revision != created {
-                    return Err(format!(
-                        "node {path} is saved under revision {created} but was created at {}",
-                        meta.created_revision
-                    ));
-                }
-                self.batch
-                    .push((PathKey::from(path), Node::new(meta, data)));
-                if self.batch.len() >= LOAD_BATCH_NODES {
-                    self.fold_batch()?;
+                let Some(nodes) = self.nodes.as_mut() else {
+                    return Err("node records after nodes taken in batches".into());
+                };
+                if let Some(batch) = nodes.record(record.key, record.value)? {
+                    self.fold(batch)?;
                 }
             }
             StateTable::Sessions => {
@@ -339,22 +400,32 @@ impl StateLoader {
         Ok(())
     }
 
-    /// Builds the gathered nodes into a new segment, then merges segments
-    /// of similar size (a bulk rebuild that packs the tree full and frees
-    /// the merged ones as it goes).
+    /// Takes a batch of nodes decoded elsewhere (by a [`NodeBatcher`] fed
+    /// the node records in key order); node records must then not be given
+    /// to [`StateLoader::record`] too.
+    ///
+    /// # Errors
+    /// A path that an earlier batch holds too.
+    pub fn take_nodes(&mut self, nodes: SortedNodes) -> Result<(), LoadError> {
+        self.records += nodes.0.len() as u64;
+        if self
+            .nodes
+            .take()
+            .is_some_and(|batcher| !batcher.batch.is_empty())
+        {
+            return Err("node records taken both one by one and in batches".into());
+        }
+        self.fold(nodes)
+    }
+
+    /// Builds a sorted batch into a new segment, then merges segments of
+    /// similar size (a bulk rebuild that packs the tree full and frees the
+    /// merged ones as it goes).
     ///
     /// # Errors
     /// A path held by two records.
-    fn fold_batch(&mut self) -> Result<(), LoadError> {
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        self.batch
-            .sort_unstable_by(|(left, _), (right, _)| left.cmp(right));
-        if let Some(pair) = self.batch.windows(2).find(|pair| pair[0].0 == pair[1].0) {
-            return Err(format!("node {} is saved twice", pair[0].0));
-        }
-        let segment: BTreeMap<PathKey, Node> = self.batch.drain(..).collect();
+    fn fold(&mut self, nodes: SortedNodes) -> Result<(), LoadError> {
+        let segment: BTreeMap<PathKey, Node> = nodes.0.into_iter().collect();
         self.segments.push(segment);
         while let [.., earlier, later] = &self.segments[..] {
             if earlier.len() > 2 * later.len() {
@@ -391,7 +462,15 @@ impl StateLoader {
     /// A message naming the first broken invariant (as
     /// [`StateMachine::restore`] checks them).
     pub fn finish(mut self, scalars: &[u8]) -> Result<StateMachine, LoadError> {
-        self.fold_batch()?;
+        if let Some(batch) = self
+            .nodes
+            .take()
+            .map(NodeBatcher::finish)
+            .transpose()?
+            .flatten()
+        {
+            self.fold(batch)?;
+        }
         while self.segments.len() > 1 {
             self.merge_last()?;
         }
@@ -399,7 +478,8 @@ impl StateLoader {
         let scalars: Scalars = decode(scalars)
             .map_err(|error| format!("the state header does not decode: {error}"))?;
         let locks = LockTable::from_parts(self.locks, scalars.next_lock_generation)?;
-        let tree = Tree::from_nodes(nodes, self.config.path_bytes_max)?;
+        // The batcher checked every path.
+        let tree = Tree::from_checked_nodes(nodes)?;
         let confirmed_members: BTreeSet<u64> = scalars.confirmed_members.iter().copied().collect();
         if confirmed_members.len() != scalars.confirmed_members.len()
             || !scalars.confirmed_members.is_sorted()

@@ -255,9 +255,22 @@ impl Tree {
     }
 
     /// Rebuilds a tree from its nodes, checking the invariants that the
-    /// snapshot reader cannot trust: the root exists, every node's parent
+    /// snapshot reader cannot trust: every path is well formed, the root
+    /// exists, every node's parent
     /// exists and is persistent, and every child count is right.
     pub fn from_nodes(nodes: BTreeMap<PathKey, Node>, path_bytes_max: u64) -> Result<Self, String> {
+        for path in nodes.keys() {
+            validate_path(path, path_bytes_max).map_err(|error| error.to_string())?;
+        }
+        Tree::from_checked_nodes(nodes)
+    }
+
+    /// As [`Tree::from_nodes`], for nodes whose paths were each checked
+    /// already (as a `records::NodeBatcher` checks them).
+    ///
+    /// # Errors
+    /// As [`Tree::from_nodes`] but for the paths' own form.
+    pub fn from_checked_nodes(nodes: BTreeMap<PathKey, Node>) -> Result<Self, String> {
         if !nodes.contains_key("/") {
             return Err("the root node is missing".into());
         }
@@ -268,7 +281,6 @@ impl Tree {
         let mut run: Option<(&str, u64)> = None;
         let mut ephemerals = BTreeSet::new();
         for (path, node) in &nodes {
-            validate_path(path, path_bytes_max).map_err(|error| error.to_string())?;
             if let Some(parent_path) = parent(path) {
                 match &mut run {
                     Some((cached, count)) if *cached == parent_path => *count += 1,
