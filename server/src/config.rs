@@ -14,9 +14,13 @@
 //!
 //! [[members]]
 //! id = 1
-//! peer_address = "10.0.0.1:7001"
+//! peer_address = "10.0.0.1:7001"     # or a DNS name: "db1.example.com:7001"
 //! client_address = "10.0.0.1:7101"
 //! # ... one [[members]] table per replica
+//!
+//! [listen]            # optional: where to bind, when not the member address
+//! peer = "0.0.0.0:7001"
+//! client = "0.0.0.0:7101"
 //!
 //! [timeouts]          # all optional
 //! heartbeat_interval_ms = 100
@@ -90,6 +94,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::address::HostPort;
 use crate::state::StateConfig;
 
 /// One replica's configuration.
@@ -119,6 +124,23 @@ pub struct ReplicaConfig {
     /// What the replica logs, and how.
     #[serde(default)]
     pub log: LogConfig,
+    /// Where this replica binds its ports, when not where its member entry
+    /// says others reach it.
+    #[serde(default)]
+    pub listen: Listen,
+}
+
+/// Where a replica binds its peer and client ports. Each defaults to the
+/// replica's own member address when that is an IP address, and to that
+/// port on every IPv4 interface (`0.0.0.0`) when it is a DNS name (a name
+/// is what others dial; the replica need not resolve its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// Where to bind the peer port, e.g. `0.0.0.0:7001`.
+    pub peer: Option<SocketAddr>,
+    /// Where to bind the client port, e.g. `0.0.0.0:7101`.
+    pub client: Option<SocketAddr>,
 }
 
 /// The replica's log, on standard error.
@@ -206,10 +228,12 @@ fn default_tls_reload_check_ms() -> u64 {
 pub struct MemberConfig {
     /// The member's id.
     pub id: u64,
-    /// Where replicas reach it.
-    pub peer_address: SocketAddr,
-    /// Where clients reach it.
-    pub client_address: SocketAddr,
+    /// Where replicas reach it: `host:port`, the host an IP address or a
+    /// DNS name (resolved at every dial).
+    pub peer_address: HostPort,
+    /// Where clients reach it, as for `peer_address`; told to clients as
+    /// it is written.
+    pub client_address: HostPort,
 }
 
 /// Protocol timeouts, in milliseconds.
@@ -515,6 +539,14 @@ const NUMERIC_FIELDS: &[NumericField] = &[
     numeric!(tls.reload_check_ms, 0, 3_600_000),
 ];
 
+/// Where to bind for a member address: the address itself when it is an
+/// IP address, its port on every IPv4 interface when it is a name.
+fn listen_default(address: &HostPort) -> SocketAddr {
+    address
+        .socket_addr()
+        .unwrap_or_else(|| SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, address.port())))
+}
+
 /// Refuses `value` for `field` unless it is within `min..=max`.
 fn check_range(field: &str, value: u64, min: u64, max: u64) -> Result<(), ConfigError> {
     if (min..=max).contains(&value) {
@@ -601,10 +633,10 @@ impl ReplicaConfig {
                 ));
             }
             for (field, address) in [
-                ("peer_address", member.peer_address),
-                ("client_address", member.client_address),
+                ("peer_address", &member.peer_address),
+                ("client_address", &member.client_address),
             ] {
-                if address.port() != 0 && !addresses.insert(address) {
+                if address.port() != 0 && !addresses.insert(address.clone()) {
                     return Err(invalid(
                         &format!("members[{index}].{field}"),
                         format!("{address} is used twice"),
@@ -694,8 +726,8 @@ impl ReplicaConfig {
     pub(crate) fn at_range_ends(upper: bool) -> ReplicaConfig {
         let member = |id: u64| MemberConfig {
             id,
-            peer_address: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)),
-            client_address: SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)),
+            peer_address: SocketAddr::from(([127, 0, 0, 1], 7000 + id as u16)).into(),
+            client_address: SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16)).into(),
         };
         let mut config = ReplicaConfig {
             cluster_id: "range-ends".into(),
@@ -712,6 +744,7 @@ impl ReplicaConfig {
             limits: Limits::default(),
             monitoring: Monitoring::default(),
             log: Default::default(),
+            listen: Listen::default(),
         };
         for field in NUMERIC_FIELDS {
             (field.set)(&mut config, if upper { field.max } else { field.min });
@@ -767,6 +800,20 @@ impl ReplicaConfig {
             .iter()
             .find(|member| member.id == self.id)
             .unwrap_or(&self.members[0])
+    }
+
+    /// Where this replica binds its peer port (see [`Listen`]).
+    pub fn peer_listen_address(&self) -> SocketAddr {
+        self.listen
+            .peer
+            .unwrap_or_else(|| listen_default(&self.me().peer_address))
+    }
+
+    /// Where this replica binds its client port (see [`Listen`]).
+    pub fn client_listen_address(&self) -> SocketAddr {
+        self.listen
+            .client
+            .unwrap_or_else(|| listen_default(&self.me().client_address))
     }
 
     /// The Paxos core's configuration, with `seed` for its randomness.
@@ -831,9 +878,41 @@ client_address = "127.0.0.1:7103"
 "#;
 
     #[test]
+    fn members_may_be_named_and_listen_elsewhere() {
+        let named = VALID
+            .replace("127.0.0.1:7002", "synod-1.synod-peers.prod.svc:7002")
+            .replace("127.0.0.1:7102", "synod-1.synod.prod.svc:7102");
+        let config: ReplicaConfig = toml::from_str(&named).expect("parses");
+        config.validate().expect("valid");
+        assert!(config.me().peer_address.is_name());
+        assert_eq!(
+            config.peer_listen_address(),
+            "0.0.0.0:7002".parse::<SocketAddr>().expect("address"),
+            "a name binds its port on every interface"
+        );
+        let listening = format!("{named}\n[listen]\npeer = \"10.1.2.3:9000\"\n");
+        let config: ReplicaConfig = toml::from_str(&listening).expect("parses");
+        assert_eq!(
+            config.peer_listen_address(),
+            "10.1.2.3:9000".parse::<SocketAddr>().expect("address")
+        );
+        assert_eq!(config.client_listen_address().port(), 7102);
+        let bad = VALID.replace("127.0.0.1:7002", "not a host:7002");
+        let error = toml::from_str::<ReplicaConfig>(&bad).expect_err("refused");
+        assert!(
+            error.to_string().contains("neither an IP address nor a DNS name"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_minimal_file_gets_defaults() {
         let config = ReplicaConfig::parse(VALID).expect("valid");
         assert_eq!(config.me().client_address.port(), 7102);
+        assert_eq!(
+            config.client_listen_address(),
+            "127.0.0.1:7102".parse::<SocketAddr>().expect("address")
+        );
         assert_eq!(config.timeouts, Timeouts::default());
         assert_eq!(config.limits.data_bytes_max, 1 << 20);
         let again = ReplicaConfig::parse(&config.to_toml()).expect("round trip");

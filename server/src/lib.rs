@@ -1,6 +1,7 @@
 //! The Synod replica: the deterministic coordination state machine, redb
 //! storage, and QUIC transport for peers and clients.
 
+pub mod address;
 pub mod backup;
 pub mod config;
 pub mod http;

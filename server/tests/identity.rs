@@ -102,7 +102,7 @@ async fn hello_as_node_3(
     )
     .expect("endpoint");
     let target = &cluster.configs[index];
-    let address = target.me().peer_address;
+    let address = target.peer_listen_address();
     let connecting = endpoint
         .connect(address, &node_server_name(target.id))
         .expect("connecting");

@@ -35,6 +35,7 @@ use synod_proto::tls::{
 };
 use synod_proto::wire::{encode_frame, ClientFrame, Hello, ServerFrame, DEFAULT_MAX_FRAME_BYTES};
 use synod_proto::PROTOCOL_VERSION;
+use synod_server::address::HostPort;
 use synod_server::transport::{
     ClientConnection, ClientListener, ClientListenerConfig, ClusterIdentity, PeerNetwork,
     PeerNetworkConfig, RefusalSink, SnapshotPiece, SnapshotSource, TransportError, TransportLimits,
@@ -97,6 +98,14 @@ struct Node {
     inbox: mpsc::Receiver<Envelope>,
 }
 
+/// The members as a replica's configuration gives them.
+fn by_address(members: &BTreeMap<NodeId, SocketAddr>) -> BTreeMap<NodeId, HostPort> {
+    members
+        .iter()
+        .map(|(&id, &address)| (id, address.into()))
+        .collect()
+}
+
 fn start_node(
     node_id: NodeId,
     cluster: &str,
@@ -109,7 +118,7 @@ fn start_node(
         node_id,
         cluster_id: cluster.to_string(),
         listen: "127.0.0.1:0".parse().expect("address"),
-        members: members.clone(),
+        members: by_address(members),
         tls: material,
         limits: limits(),
         identity: Arc::new(ClusterIdentity::unchecked(node_id, members.len())),
@@ -280,7 +289,7 @@ async fn send_drops_rather_than_blocks() {
             node_id: 1,
             cluster_id: CLUSTER.to_string(),
             listen: "127.0.0.1:0".parse().expect("address"),
-            members: members.clone(),
+            members: by_address(&members),
             tls: load(&certs, 1),
             limits: TransportLimits {
                 peer_queue_envelopes_max: queue,
@@ -318,7 +327,7 @@ async fn send_drops_rather_than_blocks() {
             node_id: 1,
             cluster_id: CLUSTER.to_string(),
             listen: "127.0.0.1:0".parse().expect("address"),
-            members,
+            members: by_address(&members),
             tls: load(&certs, 1),
             limits: TransportLimits {
                 peer_frame_bytes_max: 1024,
@@ -702,7 +711,7 @@ async fn a_snapshot_streams_across() {
             node_id: 2,
             cluster_id: CLUSTER.to_string(),
             listen: "127.0.0.1:0".parse().expect("address"),
-            members,
+            members: by_address(&members),
             tls: load(&certs, 2),
             limits: TransportLimits {
                 snapshot_bytes_max: 1 << 20,

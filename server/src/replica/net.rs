@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::driver::PeerMessage;
 use super::snapshot::{Secrets, ServeTiming, StreamHolds};
 use super::ReplicaError;
+use crate::address::HostPort;
 use crate::config::ReplicaConfig;
 use crate::metrics::Metrics;
 use crate::storage::StateReader;
@@ -110,17 +111,16 @@ impl Endpoints {
         identity: Arc<ClusterIdentity>,
         refusals: RefusalSink,
     ) -> Result<Endpoints, ReplicaError> {
-        let me = config.me();
         let limits = limits(config);
-        let members: BTreeMap<u64, SocketAddr> = config
+        let members: BTreeMap<u64, HostPort> = config
             .members
             .iter()
-            .map(|m| (m.id, m.peer_address))
+            .map(|m| (m.id, m.peer_address.clone()))
             .collect();
         let peer_config = PeerNetworkConfig {
             node_id: config.id,
             cluster_id: config.cluster_id.clone(),
-            listen: me.peer_address,
+            listen: config.peer_listen_address(),
             members,
             tls: material.clone(),
             limits: limits.clone(),
@@ -152,7 +152,7 @@ impl Endpoints {
         }));
         let client_config = ClientListenerConfig {
             node_id: config.id,
-            listen: me.client_address,
+            listen: config.client_listen_address(),
             tls: material,
             limits,
             refusals,

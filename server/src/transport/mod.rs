@@ -432,6 +432,9 @@ pub enum TransportError {
     /// The endpoints have stopped.
     #[error("the transport has stopped")]
     Closed,
+    /// A member's address could not be resolved.
+    #[error("cannot resolve {0}")]
+    Resolve(String),
     /// The node is not a member (or is this replica).
     #[error("node {0} is not another member of the cluster")]
     UnknownPeer(NodeId),

@@ -36,6 +36,7 @@ use super::{
     TransportLimits, CLOSE_NORMAL, CLOSE_PROTOCOL_ERROR, CLOSE_REFUSED, CLOSE_SHUTDOWN,
     CLOSE_SUPERSEDED, CLOSE_TIMEOUT,
 };
+use crate::address::HostPort;
 
 /// How a [`PeerNetwork`] is set up.
 #[derive(Debug, Clone)]
@@ -47,8 +48,9 @@ pub struct PeerNetworkConfig {
     /// Where to listen for peers (port 0 picks one; see
     /// [`PeerNetwork::local_addr`]).
     pub listen: SocketAddr,
-    /// Every member's peer address, this replica included.
-    pub members: BTreeMap<NodeId, SocketAddr>,
+    /// Every member's peer address, this replica included; names are
+    /// resolved at every dial.
+    pub members: BTreeMap<NodeId, HostPort>,
     /// This replica's certificate (naming `node-<id>.synod`), key and CA.
     pub tls: TlsMaterial,
     /// Bounds and timings.
@@ -83,7 +85,7 @@ struct Shared<M: PeerPayload> {
     quic_transport: Arc<quinn::TransportConfig>,
     /// How peers are dialled: replaced when the TLS material is.
     client_config: RwLock<quinn::ClientConfig>,
-    members: BTreeMap<NodeId, SocketAddr>,
+    members: BTreeMap<NodeId, HostPort>,
     outgoing: BTreeMap<NodeId, Outgoing<M>>,
     delivered: mpsc::Sender<M>,
     snapshot_source: RwLock<Option<Arc<dyn SnapshotSource>>>,
@@ -170,7 +172,7 @@ impl<M: PeerPayload> PeerNetwork<M> {
         let (supervisor, tasks) = Supervisor::new();
         let mut outgoing = BTreeMap::new();
         let mut receivers = Vec::new();
-        for (&peer, &address) in &config.members {
+        for (&peer, address) in &config.members {
             if peer == config.node_id {
                 continue;
             }
@@ -185,7 +187,13 @@ impl<M: PeerPayload> PeerNetwork<M> {
                     redial: redial.clone(),
                 },
             );
-            receivers.push((peer, address, queue_receiver, connection_sender, redial));
+            receivers.push((
+                peer,
+                address.clone(),
+                queue_receiver,
+                connection_sender,
+                redial,
+            ));
         }
         let shared = Arc::new(Shared {
             node_id: config.node_id,
@@ -398,7 +406,8 @@ const STALE_DIAL: Duration = Duration::from_millis(200);
 /// Whom an outgoing task dials.
 struct Dialling {
     peer: NodeId,
-    address: SocketAddr,
+    /// Resolved at every dial.
+    address: HostPort,
     /// Notified when the peer calls in: redial without waiting out the
     /// backoff (a member that restarts is reached at once, not after up to
     /// [`TransportLimits::reconnect_backoff_max`]).
@@ -425,7 +434,7 @@ async fn run_outgoing<M: PeerPayload>(
             break;
         }
         let mut started = Instant::now();
-        let mut attempt = std::pin::pin!(dial(&shared, peer, address));
+        let mut attempt = std::pin::pin!(dial(&shared, peer, &address));
         let dialled = loop {
             tokio::select! {
                 _ = cancelled(&mut shutdown) => return,
@@ -438,7 +447,7 @@ async fn run_outgoing<M: PeerPayload>(
                 // keep cancelling each other's attempts).
                 _ = redial.notified() => {
                     if started.elapsed() >= STALE_DIAL {
-                        attempt.set(dial(&shared, peer, address));
+                        attempt.set(dial(&shared, peer, &address));
                         started = Instant::now();
                     }
                 }
@@ -496,9 +505,17 @@ async fn run_outgoing<M: PeerPayload>(
 async fn dial<M: PeerPayload>(
     shared: &Shared<M>,
     peer: NodeId,
-    address: SocketAddr,
+    configured: &HostPort,
 ) -> Result<(quinn::Connection, quinn::SendStream)> {
     let limits = &shared.limits;
+    let local = shared
+        .endpoint
+        .local_addr()
+        .map_err(|error| TransportError::Resolve(format!("{configured}: {error}")))?;
+    let address = tokio::time::timeout(limits.handshake_timeout, configured.resolve(local))
+        .await
+        .map_err(|_| TransportError::Resolve(format!("{configured}: resolving timed out")))?
+        .map_err(|error| TransportError::Resolve(format!("{configured}: {error}")))?;
     let client_config = shared
         .client_config
         .read()

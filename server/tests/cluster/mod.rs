@@ -66,8 +66,8 @@ impl Cluster {
             let client = bind();
             members.push(MemberConfig {
                 id,
-                peer_address: peer.local_addr().expect("address"),
-                client_address: client.local_addr().expect("address"),
+                peer_address: peer.local_addr().expect("address").into(),
+                client_address: client.local_addr().expect("address").into(),
             });
             sockets.push((peer, client));
         }
@@ -89,6 +89,7 @@ impl Cluster {
                 limits: Limits::default(),
                 monitoring: Monitoring::default(),
                 log: Default::default(),
+                listen: Default::default(),
             };
             tweak(&mut config);
             config.validate().expect("valid test config");
@@ -200,11 +201,10 @@ impl Cluster {
     /// `--bootstrap` and `--join` flags.
     pub async fn restart_as(&mut self, index: usize, bootstrap: bool, join: bool) {
         let config = self.configs[index].clone();
-        let me = config.me().clone();
         let mut last_error = None;
         for _ in 0..50 {
-            let peer = UdpSocket::bind(me.peer_address);
-            let client = UdpSocket::bind(me.client_address);
+            let peer = UdpSocket::bind(config.peer_listen_address());
+            let client = UdpSocket::bind(config.client_listen_address());
             match (peer, client) {
                 (Ok(peer), Ok(client)) => {
                     let options = StartOptions {
@@ -236,7 +236,7 @@ impl Cluster {
 
     /// The client address of replica `index`.
     pub fn client_address(&self, index: usize) -> SocketAddr {
-        self.configs[index].members[index].client_address
+        self.configs[index].client_listen_address()
     }
 }
 
