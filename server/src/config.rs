@@ -900,7 +900,9 @@ client_address = "127.0.0.1:7103"
         let bad = VALID.replace("127.0.0.1:7002", "not a host:7002");
         let error = toml::from_str::<ReplicaConfig>(&bad).expect_err("refused");
         assert!(
-            error.to_string().contains("neither an IP address nor a DNS name"),
+            error
+                .to_string()
+                .contains("neither an IP address nor a DNS name"),
             "{error}"
         );
     }

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use sd_notify::NotifyState;
 use synod_server::config::{LogConfig, LogFormat, ReplicaConfig};
-use synod_server::replica::{self, StartOptions};
+use synod_server::replica::{Replica, StartOptions};
 
 /// The replica's heap holds the namespace, a large set of small blocks that
 /// churns with every write: jemalloc keeps it compact and allocates fast
@@ -148,7 +149,19 @@ fn run() -> anyhow::Result<()> {
             reload_tls: Some(reload_on_hangup()),
             ..StartOptions::default()
         };
-        replica::run(config, options, shutdown_signal())
+        let id = config.id;
+        let replica = Replica::start(config, options)
+            .await
+            .context("replica failed to start")?;
+        notify_service_manager(&[
+            NotifyState::Ready,
+            NotifyState::Status(&format!("node {id} serving")),
+        ]);
+        replica
+            .run_until(async {
+                shutdown_signal().await;
+                notify_service_manager(&[NotifyState::Stopping]);
+            })
             .await
             .context("replica stopped")
     })
@@ -192,6 +205,14 @@ fn reload_on_hangup() -> Arc<tokio::sync::Notify> {
         }
     }
     reload
+}
+
+/// Tells systemd (under `Type=notify`: `$NOTIFY_SOCKET` is set) how the
+/// replica stands; without a service manager there is nothing to tell.
+fn notify_service_manager(states: &[NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(false, states) {
+        tracing::warn!(%error, "cannot notify the service manager");
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -574,6 +574,24 @@ impl Replica {
         })
     }
 
+    /// Serves until `shutdown` resolves, then stops cleanly, or until the
+    /// replica stops by itself (a fatal error).
+    ///
+    /// # Errors
+    /// Why the replica stopped by itself, or an error stopping it.
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ReplicaError> {
+        tokio::select! {
+            _ = shutdown => self.shutdown().await,
+            result = &mut self.task => {
+                self.join_writer().await;
+                result.unwrap_or_else(|error| Err(ReplicaError::Fatal(error.to_string())))
+            }
+        }
+    }
+
     /// Where the HTTP listener for metrics and health serves, if configured.
     pub fn http_address(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(HttpServer::address)
@@ -830,12 +848,8 @@ pub async fn run(
     options: StartOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ReplicaError> {
-    let mut replica = Replica::start(config, options).await?;
-    tokio::select! {
-        _ = shutdown => replica.shutdown().await,
-        result = &mut replica.task => {
-            replica.join_writer().await;
-            result.unwrap_or_else(|error| Err(ReplicaError::Fatal(error.to_string())))
-        }
-    }
+    Replica::start(config, options)
+        .await?
+        .run_until(shutdown)
+        .await
 }
