@@ -802,6 +802,16 @@ impl ReplicaConfig {
             .unwrap_or(&self.members[0])
     }
 
+    /// Binds every port of this replica (peer, client, HTTP) on `ip`,
+    /// keeping each one's port.
+    pub fn listen_on(&mut self, ip: std::net::IpAddr) {
+        self.listen.peer = Some(SocketAddr::new(ip, self.peer_listen_address().port()));
+        self.listen.client = Some(SocketAddr::new(ip, self.client_listen_address().port()));
+        if let Some(http) = &mut self.monitoring.http_address {
+            http.set_ip(ip);
+        }
+    }
+
     /// Where this replica binds its peer port (see [`Listen`]).
     pub fn peer_listen_address(&self) -> SocketAddr {
         self.listen
@@ -897,6 +907,19 @@ client_address = "127.0.0.1:7103"
             "10.1.2.3:9000".parse::<SocketAddr>().expect("address")
         );
         assert_eq!(config.client_listen_address().port(), 7102);
+        let mut on_pod = config.clone();
+        on_pod.monitoring.http_address = Some("0.0.0.0:7201".parse().expect("address"));
+        let pod_ip: std::net::IpAddr = "10.9.9.9".parse().expect("an IP");
+        on_pod.listen_on(pod_ip);
+        assert_eq!(on_pod.peer_listen_address(), SocketAddr::new(pod_ip, 9000));
+        assert_eq!(
+            on_pod.client_listen_address(),
+            SocketAddr::new(pod_ip, 7102)
+        );
+        assert_eq!(
+            on_pod.monitoring.http_address,
+            Some(SocketAddr::new(pod_ip, 7201))
+        );
         let bad = VALID.replace("127.0.0.1:7002", "not a host:7002");
         let error = toml::from_str::<ReplicaConfig>(&bad).expect_err("refused");
         assert!(

@@ -45,6 +45,11 @@ struct Arguments {
     /// own) and the data directory.
     #[arg(long)]
     check: bool,
+    /// Bind the peer, client and HTTP ports on this IP address, keeping
+    /// their configured ports: what `[listen]` and `monitoring.http_address`
+    /// say is replaced (for a pod that knows its IP only when it starts).
+    #[arg(long, value_name = "IP")]
+    listen_ip: Option<std::net::IpAddr>,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -126,7 +131,10 @@ fn run() -> anyhow::Result<()> {
     let Some(config_path) = arguments.config.clone() else {
         anyhow::bail!("--config FILE is required");
     };
-    let config = ReplicaConfig::load(&config_path)?;
+    let mut config = ReplicaConfig::load(&config_path)?;
+    if let Some(ip) = arguments.listen_ip {
+        config.listen_on(ip);
+    }
     init_logging(&config.log);
     if arguments.check {
         // The error names the file and says what is wrong; formatting it

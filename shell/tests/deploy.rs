@@ -8,7 +8,13 @@
 //! survivors count a leader change after the leader is stopped; then
 //! `deploy/local.sh stop` stops everything and each replica says it is
 //! stopping. The systemd unit passes `systemd-analyze verify` where that
-//! tool is installed.
+//! tool is installed. The Kubernetes manifests, rendered by `kubectl
+//! kustomize` with certificates made as their guide says, pass a strict
+//! schema check (`kubernetes-validate`), and the replica configs they carry
+//! are valid; their pods' command lines, run as processes in mount
+//! namespaces of their own with the pods' names mapped to loopback
+//! addresses, form a cluster that serves under those names and takes a
+//! restarted pod back (this one needs root, for the mounts).
 
 mod common;
 
@@ -356,4 +362,280 @@ fn the_systemd_unit_verifies() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.trim().is_empty(), "no warning: {stderr}");
+}
+
+#[test]
+fn the_kubernetes_manifests_pass_a_schema_check() {
+    // The guide's steps on a copy: certificates from `synod certs`, then
+    // the resources kustomize renders from the directory.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let source = root().join("deploy/kubernetes");
+    for entry in std::fs::read_dir(&source).expect("deploy/kubernetes") {
+        let path = entry.expect("an entry").path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().expect("a name")))
+                .expect("copied");
+        }
+    }
+    let mut certs = Command::new(SYNOD);
+    certs
+        .arg("certs")
+        .arg("--dir")
+        .arg(dir.path().join("certs"));
+    for id in 1..=3 {
+        certs
+            .arg("--node")
+            .arg(format!("{id}=synod-{}.synod-peers", id - 1));
+    }
+    let output = run_bounded(certs, COMMAND_TIMEOUT);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Each replica's config is valid as the replica reads it.
+    for id in 1..=3 {
+        let path = dir.path().join(format!("node-{id}.toml"));
+        let config = synod_server::config::ReplicaConfig::load(&path).expect("a valid config");
+        assert_eq!(config.id, id);
+        assert!(config.me().peer_address.is_name(), "members are named");
+    }
+
+    let rendered = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir.path())
+        .output()
+        .expect("kubectl runs (kubectl kustomize renders the manifests)");
+    assert!(
+        rendered.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rendered.stderr)
+    );
+    let manifests = dir.path().join("rendered.yaml");
+    std::fs::write(&manifests, &rendered.stdout).expect("written");
+    let text = String::from_utf8_lossy(&rendered.stdout);
+    for kind in [
+        "kind: StatefulSet",
+        "kind: PodDisruptionBudget",
+        "kind: ConfigMap",
+        "kind: Secret",
+        "clusterIP: None",
+        "path: /readyz",
+        "path: /livez",
+    ] {
+        assert!(text.contains(kind), "the manifests hold {kind}");
+    }
+    let checked = Command::new("python3")
+        .args(["-m", "kubernetes_validate", "--strict"])
+        .arg("--quiet")
+        .arg(&manifests)
+        .output()
+        .expect("python3 runs kubernetes-validate (pip install kubernetes-validate; .ci/run does)");
+    assert!(
+        checked.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+}
+
+/// A pod run as Kubernetes would run it, as a process: killed when
+/// dropped.
+struct Pod(std::process::Child);
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts pod `ordinal`'s command line (the manifest's `command`, with its
+/// environment) in a mount namespace of its own where `etc` is `/etc` (the
+/// ConfigMap and the Secret under `/etc/synod`, and a hosts file mapping
+/// the pods' names to loopback addresses) and `var_lib` is `/var/lib` (the
+/// pod's volume at `/var/lib/synod`).
+fn start_pod(ordinal: u32, etc: &Path, var_lib: &Path, log: &Path) -> Pod {
+    let log = std::fs::File::create(log).expect("a log file");
+    let path = format!(
+        "{}:{}",
+        bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mount --bind \"$1\" /etc && mount --bind \"$2\" /var/lib && \
+             exec /bin/sh /etc/synod/config/start.sh",
+        )
+        .arg("pod")
+        .arg(etc)
+        .arg(var_lib)
+        .env("PATH", path)
+        .env("HOSTNAME", format!("synod-{ordinal}"))
+        .env("POD_IP", format!("127.0.0.{}", 11 + ordinal))
+        .env("SYNOD_INITIAL_CLUSTER_STATE", "new")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().expect("a log file"))
+        .stderr(log)
+        .spawn()
+        .expect("unshare starts");
+    Pod(child)
+}
+
+#[test]
+fn the_kubernetes_pod_commands_start_a_cluster_under_their_names() {
+    let root_user = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|output| String::from_utf8_lossy(&output.stdout).trim() == "0");
+    if !root_user || Command::new("unshare").arg("--help").output().is_err() {
+        eprintln!("not root, or no unshare: the pods cannot get mount namespaces here");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    // /etc as the pods see it: the ConfigMap's files, the Secret's, and a
+    // hosts file naming the pods as the headless Service would.
+    let etc = dir.path().join("etc");
+    let config = etc.join("synod/config");
+    std::fs::create_dir_all(&config).expect("a config directory");
+    let source = root().join("deploy/kubernetes");
+    for name in ["node-1.toml", "node-2.toml", "node-3.toml", "start.sh"] {
+        std::fs::copy(source.join(name), config.join(name)).expect("copied");
+    }
+    let tls = etc.join("synod/tls");
+    let mut certs = Command::new(SYNOD);
+    certs
+        .arg("certs")
+        .arg("--dir")
+        .arg(&tls)
+        .args(["--client", "app"]);
+    for id in 1..=3 {
+        certs
+            .arg("--node")
+            .arg(format!("{id}=synod-{}.synod-peers", id - 1));
+    }
+    let output = run_bounded(certs, COMMAND_TIMEOUT);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
+    for ordinal in 0..3 {
+        hosts.push_str(&format!(
+            "127.0.0.{} synod-{ordinal}.synod-peers\n",
+            11 + ordinal
+        ));
+    }
+    std::fs::write(etc.join("hosts"), hosts).expect("hosts");
+    for name in [
+        "nsswitch.conf",
+        "host.conf",
+        "resolv.conf",
+        "passwd",
+        "group",
+    ] {
+        let _ = std::fs::copy(Path::new("/etc").join(name), etc.join(name));
+    }
+    let volume = |ordinal: u32| {
+        let var_lib = dir.path().join(format!("var-lib-{ordinal}"));
+        std::fs::create_dir_all(var_lib.join("synod")).expect("a volume");
+        var_lib
+    };
+    let log = |ordinal: u32| dir.path().join(format!("pod-{ordinal}.log"));
+    let mut pods: Vec<Option<Pod>> = (0..3)
+        .map(|ordinal| Some(start_pod(ordinal, &etc, &volume(ordinal), &log(ordinal))))
+        .collect();
+    let http = |ordinal: u32| -> SocketAddr {
+        format!("127.0.0.{}:7201", 11 + ordinal)
+            .parse()
+            .expect("an address")
+    };
+    let logs = || {
+        (0..3)
+            .map(|ordinal| std::fs::read_to_string(log(ordinal)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    for ordinal in 0..3 {
+        let ready = eventually(Duration::from_secs(60), || {
+            get(http(ordinal), "/readyz").is_some_and(|(status, _)| status == 200)
+        });
+        assert!(ready, "pod synod-{ordinal} becomes ready:\n{}", logs());
+    }
+
+    // A client in the cluster: it resolves the names the replicas give
+    // (a leader is named by its client address), so it sees the same /etc.
+    let synod = |args: &[&str]| {
+        let mut command = Command::new("unshare");
+        command
+            .args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg("mount --bind \"$1\" /etc && shift && exec \"$@\"")
+            .arg("client")
+            .arg(&etc)
+            .arg(SYNOD)
+            .arg("--endpoints")
+            .arg("synod-0.synod-peers:7101,synod-1.synod-peers:7101,synod-2.synod-peers:7101")
+            .arg("--ca")
+            .arg(tls.join("ca.pem"))
+            .arg("--cert")
+            .arg(tls.join("app.pem"))
+            .arg("--key")
+            .arg(tls.join("app-key.pem"))
+            .args(args);
+        run_bounded(command, COMMAND_TIMEOUT)
+    };
+    let output = synod(&["create", "/on-kubernetes", "yes"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let output = synod(&["--json", "status"]);
+    let status = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{status}");
+    assert!(
+        status.contains("synod-2.synod-peers:7101"),
+        "members by name: {status}"
+    );
+
+    // A pod that restarts finds its volume and rejoins without a flag.
+    if let Some(mut pod) = pods[1].take() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pod.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("signalled");
+        let _ = pod.0.wait();
+    }
+    pods[1] = Some(start_pod(
+        1,
+        &etc,
+        &volume(1),
+        &dir.path().join("pod-1-again.log"),
+    ));
+    let ready = eventually(Duration::from_secs(60), || {
+        get(http(1), "/readyz").is_some_and(|(status, _)| status == 200)
+    });
+    assert!(ready, "the restarted pod is ready again:\n{}", logs());
+    let output = synod(&["get", "/on-kubernetes"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    // Stop the pods as the kubelet would: SIGTERM, then wait.
+    for pod in pods.iter_mut().filter_map(Option::as_mut) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pod.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    for pod in pods.iter_mut().filter_map(Option::as_mut) {
+        let status = pod.0.wait().expect("the pod ends");
+        assert!(status.success(), "a pod stops cleanly on SIGTERM: {status}");
+    }
 }
