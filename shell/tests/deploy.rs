@@ -364,6 +364,28 @@ fn the_systemd_unit_verifies() {
     assert!(stderr.trim().is_empty(), "no warning: {stderr}");
 }
 
+/// Makes the pods' certificates into `dir` as the Kubernetes guide says,
+/// with a client certificate `app`.
+fn pod_certificates(dir: &Path) {
+    let mut certs = Command::new(SYNOD);
+    certs
+        .arg("certs")
+        .arg("--dir")
+        .arg(dir)
+        .args(["--client", "app"]);
+    for id in 1..=3 {
+        certs
+            .arg("--node")
+            .arg(format!("{id}=synod-{}.synod-peers", id - 1));
+    }
+    let output = run_bounded(certs, COMMAND_TIMEOUT);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[test]
 fn the_kubernetes_manifests_pass_a_schema_check() {
     // The guide's steps on a copy: certificates from `synod certs`, then
@@ -377,22 +399,7 @@ fn the_kubernetes_manifests_pass_a_schema_check() {
                 .expect("copied");
         }
     }
-    let mut certs = Command::new(SYNOD);
-    certs
-        .arg("certs")
-        .arg("--dir")
-        .arg(dir.path().join("certs"));
-    for id in 1..=3 {
-        certs
-            .arg("--node")
-            .arg(format!("{id}=synod-{}.synod-peers", id - 1));
-    }
-    let output = run_bounded(certs, COMMAND_TIMEOUT);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    pod_certificates(&dir.path().join("certs"));
 
     // Each replica's config is valid as the replica reads it.
     for id in 1..=3 {
@@ -537,23 +544,7 @@ fn the_kubernetes_pod_commands_start_a_cluster_under_their_names() {
         std::fs::copy(source.join(name), config.join(name)).expect("copied");
     }
     let tls = etc.join("synod/tls");
-    let mut certs = Command::new(SYNOD);
-    certs
-        .arg("certs")
-        .arg("--dir")
-        .arg(&tls)
-        .args(["--client", "app"]);
-    for id in 1..=3 {
-        certs
-            .arg("--node")
-            .arg(format!("{id}=synod-{}.synod-peers", id - 1));
-    }
-    let output = run_bounded(certs, COMMAND_TIMEOUT);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    pod_certificates(&tls);
     let mut hosts = String::from("127.0.0.1 localhost\n::1 localhost\n");
     for ordinal in 0..3 {
         hosts.push_str(&format!(
