@@ -866,7 +866,12 @@ impl Node {
             round,
             granted: self.self_bit,
         });
-        self.leader_hint = None;
+        if self.leader_hint.take().is_some() {
+            // Reads forwarded to the leader this replica gives up on would
+            // wait out their timeout, even once it leads itself: they are
+            // retried instead.
+            self.abort_forwarded_reads();
+        }
         let message = Message::PreVote(PreVote {
             round,
             chosen_through: self.chosen_through,
@@ -1117,6 +1122,8 @@ impl Node {
             assign_slot(&mut leader, value, &mut self.log, self.now_ms, ballot);
         }
         self.role = RoleState::Leader(Box::new(leader));
+        // Reads still forwarded elsewhere are retried here, as a leader's.
+        self.abort_forwarded_reads();
         self.leader_hint = Some(self.id());
         self.broadcast_new_slots();
         self.leader_heartbeat();

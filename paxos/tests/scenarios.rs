@@ -525,3 +525,8 @@ fn lease_hand_over() {
 fn rejoin_after_disk_loss() {
     scenario("rejoin_after_disk_loss");
 }
+
+#[test]
+fn read_forwarded_to_a_replaced_leader() {
+    scenario("read_forwarded_to_a_replaced_leader");
+}
