@@ -866,12 +866,7 @@ impl Node {
             round,
             granted: self.self_bit,
         });
-        if self.leader_hint.take().is_some() {
-            // Reads forwarded to the leader this replica gives up on would
-            // wait out their timeout, even once it leads itself: they are
-            // retried instead.
-            self.abort_forwarded_reads();
-        }
+        self.set_leader_hint(None);
         let message = Message::PreVote(PreVote {
             round,
             chosen_through: self.chosen_through,
@@ -1122,9 +1117,7 @@ impl Node {
             assign_slot(&mut leader, value, &mut self.log, self.now_ms, ballot);
         }
         self.role = RoleState::Leader(Box::new(leader));
-        // Reads still forwarded elsewhere are retried here, as a leader's.
-        self.abort_forwarded_reads();
-        self.leader_hint = Some(self.id());
+        self.set_leader_hint(Some(self.id()));
         self.broadcast_new_slots();
         self.leader_heartbeat();
     }
@@ -1138,16 +1131,19 @@ impl Node {
                 self.finish_read(reader, None);
             }
         }
-        if self.leader_hint != leader {
-            self.abort_forwarded_reads();
-        }
-        self.leader_hint = leader;
+        self.set_leader_hint(leader);
         self.reset_election_deadline();
     }
 
-    /// Reads forwarded to a leader this replica no longer follows will not
-    /// be answered in time; the caller may retry them at once.
-    fn abort_forwarded_reads(&mut self) {
+    /// Changes the leader this replica believes in. Reads it forwarded to
+    /// the one it believed in before will not be answered in time, even
+    /// once it leads itself: they are aborted, so the caller retries them
+    /// at once (at the new leader, or here).
+    fn set_leader_hint(&mut self, leader: Option<NodeId>) {
+        if self.leader_hint == leader {
+            return;
+        }
+        self.leader_hint = leader;
         for (_, (id, _)) in mem::take(&mut self.forwarded_reads) {
             self.reads_out.push(ReadOutcome::Aborted { id });
         }
@@ -1176,9 +1172,8 @@ impl Node {
             RoleState::Follower => {}
         }
         if self.leader_hint != Some(from) {
-            self.leader_hint = Some(from);
+            self.set_leader_hint(Some(from));
             self.catch_up_sent = None;
-            self.abort_forwarded_reads();
         }
         self.reset_election_deadline();
         true

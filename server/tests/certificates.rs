@@ -9,11 +9,11 @@
 
 mod cluster;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use cluster::http::{scrape, value};
 use cluster::{eventually, Cluster};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -49,36 +49,7 @@ fn leaf_der(issued: &IssuedCertificate) -> Vec<u8> {
 
 /// The value of the sample `name` in a replica's metrics.
 async fn metric(address: SocketAddr, name: &str) -> f64 {
-    let body = tokio::task::spawn_blocking(move || {
-        let mut stream = std::net::TcpStream::connect(address).expect("connect");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        write!(
-            stream,
-            "GET /metrics HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
-        )
-        .expect("request");
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).expect("answer");
-        answer
-    })
-    .await
-    .expect("scraped");
-    let (_, body) = body.split_once("\r\n\r\n").expect("head and body");
-    let lines = body.lines().map(|line| Ok(line.to_string()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
-    scrape
-        .samples
-        .iter()
-        .find(|sample| sample.metric == name)
-        .map(|sample| match sample.value {
-            prometheus_parse::Value::Counter(value)
-            | prometheus_parse::Value::Gauge(value)
-            | prometheus_parse::Value::Untyped(value) => value,
-            _ => f64::NAN,
-        })
-        .unwrap_or_else(|| panic!("no {name} in the metrics"))
+    value(&scrape(address).await, name, &[]).unwrap_or_else(|| panic!("no {name} in the metrics"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
