@@ -218,6 +218,7 @@ pub struct ClientBuilder {
     consistency: ReadConsistency,
     frame_bytes_max: u64,
     retry: RetryPolicy,
+    local_address: Option<std::net::IpAddr>,
 }
 
 impl Default for ClientBuilder {
@@ -230,6 +231,7 @@ impl Default for ClientBuilder {
             consistency: ReadConsistency::Linearizable,
             frame_bytes_max: synod_proto::wire::DEFAULT_MAX_FRAME_BYTES,
             retry: RetryPolicy::default(),
+            local_address: None,
         }
     }
 }
@@ -324,6 +326,20 @@ impl ClientBuilder {
         self
     }
 
+    /// The local IP address the client's socket binds to (an ephemeral
+    /// port on it), for a host with several addresses where the cluster or
+    /// a firewall tells clients apart by source address; by default the
+    /// unspecified address of the replicas' family.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder().local_address("127.0.0.1".parse().unwrap());
+    /// # let _ = builder;
+    /// ```
+    pub fn local_address(mut self, address: std::net::IpAddr) -> Self {
+        self.local_address = Some(address);
+        self
+    }
+
     /// Connects to the first replica that answers and opens a session.
     ///
     /// # Errors
@@ -340,7 +356,7 @@ impl ClientBuilder {
         // The session task detects a silent replica itself; QUIC's idle
         // timeout is the backstop, and its pings keep NAT bindings warm.
         let idle_ms = (self.session_timeout_ms / 2).clamp(500, 10_000);
-        let endpoint = quic_endpoint(&material, first, idle_ms)?;
+        let endpoint = quic_endpoint(&material, first, self.local_address, idle_ms)?;
         let shared = Arc::new(Shared::new());
         let settings = SessionSettings {
             endpoints,
@@ -385,7 +401,7 @@ impl ClientBuilder {
     pub async fn fetch_snapshot(self) -> Result<SnapshotDownload> {
         let material = self.tls_material()?;
         let (endpoints, first) = self.resolved_endpoints()?;
-        let endpoint = quic_endpoint(&material, first, 10_000)?;
+        let endpoint = quic_endpoint(&material, first, self.local_address, 10_000)?;
         backup::fetch(
             endpoint,
             &endpoints,
@@ -439,14 +455,18 @@ impl ClientBuilder {
     }
 }
 
-/// A QUIC client endpoint presenting `material`, for replicas like `first`
-/// (its address family), closing connections silent for `idle_ms`.
+/// A QUIC client endpoint presenting `material`, bound to `local` (or the
+/// unspecified address of `first`'s family), closing connections silent
+/// for `idle_ms`.
 fn quic_endpoint(
     material: &synod_proto::tls::TlsMaterial,
     first: SocketAddr,
+    local: Option<std::net::IpAddr>,
     idle_ms: u64,
 ) -> Result<quinn::Endpoint> {
-    let bind = if first.is_ipv6() {
+    let bind = if let Some(local) = local {
+        SocketAddr::new(local, 0)
+    } else if first.is_ipv6() {
         SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
     } else {
         SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
