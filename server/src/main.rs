@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use sd_notify::NotifyState;
 use synod_server::config::{LogConfig, LogFormat, ReplicaConfig};
-use synod_server::replica::{Replica, StartOptions};
+use synod_server::replica::{ClockSkew, Replica, StartOptions};
 
 /// The replica's heap holds the namespace, a large set of small blocks that
 /// churns with every write: jemalloc keeps it compact and allocates fast
@@ -50,6 +50,27 @@ struct Arguments {
     /// say is replaced (for a pod that knows its IP only when it starts).
     #[arg(long, value_name = "IP")]
     listen_ip: Option<std::net::IpAddr>,
+    /// For fault tests only: start the replica's clock this many ms away
+    /// from the machine's wall clock.
+    #[arg(
+        long,
+        value_name = "MS",
+        hide = true,
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
+    test_clock_offset_ms: i64,
+    /// For fault tests only: make the replica's clock run this many parts
+    /// per million fast (negative: slow).
+    #[arg(
+        long,
+        value_name = "PPM",
+        hide = true,
+        default_value_t = 0,
+        allow_negative_numbers = true,
+        value_parser = clap::value_parser!(i64).range(-ClockSkew::RATE_PPM_MAX..=ClockSkew::RATE_PPM_MAX)
+    )]
+    test_clock_rate_ppm: i64,
     #[command(subcommand)]
     command: Option<ServerCommand>,
 }
@@ -155,6 +176,10 @@ fn run() -> anyhow::Result<()> {
             bootstrap: arguments.bootstrap,
             join: arguments.join,
             reload_tls: Some(reload_on_hangup()),
+            clock_skew: ClockSkew {
+                offset_ms: arguments.test_clock_offset_ms,
+                rate_ppm: arguments.test_clock_rate_ppm,
+            },
             ..StartOptions::default()
         };
         let id = config.id;

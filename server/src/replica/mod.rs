@@ -76,6 +76,28 @@ pub struct StartOptions {
     /// Notified to reload the TLS files at once (`synod-server` notifies
     /// it on SIGHUP); they are also looked at every `tls.reload_check_ms`.
     pub reload_tls: Option<Arc<tokio::sync::Notify>>,
+    /// For fault tests only: how this replica's clock departs from the
+    /// machine's (see [`ClockSkew`]).
+    pub clock_skew: ClockSkew,
+}
+
+/// A deliberate error of a replica's clock, for fault tests: a fixed offset
+/// from the machine's wall clock and a rate error. The lease argument
+/// assumes replicas' clocks run at rates within `clock_drift_margin_ms` per
+/// lease of each other; a test keeps a skew within that bound to show the
+/// cluster stays safe, or beyond it to see what breaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClockSkew {
+    /// Added to the wall clock at the start (may be negative).
+    pub offset_ms: i64,
+    /// Parts per million the clock runs fast (positive) or slow (negative);
+    /// within ±500,000.
+    pub rate_ppm: i64,
+}
+
+impl ClockSkew {
+    /// The largest rate error accepted, in parts per million.
+    pub const RATE_PPM_MAX: i64 = 500_000;
 }
 
 /// Why a replica could not start or had to stop.
@@ -108,26 +130,37 @@ pub enum ReplicaError {
     ClusterIdentity(String),
 }
 
-/// Milliseconds since the Unix epoch, never decreasing within the process.
+/// Milliseconds since the Unix epoch, never decreasing within the process
+/// (skewed as a fault test asks).
 #[derive(Debug, Clone, Copy)]
 struct Clock {
     start_wall_ms: u64,
     start: Instant,
+    rate_ppm: i64,
 }
 
 impl Clock {
     fn new() -> Clock {
-        let start_wall_ms = SystemTime::now()
+        Clock::skewed(ClockSkew::default())
+    }
+
+    fn skewed(skew: ClockSkew) -> Clock {
+        let wall_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         Clock {
-            start_wall_ms,
+            start_wall_ms: wall_ms.saturating_add_signed(skew.offset_ms),
             start: Instant::now(),
+            rate_ppm: skew
+                .rate_ppm
+                .clamp(-ClockSkew::RATE_PPM_MAX, ClockSkew::RATE_PPM_MAX),
         }
     }
 
     fn now_ms(&self) -> u64 {
-        self.start_wall_ms + self.start.elapsed().as_millis() as u64
+        let elapsed_us = self.start.elapsed().as_micros() as i128;
+        let skewed_us = elapsed_us + elapsed_us * i128::from(self.rate_ppm) / 1_000_000;
+        self.start_wall_ms + (skewed_us / 1000) as u64
     }
 }
 
@@ -414,7 +447,7 @@ impl Replica {
         config: ReplicaConfig,
         options: StartOptions,
     ) -> Result<Replica, ReplicaError> {
-        let clock = Clock::new();
+        let clock = Clock::skewed(options.clock_skew);
         // The TLS files first: a bad one fails the start at once, before
         // the state is loaded. What they look like is taken before they are
         // read, so a change made while they are read is seen.

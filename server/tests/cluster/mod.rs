@@ -214,7 +214,7 @@ impl Cluster {
                         join,
                         peer_socket: Some(peer),
                         client_socket: Some(client),
-                        reload_tls: None,
+                        ..StartOptions::default()
                     };
                     let replica = Replica::start(config, options).await.expect("restart");
                     self.replicas[index] = Some(replica);
