@@ -46,6 +46,7 @@ mod config;
 mod durable;
 mod message;
 mod node;
+mod refusal;
 mod types;
 
 pub use config::{Config, ConfigError};
@@ -55,6 +56,7 @@ pub use node::{
     JoinProgress, Node, PeerStatus, ProposeError, ReadId, ReadOutcome, Ready, Role,
     SnapshotRequest, Status,
 };
+pub use refusal::{ElectionStep, Refusal, RefusalReason};
 pub use types::{
     AcceptedEntry, Ballot, Batch, ChosenEntry, Command, Membership, NodeId, Slot, Value,
     MAX_MEMBERS,

@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::config::{Config, ConfigError};
 use crate::durable::{DurableState, Persist};
 use crate::message::*;
+use crate::refusal::{ElectionStep, Refusal, RefusalReason};
 use crate::types::{
     AcceptedEntry, Ballot, Batch, ChosenEntry, Command, Membership, NodeId, Slot, Value,
 };
@@ -87,6 +88,9 @@ pub struct Ready {
     pub reads: Vec<ReadOutcome>,
     /// A snapshot to fetch and install (then call [`Node::snapshot_installed`]).
     pub snapshot: Option<SnapshotRequest>,
+    /// Why this replica held an election back since the last call, for the
+    /// logs; acting on them is never needed.
+    pub refusals: Vec<Refusal>,
 }
 
 /// One member's progress as the leader sees it.
@@ -291,6 +295,7 @@ pub struct Node {
     outbox: Vec<Envelope>,
     reads_out: Vec<ReadOutcome>,
     snapshot_out: Option<SnapshotRequest>,
+    refusals_out: Vec<Refusal>,
 
     role: RoleState,
     leader_hint: Option<NodeId>,
@@ -374,6 +379,7 @@ impl Node {
             outbox: Vec::new(),
             reads_out: Vec::new(),
             snapshot_out: None,
+            refusals_out: Vec::new(),
             role: RoleState::Follower,
             leader_hint: None,
             election_deadline_ms: now_ms + first_timeout,
@@ -528,6 +534,7 @@ impl Node {
         !self.building.is_empty()
             || !self.outbox.is_empty()
             || !self.reads_out.is_empty()
+            || !self.refusals_out.is_empty()
             || self.snapshot_out.is_some()
             || self.chosen_releasable()
             || self.proposals_flushable()
@@ -555,6 +562,7 @@ impl Node {
             chosen,
             reads: mem::take(&mut self.reads_out),
             snapshot: self.snapshot_out.take(),
+            refusals: mem::take(&mut self.refusals_out),
         }
     }
 
@@ -830,20 +838,35 @@ impl Node {
         }
     }
 
-    /// Whether this acceptor may promise a ballot owned by `candidate` now:
-    /// not within a lease it granted to another leader, and not within one
-    /// lease duration of its own start.
-    fn may_promise_to(&self, candidate: NodeId) -> bool {
+    /// Why this acceptor may not promise a ballot owned by `candidate` now,
+    /// if it may not: while rejoining, within a lease it granted to another
+    /// leader, or within one lease duration of its own start.
+    fn promise_refusal(&self, candidate: NodeId) -> Option<RefusalReason> {
         if self.joining.is_some() {
-            return false;
+            return Some(RefusalReason::Joining);
         }
         if self.now_ms < self.no_promise_until_ms {
-            return false;
+            return Some(RefusalReason::RecentlyStarted {
+                until_ms: self.no_promise_until_ms,
+            });
         }
-        if self.now_ms < self.lease_granted_until_ms && self.lease_granted_to != Some(candidate) {
-            return false;
+        if self.now_ms < self.lease_granted_until_ms {
+            if let Some(to) = self.lease_granted_to.filter(|&to| to != candidate) {
+                return Some(RefusalReason::LeaseGranted {
+                    to,
+                    until_ms: self.lease_granted_until_ms,
+                });
+            }
         }
-        true
+        None
+    }
+
+    fn refuse(&mut self, candidate: NodeId, step: ElectionStep, reason: RefusalReason) {
+        self.refusals_out.push(Refusal {
+            candidate,
+            step,
+            reason,
+        });
     }
 
     fn leads_with(&self, ballot: Ballot) -> bool {
@@ -858,7 +881,8 @@ impl Node {
 
     fn start_pre_vote(&mut self) {
         self.reset_election_deadline();
-        if !self.may_promise_to(self.id()) {
+        if let Some(reason) = self.promise_refusal(self.id()) {
+            self.refuse(self.id(), ElectionStep::Candidacy, reason);
             return;
         }
         let round = self.highest_round_seen.max(self.promised.round) + 1;
@@ -876,10 +900,29 @@ impl Node {
     }
 
     fn on_pre_vote(&mut self, from: NodeId, message: PreVote) {
-        let granted = self.may_promise_to(from)
-            && Ballot::new(message.round, from) > self.promised
-            && message.chosen_through >= self.chosen_through
-            && !matches!(self.role, RoleState::Leader(_));
+        let refusal = self.promise_refusal(from).or_else(|| {
+            if Ballot::new(message.round, from) <= self.promised {
+                Some(RefusalReason::BallotNotHigher {
+                    promised: self.promised,
+                })
+            } else if message.chosen_through < self.chosen_through {
+                Some(RefusalReason::CandidateBehind {
+                    candidate_chosen_through: message.chosen_through,
+                    own_chosen_through: self.chosen_through,
+                })
+            } else if matches!(self.role, RoleState::Leader(_)) {
+                Some(RefusalReason::Leading)
+            } else {
+                None
+            }
+        });
+        let granted = refusal.is_none();
+        if let Some(reason) = refusal {
+            let step = ElectionStep::PreVote {
+                round: message.round,
+            };
+            self.refuse(from, step, reason);
+        }
         let reply = Message::PreVoteReply(PreVoteReply {
             round: message.round,
             granted,
@@ -928,11 +971,22 @@ impl Node {
     fn on_prepare(&mut self, from: NodeId, message: Prepare) {
         self.note_ballot(message.ballot);
         if self.joining.is_some() {
+            let step = ElectionStep::Promise {
+                ballot: message.ballot,
+            };
+            self.refuse(from, step, RefusalReason::Joining);
             return;
         }
         let repeat = message.ballot == self.promised && message.ballot.node == from;
         if !repeat {
+            let step = ElectionStep::Promise {
+                ballot: message.ballot,
+            };
             if message.ballot <= self.promised {
+                let reason = RefusalReason::BallotNotHigher {
+                    promised: self.promised,
+                };
+                self.refuse(from, step, reason);
                 let reject = Message::Reject(Reject {
                     ballot: message.ballot,
                     promised: self.promised,
@@ -940,7 +994,8 @@ impl Node {
                 self.send(from, reject, After::Now);
                 return;
             }
-            if !self.may_promise_to(from) {
+            if let Some(reason) = self.promise_refusal(from) {
+                self.refuse(from, step, reason);
                 return;
             }
             self.promised = message.ballot;
@@ -1044,6 +1099,12 @@ impl Node {
             if slot > self.chosen_through {
                 // Some promiser knows more chosen slots than it could send
                 // (compacted, or too many): catch up before leading.
+                let reason = RefusalReason::PromiserKnowsMore {
+                    promiser: node,
+                    chosen_through: slot,
+                    own_chosen_through: self.chosen_through,
+                };
+                self.refuse(self.id(), ElectionStep::Leadership { ballot }, reason);
                 self.step_down(None);
                 self.request_catch_up(node);
                 return;

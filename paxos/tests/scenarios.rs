@@ -249,6 +249,9 @@ impl Harness {
                 }
             }
         }
+        for refusal in &ready.refusals {
+            let _ = writeln!(out, "{id}: {refusal}");
+        }
         if let Some(request) = &ready.snapshot {
             let source = self.replicas[(request.from - 1) as usize].apply_next;
             let _ = writeln!(

@@ -562,6 +562,7 @@ impl Simulation {
             chosen,
             reads,
             snapshot,
+            refusals: _,
         } = ready;
         if let Some(batch) = persist {
             let done = self.now_us.max(self.nodes[index].last_sync_done_us)

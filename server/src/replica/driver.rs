@@ -1347,7 +1347,12 @@ impl Driver {
             chosen,
             reads,
             snapshot,
+            refusals,
         } = ready;
+        for refusal in refusals {
+            // A target of their own, so an operator can turn on just these.
+            tracing::debug!(target: "synod_server::election", node = self.config.id, "{refusal}");
+        }
         if let Some(batch) = persist {
             self.outbox.storage.push(StorageJob::Persist(batch));
         }
