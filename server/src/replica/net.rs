@@ -77,6 +77,11 @@ fn limits(config: &ReplicaConfig) -> TransportLimits {
                 .saturating_mul(5)
                 .max(5_000),
         ),
+        // A peer link silent for an election timeout is as good as cut for
+        // the protocol; dial it afresh.
+        peer_idle_timeout: Duration::from_millis(
+            config.timeouts.election_timeout_max_ms.max(1_000),
+        ),
         ..TransportLimits::default()
     }
 }

@@ -208,8 +208,16 @@ pub struct TransportLimits {
     pub reconnect_backoff_max: Duration,
     /// Bound on the TLS handshake plus hello exchange.
     pub handshake_timeout: Duration,
-    /// A connection silent for this long is closed.
+    /// A client connection silent for this long is closed (by QUIC).
     pub idle_timeout: Duration,
+    /// A peer connection that has received nothing (not even an
+    /// acknowledgement of a keep-alive) for this long is closed and dialled
+    /// afresh. Short, because after a partition heals QUIC resends on the
+    /// old connection only after a delay that doubled all through the
+    /// partition (seconds), while a new dial gets through at once: a link
+    /// must not stay dead, and an election stall, long after the network
+    /// is back.
+    pub peer_idle_timeout: Duration,
     /// Keep-alive pings on idle connections, well below `idle_timeout`.
     pub keep_alive_interval: Duration,
     /// Largest snapshot accepted by [`PeerNetwork::fetch_snapshot`].
@@ -257,7 +265,8 @@ impl Default for TransportLimits {
             reconnect_backoff_max: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(10),
-            keep_alive_interval: Duration::from_secs(1),
+            peer_idle_timeout: Duration::from_secs(2),
+            keep_alive_interval: Duration::from_millis(500),
             snapshot_bytes_max: 1 << 30,
             snapshot_timeout: Duration::from_secs(300),
             peer_connections_max: 64,
@@ -324,7 +333,7 @@ impl TransportLimits {
                 "reconnect_backoff_max is below reconnect_backoff_min".into(),
             ));
         }
-        if self.keep_alive_interval >= self.idle_timeout {
+        if self.keep_alive_interval >= self.idle_timeout.min(self.peer_idle_timeout) {
             return Err(TransportError::Config(
                 "keep_alive_interval must be below idle_timeout".into(),
             ));
@@ -368,6 +377,9 @@ impl TransportLimits {
     /// [`TransportError::Config`] when `idle_timeout` is out of QUIC's range.
     pub(crate) fn quic_transport(&self) -> Result<Arc<quinn::TransportConfig>> {
         let mut transport = self.base_transport()?;
+        let idle = quinn::IdleTimeout::try_from(self.peer_idle_timeout)
+            .map_err(|_| TransportError::Config("peer_idle_timeout is out of range".into()))?;
+        transport.max_idle_timeout(Some(idle));
         // Members of a cluster are close to each other. QUIC's default
         // guess of a 333 ms round trip resends a lost first packet only
         // after about a second: a dial that reached a member while it was
