@@ -194,7 +194,8 @@ impl Cluster {
              election_timeout_max_ms = {emax}\nclock_drift_margin_ms = {drift}\n\
              session_timeout_min_ms = 1000\n\n\
              [limits]\nclient_connections_per_identity_max = 10000\n\n\
-             [log]\nlevel = \"info,synod_paxos=debug\"\n",
+             [log]\nlevel = {log_level:?}\n",
+            log_level = server_log_level(),
             ca = tls.ca,
             cert = tls.cert,
             key = tls.key,
@@ -549,4 +550,11 @@ async fn http_get(address: SocketAddr, path: &str) -> Option<String> {
         .await
         .ok()
         .flatten()
+}
+
+/// The replicas' log filter: elections' refusals at debug level, or what
+/// `SYNOD_FAULTS_SERVER_LOG` says (a tracing filter, to dig into a run).
+fn server_log_level() -> String {
+    std::env::var("SYNOD_FAULTS_SERVER_LOG")
+        .unwrap_or_else(|_| "info,synod_server::election=debug".to_string())
 }

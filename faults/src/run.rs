@@ -232,7 +232,12 @@ pub async fn run(options: &RunOptions) -> Result<RunResult> {
         request_timeout_ms: 2000,
         consistency: options.consistency,
     };
-    let admin = connect_retrying(&settings, 149, Duration::from_secs(30)).await?;
+    // The harness's own checks read linearizably whatever the workload does.
+    let checking = ClientSettings {
+        consistency: Consistency::Linearizable,
+        ..settings.clone()
+    };
+    let admin = connect_retrying(&checking, 149, Duration::from_secs(30)).await?;
     workload::prepare(&admin).await?;
 
     let (stop_sender, stop) = watch::channel(false);
@@ -355,7 +360,7 @@ pub async fn run(options: &RunOptions) -> Result<RunResult> {
         cluster.restart(id)?;
     }
     let leader_after_restart = cluster.wait_for_leader(Duration::from_secs(30)).await;
-    let reader = connect_retrying(&settings, 148, Duration::from_secs(30)).await?;
+    let reader = connect_retrying(&checking, 148, Duration::from_secs(30)).await?;
     let final_client = 1000;
     for key in 0..options.keys {
         let path = workload::register_path(key);
@@ -506,7 +511,9 @@ async fn check_expiry(admin: &Client, holders: &[KilledHolder]) -> Expiry {
     while !pending.is_empty() {
         let mut still = Vec::new();
         for holder in pending {
-            let gone = matches!(admin.exists(&holder.path).await, Ok(None));
+            let answer = admin.exists(&holder.path).await;
+            let gone = matches!(answer, Ok(None));
+            let last_error = answer.err().map(|error| error.to_string());
             let now = Instant::now();
             if gone {
                 if !holder.during_faults {
@@ -514,14 +521,17 @@ async fn check_expiry(admin: &Client, holders: &[KilledHolder]) -> Expiry {
                 }
             } else if now >= deadline_of(holder) {
                 problems.push(format!(
-                    "the session holding {} (its client killed {}) did not expire within {} ms",
+                    "the session holding {} (its client killed {}) did not expire within {} ms{}",
                     holder.path,
                     if holder.during_faults {
                         "during the faults"
                     } else {
                         "in the quiet"
                     },
-                    bound.as_millis()
+                    bound.as_millis(),
+                    last_error
+                        .map(|error| format!(" (the last check failed: {error})"))
+                        .unwrap_or_default()
                 ));
             } else {
                 still.push(holder);
