@@ -404,6 +404,14 @@ impl Cluster {
         Scrape::parse(lines).ok().map(|scrape| scrape.samples)
     }
 
+    /// Replica `id`'s answer to `/readyz` (JSON; with a `reason` when it is
+    /// not ready), if its HTTP listener answers within a second.
+    pub async fn readiness(&self, id: u64) -> Option<serde_json::Value> {
+        let address = SocketAddr::from((self.plan.replica(id), HTTP_PORT));
+        let (_, body) = http_get_any(address, "/readyz").await?;
+        serde_json::from_str(&body).ok()
+    }
+
     /// The replica that says it leads, among the running, unpaused ones.
     pub async fn leader(&self) -> Option<u64> {
         for id in self.ids() {
@@ -535,6 +543,12 @@ pub fn gauge(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<
 
 /// One `GET` over HTTP/1.1 with a one-second budget: the body of a `200`.
 async fn http_get(address: SocketAddr, path: &str) -> Option<String> {
+    let (ok, body) = http_get_any(address, path).await?;
+    ok.then_some(body)
+}
+
+/// The body of `GET path`, and whether the answer was 200 OK.
+async fn http_get_any(address: SocketAddr, path: &str) -> Option<(bool, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
@@ -544,7 +558,7 @@ async fn http_get(address: SocketAddr, path: &str) -> Option<String> {
         let mut answer = String::new();
         stream.read_to_string(&mut answer).await.ok()?;
         let (head, body) = answer.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+        Some((head.starts_with("HTTP/1.1 200"), body.to_string()))
     };
     tokio::time::timeout(Duration::from_secs(1), exchange)
         .await

@@ -7,12 +7,14 @@
 //! partitions need nftables and root: without them those kinds are left
 //! out, with a notice.
 
-use std::path::{Path, PathBuf};
+mod support;
+
+use std::path::Path;
 use std::process::{Command, Output};
 use std::sync::Mutex;
 
+use support::server_binary;
 use synod_faults::net;
-use synod_faults::run::server_binary_beside;
 
 /// The runs share two cores: one at a time.
 static ONE_RUN_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -40,25 +42,6 @@ fn seed() -> u64 {
         .ok()
         .and_then(|seed| seed.parse().ok())
         .unwrap_or_else(|| rand::random::<u64>() >> 16)
-}
-
-/// The synod-server binary of this build, built now if this package's
-/// tests run on their own.
-fn server_binary() -> PathBuf {
-    let own = PathBuf::from(env!("CARGO_BIN_EXE_synod-faults"));
-    let server = server_binary_beside(&own);
-    if !server.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "synod-server", "--bin", "synod-server"]);
-        if !cfg!(debug_assertions) {
-            build.arg("--release");
-        }
-        let status = build.status().expect("run cargo build");
-        assert!(status.success(), "building synod-server failed");
-    }
-    assert!(server.is_file(), "no synod-server at {}", server.display());
-    server
 }
 
 fn fault_run(out: &Path, seed: u64, arguments: &[&str]) -> (Output, String) {

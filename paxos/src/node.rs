@@ -1,7 +1,7 @@
 //! The replica's core: acceptor, proposer and learner in one deterministic
 //! state machine.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::mem;
 use std::sync::Arc;
 
@@ -133,6 +133,12 @@ pub struct Status {
     pub next_slot: Slot,
     /// Per-member progress (leader only).
     pub peers: Vec<PeerStatus>,
+    /// Other members that lost their disks and asked what they may have
+    /// forgotten, and have sent this replica no voter's message since
+    /// (a pre-vote, prepare, promise, accept, acceptance or heartbeat):
+    /// they vote in nothing until they have heard from every other member
+    /// and caught up.
+    pub rejoining: Vec<NodeId>,
 }
 
 /// An entry of the in-memory log.
@@ -296,6 +302,8 @@ pub struct Node {
     reads_out: Vec<ReadOutcome>,
     snapshot_out: Option<SnapshotRequest>,
     refusals_out: Vec<Refusal>,
+    /// Members that probed as rejoiners and have not voted since.
+    rejoining_members: BTreeSet<NodeId>,
 
     role: RoleState,
     leader_hint: Option<NodeId>,
@@ -380,6 +388,7 @@ impl Node {
             reads_out: Vec::new(),
             snapshot_out: None,
             refusals_out: Vec::new(),
+            rejoining_members: BTreeSet::new(),
             role: RoleState::Follower,
             leader_hint: None,
             election_deadline_ms: now_ms + first_timeout,
@@ -524,6 +533,12 @@ impl Node {
             inflight_slots,
             next_slot,
             peers,
+            rejoining: self
+                .rejoining_members
+                .iter()
+                .copied()
+                .filter(|&member| self.membership.contains(member))
+                .collect(),
         }
     }
 
@@ -816,6 +831,21 @@ impl Node {
     }
 
     fn handle(&mut self, from: NodeId, message: Message) {
+        if let Message::JoinProbe(_) = message {
+            self.rejoining_members.insert(from);
+        } else if matches!(
+            message,
+            Message::PreVote(_)
+                | Message::Prepare(_)
+                | Message::Promise(_)
+                | Message::Accept(_)
+                | Message::Accepted(_)
+                | Message::Heartbeat(_)
+                | Message::HeartbeatAck(_)
+        ) {
+            // Only a voter sends these: it has rejoined.
+            self.rejoining_members.remove(&from);
+        }
         match message {
             Message::PreVote(m) => self.on_pre_vote(from, m),
             Message::PreVoteReply(m) => self.on_pre_vote_reply(from, m),

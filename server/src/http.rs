@@ -38,6 +38,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
+use synod_proto::wire::ClusterStatus;
+
 use crate::metrics::{gauge_value, Metrics};
 use crate::storage::DatabasePaths;
 use crate::transport::cancelled;
@@ -50,6 +52,8 @@ struct Shared {
     ready_lag_slots_max: u64,
     /// Set while the event loop runs: `/livez` fails once it has stopped.
     running: watch::Receiver<bool>,
+    /// The replica's status, for what it waits for when it is not ready.
+    status: watch::Receiver<ClusterStatus>,
 }
 
 /// How an [`HttpServer`] is set up.
@@ -78,7 +82,8 @@ pub struct HttpServer {
 
 impl HttpServer {
     /// Binds `settings.address` and serves until `shutdown` turns true.
-    /// `running` says whether the event loop still runs.
+    /// `running` says whether the event loop still runs; `status` is the
+    /// replica's latest status (its `waiting` explains an unready replica).
     ///
     /// # Errors
     /// The address could not be bound.
@@ -86,6 +91,7 @@ impl HttpServer {
         settings: HttpSettings,
         metrics: Arc<Metrics>,
         running: watch::Receiver<bool>,
+        status: watch::Receiver<ClusterStatus>,
         shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<HttpServer> {
         let listener = TcpListener::bind(settings.address).await?;
@@ -97,6 +103,7 @@ impl HttpServer {
             databases: settings.databases.clone(),
             ready_lag_slots_max: settings.ready_lag_slots_max,
             running,
+            status,
         });
         let task = tokio::spawn(accept(listener, settings, shared, shutdown));
         tracing::info!(node, %address, "HTTP listener for metrics and health serving");
@@ -265,8 +272,11 @@ fn readiness(shared: &Shared) -> Readiness {
     let applied = u64::try_from(metrics.applied_slot.get()).unwrap_or(0);
     let known = u64::try_from(metrics.known_chosen_slot.get()).unwrap_or(0);
     let lag = known.saturating_sub(applied);
+    let waiting = shared.status.borrow().replica.waiting.clone();
     let reason = if !*shared.running.borrow() {
         Some("the replica has stopped".to_string())
+    } else if leader.is_none() && waiting.is_some() {
+        waiting
     } else if role == "joining" {
         Some("rejoining after a lost disk: not voting until caught up".to_string())
     } else if leader.is_none() {

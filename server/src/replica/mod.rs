@@ -548,6 +548,7 @@ impl Replica {
             requests: options.reload_tls,
             shutdown: shutdown_receiver.clone(),
         }));
+        let (status_sender, status) = watch::channel(driver.status());
         let (running, running_receiver) = watch::channel(true);
         let (http_stop, http_stop_receiver) = watch::channel(false);
         let http = match config.monitoring.http_address {
@@ -564,6 +565,7 @@ impl Replica {
                     },
                     metrics,
                     running_receiver,
+                    status.clone(),
                     http_stop_receiver,
                 )
                 .await
@@ -576,7 +578,6 @@ impl Replica {
             None => None,
         };
         driver.publish_metrics();
-        let (status_sender, status) = watch::channel(driver.status());
         let id = config.id;
         let task = tokio::spawn(event_loop(EventLoop {
             driver,

@@ -23,6 +23,21 @@ pub enum Waiting {
         /// Its chosen prefix now.
         chosen_through: u64,
     },
+    /// Too many members lost their disks at once: the rejoining ones vote
+    /// only once every other member has reported, so too few voters are
+    /// left to elect a leader, ever. The cluster must be recovered from a
+    /// survivor or a backup.
+    MajorityLost {
+        /// The members rejoining after a lost disk (this one included, if
+        /// it is one).
+        rejoining: Vec<u64>,
+        /// Members that still remember the log.
+        voters: usize,
+        /// Members a quorum needs.
+        needed: usize,
+        /// Members in all.
+        members: usize,
+    },
     /// No leader, and too few members reachable to elect one.
     NoQuorum {
         /// The members it has no connection to.
@@ -49,6 +64,22 @@ impl Waiting {
         members: &BTreeSet<u64>,
         connected: &BTreeSet<u64>,
     ) -> Option<Waiting> {
+        let needed = members.len() / 2 + 1;
+        let rejoining: Vec<u64> = members
+            .iter()
+            .copied()
+            .filter(|&member| (member == me && join.is_some()) || core.rejoining.contains(&member))
+            .collect();
+        let voters = members.len() - rejoining.len();
+        let leaderless = core.leader.is_none() && core.role != Role::Leader;
+        if leaderless && !rejoining.is_empty() && voters < needed {
+            return Some(Waiting::MajorityLost {
+                rejoining,
+                voters,
+                needed,
+                members: members.len(),
+            });
+        }
         if let Some(join) = join {
             return Some(match join {
                 JoinProgress::WaitingFor(members) => Waiting::RejoinReports { members },
@@ -61,7 +92,7 @@ impl Waiting {
                 },
             });
         }
-        if core.leader.is_some() || core.role == Role::Leader {
+        if !leaderless {
             return None;
         }
         let unreachable: Vec<u64> = members
@@ -69,7 +100,6 @@ impl Waiting {
             .copied()
             .filter(|&member| member != me && !connected.contains(&member))
             .collect();
-        let needed = members.len() / 2 + 1;
         let reachable = members.len() - unreachable.len();
         if reachable < needed {
             return Some(Waiting::NoQuorum {
@@ -87,9 +117,11 @@ impl Waiting {
     /// change worth a log line.
     pub fn same_kind(&self, other: &Waiting) -> bool {
         match (self, other) {
-            (Waiting::RejoinReports { members: a }, Waiting::RejoinReports { members: b }) => {
-                a == b
-            }
+            (Waiting::RejoinReports { members: a }, Waiting::RejoinReports { members: b })
+            | (
+                Waiting::MajorityLost { rejoining: a, .. },
+                Waiting::MajorityLost { rejoining: b, .. },
+            ) => a == b,
             (Waiting::RejoinCatchUp { .. }, Waiting::RejoinCatchUp { .. })
             | (Waiting::Electing { .. }, Waiting::Electing { .. }) => true,
             (
@@ -135,6 +167,20 @@ impl fmt::Display for Waiting {
                 "rejoining after a lost disk: learning the log through slot {slot} (at \
                  {chosen_through}) before voting"
             ),
+            Waiting::MajorityLost {
+                rejoining,
+                voters,
+                needed,
+                members: total,
+            } => write!(
+                f,
+                "no leader can be elected: {} lost their disks and are rejoining, and a \
+                 rejoining member votes only once every other member has told it what it may \
+                 have forgotten; {voters} of the {total} members remember the log and electing \
+                 a leader needs {needed}. The cluster lost its majority for good: recover it \
+                 from a survivor or a backup (README: Backup, restore and disaster recovery)",
+                members(rejoining)
+            ),
             Waiting::NoQuorum {
                 unreachable,
                 needed,
@@ -174,6 +220,7 @@ mod tests {
             inflight_slots: 0,
             next_slot: 1,
             peers: Vec::new(),
+            rejoining: Vec::new(),
         }
     }
 
@@ -201,6 +248,39 @@ mod tests {
                 .to_string()
                 .starts_with("rejoining after a lost disk: waiting for members 2, 3 to report"),
             "{waiting}"
+        );
+        let mut lost = status(Role::Follower, None);
+        lost.rejoining = vec![3];
+        let join = Some(JoinProgress::WaitingFor(vec![2, 3]));
+        let waiting = Waiting::of(2, &lost, join.clone(), &members, &two).expect("waits");
+        assert!(
+            waiting.to_string().starts_with(
+                "no leader can be elected: members 2, 3 lost their disks and are rejoining"
+            ),
+            "{waiting}"
+        );
+        let waiting = Waiting::of(1, &lost, None, &members, &two).expect("waits");
+        assert!(
+            matches!(waiting, Waiting::Electing { .. }),
+            "one rejoining member of three leaves a majority: {waiting}"
+        );
+        lost.rejoining = vec![2, 3];
+        let waiting = Waiting::of(1, &lost, None, &members, &two).expect("waits");
+        assert!(
+            waiting.to_string().contains(
+                "members 2, 3 lost their disks and are rejoining, and a rejoining member votes \
+                 only once every other member has told it what it may have forgotten; 1 of the \
+                 3 members remember the log and electing a leader needs 2"
+            ),
+            "{waiting}"
+        );
+        let led_while_rejoining = Status {
+            leader: Some(1),
+            ..lost.clone()
+        };
+        assert_eq!(
+            Waiting::of(1, &led_while_rejoining, None, &members, &two),
+            None
         );
         let later = Waiting::RejoinReports { members: vec![3] };
         assert!(!waiting.same_kind(&later));
