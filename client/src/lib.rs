@@ -124,6 +124,10 @@ pub use synod_proto::{
 };
 pub use watch::{StateStream, Watch, WatchStream};
 
+/// How long, by default, a session that failed over stays away from its
+/// home replica ([`ClientBuilder::rebalance_after_ms`]).
+pub const DEFAULT_REBALANCE_AFTER_MS: u64 = 60_000;
+
 /// A small blocking facade over [`Client`] for programs that do not run
 /// tokio: it owns a runtime with one worker thread for the session.
 pub mod blocking {
@@ -219,6 +223,7 @@ pub struct ClientBuilder {
     frame_bytes_max: u64,
     retry: RetryPolicy,
     local_address: Option<std::net::IpAddr>,
+    rebalance_after_ms: u64,
 }
 
 impl Default for ClientBuilder {
@@ -232,6 +237,7 @@ impl Default for ClientBuilder {
             frame_bytes_max: synod_proto::wire::DEFAULT_MAX_FRAME_BYTES,
             retry: RetryPolicy::default(),
             local_address: None,
+            rebalance_after_ms: DEFAULT_REBALANCE_AFTER_MS,
         }
     }
 }
@@ -288,6 +294,24 @@ impl ClientBuilder {
     /// ```
     pub fn session_timeout_ms(mut self, timeout_ms: u64) -> Self {
         self.session_timeout_ms = timeout_ms;
+        self
+    }
+
+    /// How long a session that failed over stays away from the replica
+    /// that opened it (its home: the first endpoint that answered) before
+    /// it moves back, once home answers again; 0 keeps it where it is.
+    /// Without this, every failover gathers sessions on the replicas that
+    /// survived, until one fault stops them all. Moving is a resume: no
+    /// request, watch or lock is lost, and requests in flight are sent
+    /// again. Default 60 s, and up to half as long again, at random, so
+    /// that sessions that failed over together do not move back together.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder().rebalance_after_ms(30_000);
+    /// # let _ = builder;
+    /// ```
+    pub fn rebalance_after_ms(mut self, after_ms: u64) -> Self {
+        self.rebalance_after_ms = after_ms;
         self
     }
 
@@ -365,6 +389,8 @@ impl ClientBuilder {
             request_timeout_ms: self.request_timeout_ms,
             frame_bytes_max: self.frame_bytes_max,
             retry: self.retry,
+            rebalance_after: (self.rebalance_after_ms > 0)
+                .then(|| Duration::from_millis(self.rebalance_after_ms)),
         };
         let calls = session::start(settings, shared.clone()).await?;
         let session = match *shared.state.borrow() {

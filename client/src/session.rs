@@ -32,7 +32,9 @@
 //! at or below what was already delivered are dropped, so subscribers see
 //! each event exactly once, in order.
 
+use std::collections::hash_map::RandomState;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -147,6 +149,9 @@ pub(crate) struct SessionSettings {
     pub request_timeout_ms: u64,
     pub frame_bytes_max: u64,
     pub retry: RetryPolicy,
+    /// How long a session stays away from its home replica before it
+    /// moves back, if home answers; `None`: it stays where it is.
+    pub rebalance_after: Option<Duration>,
 }
 
 /// Bound on calls queued for the session task.
@@ -290,6 +295,8 @@ pub(crate) async fn start(
                         watches: BTreeMap::new(),
                         status_waiters: VecDeque::new(),
                         endpoint_index: index,
+                        home_index: index,
+                        away_since: None,
                         last_confirmed: Instant::now(),
                         confirm_ping: None,
                         unavailable_in_a_row: 0,
@@ -403,12 +410,22 @@ struct SessionTask {
     /// Status requests in flight, in order; `None` for the task's own pings.
     status_waiters: VecDeque<(Option<StatusReply>, Instant)>,
     endpoint_index: usize,
+    /// The endpoint that opened the session: after a failover the session
+    /// moves back to it (see [`SessionSettings::rebalance_after`]), so that
+    /// sessions do not all end up on the one replica that survived the
+    /// last faults.
+    home_index: usize,
+    /// Since when the session has been served away from home.
+    away_since: Option<Instant>,
     /// When the last request the cluster confirmed was sent.
     last_confirmed: Instant,
     /// The sequence of the confirm ping in flight.
     confirm_ping: Option<u64>,
     unavailable_in_a_row: u32,
 }
+
+/// A look at whether the home replica answers again.
+type HomeProbe = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Link, String>> + Send>>;
 
 enum Exit {
     Closed,
@@ -479,6 +496,17 @@ impl SessionTask {
     /// find it.
     fn give_up_at(&self) -> Instant {
         self.session_deadline() + Duration::from_millis(self.timeout_ms.max(2000))
+    }
+
+    /// When a session away from home should see whether home answers
+    /// again: `rebalance_after` after it left (or after the last look), and
+    /// up to half as long again, so that the sessions that failed over
+    /// together do not all move back at the same moment.
+    fn home_probe_due(&self) -> Option<Instant> {
+        let after = self.settings.rebalance_after?;
+        let since = self.away_since?;
+        let spread = RandomState::new().build_hasher().finish() % 500;
+        Some(since + after + after * spread as u32 / 1000)
     }
 
     async fn run(mut self, mut link: Link, mut calls: mpsc::Receiver<Call>) {
@@ -634,6 +662,8 @@ impl SessionTask {
     }
 
     async fn serve(&mut self, link: &mut Link, calls: &mut mpsc::Receiver<Call>) -> Exit {
+        let mut probe_due = self.home_probe_due();
+        let mut home_probe: Option<HomeProbe> = None;
         let mut ping = tokio::time::interval(self.ping_interval());
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut housekeeping = tokio::time::interval(Duration::from_millis(50));
@@ -676,7 +706,41 @@ impl SessionTask {
                         }
                     }
                 }
+                probed = async { home_probe.as_mut().expect("guarded by the condition").await },
+                    if home_probe.is_some() =>
+                {
+                    home_probe = None;
+                    match probed {
+                        Ok(home) => {
+                            home.connection.close(0u32.into(), b"only looking");
+                            tracing::info!(
+                                session = self.session,
+                                from = link.node_id,
+                                to = home.node_id,
+                                "moving the session back to its home replica"
+                            );
+                            // The reconnection tries home first.
+                            let count = self.settings.endpoints.len().max(1);
+                            self.endpoint_index = (self.home_index + count - 1) % count;
+                            return Exit::Disconnected;
+                        }
+                        Err(error) => {
+                            tracing::debug!(session = self.session, %error, "home replica still away");
+                            self.away_since = Some(Instant::now());
+                            probe_due = self.home_probe_due();
+                        }
+                    }
+                }
                 _ = housekeeping.tick() => {
+                    if home_probe.is_none() && probe_due.is_some_and(|due| Instant::now() >= due) {
+                        probe_due = None;
+                        let settings = self.settings.clone();
+                        let (address, name) = settings.endpoints[self.home_index].clone();
+                        let within = dial_timeout(&settings);
+                        home_probe = Some(Box::pin(async move {
+                            dial(&settings, address, &name, within).await
+                        }));
+                    }
                     self.expire_requests();
                     let stuck = self
                         .confirm_ping
@@ -923,6 +987,11 @@ impl SessionTask {
                             // resume point moves only as they arrive.
                             self.confirmed(sent_at);
                             self.unavailable_in_a_row = 0;
+                            self.away_since = if self.endpoint_index == self.home_index {
+                                None
+                            } else {
+                                Some(Instant::now())
+                            };
                             tracing::info!(
                                 session = self.session,
                                 node = link.node_id,

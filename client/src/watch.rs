@@ -203,7 +203,8 @@ impl WatchStream {
         &self.registration.path
     }
 
-    /// Every change after this revision is delivered.
+    /// Every change after this revision is delivered, and none at or
+    /// before it (a read at this revision already shows those).
     ///
     /// ```no_run
     /// # async fn example(client: &synod_client::Client) -> synod_client::Result<()> {
@@ -235,7 +236,11 @@ impl WatchStream {
             &mut self.state,
             &self.registration.path,
             self.registration.kind,
-            0,
+            // Changes the replica sent between registering the watch and
+            // answering the read that fixed `after` are older than the
+            // stream's start: a caller that read the state at `after`
+            // must not see them again.
+            self.after,
         )
         .await
     }

@@ -7,7 +7,8 @@
 //! replicas; that a watcher that missed more events than the replicas keep
 //! is told so with a `HistoryCompacted` event (never a silent gap) and its
 //! watch goes on; and that one-shot data, exists and children watches fire
-//! on the events ZooKeeper's would, once.
+//! on the events ZooKeeper's would, once; and that a watch stream yields
+//! no change from at or before its starting revision.
 
 mod support;
 
@@ -240,4 +241,52 @@ async fn a_watcher_that_missed_more_than_the_history_is_told_to_re_read() {
         (event.event_type, event.revision),
         (EventType::NodeDataChanged, next.modified_revision)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_stream_delivers_nothing_from_before_its_revision() {
+    init_logging();
+    let cluster = ProcessCluster::start().await;
+    let writer = cluster.client(0, 3000).await;
+    // At a follower, the read that fixes the stream's revision waits for
+    // the leader, while changes made meanwhile reach the new watch.
+    let leader = cluster.leader(&writer).await.expect("a leader");
+    let watcher = cluster.client((leader + 1) % 3, 3000).await;
+    writer
+        .create("/busy", b"", CreateMode::Persistent)
+        .await
+        .expect("create");
+    // Several writers, so the follower applies changes in bursts.
+    let writing: Vec<_> = (0..4)
+        .map(|_| {
+            let writer = writer.clone();
+            tokio::spawn(async move {
+                for i in 0..5_000u32 {
+                    if writer
+                        .set("/busy", i.to_string().as_bytes(), None)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    for attempt in 0..100 {
+        let mut stream = watcher.watch("/busy").await.expect("watch");
+        let first = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("an event");
+        assert!(
+            first.revision > stream.revision(),
+            "attempt {attempt}: the stream from revision {} delivered a change of revision {}",
+            stream.revision(),
+            first.revision
+        );
+    }
+    for writer in writing {
+        writer.abort();
+    }
 }

@@ -107,6 +107,7 @@ pub fn render(
     fault_counts: &BTreeMap<&'static str, u32>,
     expiry_ms: &[u64],
     caught_up: Option<Duration>,
+    sessions_by_replica: &BTreeMap<u64, usize>,
 ) -> String {
     let mut out = String::new();
     let faults: Vec<&str> = options.faults.iter().map(|kind| kind.name()).collect();
@@ -197,6 +198,17 @@ pub fn render(
             out,
             "dead clients' sessions expired after {median} ms (median), {max} ms (max); timeout {} ms",
             crate::run::SESSION_TIMEOUT_MS
+        );
+    }
+    if !sessions_by_replica.is_empty() {
+        let spread: Vec<String> = sessions_by_replica
+            .iter()
+            .map(|(replica, count)| format!("{replica}: {count}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "workers' sessions by replica once the faults healed: {}",
+            spread.join(", ")
         );
     }
     if let Some(caught_up) = caught_up {

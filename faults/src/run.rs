@@ -326,7 +326,12 @@ pub async fn run(options: &RunOptions) -> Result<RunResult> {
     recorder.fault("heal", "every fault healed".into());
     drop(nemesis);
     let leader_after_heal = cluster.wait_for_leader(Duration::from_secs(30)).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Long enough for sessions that failed over to move back home.
+    tokio::time::sleep(Duration::from_millis(
+        workload::REBALANCE_AFTER_MS * 3 / 2 + 1000,
+    ))
+    .await;
+    let sessions_by_replica = sessions_by_replica(&attachments);
     let _ = stop_sender.send(true);
     for task in tasks {
         if tokio::time::timeout(Duration::from_secs(20), task)
@@ -424,9 +429,22 @@ pub async fn run(options: &RunOptions) -> Result<RunResult> {
         &fault_counts,
         &expiry.figures,
         caught_up,
+        &sessions_by_replica,
     );
     std::fs::write(options.dir.join("report.txt"), &report)?;
     Ok(RunResult { verdicts, report })
+}
+
+/// How many of the workers' sessions each replica serves now.
+fn sessions_by_replica(attachments: &workload::Attachments) -> BTreeMap<u64, usize> {
+    let mut counts = BTreeMap::new();
+    let clients = attachments.lock().unwrap_or_else(|e| e.into_inner());
+    for client in clients.values() {
+        if let synod_client::SessionState::Connected { node_id, .. } = *client.state().borrow() {
+            *counts.entry(node_id).or_default() += 1;
+        }
+    }
+    counts
 }
 
 async fn connect_retrying(

@@ -76,10 +76,16 @@ impl ClientSettings {
             .session_timeout_ms(self.session_timeout_ms)
             .request_timeout_ms(self.request_timeout_ms)
             .consistency(self.consistency)
+            .rebalance_after_ms(REBALANCE_AFTER_MS)
             .connect()
             .await
     }
 }
+
+/// How long a session that failed over stays away from its home replica:
+/// short, so that sessions spread again between faults (and moving back is
+/// itself exercised under faults).
+pub const REBALANCE_AFTER_MS: u64 = 4_000;
 
 /// The clients each worker uses now, so the nemesis can find the replica
 /// a client is attached to.
