@@ -187,4 +187,62 @@ mod tests {
         config.clock_drift_margin_ms = 1000;
         assert!(config.validate().is_err());
     }
+
+    fn field_refused(config: &Config) -> Option<&'static str> {
+        match config.validate() {
+            Err(ConfigError::Invalid { field, .. }) => Some(field),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn each_bound_is_checked_at_its_edge() {
+        let defaults = Config::new(1, 7);
+        let mut config = defaults.clone();
+        config.heartbeat_interval_ms = config.lease_ms / 2;
+        assert_eq!(field_refused(&config), None, "half the lease is allowed");
+        config.heartbeat_interval_ms += 1;
+        assert_eq!(field_refused(&config), Some("heartbeat_interval_ms"));
+
+        let mut config = defaults.clone();
+        config.election_timeout_min_ms = config.lease_ms;
+        assert_eq!(field_refused(&config), None, "a timeout of one lease");
+        config.election_timeout_min_ms -= 1;
+        assert_eq!(field_refused(&config), Some("election_timeout_min_ms"));
+
+        let mut config = defaults.clone();
+        config.election_timeout_max_ms = config.election_timeout_min_ms;
+        assert_eq!(field_refused(&config), Some("election_timeout_max_ms"));
+        config.election_timeout_max_ms += 1;
+        assert_eq!(field_refused(&config), None);
+
+        let mut config = defaults.clone();
+        config.clock_drift_margin_ms = config.lease_ms - 1;
+        assert_eq!(field_refused(&config), None);
+        config.clock_drift_margin_ms += 1;
+        assert_eq!(field_refused(&config), Some("clock_drift_margin_ms"));
+    }
+
+    #[test]
+    fn every_count_and_interval_must_be_positive() {
+        type ZeroIt = fn(&mut Config);
+        let setters: [(&str, ZeroIt); 11] = [
+            ("heartbeat_interval_ms", |c| c.heartbeat_interval_ms = 0),
+            ("lease_ms", |c| c.lease_ms = 0),
+            ("retransmit_interval_ms", |c| c.retransmit_interval_ms = 0),
+            ("catch_up_retry_ms", |c| c.catch_up_retry_ms = 0),
+            ("read_timeout_ms", |c| c.read_timeout_ms = 0),
+            ("max_inflight_slots", |c| c.max_inflight_slots = 0),
+            ("max_commands_per_slot", |c| c.max_commands_per_slot = 0),
+            ("max_slot_bytes", |c| c.max_slot_bytes = 0),
+            ("max_slots_per_message", |c| c.max_slots_per_message = 0),
+            ("max_pending_commands", |c| c.max_pending_commands = 0),
+            ("max_pending_reads", |c| c.max_pending_reads = 0),
+        ];
+        for (field, set_zero) in setters {
+            let mut config = Config::new(1, 7);
+            set_zero(&mut config);
+            assert_eq!(field_refused(&config), Some(field));
+        }
+    }
 }

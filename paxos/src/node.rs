@@ -1,5 +1,8 @@
 //! The replica's core: acceptor, proposer and learner in one deterministic
-//! state machine.
+//! state machine. Its invariants are checked after every input
+//! ([`invariants`]).
+
+mod invariants;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::mem;
@@ -571,6 +574,7 @@ impl Node {
             Some(mem::replace(&mut self.building, next))
         };
         let chosen = self.release_chosen();
+        self.check_invariants();
         Ready {
             persist,
             messages: mem::take(&mut self.outbox),
@@ -603,6 +607,7 @@ impl Node {
             }
         }
         self.drain_loopback();
+        self.check_invariants();
     }
 
     /// Advances time: heartbeats, retransmissions, elections, timeouts.
@@ -620,6 +625,7 @@ impl Node {
         }
         self.expire_reads();
         self.drain_loopback();
+        self.check_invariants();
     }
 
     /// Handles a message from a peer. Messages from non-members and
@@ -634,6 +640,7 @@ impl Node {
         }
         self.handle(envelope.from, envelope.message);
         self.drain_loopback();
+        self.check_invariants();
     }
 
     /// Proposes commands. At the leader they queue for the next slots; at a
@@ -701,6 +708,7 @@ impl Node {
             self.reads_out.push(ReadOutcome::Aborted { id });
         }
         self.drain_loopback();
+        self.check_invariants();
     }
 
     /// Reports that the state machine's effects are durable through slot
@@ -716,6 +724,7 @@ impl Node {
         self.log = self.log.split_off(&new_start);
         self.log_start = new_start;
         self.building.compact_below = Some(new_start);
+        self.check_invariants();
     }
 
     /// Reports that the caller installed, durably, a snapshot of the state
@@ -754,6 +763,7 @@ impl Node {
         }
         self.check_join_complete();
         self.drain_loopback();
+        self.check_invariants();
     }
 
     // ----- Plumbing -----
@@ -2541,5 +2551,109 @@ mod tests {
         );
         leader.persisted(3002, batch.id);
         assert_eq!(leader.chosen_through(), 1);
+    }
+
+    #[test]
+    fn messages_misaddressed_from_itself_or_from_strangers_are_ignored() {
+        let mut follower = node(2, 0);
+        follower.ready();
+        let heartbeat = Message::Heartbeat(Heartbeat {
+            ballot: Ballot::new(1, 1),
+            chosen_through: 0,
+            sequence: 1,
+        });
+        for (from, to) in [(1, 3), (2, 2), (9, 2)] {
+            let message = heartbeat.clone();
+            follower.step(5000, Envelope { from, to, message });
+            assert!(!follower.has_ready(), "{from}->{to} was not ignored");
+            assert_eq!(follower.leader(), None);
+        }
+        deliver(&mut follower, 5000, 1, heartbeat);
+        assert_eq!(follower.leader(), Some(1));
+        assert!(follower.has_ready(), "the acknowledgement is due");
+    }
+
+    #[test]
+    fn a_proposal_that_would_overflow_the_leaders_queue_is_handed_back() {
+        let mut leader = elected_leader(3000);
+        leader.config.max_pending_commands = 4;
+        let five: Vec<Command> = (0..5u8).map(|i| Command::from(vec![i])).collect();
+        assert_eq!(
+            leader.propose(3000, five.clone()),
+            Err(ProposeError::Overloaded(five.clone()))
+        );
+        assert_eq!(leader.propose(3000, five[..4].to_vec()), Ok(()));
+        assert_eq!(leader.status().pending_commands, 4);
+        assert_eq!(
+            leader.propose(3000, five[4..].to_vec()),
+            Err(ProposeError::Overloaded(five[4..].to_vec()))
+        );
+    }
+
+    #[test]
+    fn a_forwarded_read_is_aborted_at_its_deadline_and_not_before() {
+        let mut follower = node(2, 0);
+        follower.ready();
+        let heartbeat = Heartbeat {
+            ballot: Ballot::new(1, 1),
+            chosen_through: 0,
+            sequence: 1,
+        };
+        deliver(&mut follower, 5000, 1, Message::Heartbeat(heartbeat));
+        follower.ready();
+        // Shorter than the election timeout, which would abort it anyway.
+        follower.config.read_timeout_ms = 500;
+        follower.read(5000, 42);
+        let ready = follower.ready();
+        assert!(matches!(
+            messages(&ready).as_slice(),
+            [Message::ReadIndex(_)]
+        ));
+        let deadline = 5000 + follower.config.read_timeout_ms;
+        follower.tick(deadline - 1);
+        assert!(
+            follower.ready().reads.is_empty(),
+            "aborted before its deadline"
+        );
+        follower.tick(deadline);
+        assert_eq!(
+            follower.ready().reads,
+            vec![ReadOutcome::Aborted { id: 42 }],
+            "a read with no answer is aborted at its deadline"
+        );
+    }
+
+    #[test]
+    fn a_replica_that_lost_its_disk_reports_whom_it_waits_for() {
+        let membership = Membership::new(&[1, 2, 3]).expect("membership");
+        let fresh = node(3, 0);
+        assert!(!fresh.is_joining());
+        assert_eq!(fresh.join_progress(), None);
+        let state = DurableState::rejoin(membership);
+        let mut joining = Node::new(Config::new(3, 1), state, 0, 0).expect("node");
+        assert!(joining.is_joining());
+        assert_eq!(
+            joining.join_progress(),
+            Some(JoinProgress::WaitingFor(vec![1, 2]))
+        );
+        let reply = JoinProbeReply {
+            promised: Ballot::new(2, 1),
+            highest_accepted_slot: 4,
+            chosen_through: 3,
+        };
+        deliver(&mut joining, 10, 2, Message::JoinProbeReply(reply.clone()));
+        assert_eq!(
+            joining.join_progress(),
+            Some(JoinProgress::WaitingFor(vec![1]))
+        );
+        deliver(&mut joining, 10, 1, Message::JoinProbeReply(reply));
+        assert_eq!(
+            joining.join_progress(),
+            Some(JoinProgress::CatchingUp {
+                slot: 4,
+                chosen_through: 0
+            })
+        );
+        assert_eq!(joining.promised(), Ballot::new(2, 1));
     }
 }

@@ -16,6 +16,9 @@
 //! - `propose NODE CMD...`: propose commands at a node.
 //! - `read NODE ID`: ask a node for a linearizable read.
 //! - `partition A.. | B..`: cut every link between the two groups; `heal`.
+//! - `hold FROM TO [KIND]`: keep messages on that one link (only those of
+//!   that kind, such as `Chosen`, if given) in the network, so they arrive
+//!   late; `release FROM TO` delivers them on the next pass.
 //! - `crash NODE`, `restart NODE`: lose volatile state, start again from disk.
 //! - `lose-disk NODE`: after a crash, the disk is gone: the replica restarts
 //!   empty and rejoins.
@@ -41,6 +44,9 @@ struct Harness {
     membership: Membership,
     in_flight: VecDeque<Envelope>,
     blocked: BTreeSet<(u64, u64)>,
+    /// Links (and message kinds, if given) whose messages are held.
+    holding: BTreeSet<(u64, u64, Option<String>)>,
+    held: Vec<Envelope>,
     now_ms: u64,
 }
 
@@ -160,6 +166,8 @@ impl Harness {
             membership: membership.clone(),
             in_flight: VecDeque::new(),
             blocked: BTreeSet::new(),
+            holding: BTreeSet::new(),
+            held: Vec::new(),
             now_ms: 0,
         };
         for _ in &ids {
@@ -225,6 +233,9 @@ impl Harness {
             }
             if let Some(below) = batch.compact_below {
                 parts.push(format!("compact<{below}"));
+            }
+            if let Some(membership) = &batch.membership {
+                parts.push(format!("members={:?}", membership.members()));
             }
             let _ = writeln!(out, "{id}: persist {}", parts.join(" "));
             self.replicas[index].durable.apply(batch);
@@ -311,6 +322,18 @@ impl Harness {
                     let _ = writeln!(out, "{}->{} dropped", envelope.from, envelope.to);
                     continue;
                 }
+                let kind = message(&envelope.message)
+                    .split_whitespace()
+                    .next()
+                    .map(str::to_owned);
+                let link = (envelope.from, envelope.to);
+                if self.holding.contains(&(link.0, link.1, None))
+                    || self.holding.contains(&(link.0, link.1, kind))
+                {
+                    let _ = writeln!(out, "{}->{} held", envelope.from, envelope.to);
+                    self.held.push(envelope);
+                    continue;
+                }
                 let now = self.now_ms;
                 if let Some(core) = self.replicas[(envelope.to - 1) as usize].core.as_mut() {
                     core.step(now, envelope);
@@ -336,6 +359,34 @@ impl Harness {
                         core.log_start(),
                         core.has_lease(self.now_ms),
                     );
+                    // The rest of what the core reports about itself.
+                    let status = core.status();
+                    let mut detail = format!("   known={}", status.known_chosen_through);
+                    if core.has_lease(self.now_ms) {
+                        let _ = write!(detail, " lease<{}", core.lease_until_ms());
+                    }
+                    if status.role == synod_paxos::Role::Leader {
+                        let peers: Vec<String> = status
+                            .peers
+                            .iter()
+                            .map(|p| format!("{}:{}@{}", p.id, p.chosen_through, p.last_heard_ms))
+                            .collect();
+                        let _ = write!(
+                            detail,
+                            " pending={} inflight={} next={} peers=[{}]",
+                            status.pending_commands,
+                            status.inflight_slots,
+                            status.next_slot,
+                            peers.join(" ")
+                        );
+                    }
+                    if !status.rejoining.is_empty() {
+                        let _ = write!(detail, " rejoining={:?}", status.rejoining);
+                    }
+                    if let Some(progress) = core.join_progress() {
+                        let _ = write!(detail, " joining={progress:?}");
+                    }
+                    let _ = writeln!(out, "{detail}");
                 }
                 None => {
                     let _ = writeln!(out, "{}: down", index + 1);
@@ -403,6 +454,19 @@ impl Harness {
                 }
             }
             "heal" => self.blocked.clear(),
+            "hold" => {
+                let kind = words.get(3).map(|kind| kind.to_string());
+                self.holding.insert((number(1), number(2), kind));
+            }
+            "release" => {
+                let link = (number(1), number(2));
+                self.holding.retain(|(from, to, _)| (*from, *to) != link);
+                let (released, kept) = std::mem::take(&mut self.held)
+                    .into_iter()
+                    .partition(|e: &Envelope| (e.from, e.to) == link);
+                self.held = kept;
+                self.in_flight.extend(released);
+            }
             "crash" => {
                 let id = number(1);
                 self.replicas[(id - 1) as usize].core = None;
@@ -532,4 +596,9 @@ fn rejoin_after_disk_loss() {
 #[test]
 fn read_forwarded_to_a_replaced_leader() {
     scenario("read_forwarded_to_a_replaced_leader");
+}
+
+#[test]
+fn late_catch_up_reply_at_a_new_leader() {
+    scenario("late_catch_up_reply_at_a_new_leader");
 }

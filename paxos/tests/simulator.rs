@@ -2,7 +2,7 @@
 //! `sim/mod.rs` for the faults and the invariants checked after each event).
 //!
 //! Each test runs the seeds of one mix: seed `s` belongs to mix
-//! `s % 7`. By default 14,000 seeds run in all (2,000 per mix); `SYNOD_SIM_SEEDS=N` runs the
+//! `s % 8`. By default 16,000 seeds run in all (2,000 per mix); `SYNOD_SIM_SEEDS=N` runs the
 //! first `N` seeds instead (the soak), and `SYNOD_SEED=s` replays exactly one.
 //! A failing run prints its seed. `SYNOD_SIM_KEEP_GOING=1` runs every seed and
 //! counts the failures instead of stopping at the first.
@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use sim::{run_seed, Report, MIXES};
 
-const DEFAULT_SEEDS: u64 = 14_000;
+const DEFAULT_SEEDS: u64 = 16_000;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -69,7 +69,7 @@ fn run_mix(mix_index: u64) {
         seed += mixes;
     }
     println!(
-        "{:?}: {runs} seeds in {:.1?}: {} events, {} slots chosen, {} commands, {} reads, {} crashes ({} disks lost), {} snapshots, {} elections; {} failed {:?}",
+        "{:?}: {runs} seeds in {:.1?}: {} events, {} slots chosen, {} commands, {} reads, {} crashes ({} disks lost), {} snapshots, {} elections; after the heal, commands chosen within {} ms and reads answered within {} ms; {} failed {:?}",
         MIXES[mix_index as usize],
         started.elapsed(),
         sum.events,
@@ -80,6 +80,8 @@ fn run_mix(mix_index: u64) {
         sum.disk_losses,
         sum.snapshots,
         sum.elections,
+        sum.max_command_wait_after_heal_us / 1000,
+        sum.max_read_wait_after_heal_us / 1000,
         failures.len(),
         &failures[..failures.len().min(20)],
     );
@@ -95,6 +97,12 @@ fn add(sum: &mut Report, report: &Report) {
     sum.snapshots += report.snapshots;
     sum.elections += report.elections;
     sum.disk_losses += report.disk_losses;
+    sum.max_command_wait_after_heal_us = sum
+        .max_command_wait_after_heal_us
+        .max(report.max_command_wait_after_heal_us);
+    sum.max_read_wait_after_heal_us = sum
+        .max_read_wait_after_heal_us
+        .max(report.max_read_wait_after_heal_us);
 }
 
 #[test]
@@ -130,4 +138,9 @@ fn chaos() {
 #[test]
 fn crashes_between_write_and_sync() {
     run_mix(6);
+}
+
+#[test]
+fn elections_with_promisers_ahead() {
+    run_mix(7);
 }

@@ -12,6 +12,13 @@
 //! heals, and the liveness phase requires a leader, every pending proposal
 //! chosen and every replica caught up within a bounded virtual time.
 //!
+//! Liveness is also required of each request once the faults healed: every
+//! command outstanding at the heal or proposed after it is chosen within
+//! [`COMMAND_BOUND_US`] of the later of the two, and every read (forwarded
+//! ones included) is served or explicitly aborted within
+//! [`READ_BOUND_US`]. Once the cluster has settled, a read at every replica
+//! must be served, not aborted.
+//!
 //! Checked after every event:
 //! - one value per slot: a value is chosen when a majority durably accepted
 //!   it under one ballot, and no slot ever has two chosen values (nor one
@@ -40,7 +47,7 @@ use synod_paxos::{
 };
 
 /// The fault mixes; a seed picks one as `seed % MIXES.len()`.
-pub const MIXES: [Mix; 7] = [
+pub const MIXES: [Mix; 8] = [
     Mix::Lossy,
     Mix::Crashes,
     Mix::Partitions,
@@ -48,6 +55,7 @@ pub const MIXES: [Mix; 7] = [
     Mix::Snapshots,
     Mix::Chaos,
     Mix::Durability,
+    Mix::Elections,
 ];
 
 /// Which faults a run injects.
@@ -69,6 +77,12 @@ pub enum Mix {
     /// held for up to a second: an acceptor that forgot an unsynced promise
     /// meets accepts from before it.
     Durability,
+    /// Leadership changes while the promisers are far ahead of the
+    /// candidate: many slots, few per message (so promises leave out chosen
+    /// slots past their limit), logs compacted to a few slots (so promisers
+    /// cannot send what the candidate lacks), one-way cuts and leader
+    /// crashes (so candidates run behind), and catch-up racing compaction.
+    Elections,
 }
 
 /// The parameters of one run, all drawn from its seed.
@@ -94,6 +108,9 @@ pub struct Params {
     pub read_every_us: u64,
     pub max_commands_per_slot: usize,
     pub max_inflight_slots: u64,
+    /// Slots per accept, catch-up reply and promise chunk; a promise carries
+    /// chosen entries only within four such chunks of its first slot.
+    pub max_slots_per_message: usize,
     /// Chance that a message is held in the network for 20 ms or more.
     pub long_delay: f64,
     /// The longest such hold.
@@ -136,6 +153,7 @@ impl Params {
             read_every_us: rng.random_range(5_000..30_000),
             max_commands_per_slot: rng.random_range(1..8),
             max_inflight_slots: rng.random_range(2..32),
+            max_slots_per_message: 8,
             long_delay: 0.0,
             long_delay_max_us: 300_000,
             sync_crash: 0.0,
@@ -202,6 +220,18 @@ impl Params {
                 params.leader_isolation = true;
                 params.retain_slots = rng.random_range(0..40);
             }
+            Mix::Elections => {
+                params.crashes = true;
+                params.partitions = true;
+                params.leader_isolation = true;
+                params.loss = rng.random_range(0.0..0.05);
+                params.long_delay = rng.random_range(0.0..0.05);
+                params.retain_slots = rng.random_range(0..6);
+                params.propose_every_us = rng.random_range(300..2_000);
+                params.max_commands_per_slot = rng.random_range(1..3);
+                params.max_slots_per_message = rng.random_range(1..4);
+                params.sync_crash = rng.random_range(0.0..0.02);
+            }
         }
         params
     }
@@ -221,7 +251,7 @@ impl Params {
         config.read_timeout_ms = 1_000;
         config.max_inflight_slots = self.max_inflight_slots;
         config.max_commands_per_slot = self.max_commands_per_slot;
-        config.max_slots_per_message = 8;
+        config.max_slots_per_message = self.max_slots_per_message;
         config.log_retain_slots = self.retain_slots;
         config
     }
@@ -247,6 +277,10 @@ enum Event {
     Propose,
     Retry,
     Read,
+    /// A read at a settled cluster, at one replica.
+    Probe {
+        node: usize,
+    },
     Fault,
     Restart {
         node: usize,
@@ -294,7 +328,18 @@ struct SimNode {
     clock: Clock,
     lease_believed_until_us: f64,
     snapshot_in_flight: bool,
-    reads: HashMap<u64, Slot>,
+    reads: HashMap<u64, PendingRead>,
+}
+
+/// A read a simulated client is waiting for.
+#[derive(Clone, Copy, Debug)]
+struct PendingRead {
+    /// Every slot known chosen anywhere when the read began: its index must
+    /// cover it.
+    required: Slot,
+    issued_us: u64,
+    /// A read of the settled cluster, which must be served.
+    probe: bool,
 }
 
 /// The outcome of a run, for the test's summary line.
@@ -308,6 +353,11 @@ pub struct Report {
     pub snapshots: u64,
     pub elections: u64,
     pub disk_losses: u64,
+    /// The longest a command waited to be chosen, counted from the heal or
+    /// its proposal, whichever was later.
+    pub max_command_wait_after_heal_us: u64,
+    /// The longest a read waited for its outcome, counted likewise.
+    pub max_read_wait_after_heal_us: u64,
 }
 
 pub struct Simulation {
@@ -337,7 +387,16 @@ pub struct Simulation {
     disk_lost: bool,
     max_known_chosen: Slot,
     next_command: u64,
-    pending_commands: BTreeMap<u64, u64>,
+    /// Commands not chosen yet: when last proposed, and when first.
+    pending_commands: BTreeMap<u64, (u64, u64)>,
+    /// When the faults healed.
+    healed_at_us: u64,
+    /// Once every command is chosen and every replica caught up: the probe
+    /// reads are out and no other reads are issued.
+    settled: bool,
+    /// Probe reads served, per replica.
+    probes_served: Vec<bool>,
+    probe_attempts: u64,
     commands_chosen: HashSet<u64>,
     next_read: u64,
     report: Report,
@@ -349,6 +408,19 @@ const TICK_US: u64 = 5_000;
 const MAX_OUTSTANDING_COMMANDS: usize = 64;
 /// A client proposes a command again when it has not been chosen this long.
 const RETRY_AFTER_US: u64 = 400_000;
+/// Once faults heal, a command is chosen within this long of the heal or of
+/// its proposal: a lease and the restart window for acceptors to promise
+/// again, elections (pre-vote and phase 1) that may collide a few times,
+/// a rejoining replica's catch-up, and a client's retry interval.
+pub const COMMAND_BOUND_US: u64 = 3_000_000;
+/// Once faults heal, a read is served or aborted within this long of the
+/// heal or of its start: reads carry a 1 s deadline (on clocks up to 10%
+/// slow), except those waiting for a new leader's barrier, which an elected
+/// leader chooses within an election.
+pub const READ_BOUND_US: u64 = 2_000_000;
+/// A read at a settled cluster that is aborted is asked again this many
+/// times before the replica counts as unable to serve reads.
+const PROBE_ATTEMPTS: u64 = 20;
 
 impl Simulation {
     pub fn new(params: Params) -> Simulation {
@@ -410,6 +482,10 @@ impl Simulation {
             max_known_chosen: 0,
             next_command: 1,
             pending_commands: BTreeMap::new(),
+            healed_at_us: u64::MAX,
+            settled: false,
+            probes_served: Vec::new(),
+            probe_attempts: 0,
             commands_chosen: HashSet::new(),
             next_read: 1,
             report: Report::default(),
@@ -660,7 +736,13 @@ impl Simulation {
                     if self.commands_chosen.insert(id) {
                         self.report.commands_chosen += 1;
                     }
-                    self.pending_commands.remove(&id);
+                    if let Some((_, first)) = self.pending_commands.remove(&id) {
+                        if self.healed {
+                            let waited = self.now_us - first.max(self.healed_at_us);
+                            let longest = &mut self.report.max_command_wait_after_heal_us;
+                            *longest = (*longest).max(waited);
+                        }
+                    }
                 }
             }
             if let Some(membership) = Membership::from_value(&entry.value) {
@@ -674,19 +756,45 @@ impl Simulation {
             }
         }
         for outcome in reads {
+            let id = match outcome {
+                ReadOutcome::Ready { id, .. } | ReadOutcome::Aborted { id } => id,
+            };
+            if let Some(read) = self.nodes[index].reads.get(&id) {
+                if self.healed {
+                    let waited = self.now_us - read.issued_us.max(self.healed_at_us);
+                    let longest = &mut self.report.max_read_wait_after_heal_us;
+                    *longest = (*longest).max(waited);
+                }
+            }
             if let ReadOutcome::Ready { id, read_index } = outcome {
-                if let Some(required) = self.nodes[index].reads.remove(&id) {
-                    if read_index < required {
+                if let Some(read) = self.nodes[index].reads.remove(&id) {
+                    if read_index < read.required {
                         let message = format!(
-                            "read {id} at node {} got index {read_index} but slot {required} was known chosen when it began",
-                            index + 1
+                            "read {id} at node {} got index {read_index} but slot {} was known chosen when it began",
+                            index + 1,
+                            read.required
                         );
                         self.fail(&message);
                     }
                     self.report.reads_served += 1;
+                    if read.probe {
+                        self.probes_served[index] = true;
+                    }
                 }
             } else if let ReadOutcome::Aborted { id } = outcome {
-                self.nodes[index].reads.remove(&id);
+                let read = self.nodes[index].reads.remove(&id);
+                if read.is_some_and(|read| read.probe) {
+                    self.probe_attempts += 1;
+                    if self.probe_attempts > PROBE_ATTEMPTS * self.nodes.len() as u64 {
+                        let message = format!(
+                            "node {} aborts every read of the settled cluster ({} probes aborted)",
+                            index + 1,
+                            self.probe_attempts
+                        );
+                        self.fail(&message);
+                    }
+                    self.schedule(self.now_us + 50_000, Event::Probe { node: index });
+                }
             }
         }
         if let Some(request) = snapshot {
@@ -913,7 +1021,7 @@ impl Simulation {
                     for _ in 0..count {
                         let id = self.next_command;
                         self.next_command += 1;
-                        self.pending_commands.insert(id, self.now_us);
+                        self.pending_commands.insert(id, (self.now_us, self.now_us));
                         ids.push(id);
                     }
                     self.propose_to(index, ids);
@@ -927,10 +1035,11 @@ impl Simulation {
             Event::Retry => {
                 // A client re-proposes commands not chosen after a while, to
                 // the leader a live replica names, or to any live replica.
+                self.check_request_bounds();
                 let stale: Vec<u64> = self
                     .pending_commands
                     .iter()
-                    .filter(|(_, &since)| since + RETRY_AFTER_US <= self.now_us)
+                    .filter(|(_, &(since, _))| since + RETRY_AFTER_US <= self.now_us)
                     .map(|(&id, _)| id)
                     .take(32)
                     .collect();
@@ -945,29 +1054,27 @@ impl Simulation {
                         .filter(|&leader| self.nodes[leader].core.is_some())
                         .unwrap_or(asked);
                     for id in &stale {
-                        self.pending_commands.insert(*id, self.now_us);
+                        if let Some((since, _)) = self.pending_commands.get_mut(id) {
+                            *since = self.now_us;
+                        }
                     }
                     self.propose_to(target, stale);
                 }
                 self.schedule(self.now_us + 50_000, Event::Retry);
             }
             Event::Read => {
+                if self.settled {
+                    return;
+                }
                 let live = self.live_nodes();
                 if !live.is_empty() {
                     let index = live[self.rng.random_range(0..live.len())];
-                    let id = self.next_read;
-                    self.next_read += 1;
-                    let required = self.max_known_chosen;
-                    self.nodes[index].reads.insert(id, required);
-                    let now_ms = self.nodes[index].clock.local_ms(self.now_us);
-                    if let Some(core) = self.nodes[index].core.as_mut() {
-                        core.read(now_ms, id);
-                        self.drain(index);
-                    }
+                    self.issue_read(index, false);
                 }
                 let next = self.now_us + self.rng.random_range(1..=2 * self.params.read_every_us);
                 self.schedule(next, Event::Read);
             }
+            Event::Probe { node } => self.issue_read(node, true),
             Event::Fault => {
                 if self.healed {
                     return;
@@ -993,6 +1100,7 @@ impl Simulation {
             }
             Event::Heal => {
                 self.healed = true;
+                self.healed_at_us = self.now_us;
                 self.blocked.clear();
                 self.loss = 0.0;
                 self.duplicate = 0.0;
@@ -1000,6 +1108,57 @@ impl Simulation {
                     if self.nodes[index].core.is_none() {
                         self.start_node(index);
                     }
+                }
+            }
+        }
+    }
+
+    fn issue_read(&mut self, index: usize, probe: bool) {
+        let id = self.next_read;
+        self.next_read += 1;
+        let read = PendingRead {
+            required: self.max_known_chosen,
+            issued_us: self.now_us,
+            probe,
+        };
+        self.nodes[index].reads.insert(id, read);
+        let now_ms = self.nodes[index].clock.local_ms(self.now_us);
+        if let Some(core) = self.nodes[index].core.as_mut() {
+            core.read(now_ms, id);
+            self.drain(index);
+        }
+    }
+
+    /// Once faults healed, every command and every read is answered in time
+    /// (see [`COMMAND_BOUND_US`] and [`READ_BOUND_US`]).
+    fn check_request_bounds(&self) {
+        if !self.healed {
+            return;
+        }
+        let now = self.now_us;
+        for (&id, &(_, first)) in &self.pending_commands {
+            let from = first.max(self.healed_at_us);
+            if now > from + COMMAND_BOUND_US {
+                let message = format!(
+                    "command {id}, first proposed at {first} us, not chosen {} ms after the heal at {} us or its proposal",
+                    (now - from) / 1000,
+                    self.healed_at_us
+                );
+                self.fail(&message);
+            }
+        }
+        for (index, node) in self.nodes.iter().enumerate() {
+            for (&id, read) in &node.reads {
+                let from = read.issued_us.max(self.healed_at_us);
+                if now > from + READ_BOUND_US {
+                    let message = format!(
+                        "read {id} at node {}, issued at {} us, neither served nor aborted {} ms after the heal at {} us or its start",
+                        index + 1,
+                        read.issued_us,
+                        (now - from) / 1000,
+                        self.healed_at_us
+                    );
+                    self.fail(&message);
                 }
             }
         }
@@ -1130,12 +1289,24 @@ impl Simulation {
                     // One fresh command after healing must be chosen too.
                     let id = self.next_command;
                     self.next_command += 1;
-                    self.pending_commands.insert(id, 0);
+                    self.pending_commands.insert(id, (0, self.now_us));
                     probe = Some(id);
                 }
                 if self.pending_commands.is_empty() && self.caught_up() {
-                    self.report.elections = self.leaders_seen.len() as u64;
-                    return self.report;
+                    if !self.settled {
+                        // Settled: every replica must now serve a read.
+                        self.settled = true;
+                        self.probes_served = vec![false; self.nodes.len()];
+                        for index in 0..self.nodes.len() {
+                            self.issue_read(index, true);
+                        }
+                    }
+                    let reads_done = self.nodes.iter().all(|node| node.reads.is_empty());
+                    if reads_done && self.probes_served.iter().all(|&served| served) {
+                        self.check_request_bounds();
+                        self.report.elections = self.leaders_seen.len() as u64;
+                        return self.report;
+                    }
                 }
             }
         }
@@ -1152,12 +1323,14 @@ impl Simulation {
                 )
             })
             .collect();
+        let reads: usize = self.nodes.iter().map(|node| node.reads.len()).sum();
         let message = format!(
-            "no progress within {} ms after healing: leader {:?}, {} commands pending (first {:?}), max chosen {}\n  {}",
+            "no progress within {} ms after healing: leader {:?}, {} commands pending (first {:?}), {reads} reads unanswered, probe reads served {:?}, max chosen {}\n  {}",
             self.params.liveness_ms,
             leader.map(|l| l + 1),
             self.pending_commands.len(),
             self.pending_commands.keys().next(),
+            self.probes_served,
             self.max_known_chosen,
             behind.join("\n  ")
         );
