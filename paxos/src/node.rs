@@ -2656,4 +2656,86 @@ mod tests {
         );
         assert_eq!(joining.promised(), Ballot::new(2, 1));
     }
+
+    /// An acceptor that accepted slots 1..=24 under ballot 1.1 from replica
+    /// 1 and learned 1..=20 chosen, its persists all durable.
+    fn acceptor_with_chosen_prefix(now: u64) -> Node {
+        let mut acceptor = node(2, 0);
+        acceptor.ready();
+        let ballot = Ballot::new(1, 1);
+        let values = (1..=24).map(|i| commands(&[&format!("c{i}")])).collect();
+        let accept = Accept {
+            ballot,
+            first_slot: 1,
+            values,
+            chosen_through: 0,
+        };
+        deliver(&mut acceptor, now, 1, Message::Accept(accept));
+        let commit = Commit {
+            ballot,
+            chosen_through: 20,
+        };
+        deliver(&mut acceptor, now, 1, Message::Commit(commit));
+        let id = acceptor.ready().persist.expect("accepted and chosen").id;
+        acceptor.persisted(now, id);
+        acceptor.ready();
+        assert_eq!(acceptor.chosen_through(), 20);
+        acceptor
+    }
+
+    #[test]
+    fn a_promise_carries_chosen_entries_only_within_four_chunks_of_its_first_slot() {
+        let mut acceptor = acceptor_with_chosen_prefix(5000);
+        acceptor.config.max_slots_per_message = 2;
+        let ballot = Ballot::new(2, 3);
+        let prepare = Prepare {
+            ballot,
+            from_slot: 3,
+        };
+        deliver(&mut acceptor, 5000, 3, Message::Prepare(prepare));
+        let id = acceptor.ready().persist.expect("the promise").id;
+        acceptor.persisted(5000, id);
+        let ready = acceptor.ready();
+        let promise = match messages(&ready).as_slice() {
+            [Message::Promise(promise)] => promise.clone(),
+            other => panic!("expected one promise, got {other:?}"),
+        };
+        let slots: Vec<Slot> = promise.entries.iter().map(|e| e.slot).collect();
+        // Chosen slots 3..=10 (four chunks of two from slot 3), none of the
+        // chosen 11..=20, and every slot accepted past the chosen prefix.
+        let expected: Vec<Slot> = (3..=10).chain(21..=24).collect();
+        assert_eq!(slots, expected);
+        assert_eq!(promise.chosen_through, 20);
+        assert!(promise
+            .entries
+            .iter()
+            .all(|e| e.ballot == Ballot::new(1, 1)));
+    }
+
+    #[test]
+    fn a_catch_up_request_is_sent_once_per_retry_interval() {
+        let mut follower = node(2, 0);
+        follower.ready();
+        let ballot = Ballot::new(1, 1);
+        let catch_ups = |follower: &mut Node| {
+            messages(&follower.ready())
+                .into_iter()
+                .filter(|m| matches!(m, Message::CatchUp(CatchUp { from_slot: 1 })))
+                .count()
+        };
+        let commit = |chosen_through| {
+            Message::Commit(Commit {
+                ballot,
+                chosen_through,
+            })
+        };
+        deliver(&mut follower, 5000, 1, commit(5));
+        assert_eq!(catch_ups(&mut follower), 1, "behind: asks the leader");
+        let retry = follower.config.catch_up_retry_ms;
+        deliver(&mut follower, 5000 + retry - 1, 1, commit(6));
+        follower.tick(5000 + retry - 1);
+        assert_eq!(catch_ups(&mut follower), 0, "asked already");
+        follower.tick(5000 + retry);
+        assert_eq!(catch_ups(&mut follower), 1, "no answer: asks again");
+    }
 }
