@@ -105,24 +105,9 @@ fn busy_state() -> StateMachine {
     state
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for byte in bytes {
-        crc ^= u32::from(*byte);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                0xEDB8_8320 ^ (crc >> 1)
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 fn reseal(bytes: &mut [u8]) {
     let end = bytes.len() - 4;
-    let checksum = crc32(&bytes[..end]).to_le_bytes();
+    let checksum = crc32fast::hash(&bytes[..end]).to_le_bytes();
     bytes[end..].copy_from_slice(&checksum);
 }
 

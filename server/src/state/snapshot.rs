@@ -169,7 +169,7 @@ impl StateMachine {
         bytes.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
         bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
         bytes.extend_from_slice(&body);
-        let checksum = crc32(&bytes);
+        let checksum = crc32fast::hash(&bytes);
         bytes.extend_from_slice(&checksum.to_le_bytes());
         bytes
     }
@@ -206,7 +206,7 @@ impl StateMachine {
         }
         let (covered, stored) = bytes.split_at(bytes.len() - CHECKSUM_BYTES);
         let stored = u32::from_le_bytes([stored[0], stored[1], stored[2], stored[3]]);
-        let computed = crc32(covered);
+        let computed = crc32fast::hash(covered);
         if stored != computed {
             return Err(SnapshotError::ChecksumMismatch { stored, computed });
         }
@@ -355,42 +355,9 @@ fn read_u64(bytes: &[u8]) -> u64 {
     u64::from_le_bytes(buffer)
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as in zlib), table-driven.
-fn crc32(bytes: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut table = [0u32; 256];
-        let mut index = 0;
-        while index < 256 {
-            let mut value = index as u32;
-            let mut bit = 0;
-            while bit < 8 {
-                value = if value & 1 != 0 {
-                    0xEDB8_8320 ^ (value >> 1)
-                } else {
-                    value >> 1
-                };
-                bit += 1;
-            }
-            table[index] = value;
-            index += 1;
-        }
-        table
-    };
-    let mut crc = !0u32;
-    for byte in bytes {
-        crc = TABLE[((crc ^ u32::from(*byte)) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-    }
 
     #[test]
     fn empty_state_round_trips() {
@@ -452,7 +419,7 @@ mod tests {
         v1.extend_from_slice(&1u64.to_le_bytes());
         v1.extend_from_slice(&(body.len() as u64).to_le_bytes());
         v1.extend_from_slice(&body);
-        let checksum = crc32(&v1);
+        let checksum = crc32fast::hash(&v1);
         v1.extend_from_slice(&checksum.to_le_bytes());
         assert!(matches!(
             StateMachine::restore(StateConfig::default(), &v1),
