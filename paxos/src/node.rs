@@ -224,7 +224,6 @@ struct Leader {
     acked_sequence: Vec<u64>,
     last_heard_ms: Vec<u64>,
     peer_chosen_through: Vec<Slot>,
-    elected_at_ms: u64,
     lease_until_ms: u64,
     reads_waiting_barrier: Vec<Reader>,
     reads_waiting_quorum: VecDeque<(u64, Reader, Slot, u64)>,
@@ -547,7 +546,9 @@ impl Node {
 
     // ----- Output -----
 
-    /// Whether [`Node::ready`] would return anything.
+    /// Whether [`Node::ready`] would return anything. (A commit announcement
+    /// falls due only when the chosen prefix advanced, which the batch being
+    /// built records, so it needs no test of its own.)
     pub fn has_ready(&self) -> bool {
         !self.building.is_empty()
             || !self.outbox.is_empty()
@@ -556,7 +557,6 @@ impl Node {
             || self.snapshot_out.is_some()
             || self.chosen_releasable()
             || self.proposals_flushable()
-            || self.commit_announcement_due()
     }
 
     /// Drains every output produced since the last call.
@@ -1201,7 +1201,6 @@ impl Node {
                         .map_or(0, |promise| promise.chosen_through)
                 })
                 .collect(),
-            elected_at_ms: self.now_ms,
             lease_until_ms: 0,
             reads_waiting_barrier: Vec::new(),
             reads_waiting_quorum: VecDeque::new(),
@@ -1423,13 +1422,6 @@ impl Node {
         }
     }
 
-    fn commit_announcement_due(&self) -> bool {
-        match &self.role {
-            RoleState::Leader(leader) => self.chosen_through > leader.announced_chosen_through,
-            _ => false,
-        }
-    }
-
     /// Packs queued commands into new slots, as many per slot as the bounds
     /// allow, while the in-flight window has room.
     fn flush_proposals(&mut self) {
@@ -1578,14 +1570,15 @@ impl Node {
             return;
         };
         // Step down when a majority has not been heard from for a lease: a
-        // partitioned leader stops believing in itself.
+        // partitioned leader stops believing in itself. Every member counts
+        // as heard at the election, so a new leader has a lease's grace.
         let mut heard = 0;
         for (index, &last) in leader.last_heard_ms.iter().enumerate() {
             if (1 << index) == self.self_bit || last + lease_ms > now {
                 heard |= 1 << index;
             }
         }
-        if !self.membership.is_quorum(heard) && now >= leader.elected_at_ms + lease_ms {
+        if !self.membership.is_quorum(heard) {
             self.step_down(None);
             return;
         }
@@ -2398,11 +2391,17 @@ mod tests {
 
     /// Makes node 1 leader at `now` with promises from 2 and 3.
     fn elected_leader(now: u64) -> Node {
-        let mut leader = node(1, 0);
+        elected_leader_with_id(1, now)
+    }
+
+    /// Makes node `id` leader at `now` with the promise of one other member.
+    fn elected_leader_with_id(id: NodeId, now: u64) -> Node {
+        let mut leader = node(id, 0);
         leader.ready();
         leader.tick(now);
         leader.ready();
-        for voter in [2, 3] {
+        let voters: Vec<NodeId> = [1, 2, 3].into_iter().filter(|&v| v != id).collect();
+        for &voter in &voters {
             let reply = PreVoteReply {
                 round: 1,
                 granted: true,
@@ -2420,9 +2419,31 @@ mod tests {
             log_start: 0,
             entries: vec![],
         };
-        deliver(&mut leader, now, 2, Message::Promise(promise));
+        deliver(&mut leader, now, voters[0], Message::Promise(promise));
         assert_eq!(leader.role(), Role::Leader);
         leader
+    }
+
+    /// The values of the accepts a leader's ready sends to member `to`, as
+    /// (first slot, values).
+    fn accepts_to(ready: &Ready, to: NodeId) -> Vec<(Slot, Vec<Value>)> {
+        ready
+            .messages
+            .iter()
+            .filter(|e| e.to == to)
+            .filter_map(|e| match &e.message {
+                Message::Accept(accept) => Some((accept.first_slot, accept.values.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The sequence of the heartbeat in `ready`, if it holds one.
+    fn heartbeat_sequence(ready: &Ready) -> Option<u64> {
+        messages(ready).iter().find_map(|m| match m {
+            Message::Heartbeat(h) => Some(h.sequence),
+            _ => None,
+        })
     }
 
     #[test]
@@ -2737,5 +2758,157 @@ mod tests {
         assert_eq!(catch_ups(&mut follower), 0, "asked already");
         follower.tick(5000 + retry);
         assert_eq!(catch_ups(&mut follower), 1, "no answer: asks again");
+    }
+
+    #[test]
+    fn slots_are_packed_up_to_their_byte_bound() {
+        let mut leader = elected_leader(3000);
+        leader.ready();
+        leader.config.max_slot_bytes = 10;
+        let five = |name: &str| Command::copy_from_slice(format!("{name:5}").as_bytes());
+        let six = |name: &str| Command::copy_from_slice(format!("{name:6}").as_bytes());
+        let big = Command::copy_from_slice(&[b'z'; 12]);
+        let proposed = vec![
+            five("a"),
+            five("b"),
+            five("c"),
+            six("d"),
+            six("e"),
+            big.clone(),
+        ];
+        leader.propose(3000, proposed).expect("leader takes them");
+        let ready = leader.ready();
+        let batch = |commands: Vec<Command>| {
+            Value::Commands(Batch {
+                stamp_ms: 3000,
+                commands: commands.into(),
+            })
+        };
+        // 5 + 5 bytes fit exactly, 6 + 6 do not, and a command larger than
+        // the bound has a slot of its own.
+        let expected = vec![(
+            2,
+            vec![
+                batch(vec![five("a"), five("b")]),
+                batch(vec![five("c")]),
+                batch(vec![six("d")]),
+                batch(vec![six("e")]),
+                batch(vec![big]),
+            ],
+        )];
+        assert_eq!(accepts_to(&ready, 2), expected);
+    }
+
+    #[test]
+    fn accepts_carry_at_most_the_slots_per_message() {
+        let mut leader = elected_leader(3000);
+        leader.ready();
+        leader.config.max_slots_per_message = 2;
+        leader.config.max_commands_per_slot = 1;
+        let proposed = (0..5u8).map(|i| Command::from(vec![i])).collect();
+        leader.propose(3000, proposed).expect("leader takes them");
+        let ready = leader.ready();
+        let ranges: Vec<(Slot, usize)> = accepts_to(&ready, 3)
+            .into_iter()
+            .map(|(first, values)| (first, values.len()))
+            .collect();
+        assert_eq!(ranges, vec![(2, 2), (4, 2), (6, 1)]);
+    }
+
+    #[test]
+    fn a_lease_read_ends_where_the_lease_ends() {
+        let elected_at = 3000;
+        let mut leader = elected_leader(elected_at);
+        let ballot = leader.promised();
+        let ready = leader.ready();
+        let sequence = heartbeat_sequence(&ready).expect("a heartbeat on election");
+        let batch = ready.persist.expect("own acceptance of the no-op").id;
+        let ack = |sequence| {
+            Message::HeartbeatAck(HeartbeatAck {
+                ballot,
+                sequence,
+                chosen_through: 0,
+            })
+        };
+        deliver(&mut leader, elected_at, 2, ack(sequence));
+        // The barrier no-op is chosen once a majority durably accepted it.
+        leader.persisted(elected_at, batch);
+        let accepted = Accepted {
+            ballot,
+            first_slot: 1,
+            count: 1,
+        };
+        deliver(&mut leader, elected_at, 2, Message::Accepted(accepted));
+        leader.ready();
+        let end = leader.lease_until_ms();
+        leader.read(end - 1, 1);
+        assert_eq!(
+            leader.ready().reads,
+            vec![ReadOutcome::Ready {
+                id: 1,
+                read_index: 1
+            }],
+            "served by the lease"
+        );
+        leader.read(end, 2);
+        assert!(
+            leader.ready().reads.is_empty(),
+            "the lease has ended: a round first"
+        );
+        leader.tick(end);
+        let sequence = heartbeat_sequence(&leader.ready()).expect("a heartbeat for the read");
+        deliver(&mut leader, end, 3, ack(sequence));
+        assert_eq!(
+            leader.ready().reads,
+            vec![ReadOutcome::Ready {
+                id: 2,
+                read_index: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn a_leader_heard_by_a_majority_keeps_leading_and_steps_down_a_lease_after_the_last() {
+        let mut leader = elected_leader(3000);
+        let ballot = leader.promised();
+        let mut now = 3000;
+        let mut last_ack = now;
+        while now < 3000 + 5 * LEASE_MS {
+            now += 50;
+            leader.tick(now);
+            if let Some(sequence) = heartbeat_sequence(&leader.ready()) {
+                let ack = HeartbeatAck {
+                    ballot,
+                    sequence,
+                    chosen_through: 0,
+                };
+                deliver(&mut leader, now, 2, Message::HeartbeatAck(ack));
+                last_ack = now;
+            }
+            assert_eq!(leader.role(), Role::Leader, "stepped down at {now} ms");
+        }
+        leader.tick(last_ack + LEASE_MS - 1);
+        assert_eq!(leader.role(), Role::Leader);
+        leader.tick(last_ack + LEASE_MS);
+        assert_eq!(leader.role(), Role::Follower, "nobody heard for a lease");
+    }
+
+    #[test]
+    fn a_leader_resumed_after_a_pause_counts_itself_heard() {
+        // Paused past its lease, the leader hears one member before its next
+        // tick: with itself that is a majority, although its own last
+        // heartbeat is a lease old.
+        let mut leader = elected_leader_with_id(2, 3000);
+        let ballot = leader.promised();
+        let sequence = heartbeat_sequence(&leader.ready()).expect("a heartbeat on election");
+        let resumed = 3000 + LEASE_MS + 500;
+        let ack = HeartbeatAck {
+            ballot,
+            sequence,
+            chosen_through: 0,
+        };
+        deliver(&mut leader, resumed, 1, Message::HeartbeatAck(ack));
+        leader.tick(resumed);
+        assert_eq!(leader.role(), Role::Leader);
     }
 }

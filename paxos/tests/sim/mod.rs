@@ -17,7 +17,8 @@
 //! [`COMMAND_BOUND_US`] of the later of the two, and every read (forwarded
 //! ones included) is served or explicitly aborted within
 //! [`READ_BOUND_US`]. Once the cluster has settled, a read at every replica
-//! must be served, not aborted.
+//! must be served, not aborted, and then the leader must keep leading, with
+//! its lease, for [`STABLE_US`] without any replica starting an election.
 //!
 //! Checked after every event:
 //! - one value per slot: a value is chosen when a majority durably accepted
@@ -396,6 +397,9 @@ pub struct Simulation {
     settled: bool,
     /// Probe reads served, per replica.
     probes_served: Vec<bool>,
+    /// Once the probes are served: the leader's ballot and when the run
+    /// ends, if leadership stays put until then.
+    stable: Option<(Ballot, u64)>,
     probe_attempts: u64,
     commands_chosen: HashSet<u64>,
     next_read: u64,
@@ -418,6 +422,10 @@ pub const COMMAND_BOUND_US: u64 = 3_000_000;
 /// slow), except those waiting for a new leader's barrier, which an elected
 /// leader chooses within an election.
 pub const READ_BOUND_US: u64 = 2_000_000;
+/// How long a settled cluster's leader must keep leading, with its lease:
+/// a few leases, so that a leader that stops renewing its lease, or a
+/// follower that stops hearing heartbeats, shows.
+pub const STABLE_US: u64 = 600_000;
 /// A read at a settled cluster that is aborted is asked again this many
 /// times before the replica counts as unable to serve reads.
 const PROBE_ATTEMPTS: u64 = 20;
@@ -486,6 +494,7 @@ impl Simulation {
             settled: false,
             probes_served: Vec::new(),
             probe_attempts: 0,
+            stable: None,
             commands_chosen: HashSet::new(),
             next_read: 1,
             report: Report::default(),
@@ -1164,6 +1173,42 @@ impl Simulation {
         }
     }
 
+    /// In a settled cluster nobody campaigns and the leader leads under
+    /// `ballot`; at the end (`with_lease`), it holds its lease.
+    fn check_stable_leadership(&self, ballot: Ballot, with_lease: bool) {
+        for (index, node) in self.nodes.iter().enumerate() {
+            let Some(core) = node.core.as_ref() else {
+                continue;
+            };
+            let role = core.role();
+            if matches!(role, Role::PreCandidate | Role::Candidate) {
+                let message = format!(
+                    "node {} became {role:?} in a settled cluster led under {ballot}",
+                    index + 1
+                );
+                self.fail(&message);
+            }
+            if role == Role::Leader {
+                let local_now = node.clock.local_ms(self.now_us);
+                let lease = core.has_lease(local_now);
+                if core.promised() != ballot || (with_lease && !lease) {
+                    let message = format!(
+                        "node {} leads under {} (lease {}) in a cluster settled under {ballot}",
+                        index + 1,
+                        core.promised(),
+                        lease
+                    );
+                    self.fail(&message);
+                }
+            }
+        }
+        if self.current_leader().is_none() {
+            self.fail(&format!(
+                "the leader under {ballot} stepped down in a settled cluster"
+            ));
+        }
+    }
+
     fn current_leader(&self) -> Option<usize> {
         (0..self.nodes.len()).find(|&i| {
             self.nodes[i]
@@ -1303,9 +1348,25 @@ impl Simulation {
                     }
                     let reads_done = self.nodes.iter().all(|node| node.reads.is_empty());
                     if reads_done && self.probes_served.iter().all(|&served| served) {
-                        self.check_request_bounds();
-                        self.report.elections = self.leaders_seen.len() as u64;
-                        return self.report;
+                        match self.stable {
+                            None => {
+                                let Some(leader) = self.current_leader() else {
+                                    self.fail("no leader once the probe reads were served");
+                                };
+                                let ballot = self.nodes[leader].core.as_ref().map(Node::promised);
+                                let ballot = ballot.unwrap_or(Ballot::ZERO);
+                                self.stable = Some((ballot, self.now_us + STABLE_US));
+                            }
+                            Some((ballot, until)) => {
+                                let at_end = self.now_us >= until;
+                                self.check_stable_leadership(ballot, at_end);
+                                if at_end {
+                                    self.check_request_bounds();
+                                    self.report.elections = self.leaders_seen.len() as u64;
+                                    return self.report;
+                                }
+                            }
+                        }
                     }
                 }
             }
