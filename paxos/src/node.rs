@@ -1990,7 +1990,6 @@ impl Node {
         let now = self.now_ms;
         let retry = self.config.catch_up_retry_ms;
         let nudge_every = self.config.election_timeout_min_ms;
-        let chosen_through = self.chosen_through;
         let leader = self.leader_hint.filter(|&l| l != self.id());
         let Some(joining) = self.joining.as_mut() else {
             return;
@@ -2010,8 +2009,10 @@ impl Node {
                 .collect();
         }
         let mut nudge = None;
-        if let (Some((_, slot)), Some(leader)) = (joining.target, leader) {
-            if chosen_through < slot && now >= joining.last_nudge_ms + nudge_every {
+        if let (Some(_), Some(leader)) = (joining.target, leader) {
+            // The prefix is short of the target (or the join would be
+            // complete): see the invariants.
+            if now >= joining.last_nudge_ms + nudge_every {
                 // Slots some member accepted but nobody chose yet: an empty
                 // command makes the leader fill the log past them.
                 joining.last_nudge_ms = now;
@@ -2910,5 +2911,131 @@ mod tests {
         deliver(&mut leader, resumed, 1, Message::HeartbeatAck(ack));
         leader.tick(resumed);
         assert_eq!(leader.role(), Role::Leader);
+    }
+
+    #[test]
+    fn missing_acknowledgements_are_resent_in_runs_once_per_interval() {
+        let mut leader = elected_leader(3000);
+        leader.ready();
+        leader.config.max_commands_per_slot = 1;
+        let proposed = (0..3u8).map(|i| Command::from(vec![i])).collect();
+        leader.propose(3000, proposed).expect("leader takes them");
+        leader.ready();
+        let retransmit = leader.config.retransmit_interval_ms;
+        leader.tick(3000 + retransmit - 1);
+        assert!(accepts_to(&leader.ready(), 2).is_empty(), "too early");
+        let resent_at = 3000 + retransmit;
+        leader.tick(resent_at);
+        let resent: Vec<(Slot, usize)> = accepts_to(&leader.ready(), 2)
+            .into_iter()
+            .map(|(first, values)| (first, values.len()))
+            .collect();
+        assert_eq!(resent, vec![(1, 4)], "the no-op and the three, in one run");
+        leader.tick(resent_at + retransmit - 1);
+        assert!(accepts_to(&leader.ready(), 2).is_empty(), "resent once");
+        leader.tick(resent_at + retransmit);
+        assert_eq!(accepts_to(&leader.ready(), 2).len(), 1, "the next interval");
+    }
+
+    #[test]
+    fn a_catch_up_reply_carries_at_most_the_slots_per_message() {
+        let mut peer = acceptor_with_chosen_prefix(5000);
+        peer.config.max_slots_per_message = 4;
+        deliver(
+            &mut peer,
+            5000,
+            3,
+            Message::CatchUp(CatchUp { from_slot: 2 }),
+        );
+        let sent = messages(&peer.ready());
+        let [Message::Chosen(reply)] = sent.as_slice() else {
+            panic!("expected one reply, got {sent:?}");
+        };
+        assert_eq!(reply.first_slot, 2);
+        assert_eq!(reply.values.len(), 4);
+        assert_eq!(reply.chosen_through, 20);
+        deliver(
+            &mut peer,
+            5000,
+            3,
+            Message::CatchUp(CatchUp { from_slot: 19 }),
+        );
+        let sent = messages(&peer.ready());
+        let [Message::Chosen(reply)] = sent.as_slice() else {
+            panic!("expected one reply, got {sent:?}");
+        };
+        assert_eq!(reply.values.len(), 2, "only chosen slots, through 20");
+    }
+
+    #[test]
+    fn a_read_waiting_for_the_leaders_index_completes_once_chosen_or_at_its_deadline() {
+        let mut follower = node(2, 0);
+        follower.ready();
+        follower.config.read_timeout_ms = 500;
+        let ballot = Ballot::new(1, 1);
+        let heartbeat = Heartbeat {
+            ballot,
+            chosen_through: 0,
+            sequence: 1,
+        };
+        deliver(&mut follower, 5000, 1, Message::Heartbeat(heartbeat));
+        follower.ready();
+        let forward_read = |follower: &mut Node, at, id| {
+            follower.read(at, id);
+            let ready = follower.ready();
+            match messages(&ready).as_slice() {
+                [Message::ReadIndex(ReadIndex { request })] => *request,
+                other => panic!("expected a read index request, got {other:?}"),
+            }
+        };
+        let first = forward_read(&mut follower, 5000, 1);
+        let second = forward_read(&mut follower, 5000, 2);
+        for request in [first, second] {
+            let reply = ReadIndexReply {
+                request,
+                read_index: Some(1),
+            };
+            deliver(&mut follower, 5010, 1, Message::ReadIndexReply(reply));
+        }
+        assert!(
+            follower.ready().reads.is_empty(),
+            "slot 1 is not chosen here yet"
+        );
+        // Slot 1 arrives and is announced chosen: both reads complete.
+        let accept = Accept {
+            ballot,
+            first_slot: 1,
+            values: vec![Value::Noop],
+            chosen_through: 1,
+        };
+        deliver(&mut follower, 5020, 1, Message::Accept(accept));
+        assert_eq!(
+            follower.ready().reads,
+            vec![
+                ReadOutcome::Ready {
+                    id: 1,
+                    read_index: 1
+                },
+                ReadOutcome::Ready {
+                    id: 2,
+                    read_index: 1
+                }
+            ]
+        );
+        // A read whose index never arrives here is aborted at its deadline.
+        let third = forward_read(&mut follower, 5030, 3);
+        let reply = ReadIndexReply {
+            request: third,
+            read_index: Some(9),
+        };
+        deliver(&mut follower, 5040, 1, Message::ReadIndexReply(reply));
+        follower.ready();
+        follower.tick(5030 + 500 - 1);
+        assert!(
+            follower.ready().reads.is_empty(),
+            "aborted before its deadline"
+        );
+        follower.tick(5030 + 500);
+        assert_eq!(follower.ready().reads, vec![ReadOutcome::Aborted { id: 3 }]);
     }
 }

@@ -64,17 +64,6 @@ impl Value {
             Value::Noop | Value::Membership(_) => 0,
         }
     }
-
-    /// Approximate encoded size, used to bound batches and messages.
-    pub fn size_bytes(&self) -> usize {
-        match self {
-            Value::Noop => 1,
-            Value::Commands(batch) => {
-                batch.commands.iter().map(|c| c.len() + 4).sum::<usize>() + 12
-            }
-            Value::Membership(members) => members.len() * 8 + 4,
-        }
-    }
 }
 
 /// Client commands packed into one slot by the leader, with the leader's

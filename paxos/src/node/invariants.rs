@@ -54,11 +54,18 @@ impl Node {
             self.lease_granted_until_ms,
             self.now_ms
         );
-        if self.joining.is_some() {
+        if let Some(joining) = &self.joining {
             assert!(
                 matches!(self.role, RoleState::Follower),
                 "a rejoining replica stands for election"
             );
+            if let Some((_, slot)) = joining.target {
+                assert!(
+                    self.chosen_through < slot,
+                    "still rejoining with the chosen prefix at {} past its target {slot}",
+                    self.chosen_through
+                );
+            }
         }
         match &self.role {
             RoleState::Follower | RoleState::PreCandidate(_) => {}
