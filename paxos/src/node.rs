@@ -589,12 +589,11 @@ impl Node {
 
     /// Reports that every persist batch up to `id` is durable. Messages that
     /// waited for them are released, and the leader counts its own
-    /// acceptances.
+    /// acceptances. An `id` past the last batch handed out counts as that
+    /// batch: a batch not yet handed out cannot be durable.
     pub fn persisted(&mut self, now_ms: u64, id: u64) {
         self.advance_clock(now_ms);
-        let issued = self.building.id - 1;
-        debug_assert!(id <= issued, "persisted({id}) but only {issued} issued");
-        let id = id.min(issued);
+        let id = id.min(self.last_issued_batch());
         if id <= self.durable_through {
             return;
         }
@@ -665,8 +664,9 @@ impl Node {
                 leader.pending.extend(commands);
                 Ok(())
             }
+            // Only a leader names itself (see the invariants).
             _ => match self.leader_hint {
-                Some(leader) if leader != self.id() => {
+                Some(leader) => {
                     self.send(
                         leader,
                         Message::Forward(Forward {
@@ -1692,10 +1692,10 @@ impl Node {
         }
         leader.last_heard_ms[index] = now;
         leader.peer_chosen_through[index] = message.chosen_through;
-        if message.sequence > leader.acked_sequence[index] {
-            leader.acked_sequence[index] = message.sequence;
-            self.update_quorum_sequence();
-        }
+        // Acknowledgements may arrive out of order; a stale one changes
+        // nothing below (the recount is idempotent).
+        leader.acked_sequence[index] = leader.acked_sequence[index].max(message.sequence);
+        self.update_quorum_sequence();
     }
 
     /// Recomputes the highest heartbeat a majority acknowledged, extends the
@@ -3037,5 +3037,189 @@ mod tests {
         );
         follower.tick(5030 + 500);
         assert_eq!(follower.ready().reads, vec![ReadOutcome::Aborted { id: 3 }]);
+    }
+
+    #[test]
+    fn a_batch_not_yet_handed_out_is_never_durable() {
+        let mut acceptor = node(2, 0);
+        acceptor.ready();
+        let prepare = |round| {
+            Message::Prepare(Prepare {
+                ballot: Ballot::new(round, 1),
+                from_slot: 1,
+            })
+        };
+        deliver(&mut acceptor, 5000, 1, prepare(1));
+        let first = acceptor.ready().persist.expect("the first promise").id;
+        acceptor.persisted(5000, first + 10);
+        assert!(matches!(
+            messages(&acceptor.ready()).as_slice(),
+            [Message::Promise(_)]
+        ));
+        deliver(&mut acceptor, 5000, 1, prepare(2));
+        let ready = acceptor.ready();
+        assert_eq!(
+            ready.persist.as_ref().map(|batch| batch.id),
+            Some(first + 1)
+        );
+        assert!(
+            messages(&ready).is_empty(),
+            "the second promise waits for its own write"
+        );
+    }
+
+    #[test]
+    fn reads_past_the_pending_bound_are_aborted_at_once() {
+        let mut follower = node(2, 0);
+        follower.ready();
+        follower.config.max_pending_reads = 2;
+        let heartbeat = Heartbeat {
+            ballot: Ballot::new(1, 1),
+            chosen_through: 0,
+            sequence: 1,
+        };
+        deliver(&mut follower, 5000, 1, Message::Heartbeat(heartbeat));
+        follower.ready();
+        for id in 1..=3 {
+            follower.read(5000, id);
+        }
+        let ready = follower.ready();
+        assert_eq!(ready.reads, vec![ReadOutcome::Aborted { id: 3 }]);
+        let forwarded = messages(&ready)
+            .iter()
+            .filter(|m| matches!(m, Message::ReadIndex(_)))
+            .count();
+        assert_eq!(forwarded, 2);
+    }
+
+    #[test]
+    fn a_snapshot_with_another_membership_moves_this_replica_to_its_place() {
+        let mut replica = node(3, 0);
+        replica.ready();
+        let membership = Membership::new(&[1, 3, 5]).expect("membership");
+        replica.snapshot_installed(5000, 10, membership.clone());
+        assert_eq!(replica.membership(), &membership);
+        assert_eq!(replica.self_bit, 0b010);
+        assert_eq!(replica.apply_next(), 11);
+        assert_eq!(replica.chosen_through(), 10);
+        assert_eq!(replica.log_start(), 11);
+        let batch = replica
+            .ready()
+            .persist
+            .expect("the new membership is written");
+        assert_eq!(batch.membership, Some(membership));
+        assert_eq!(batch.compact_below, Some(11));
+    }
+
+    #[test]
+    fn only_granted_pre_votes_of_the_current_round_count() {
+        let mut candidate = node(1, 0);
+        candidate.ready();
+        candidate.tick(3000);
+        assert_eq!(candidate.role(), Role::PreCandidate);
+        let round = messages(&candidate.ready())
+            .iter()
+            .find_map(|m| match m {
+                Message::PreVote(pre_vote) => Some(pre_vote.round),
+                _ => None,
+            })
+            .expect("pre-votes asked");
+        let reply = |round, granted| {
+            Message::PreVoteReply(PreVoteReply {
+                round,
+                granted,
+                promised: Ballot::ZERO,
+            })
+        };
+        deliver(&mut candidate, 3001, 2, reply(round, false));
+        assert_eq!(candidate.role(), Role::PreCandidate, "a refusal counted");
+        deliver(&mut candidate, 3001, 3, reply(round + 1, true));
+        assert_eq!(
+            candidate.role(),
+            Role::PreCandidate,
+            "another round counted"
+        );
+        deliver(&mut candidate, 3001, 3, reply(round, true));
+        assert_eq!(candidate.role(), Role::Candidate);
+    }
+
+    #[test]
+    fn an_accept_under_a_higher_ballot_raises_the_promise() {
+        let mut acceptor = node(2, 0);
+        acceptor.ready();
+        let ballot = Ballot::new(3, 1);
+        let accept = Accept {
+            ballot,
+            first_slot: 1,
+            values: vec![Value::Noop],
+            chosen_through: 0,
+        };
+        deliver(&mut acceptor, 5000, 1, Message::Accept(accept));
+        assert_eq!(acceptor.promised(), ballot);
+        let batch = acceptor.ready().persist.expect("the acceptance is written");
+        assert_eq!(batch.promised, Some(ballot), "and the promise with it");
+    }
+
+    #[test]
+    fn a_lease_counts_from_any_of_the_last_64_heartbeats() {
+        let mut leader = elected_leader(3000);
+        leader.config.heartbeat_interval_ms = 10;
+        let ballot = leader.promised();
+        let mut sent = vec![heartbeat_sequence(&leader.ready()).expect("first heartbeat")];
+        let mut now = 3000;
+        while sent.len() < HEARTBEAT_HISTORY {
+            now += 10;
+            leader.tick(now);
+            sent.extend(heartbeat_sequence(&leader.ready()));
+        }
+        assert_eq!(sent.len(), 64);
+        // The oldest of the 64 is still remembered: the lease runs from it.
+        let ack = HeartbeatAck {
+            ballot,
+            sequence: sent[0],
+            chosen_through: 0,
+        };
+        deliver(&mut leader, now, 2, Message::HeartbeatAck(ack));
+        assert_eq!(leader.lease_until_ms(), 3000 + LEASE_MS - MARGIN_MS);
+    }
+
+    #[test]
+    fn a_snapshot_past_a_leaders_window_moves_the_window_past_it() {
+        let mut leader = elected_leader(3000);
+        leader.ready();
+        let membership = leader.membership().clone();
+        leader.snapshot_installed(3000, 10, membership);
+        assert_eq!(leader.chosen_through(), 10);
+        let status = leader.status();
+        assert_eq!((status.inflight_slots, status.next_slot), (0, 11));
+        leader
+            .propose(3000, vec![Command::from_static(b"x")])
+            .expect("leads");
+        let firsts: Vec<Slot> = accepts_to(&leader.ready(), 2)
+            .into_iter()
+            .map(|(first, _)| first)
+            .collect();
+        assert_eq!(firsts, vec![11], "the next command goes past the snapshot");
+    }
+
+    #[test]
+    fn a_snapshot_is_asked_for_only_when_the_log_starts_past_the_next_slot() {
+        let mut follower = acceptor_with_chosen_prefix(5000);
+        let needed = |log_start| {
+            Message::SnapshotNeeded(SnapshotNeeded {
+                log_start,
+                chosen_through: 40,
+            })
+        };
+        deliver(&mut follower, 5000, 1, needed(21));
+        assert_eq!(follower.ready().snapshot, None, "slot 21 is still there");
+        deliver(&mut follower, 5000, 1, needed(22));
+        assert_eq!(
+            follower.ready().snapshot,
+            Some(SnapshotRequest {
+                from: 1,
+                covering_through: 21
+            })
+        );
     }
 }

@@ -67,6 +67,13 @@ impl Node {
                 );
             }
         }
+        if !matches!(self.role, RoleState::Leader(_)) {
+            assert_ne!(
+                self.leader_hint,
+                Some(self.id()),
+                "a follower names itself leader"
+            );
+        }
         match &self.role {
             RoleState::Follower | RoleState::PreCandidate(_) => {}
             RoleState::Candidate(candidate) => {
