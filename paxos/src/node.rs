@@ -694,7 +694,9 @@ impl Node {
         }
         if matches!(self.role, RoleState::Leader(_)) {
             self.leader_read(Reader::Local(id));
-        } else if let Some(leader) = self.leader_hint.filter(|&l| l != self.id()) {
+        } else if let Some(leader) = self.leader_hint {
+            // Not leading, so the leader named is another replica (see the
+            // invariants); likewise below wherever a follower asks its leader.
             let request = self.next_read_request;
             self.next_read_request += 1;
             let deadline = self.now_ms + self.config.read_timeout_ms;
@@ -1795,7 +1797,7 @@ impl Node {
             }
             Some(read_index) => {
                 self.reads_waiting_chosen.push((id, read_index, deadline));
-                if let Some(leader) = self.leader_hint.filter(|&l| l != self.id()) {
+                if let Some(leader) = self.leader_hint {
                     self.announced_chosen_through = self.announced_chosen_through.max(read_index);
                     self.request_catch_up(leader);
                 }
@@ -1876,7 +1878,7 @@ impl Node {
         if self.announced_chosen_through <= self.chosen_through {
             return;
         }
-        if let Some(leader) = self.leader_hint.filter(|&l| l != self.id()) {
+        if let Some(leader) = self.leader_hint {
             self.request_catch_up(leader);
         }
     }
@@ -1990,7 +1992,7 @@ impl Node {
         let now = self.now_ms;
         let retry = self.config.catch_up_retry_ms;
         let nudge_every = self.config.election_timeout_min_ms;
-        let leader = self.leader_hint.filter(|&l| l != self.id());
+        let leader = self.leader_hint;
         let Some(joining) = self.joining.as_mut() else {
             return;
         };
@@ -2585,7 +2587,12 @@ mod tests {
             sequence: 1,
         });
         for (from, to) in [(1, 3), (2, 2), (9, 2)] {
-            let message = heartbeat.clone();
+            // Under the sender's own ballot, which a member would follow.
+            let message = Message::Heartbeat(Heartbeat {
+                ballot: Ballot::new(1, from),
+                chosen_through: 0,
+                sequence: 1,
+            });
             follower.step(5000, Envelope { from, to, message });
             assert!(!follower.has_ready(), "{from}->{to} was not ignored");
             assert_eq!(follower.leader(), None);
@@ -2997,9 +3004,13 @@ mod tests {
             };
             deliver(&mut follower, 5010, 1, Message::ReadIndexReply(reply));
         }
+        let ready = follower.ready();
+        assert!(ready.reads.is_empty(), "slot 1 is not chosen here yet");
         assert!(
-            follower.ready().reads.is_empty(),
-            "slot 1 is not chosen here yet"
+            messages(&ready)
+                .iter()
+                .any(|m| matches!(m, Message::CatchUp(CatchUp { from_slot: 1 }))),
+            "it asks the leader for the slots it lacks at once"
         );
         // Slot 1 arrives and is announced chosen: both reads complete.
         let accept = Accept {
@@ -3220,6 +3231,67 @@ mod tests {
                 from: 1,
                 covering_through: 21
             })
+        );
+    }
+
+    #[test]
+    fn a_leader_read_without_a_lease_is_aborted_at_its_deadline() {
+        let mut leader = elected_leader(3000);
+        leader.ready();
+        leader.config.read_timeout_ms = 500;
+        let ballot = leader.promised();
+        // The barrier no-op is chosen, but no heartbeat was acknowledged.
+        let batch = leader.ready().persist.map_or(0, |batch| batch.id);
+        leader.persisted(3000, batch.max(leader.last_issued_batch()));
+        let accepted = Accepted {
+            ballot,
+            first_slot: 1,
+            count: 1,
+        };
+        deliver(&mut leader, 3000, 2, Message::Accepted(accepted));
+        leader.ready();
+        assert!(!leader.has_lease(3000));
+        leader.read(3000, 5);
+        leader.tick(3499);
+        assert!(
+            leader.ready().reads.is_empty(),
+            "aborted before its deadline"
+        );
+        leader.tick(3500);
+        assert_eq!(leader.ready().reads, vec![ReadOutcome::Aborted { id: 5 }]);
+        assert_eq!(leader.role(), Role::Leader, "aborted, not stepped down");
+    }
+
+    #[test]
+    fn a_rejoining_replica_probes_again_those_that_did_not_answer() {
+        let membership = Membership::new(&[1, 2, 3]).expect("membership");
+        let state = DurableState::rejoin(membership);
+        let mut joining = Node::new(Config::new(3, 1), state, 0, 0).expect("node");
+        joining.ready();
+        let probed = |node: &mut Node| -> Vec<NodeId> {
+            node.ready()
+                .messages
+                .iter()
+                .filter(|e| matches!(e.message, Message::JoinProbe(_)))
+                .map(|e| e.to)
+                .collect()
+        };
+        joining.tick(10);
+        assert_eq!(probed(&mut joining), vec![1, 2]);
+        let reply = JoinProbeReply {
+            promised: Ballot::new(2, 1),
+            highest_accepted_slot: 4,
+            chosen_through: 3,
+        };
+        deliver(&mut joining, 11, 2, Message::JoinProbeReply(reply));
+        let retry = joining.config.catch_up_retry_ms;
+        joining.tick(10 + retry - 1);
+        assert_eq!(probed(&mut joining), Vec::<NodeId>::new(), "too early");
+        joining.tick(10 + retry);
+        assert_eq!(
+            probed(&mut joining),
+            vec![1],
+            "only the one that did not answer"
         );
     }
 }

@@ -175,6 +175,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_membership_round_trips_through_its_log_value() {
+        let members = Membership::new(&[3, 1, 2]).expect("membership");
+        assert_eq!(Membership::from_value(&members.to_value()), Some(members));
+        assert_eq!(Membership::from_value(&Value::Noop), None);
+    }
+
+    #[test]
+    fn only_command_batches_count_commands() {
+        let batch = Value::Commands(Batch {
+            stamp_ms: 0,
+            commands: vec![Command::from_static(b"a"), Command::from_static(b"b")].into(),
+        });
+        assert_eq!(batch.command_count(), 2);
+        assert_eq!(Value::Noop.command_count(), 0);
+        let members = Membership::new(&[1, 2, 3]).expect("membership");
+        assert_eq!(members.to_value().command_count(), 0);
+    }
+
+    #[test]
     fn ballots_order_by_round_then_node() {
         assert!(Ballot::new(1, 9) < Ballot::new(2, 1));
         assert!(Ballot::new(2, 1) < Ballot::new(2, 3));

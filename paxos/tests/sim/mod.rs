@@ -1174,12 +1174,21 @@ impl Simulation {
     }
 
     /// In a settled cluster nobody campaigns and the leader leads under
-    /// `ballot`; at the end (`with_lease`), it holds its lease.
+    /// `ballot`; at the end (`with_lease`), it holds its lease and every
+    /// replica that lost its disk votes again.
     fn check_stable_leadership(&self, ballot: Ballot, with_lease: bool) {
         for (index, node) in self.nodes.iter().enumerate() {
             let Some(core) = node.core.as_ref() else {
                 continue;
             };
+            if with_lease && core.is_joining() {
+                let message = format!(
+                    "node {} is still rejoining, not voting, in a settled cluster: {:?}",
+                    index + 1,
+                    core.join_progress()
+                );
+                self.fail(&message);
+            }
             let role = core.role();
             if matches!(role, Role::PreCandidate | Role::Candidate) {
                 let message = format!(
