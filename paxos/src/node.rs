@@ -1380,19 +1380,7 @@ impl Node {
                 inflight.chosen = true;
             }
         }
-        let before = self.chosen_through;
-        while let Some(front) = leader.inflight.front() {
-            if !front.chosen && leader.inflight_base > self.chosen_through {
-                break;
-            }
-            leader.inflight.pop_front();
-            self.chosen_through = self.chosen_through.max(leader.inflight_base);
-            leader.inflight_base += 1;
-        }
-        if self.chosen_through > before {
-            self.building.chosen_through = Some(self.chosen_through);
-            self.on_leader_chosen_advanced();
-        }
+        self.trim_inflight();
     }
 
     fn on_leader_chosen_advanced(&mut self) {
@@ -1959,18 +1947,32 @@ impl Node {
         self.trim_inflight();
     }
 
-    /// Drops in-flight slots that became chosen by another path (a late
-    /// catch-up reply or a snapshot), keeping the window aligned.
+    /// Drops the front of the leader's in-flight window while it is chosen,
+    /// by a majority's acknowledgements or by another path (a late catch-up
+    /// reply, a snapshot), advancing the chosen prefix over the slots the
+    /// acknowledgements chose, and keeps the window aligned with the prefix.
+    /// A slot a majority acknowledged behind one learned another way is
+    /// taken at once, not at the next acknowledgement (which an idle
+    /// cluster may never send).
     fn trim_inflight(&mut self) {
-        let chosen_through = self.chosen_through;
-        if let RoleState::Leader(leader) = &mut self.role {
-            while leader.inflight_base <= chosen_through && !leader.inflight.is_empty() {
-                leader.inflight.pop_front();
-                leader.inflight_base += 1;
+        let before = self.chosen_through;
+        let RoleState::Leader(leader) = &mut self.role else {
+            return;
+        };
+        while let Some(front) = leader.inflight.front() {
+            if !front.chosen && leader.inflight_base > self.chosen_through {
+                break;
             }
-            leader.inflight_base = leader.inflight_base.max(chosen_through + 1);
-            leader.next_slot = leader.next_slot.max(leader.inflight_base);
+            leader.inflight.pop_front();
+            self.chosen_through = self.chosen_through.max(leader.inflight_base);
+            leader.inflight_base += 1;
         }
+        leader.inflight_base = leader.inflight_base.max(self.chosen_through + 1);
+        leader.next_slot = leader.next_slot.max(leader.inflight_base);
+        if self.chosen_through > before {
+            self.building.chosen_through = Some(self.chosen_through);
+        }
+        self.on_leader_chosen_advanced();
     }
 
     fn on_snapshot_needed(&mut self, from: NodeId, message: SnapshotNeeded) {
@@ -3293,5 +3295,53 @@ mod tests {
             vec![1],
             "only the one that did not answer"
         );
+    }
+
+    #[test]
+    fn a_slot_acknowledged_behind_slots_learned_by_catch_up_is_chosen_at_once() {
+        let mut leader = elected_leader(3000);
+        leader.config.max_commands_per_slot = 1;
+        let ballot = leader.promised();
+        let first = leader
+            .ready()
+            .persist
+            .expect("own acceptance of the no-op")
+            .id;
+        leader.persisted(3000, first);
+        leader.ready();
+        let x = Command::from_static(b"x");
+        leader
+            .propose(3000, vec![x.clone(), Command::from_static(b"y")])
+            .expect("leads");
+        let own = leader
+            .ready()
+            .persist
+            .expect("own acceptance of 2 and 3")
+            .id;
+        leader.persisted(3000, own);
+        leader.ready();
+        // Replica 2 acknowledges slot 3 only: it is chosen, behind 1 and 2.
+        let accepted = Accepted {
+            ballot,
+            first_slot: 3,
+            count: 1,
+        };
+        deliver(&mut leader, 3000, 2, Message::Accepted(accepted));
+        assert_eq!(leader.chosen_through(), 0);
+        // A catch-up reply teaches it slots 1 and 2 chosen.
+        let chosen = Chosen {
+            first_slot: 1,
+            values: vec![
+                Value::Noop,
+                Value::Commands(Batch {
+                    stamp_ms: 3000,
+                    commands: vec![x].into(),
+                }),
+            ],
+            chosen_through: 2,
+        };
+        deliver(&mut leader, 3001, 3, Message::Chosen(chosen));
+        assert_eq!(leader.chosen_through(), 3, "slot 3 was chosen already");
+        assert_eq!(leader.status().inflight_slots, 0);
     }
 }

@@ -325,7 +325,13 @@ struct SimNode {
     durable: DurableState,
     machine: Machine,
     unsynced: VecDeque<Persist>,
-    last_sync_done_us: u64,
+    /// The disk syncs as the replica's log writer does, by group commit:
+    /// one sync at a time, each covering every write issued before it
+    /// started. When the sync under way ends.
+    sync_running_until_us: u64,
+    /// When the sync queued behind it ends: every write issued meanwhile
+    /// joins it.
+    sync_queued_until_us: Option<u64>,
     clock: Clock,
     lease_believed_until_us: f64,
     snapshot_in_flight: bool,
@@ -341,6 +347,27 @@ struct PendingRead {
     issued_us: u64,
     /// A read of the settled cluster, which must be served.
     probe: bool,
+}
+
+impl SimNode {
+    /// When a write issued at `now_us` is durable, if a sync that starts
+    /// now takes `fsync_us`.
+    fn sync_done_for_write_at(&mut self, now_us: u64, fsync_us: u64) -> u64 {
+        if let Some(queued) = self.sync_queued_until_us {
+            if now_us >= self.sync_running_until_us {
+                // The queued sync has started: it runs now.
+                self.sync_running_until_us = queued;
+                self.sync_queued_until_us = None;
+            }
+        }
+        if now_us >= self.sync_running_until_us {
+            self.sync_running_until_us = now_us + fsync_us;
+            return self.sync_running_until_us;
+        }
+        *self
+            .sync_queued_until_us
+            .get_or_insert(self.sync_running_until_us + fsync_us)
+    }
 }
 
 /// The outcome of a run, for the test's summary line.
@@ -459,7 +486,8 @@ impl Simulation {
                 durable,
                 machine,
                 unsynced: VecDeque::new(),
-                last_sync_done_us: 0,
+                sync_running_until_us: 0,
+                sync_queued_until_us: None,
                 clock,
                 lease_believed_until_us: f64::NEG_INFINITY,
                 snapshot_in_flight: false,
@@ -507,6 +535,11 @@ impl Simulation {
     }
 
     fn fail(&self, what: &str) -> ! {
+        if std::env::var("SYNOD_SIM_DUMP").is_ok() {
+            for node in &self.nodes {
+                eprintln!("{:#?}", node.core);
+            }
+        }
         panic!(
             "simulation failed at {} us: {what}\n  replay: SYNOD_SEED={} ({:?}, {} nodes)",
             self.now_us, self.params.seed, self.params.mix, self.params.nodes
@@ -650,11 +683,10 @@ impl Simulation {
             refusals: _,
         } = ready;
         if let Some(batch) = persist {
-            let done = self.now_us.max(self.nodes[index].last_sync_done_us)
-                + self
-                    .rng
-                    .random_range(self.params.fsync_min_us..=self.params.fsync_max_us);
-            self.nodes[index].last_sync_done_us = done;
+            let fsync = self
+                .rng
+                .random_range(self.params.fsync_min_us..=self.params.fsync_max_us);
+            let done = self.nodes[index].sync_done_for_write_at(self.now_us, fsync);
             let incarnation = self.nodes[index].incarnation;
             let id = batch.id;
             let chance = if batch.promised.is_some() {
@@ -1149,9 +1181,10 @@ impl Simulation {
             let from = first.max(self.healed_at_us);
             if now > from + COMMAND_BOUND_US {
                 let message = format!(
-                    "command {id}, first proposed at {first} us, not chosen {} ms after the heal at {} us or its proposal",
+                    "command {id}, first proposed at {first} us, not chosen {} ms after the heal at {} us or its proposal\n  {}",
                     (now - from) / 1000,
-                    self.healed_at_us
+                    self.healed_at_us,
+                    self.replica_states()
                 );
                 self.fail(&message);
             }
@@ -1381,18 +1414,6 @@ impl Simulation {
             }
         }
         let leader = self.current_leader();
-        let behind: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|node| {
-                format!(
-                    "node {}: applied {}, {:?}",
-                    node.id,
-                    node.machine.apply_next,
-                    node.core.as_ref().map(|c| c.status()),
-                )
-            })
-            .collect();
         let reads: usize = self.nodes.iter().map(|node| node.reads.len()).sum();
         let message = format!(
             "no progress within {} ms after healing: leader {:?}, {} commands pending (first {:?}), {reads} reads unanswered, probe reads served {:?}, max chosen {}\n  {}",
@@ -1402,14 +1423,27 @@ impl Simulation {
             self.pending_commands.keys().next(),
             self.probes_served,
             self.max_known_chosen,
-            behind.join("\n  ")
+            self.replica_states()
         );
-        if std::env::var("SYNOD_SIM_DUMP").is_ok() {
-            for node in &self.nodes {
-                eprintln!("{:#?}", node.core);
-            }
-        }
         self.fail(&message);
+    }
+
+    /// One line per replica: what it applied and what its core reports.
+    fn replica_states(&self) -> String {
+        let lines: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|node| {
+                format!(
+                    "node {}: applied {}, {:?}, joining {:?}",
+                    node.id,
+                    node.machine.apply_next,
+                    node.core.as_ref().map(|c| c.status()),
+                    node.core.as_ref().and_then(|c| c.join_progress()),
+                )
+            })
+            .collect();
+        lines.join("\n  ")
     }
 
     fn caught_up(&self) -> bool {
