@@ -1990,7 +1990,8 @@ impl Node {
     /// Asks every member that has not answered yet, and nudges the log
     /// forward when the slots to learn are not chosen yet.
     fn joining_tick(&mut self) {
-        self.election_deadline_ms = self.now_ms + self.config.election_timeout_max_ms;
+        // No election deadline runs while rejoining: the join's completion
+        // starts one.
         let now = self.now_ms;
         let retry = self.config.catch_up_retry_ms;
         let nudge_every = self.config.election_timeout_min_ms;
@@ -2950,29 +2951,18 @@ mod tests {
     fn a_catch_up_reply_carries_at_most_the_slots_per_message() {
         let mut peer = acceptor_with_chosen_prefix(5000);
         peer.config.max_slots_per_message = 4;
-        deliver(
-            &mut peer,
-            5000,
-            3,
-            Message::CatchUp(CatchUp { from_slot: 2 }),
-        );
-        let sent = messages(&peer.ready());
-        let [Message::Chosen(reply)] = sent.as_slice() else {
-            panic!("expected one reply, got {sent:?}");
+        let mut reply_from = |from_slot| {
+            deliver(&mut peer, 5000, 3, Message::CatchUp(CatchUp { from_slot }));
+            match messages(&peer.ready()).as_slice() {
+                [Message::Chosen(reply)] => reply.clone(),
+                other => panic!("expected one reply, got {other:?}"),
+            }
         };
+        let reply = reply_from(2);
         assert_eq!(reply.first_slot, 2);
         assert_eq!(reply.values.len(), 4);
         assert_eq!(reply.chosen_through, 20);
-        deliver(
-            &mut peer,
-            5000,
-            3,
-            Message::CatchUp(CatchUp { from_slot: 19 }),
-        );
-        let sent = messages(&peer.ready());
-        let [Message::Chosen(reply)] = sent.as_slice() else {
-            panic!("expected one reply, got {sent:?}");
-        };
+        let reply = reply_from(19);
         assert_eq!(reply.values.len(), 2, "only chosen slots, through 20");
     }
 
@@ -3343,5 +3333,169 @@ mod tests {
         deliver(&mut leader, 3001, 3, Message::Chosen(chosen));
         assert_eq!(leader.chosen_through(), 3, "slot 3 was chosen already");
         assert_eq!(leader.status().inflight_slots, 0);
+    }
+
+    /// Node 1 as a candidate whose own promise is not yet durable, so that
+    /// the promises of 2 and 3 alone make its quorum.
+    fn candidate_awaiting_promises(now: u64) -> Node {
+        let mut candidate = node(1, 0);
+        candidate.ready();
+        candidate.tick(now);
+        candidate.ready();
+        for voter in [2, 3] {
+            let reply = PreVoteReply {
+                round: 1,
+                granted: true,
+                promised: Ballot::ZERO,
+            };
+            deliver(&mut candidate, now, voter, Message::PreVoteReply(reply));
+        }
+        assert_eq!(candidate.role(), Role::Candidate);
+        candidate
+    }
+
+    #[test]
+    fn a_candidate_catches_up_first_when_a_promiser_knows_more_than_it_sent() {
+        let mut candidate = candidate_awaiting_promises(3000);
+        let ballot = candidate.promised();
+        let promise = |chosen_through| {
+            Message::Promise(Promise {
+                ballot,
+                chosen_through,
+                log_start: 0,
+                entries: vec![],
+            })
+        };
+        deliver(&mut candidate, 3000, 2, promise(0));
+        deliver(&mut candidate, 3000, 3, promise(50));
+        assert_eq!(candidate.role(), Role::Follower, "it may not lead yet");
+        let ready = candidate.ready();
+        assert!(ready.refusals.iter().any(|r| matches!(
+            r.reason,
+            RefusalReason::PromiserKnowsMore {
+                promiser: 3,
+                chosen_through: 50,
+                ..
+            }
+        )));
+        let asked: Vec<NodeId> = ready
+            .messages
+            .iter()
+            .filter(|e| matches!(e.message, Message::CatchUp(_)))
+            .map(|e| e.to)
+            .collect();
+        assert_eq!(asked, vec![3], "it asks the promiser that knows most");
+    }
+
+    #[test]
+    fn a_candidate_learns_the_chosen_entries_a_promise_carries() {
+        let mut candidate = candidate_awaiting_promises(3000);
+        let ballot = candidate.promised();
+        let old = Ballot::new(0, 2);
+        let entries = (1..=3)
+            .map(|slot| AcceptedEntry {
+                slot,
+                ballot: old,
+                value: commands(&[&format!("c{slot}")]),
+            })
+            .collect();
+        let with_entries = Promise {
+            ballot,
+            chosen_through: 3,
+            log_start: 0,
+            entries,
+        };
+        let empty = Promise {
+            ballot,
+            chosen_through: 0,
+            log_start: 0,
+            entries: vec![],
+        };
+        deliver(&mut candidate, 3000, 3, Message::Promise(empty));
+        deliver(&mut candidate, 3000, 2, Message::Promise(with_entries));
+        assert_eq!(candidate.role(), Role::Leader);
+        assert_eq!(candidate.chosen_through(), 3, "learned from the promise");
+        let status = candidate.status();
+        assert_eq!(status.next_slot, 5, "the barrier at slot 4");
+    }
+
+    #[test]
+    fn a_pre_vote_is_refused_to_a_candidate_behind_and_granted_otherwise() {
+        let mut voter = acceptor_with_chosen_prefix(0);
+        let granted = |voter: &mut Node, chosen_through| {
+            let pre_vote = PreVote {
+                round: 5,
+                chosen_through,
+            };
+            deliver(voter, 5000, 3, Message::PreVote(pre_vote));
+            match messages(&voter.ready()).as_slice() {
+                [Message::PreVoteReply(reply)] => reply.granted,
+                other => panic!("expected a reply, got {other:?}"),
+            }
+        };
+        assert!(!granted(&mut voter, 19), "behind the voter's chosen prefix");
+        assert!(granted(&mut voter, 20));
+        assert!(granted(&mut voter, 21));
+    }
+
+    #[test]
+    fn a_catch_up_reply_overlapping_the_known_prefix_still_teaches_the_rest() {
+        let mut follower = acceptor_with_chosen_prefix(5000);
+        let values = (19..=24)
+            .map(|slot| commands(&[&format!("c{slot}")]))
+            .collect();
+        let reply = Chosen {
+            first_slot: 19,
+            values,
+            chosen_through: 24,
+        };
+        deliver(&mut follower, 5000, 1, Message::Chosen(reply));
+        assert_eq!(follower.chosen_through(), 24);
+    }
+
+    #[test]
+    fn a_rejoining_replica_nudges_the_leader_once_per_interval() {
+        let membership = Membership::new(&[1, 2, 3]).expect("membership");
+        let state = DurableState::rejoin(membership);
+        let mut joining = Node::new(Config::new(3, 1), state, 0, 0).expect("node");
+        joining.ready();
+        let reply = JoinProbeReply {
+            promised: Ballot::new(1, 1),
+            highest_accepted_slot: 4,
+            chosen_through: 0,
+        };
+        for member in [1, 2] {
+            deliver(
+                &mut joining,
+                10,
+                member,
+                Message::JoinProbeReply(reply.clone()),
+            );
+        }
+        let heartbeat = Heartbeat {
+            ballot: Ballot::new(1, 1),
+            chosen_through: 0,
+            sequence: 1,
+        };
+        deliver(&mut joining, 2000, 1, Message::Heartbeat(heartbeat));
+        joining.ready();
+        let nudges = |node: &mut Node| {
+            node.ready()
+                .messages
+                .iter()
+                .filter(|e| e.to == 1 && matches!(e.message, Message::Forward(_)))
+                .count()
+        };
+        joining.tick(2000);
+        assert_eq!(
+            nudges(&mut joining),
+            1,
+            "slots to learn: the leader is nudged"
+        );
+        let every = joining.config.election_timeout_min_ms;
+        joining.tick(2000 + every - 1);
+        assert_eq!(nudges(&mut joining), 0);
+        joining.tick(2000 + every);
+        assert_eq!(nudges(&mut joining), 1);
     }
 }
