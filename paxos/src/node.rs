@@ -2184,6 +2184,27 @@ mod tests {
         node.step(now_ms, Envelope { from, to, message });
     }
 
+    /// Node 2 following leader 1 (ballot 1.1), from a heartbeat at `now`.
+    fn follower_of_leader_1(now: u64) -> Node {
+        let mut follower = node(2, 0);
+        follower.ready();
+        let heartbeat = Heartbeat {
+            ballot: Ballot::new(1, 1),
+            chosen_through: 0,
+            sequence: 1,
+        };
+        deliver(&mut follower, now, 1, Message::Heartbeat(heartbeat));
+        follower.ready();
+        follower
+    }
+
+    /// Node 3 of 1-3 started after losing its disk.
+    fn rejoining_node() -> Node {
+        let membership = Membership::new(&[1, 2, 3]).expect("membership");
+        let state = DurableState::rejoin(membership);
+        Node::new(Config::new(3, 1), state, 0, 0).expect("node")
+    }
+
     fn messages(ready: &Ready) -> Vec<Message> {
         ready.messages.iter().map(|e| e.message.clone()).collect()
     }
@@ -2457,14 +2478,7 @@ mod tests {
         let elected_at = 3000;
         let mut leader = elected_leader(elected_at);
         let ballot = leader.promised();
-        let ready = leader.ready();
-        let sequence = messages(&ready)
-            .iter()
-            .find_map(|m| match m {
-                Message::Heartbeat(h) => Some(h.sequence),
-                _ => None,
-            })
-            .expect("a heartbeat on election");
+        let sequence = heartbeat_sequence(&leader.ready()).expect("a heartbeat on election");
         assert!(
             !leader.has_lease(elected_at),
             "no lease before a majority acknowledges"
@@ -2624,15 +2638,7 @@ mod tests {
 
     #[test]
     fn a_forwarded_read_is_aborted_at_its_deadline_and_not_before() {
-        let mut follower = node(2, 0);
-        follower.ready();
-        let heartbeat = Heartbeat {
-            ballot: Ballot::new(1, 1),
-            chosen_through: 0,
-            sequence: 1,
-        };
-        deliver(&mut follower, 5000, 1, Message::Heartbeat(heartbeat));
-        follower.ready();
+        let mut follower = follower_of_leader_1(5000);
         // Shorter than the election timeout, which would abort it anyway.
         follower.config.read_timeout_ms = 500;
         follower.read(5000, 42);
@@ -2657,12 +2663,10 @@ mod tests {
 
     #[test]
     fn a_replica_that_lost_its_disk_reports_whom_it_waits_for() {
-        let membership = Membership::new(&[1, 2, 3]).expect("membership");
         let fresh = node(3, 0);
         assert!(!fresh.is_joining());
         assert_eq!(fresh.join_progress(), None);
-        let state = DurableState::rejoin(membership);
-        let mut joining = Node::new(Config::new(3, 1), state, 0, 0).expect("node");
+        let mut joining = rejoining_node();
         assert!(joining.is_joining());
         assert_eq!(
             joining.join_progress(),
@@ -2968,17 +2972,9 @@ mod tests {
 
     #[test]
     fn a_read_waiting_for_the_leaders_index_completes_once_chosen_or_at_its_deadline() {
-        let mut follower = node(2, 0);
-        follower.ready();
+        let mut follower = follower_of_leader_1(5000);
         follower.config.read_timeout_ms = 500;
         let ballot = Ballot::new(1, 1);
-        let heartbeat = Heartbeat {
-            ballot,
-            chosen_through: 0,
-            sequence: 1,
-        };
-        deliver(&mut follower, 5000, 1, Message::Heartbeat(heartbeat));
-        follower.ready();
         let forward_read = |follower: &mut Node, at, id| {
             follower.read(at, id);
             let ready = follower.ready();
@@ -3073,16 +3069,8 @@ mod tests {
 
     #[test]
     fn reads_past_the_pending_bound_are_aborted_at_once() {
-        let mut follower = node(2, 0);
-        follower.ready();
+        let mut follower = follower_of_leader_1(5000);
         follower.config.max_pending_reads = 2;
-        let heartbeat = Heartbeat {
-            ballot: Ballot::new(1, 1),
-            chosen_through: 0,
-            sequence: 1,
-        };
-        deliver(&mut follower, 5000, 1, Message::Heartbeat(heartbeat));
-        follower.ready();
         for id in 1..=3 {
             follower.read(5000, id);
         }
@@ -3256,9 +3244,7 @@ mod tests {
 
     #[test]
     fn a_rejoining_replica_probes_again_those_that_did_not_answer() {
-        let membership = Membership::new(&[1, 2, 3]).expect("membership");
-        let state = DurableState::rejoin(membership);
-        let mut joining = Node::new(Config::new(3, 1), state, 0, 0).expect("node");
+        let mut joining = rejoining_node();
         joining.ready();
         let probed = |node: &mut Node| -> Vec<NodeId> {
             node.ready()
@@ -3455,9 +3441,7 @@ mod tests {
 
     #[test]
     fn a_rejoining_replica_nudges_the_leader_once_per_interval() {
-        let membership = Membership::new(&[1, 2, 3]).expect("membership");
-        let state = DurableState::rejoin(membership);
-        let mut joining = Node::new(Config::new(3, 1), state, 0, 0).expect("node");
+        let mut joining = rejoining_node();
         joining.ready();
         let reply = JoinProbeReply {
             promised: Ballot::new(1, 1),
