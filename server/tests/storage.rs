@@ -1309,6 +1309,12 @@ fn a_file_that_is_not_a_database_is_refused() {
         std::fs::read(&path).expect("read the foreign database")
     };
     for which in [LOG_FILE, STATE_FILE] {
+        // A database cut short inside redb's header is named as such.
+        let error = refused_with_file(which, Some(&foreign[..64]));
+        assert!(
+            matches!(&error, StorageError::Corrupt { detail, .. } if detail.contains("too short")),
+            "{error}"
+        );
         for (name, contents) in [
             ("text", b"this is not a database\n".repeat(400)),
             ("short", b"redb".to_vec()),
@@ -1426,6 +1432,66 @@ fn a_saved_state_ahead_of_the_chosen_log_covers_the_log_below_it() {
     );
     let config = synod_paxos::Config::new(2, 7);
     synod_paxos::Node::new(config, recovered.durable, 4, 0).expect("the core starts");
+}
+
+/// Runs `wait_for_saved_state` for one compaction on a thread; its answer
+/// comes on the channel returned.
+fn wait_for_compaction(
+    log: &Arc<synod_server::storage::LogStore>,
+    compact_below: Slot,
+) -> std::sync::mpsc::Receiver<bool> {
+    let (answer, answered) = std::sync::mpsc::channel();
+    let log = Arc::clone(log);
+    std::thread::spawn(move || {
+        let batch = Persist {
+            id: 1,
+            compact_below: Some(compact_below),
+            ..Persist::default()
+        };
+        let _ = answer.send(log.wait_for_saved_state(&[&batch]));
+    });
+    answered
+}
+
+#[test]
+fn a_compaction_waits_for_the_saved_state_it_relies_on_and_no_other() {
+    use std::time::Duration;
+    let (log, mut state) = create_in_memory(&Model::new().durable).into_parts();
+    let log = Arc::new(log);
+    // Compacting below the log's start relies on no saved state.
+    let none_needed = wait_for_compaction(&log, 0);
+    assert_eq!(
+        none_needed.recv_timeout(Duration::from_secs(10)),
+        Ok(true),
+        "a compaction below the log's start waited"
+    );
+    assert!(log.wait_for_saved_state(&[&Persist::default()]));
+    // Compacting below slot 3 needs the state through slot 2.
+    let needs_two = wait_for_compaction(&log, 3);
+    let save_through = |state: &mut synod_server::storage::StateStore, through: Slot| {
+        let write = StateWrite::Delta(StateDelta {
+            header: Some(SavedStateHeader {
+                through,
+                membership: members(&[1, 2, 3]),
+                scalars: vec![through as u8],
+            }),
+            changes: BTreeMap::new(),
+        });
+        state.commit(&[&write]).expect("save the state");
+    };
+    save_through(&mut state, 1);
+    assert_eq!(
+        needs_two.recv_timeout(Duration::from_millis(300)),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout),
+        "a compaction went ahead of the state it relies on"
+    );
+    save_through(&mut state, 2);
+    assert_eq!(needs_two.recv_timeout(Duration::from_secs(10)), Ok(true));
+    // Once the state database is closed, a compaction it never saved for
+    // is refused.
+    let needs_five = wait_for_compaction(&log, 5);
+    state.close().expect("close the state database");
+    assert_eq!(needs_five.recv_timeout(Duration::from_secs(10)), Ok(false));
 }
 
 #[test]

@@ -546,6 +546,24 @@ mod tests {
     }
 
     #[test]
+    fn a_header_gives_its_revision_time_and_cluster_identity() {
+        let scalars = encode(&Scalars {
+            revision: 42,
+            now_ms: 1_700_000_000_123,
+            next_session_id: 5,
+            next_lock_generation: 6,
+            cluster_identity: Some(0xfeed_beef),
+            confirmed_members: vec![1, 2, 3],
+        });
+        assert_eq!(
+            header_scalars(&scalars),
+            Ok((42, 1_700_000_000_123, Some(0xfeed_beef)))
+        );
+        let error = header_scalars(&scalars[..3]).expect_err("a cut header");
+        assert!(error.contains("does not decode"), "{error}");
+    }
+
+    #[test]
     fn nodes_load_from_creation_order_into_path_order() {
         let state = load(&[
             node_record(0, "/", 2),

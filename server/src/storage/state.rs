@@ -392,6 +392,7 @@ fn lossy(key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::storage::StorageError;
 
     fn delta(through: Option<Slot>, changes: &[(&str, Option<&str>)]) -> StateDelta {
         StateDelta {
@@ -446,5 +447,63 @@ mod tests {
             )
         );
         assert_eq!(StateDelta::merged(Vec::new()), StateDelta::default());
+    }
+
+    #[test]
+    fn a_delta_counts_its_keys_payloads_and_header() {
+        // Each record counts its key, its payload (none for a removal) and
+        // 16 bytes of overhead; the header counts its scalars.
+        let changes = delta(None, &[("/a", Some("hello")), ("/bc", None)]);
+        assert_eq!(changes.bytes(), (2 + 5 + 16) + (3 + 16));
+        let with_header = delta(Some(7), &[("/a", Some("hello")), ("/bc", None)]);
+        assert_eq!(with_header.bytes(), changes.bytes() + 1);
+        assert_eq!(StateDelta::default().bytes(), 0);
+        assert!(StateDelta::default().is_empty());
+        assert!(!changes.is_empty());
+        assert!(!delta(Some(1), &[]).is_empty());
+    }
+
+    /// A table of `records` keys in an in-memory database, read back
+    /// through a [`KeyOrder`] that is shown the keys `shown`.
+    fn key_order_read(records: u64, shown: &[u64]) -> Result<()> {
+        let database = redb::Database::builder()
+            .create_with_backend(redb::backends::InMemoryBackend::new())
+            .expect("in-memory database");
+        let definition = TableDefinition::<u64, u64>::new("numbers");
+        let transaction = database.begin_write().expect("write");
+        {
+            let mut table = transaction.open_table(definition).expect("table");
+            for key in 0..records {
+                table.insert(key, key).expect("insert");
+            }
+        }
+        transaction.commit().expect("commit");
+        let transaction = database.begin_read().expect("read");
+        let table = transaction.open_table(definition).expect("table");
+        let path = Path::new("memory.redb");
+        let mut order = KeyOrder::new(path, "numbers");
+        for key in shown {
+            order.next(&key.to_be_bytes())?;
+        }
+        order.finish(&table)
+    }
+
+    #[test]
+    fn a_read_must_see_every_record_of_the_table_in_order() {
+        key_order_read(3, &[0, 1, 2]).expect("a whole read in order");
+        key_order_read(0, &[]).expect("an empty table");
+        let hidden = key_order_read(3, &[0, 2]).expect_err("a record hidden");
+        assert!(
+            matches!(&hidden, StorageError::Corrupt { detail, .. }
+                if detail.contains("holds 3 records") && detail.contains("gave 2")),
+            "{hidden}"
+        );
+        let twice = key_order_read(2, &[0, 1, 1]).expect_err("a record twice");
+        assert!(
+            matches!(&twice, StorageError::Corrupt { detail, .. } if detail.contains("after")),
+            "{twice}"
+        );
+        let extra = key_order_read(2, &[0, 1, 2]).expect_err("a record too many");
+        assert!(matches!(extra, StorageError::Corrupt { .. }), "{extra}");
     }
 }
