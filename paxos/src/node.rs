@@ -746,12 +746,12 @@ impl Node {
             self.building.chosen_through = Some(through);
             self.trim_inflight();
         }
+        // Past the log's start: `through` is at least `apply_next`, which is
+        // at least `log_start` (see the invariants).
         let new_start = through + 1;
-        if new_start > self.log_start {
-            self.log = self.log.split_off(&new_start);
-            self.log_start = new_start;
-            self.building.compact_below = Some(new_start);
-        }
+        self.log = self.log.split_off(&new_start);
+        self.log_start = new_start;
+        self.building.compact_below = Some(new_start);
         if membership != self.membership {
             self.self_bit = membership.index_of(self.id()).map_or(0, |index| 1 << index);
             self.membership = membership.clone();
@@ -2696,6 +2696,17 @@ mod tests {
     /// An acceptor that accepted slots 1..=24 under ballot 1.1 from replica
     /// 1 and learned 1..=20 chosen, its persists all durable.
     fn acceptor_with_chosen_prefix(now: u64) -> Node {
+        let (mut acceptor, id) = acceptor_with_chosen_unapplied(now);
+        acceptor.persisted(now, id);
+        acceptor.ready();
+        assert_eq!(acceptor.apply_next(), 21);
+        acceptor
+    }
+
+    /// Node 2 holding slots 1-24 from leader 1, 1-20 of them chosen, with
+    /// the batch writing them (its id returned) handed out but not yet
+    /// durable, so that nothing is applied.
+    fn acceptor_with_chosen_unapplied(now: u64) -> (Node, u64) {
         let mut acceptor = node(2, 0);
         acceptor.ready();
         let ballot = Ballot::new(1, 1);
@@ -2713,10 +2724,98 @@ mod tests {
         };
         deliver(&mut acceptor, now, 1, Message::Commit(commit));
         let id = acceptor.ready().persist.expect("accepted and chosen").id;
-        acceptor.persisted(now, id);
-        acceptor.ready();
         assert_eq!(acceptor.chosen_through(), 20);
-        acceptor
+        assert_eq!(acceptor.apply_next(), 1);
+        (acceptor, id)
+    }
+
+    #[test]
+    fn a_snapshot_moves_only_what_it_passes() {
+        let (mut replica, _) = acceptor_with_chosen_unapplied(5000);
+        let membership = replica.membership().clone();
+        let progress = |replica: &Node| {
+            (
+                replica.apply_next(),
+                replica.log_start(),
+                replica.chosen_through(),
+            )
+        };
+        // Through the first slot not applied: that slot is covered and the
+        // log below it goes; the chosen prefix, past it, is not rewritten.
+        replica.snapshot_installed(5000, 1, membership.clone());
+        assert_eq!(progress(&replica), (2, 2, 20));
+        let batch = replica.ready().persist.expect("the compaction is written");
+        assert_eq!((batch.compact_below, batch.chosen_through), (Some(2), None));
+        // Through the chosen prefix: likewise.
+        replica.snapshot_installed(5000, 20, membership.clone());
+        assert_eq!(progress(&replica), (21, 21, 20));
+        let batch = replica.ready().persist.expect("the compaction is written");
+        assert_eq!(
+            (batch.compact_below, batch.chosen_through),
+            (Some(21), None)
+        );
+        // Snapshots of what is already covered change nothing.
+        replica.snapshot_installed(5000, 20, membership.clone());
+        replica.snapshot_installed(5000, 7, membership);
+        assert_eq!(progress(&replica), (21, 21, 20));
+        assert_eq!(replica.ready().persist, None);
+    }
+
+    #[test]
+    fn an_own_accept_released_after_stepping_down_is_dropped() {
+        // Elected by the promises of both peers while its own promise is
+        // still being written: its accepts, to itself too, wait for it.
+        let mut leader = node(1, 0);
+        leader.ready();
+        leader.tick(3000);
+        leader.ready();
+        for voter in [2, 3] {
+            let reply = PreVoteReply {
+                round: 1,
+                granted: true,
+                promised: Ballot::ZERO,
+            };
+            deliver(&mut leader, 3000, voter, Message::PreVoteReply(reply));
+        }
+        let own_promise = leader.ready().persist.expect("own promise").id;
+        let ballot = leader.promised();
+        for voter in [2, 3] {
+            let promise = Promise {
+                ballot,
+                chosen_through: 0,
+                log_start: 0,
+                entries: vec![],
+            };
+            deliver(&mut leader, 3000, voter, Message::Promise(promise));
+        }
+        assert_eq!(leader.role(), Role::Leader);
+        leader.ready();
+        // A higher ballot elsewhere: it steps down, its promise unchanged.
+        let reject = Reject {
+            ballot,
+            promised: Ballot::new(ballot.round + 1, 3),
+        };
+        deliver(&mut leader, 3001, 2, Message::Reject(reject));
+        assert_eq!(leader.role(), Role::Follower);
+        assert_eq!(leader.promised(), ballot);
+        // The write lands and releases its accept to itself: a leadership
+        // it has left, so it must not follow itself.
+        leader.persisted(3002, own_promise);
+        assert_eq!(leader.role(), Role::Follower);
+        assert_ne!(leader.status().leader, Some(1));
+    }
+
+    #[test]
+    fn a_leader_heartbeats_once_per_interval() {
+        let mut leader = elected_leader(3000);
+        let interval = leader.config.heartbeat_interval_ms;
+        let first = heartbeat_sequence(&leader.ready()).expect("a heartbeat on election");
+        leader.tick(3000 + interval - 1);
+        assert_eq!(heartbeat_sequence(&leader.ready()), None, "too early");
+        leader.tick(3000 + interval);
+        assert_eq!(heartbeat_sequence(&leader.ready()), Some(first + 1));
+        leader.tick(3000 + 2 * interval - 1);
+        assert_eq!(heartbeat_sequence(&leader.ready()), None, "once");
     }
 
     #[test]

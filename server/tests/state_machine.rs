@@ -486,6 +486,72 @@ fn sessions_are_clamped_and_end_atomically() {
 }
 
 #[test]
+fn only_the_owner_presenting_its_secret_may_use_a_session() {
+    let mut h = Harness::new();
+    let s = h.open();
+    let timeout_ms = h.state.session_timeout_ms(s).expect("the session is open");
+    assert_eq!(h.state.check_session_owner(s, "CN=test", 1), Ok(timeout_ms));
+    let another_identity = h
+        .state
+        .check_session_owner(s, "CN=intruder", 1)
+        .expect_err("another identity");
+    assert!(
+        matches!(&another_identity, Error::BadArgument { message } if message.contains("another client identity")),
+        "{another_identity}"
+    );
+    let wrong_secret = h
+        .state
+        .check_session_owner(s, "CN=test", 2)
+        .expect_err("a wrong secret");
+    assert!(
+        matches!(&wrong_secret, Error::BadArgument { message } if message.contains("wrong secret")),
+        "{wrong_secret}"
+    );
+    assert_eq!(
+        h.state.check_session_owner(s + 1, "CN=test", 1),
+        Err(Error::SessionExpired { session: s + 1 })
+    );
+    assert_eq!(h.state.session_timeout_ms(s + 1), None);
+    h.ok(s, Op::CloseSession);
+    assert_eq!(
+        h.state.check_session_owner(s, "CN=test", 1),
+        Err(Error::SessionExpired { session: s })
+    );
+    assert_eq!(h.state.session_timeout_ms(s), None);
+}
+
+#[test]
+fn the_state_counts_what_it_holds() {
+    let mut h = Harness::new();
+    assert_eq!(
+        (
+            h.state.revision(),
+            h.state.node_count(),
+            h.state.lock_count()
+        ),
+        (0, 1, 0),
+        "a new state holds the root alone"
+    );
+    let [a, b] = [h.open(), h.open()];
+    assert_eq!(h.state.session_timeout_ms(a), Some(10_000));
+    assert_eq!(h.state.session_count(), 2);
+    assert_eq!(h.state.sessions_of_owner("CN=test"), 2);
+    assert_eq!(h.state.sessions_of_owner("CN=other"), 0);
+    h.create(a, "/x", Persistent);
+    h.create(a, "/x/y", Persistent);
+    let created = h.state.revision();
+    assert_eq!(h.state.node_count(), 3);
+    acquired(h.ok(a, lock("/l1", LockMode::Exclusive, false)));
+    acquired(h.ok(a, lock("/l2", LockMode::Exclusive, false)));
+    h.ok(b, lock("/l2", LockMode::Exclusive, true));
+    assert_eq!(h.state.lock_count(), 2);
+    assert_eq!(h.state.lock_waiter_count(), 1);
+    h.ok(a, delete("/x/y", None));
+    assert!(h.state.revision() > created, "a deletion takes a revision");
+    assert_eq!(h.state.node_count(), 2);
+}
+
+#[test]
 fn retried_requests_are_applied_once_with_the_original_result() {
     let mut h = Harness::new();
     let s = h.open();
