@@ -563,10 +563,17 @@ fn retried_requests_are_applied_once_with_the_original_result() {
     let command = Command::Client { request, now_ms: 5 };
     let first = h.state.apply(&command);
     let revision = h.state.revision();
+    let membership = synod_paxos::Membership::new(&[1, 2, 3]).expect("membership");
+    assert!(!h.state.take_delta(1, &membership).changes.is_empty());
     let retry = h.state.apply(&command);
     assert_eq!(retry.response, first.response);
     assert_eq!(h.state.revision(), revision, "the retry changed nothing");
     assert!(retry.events.is_empty());
+    assert_eq!(
+        h.state.take_delta(2, &membership).changes,
+        Default::default(),
+        "the retry left nothing to save"
+    );
     let older = Command::Client {
         request: Request {
             session: s,

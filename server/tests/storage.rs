@@ -1495,6 +1495,25 @@ fn a_compaction_waits_for_the_saved_state_it_relies_on_and_no_other() {
 }
 
 #[test]
+fn the_bytes_of_a_replicas_files_are_what_the_files_hold() {
+    let (directory, paths) = database_on_disk();
+    let on_disk = std::fs::metadata(&paths.log).expect("log").len()
+        + std::fs::metadata(&paths.state).expect("state").len();
+    assert!(on_disk > 0);
+    assert_eq!(paths.bytes(), on_disk);
+    std::fs::remove_file(&paths.state).expect("remove the state file");
+    assert_eq!(
+        paths.bytes(),
+        std::fs::metadata(&paths.log).expect("log").len(),
+        "a missing file counts nothing"
+    );
+    assert_eq!(
+        DatabasePaths::in_dir(&directory.path().join("none")).bytes(),
+        0
+    );
+}
+
+#[test]
 fn a_database_already_open_is_refused() {
     let (_directory, paths) = database_on_disk();
     let (first, _) = Storage::open(&paths, &identity()).expect("first open");
