@@ -1046,3 +1046,25 @@ pub(super) fn require_meta<T: serde::de::DeserializeOwned>(
 ) -> Result<T> {
     get_meta(table, path, key)?.ok_or_else(|| corrupt(path, format!("meta {key:?} is missing")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Shared;
+
+    #[test]
+    fn shared_progress_only_moves_forward_and_ends_at_close() {
+        let shared = Shared::default();
+        assert_eq!(shared.log_start(), 0);
+        shared.publish_log_start(5);
+        shared.publish_log_start(3);
+        assert_eq!(shared.log_start(), 5, "the log's start never goes back");
+        assert_eq!(shared.saved_through(), None);
+        shared.publish_saved(4);
+        shared.publish_saved(2);
+        assert_eq!(shared.saved_through(), Some(4), "nor the saved state");
+        assert!(shared.wait_saved(3));
+        assert!(shared.wait_saved(4));
+        shared.close_state();
+        assert!(!shared.wait_saved(9), "nothing more is saved once closed");
+    }
+}
