@@ -1536,7 +1536,11 @@ fn illegal_calls_are_refused_and_poison() {
         }])
         .expect_err("compaction past the saved state");
     assert!(matches!(error, StorageError::Refused { .. }), "{error}");
-    assert!(storage.poisoned().is_some());
+    let cause = storage.poisoned().expect("poisoned");
+    assert!(
+        error.to_string().contains(cause),
+        "the poison names the first error: {cause:?} in {error}"
+    );
     let error = read_records(&storage).expect_err("poisoned");
     assert!(matches!(error, StorageError::Poisoned { .. }), "{error}");
 

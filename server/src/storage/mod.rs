@@ -995,14 +995,7 @@ fn check_initial_state(path: &Path, state: &DurableState) -> Result<()> {
             state.log_start
         )));
     }
-    if let Some((&first, _)) = state.log.iter().next() {
-        if first < state.log_start {
-            return Err(refuse(format!(
-                "the log holds slot {first} below its start {}",
-                state.log_start
-            )));
-        }
-    }
+    // From slot 0, no slot of the log can be below its start.
     Ok(())
 }
 
@@ -1049,7 +1042,25 @@ pub(super) fn require_meta<T: serde::de::DeserializeOwned>(
 
 #[cfg(test)]
 mod tests {
-    use super::Shared;
+    use std::path::Path;
+
+    use super::{sync_parent, sync_parent_directory, Shared, StorageError};
+
+    #[test]
+    fn a_directory_that_cannot_be_synced_is_an_error() {
+        let directory = tempfile::tempdir().expect("temporary directory");
+        let file = directory.path().join("synod.redb");
+        sync_parent(&file).expect("an existing directory syncs");
+        let missing = directory.path().join("gone").join("synod.redb");
+        assert!(sync_parent(&missing).is_err());
+        let error = sync_parent_directory(&missing).expect_err("refused");
+        assert!(
+            matches!(&error, StorageError::Io { path, operation, .. }
+                if path == &missing && operation.contains("sync the data directory")),
+            "{error}"
+        );
+        sync_parent(Path::new("synod.redb")).expect("a bare name syncs the working directory");
+    }
 
     #[test]
     fn shared_progress_only_moves_forward_and_ends_at_close() {
