@@ -545,6 +545,128 @@ mod tests {
         loader.finish(&scalars)
     }
 
+    fn scalars_at_revision(revision: u64) -> Vec<u8> {
+        encode(&Scalars {
+            revision,
+            now_ms: 0,
+            next_session_id: 1,
+            next_lock_generation: 1,
+            cluster_identity: None,
+            confirmed_members: Vec::new(),
+        })
+    }
+
+    /// Node records of `/n{first}` to `/n{last}` (created at their number),
+    /// sorted as one batch of a [`NodeBatcher`].
+    fn node_batch(numbers: std::ops::RangeInclusive<u64>) -> SortedNodes {
+        let mut batcher = NodeBatcher::new(StateConfig::default().path_bytes_max);
+        for number in numbers {
+            let (key, value) = node_record(number, &format!("/n{number:03}"), 0);
+            assert!(batcher
+                .record(&key, &value)
+                .expect("a valid node")
+                .is_none());
+        }
+        batcher.finish().expect("no path twice").expect("a batch")
+    }
+
+    #[test]
+    fn nodes_taken_in_batches_merge_into_one_tree_in_few_segments() {
+        let (key, value) = node_record(0, "/", 80);
+        let mut root = NodeBatcher::new(StateConfig::default().path_bytes_max);
+        root.record(&key, &value).expect("the root");
+        // Eight batches of ten: the segments stay a binary counter.
+        let mut loader = StateLoader::new(StateConfig::default());
+        loader
+            .take_nodes(root.finish().expect("one node").expect("a batch"))
+            .expect("the root");
+        for batch in 0..8 {
+            let first = 1 + batch * 10;
+            loader
+                .take_nodes(node_batch(first..=first + 9))
+                .expect("new paths");
+            assert!(
+                loader.segments.len() <= 4,
+                "{} segments after {} batches",
+                loader.segments.len(),
+                batch + 1
+            );
+        }
+        assert_eq!(loader.records(), 81);
+        let state = loader
+            .finish(&scalars_at_revision(100))
+            .expect("a valid state");
+        assert_eq!(state.node_count(), 81);
+        let paths: Vec<String> = state
+            .tree
+            .nodes()
+            .keys()
+            .map(|path| path.as_str().to_string())
+            .collect();
+        let mut sorted = paths.clone();
+        sorted.sort();
+        assert_eq!(paths, sorted);
+        assert_eq!(paths[1], "/n001");
+    }
+
+    #[test]
+    fn a_path_in_two_batches_is_refused() {
+        for (first, second) in [(1..=10, 5..=5), (1..=1, 1..=3)] {
+            let mut loader = StateLoader::new(StateConfig::default());
+            loader
+                .take_nodes(node_batch(first))
+                .expect("the first batch");
+            let error = loader
+                .take_nodes(node_batch(second))
+                .and_then(|()| loader.finish(&scalars_at_revision(100)).map(|_| ()))
+                .expect_err("a path twice");
+            assert!(error.contains("saved twice"), "{error}");
+        }
+    }
+
+    #[test]
+    fn records_are_counted_however_they_come() {
+        let mut loader = StateLoader::new(StateConfig::default());
+        for (key, value) in [node_record(0, "/", 1), node_record(2, "/a", 0)] {
+            loader
+                .record(StateRecordRef {
+                    table: StateTable::Nodes,
+                    key: &key,
+                    value: &value,
+                })
+                .expect("a valid node");
+        }
+        assert_eq!(loader.records(), 2);
+        let error = loader
+            .take_nodes(node_batch(5..=6))
+            .expect_err("nodes both ways");
+        assert!(error.contains("both one by one and in batches"), "{error}");
+    }
+
+    #[test]
+    fn a_backup_session_record_keeps_everything_but_the_secret() {
+        let session = Session {
+            timeout_ms: 10_000,
+            remaining_ms: 7_000,
+            checkpoint_time_ms: 123,
+            last_sequence: 9,
+            last_response: None,
+            owner: "CN=app".into(),
+            secret: 0xfeed,
+        };
+        let stripped = session_record_without_secret(&encode(&session)).expect("a session");
+        let restored: Session = decode(&stripped).expect("still a session");
+        assert_eq!(
+            restored,
+            Session {
+                secret: 0,
+                ..session
+            }
+        );
+        let error = session_record_without_secret(b"\xff").expect_err("not a session");
+        assert!(error.contains("does not decode"), "{error}");
+    }
+
     #[test]
     fn a_header_gives_its_revision_time_and_cluster_identity() {
         let scalars = encode(&Scalars {
