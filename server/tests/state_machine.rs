@@ -964,6 +964,16 @@ fn snapshots_are_deterministic_and_corruption_is_reported() {
         StateMachine::restore(config(), &version),
         Err(SnapshotError::UnsupportedVersion { found: 9, .. })
     ));
+    // A whole snapshot with an empty body is not truncated: its body is
+    // what is wrong.
+    let mut empty = bytes[..16].to_vec();
+    empty.extend_from_slice(&0u64.to_le_bytes());
+    let checksum = crc32fast::hash(&empty);
+    empty.extend_from_slice(&checksum.to_le_bytes());
+    assert!(matches!(
+        StateMachine::restore(config(), &empty),
+        Err(SnapshotError::Malformed(_))
+    ));
 }
 
 #[test]

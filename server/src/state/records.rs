@@ -644,6 +644,30 @@ mod tests {
     }
 
     #[test]
+    fn confirmed_members_out_of_order_or_twice_are_refused() {
+        for members in [vec![2, 1], vec![1, 1], vec![1, 3, 2]] {
+            let mut loader = StateLoader::new(StateConfig::default());
+            let (key, value) = node_record(0, "/", 0);
+            loader
+                .record(StateRecordRef {
+                    table: StateTable::Nodes,
+                    key: &key,
+                    value: &value,
+                })
+                .expect("the root");
+            let scalars = encode(&Scalars {
+                confirmed_members: members.clone(),
+                ..decode(&scalars_at_revision(1)).expect("scalars")
+            });
+            let error = loader.finish(&scalars).expect_err("refused");
+            assert!(
+                error.contains("strictly increasing"),
+                "{members:?}: {error}"
+            );
+        }
+    }
+
+    #[test]
     fn a_backup_session_record_keeps_everything_but_the_secret() {
         let session = Session {
             timeout_ms: 10_000,
