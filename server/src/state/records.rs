@@ -556,6 +556,20 @@ mod tests {
         })
     }
 
+    /// A loader that has taken the root and nothing else.
+    fn loader_with_root() -> StateLoader {
+        let mut loader = StateLoader::new(StateConfig::default());
+        let (key, value) = node_record(0, "/", 0);
+        loader
+            .record(StateRecordRef {
+                table: StateTable::Nodes,
+                key: &key,
+                value: &value,
+            })
+            .expect("the root");
+        loader
+    }
+
     /// Node records of `/n{first}` to `/n{last}` (created at their number),
     /// sorted as one batch of a [`NodeBatcher`].
     fn node_batch(numbers: std::ops::RangeInclusive<u64>) -> SortedNodes {
@@ -646,15 +660,7 @@ mod tests {
     #[test]
     fn confirmed_members_out_of_order_or_twice_are_refused() {
         for members in [vec![2, 1], vec![1, 1], vec![1, 3, 2]] {
-            let mut loader = StateLoader::new(StateConfig::default());
-            let (key, value) = node_record(0, "/", 0);
-            loader
-                .record(StateRecordRef {
-                    table: StateTable::Nodes,
-                    key: &key,
-                    value: &value,
-                })
-                .expect("the root");
+            let loader = loader_with_root();
             let scalars = encode(&Scalars {
                 confirmed_members: members.clone(),
                 ..decode(&scalars_at_revision(1)).expect("scalars")
@@ -664,6 +670,38 @@ mod tests {
                 error.contains("strictly increasing"),
                 "{members:?}: {error}"
             );
+        }
+    }
+
+    #[test]
+    fn counters_out_of_range_are_refused() {
+        let good: Scalars = decode(&scalars_at_revision(1)).expect("scalars");
+        let cases = [
+            Scalars {
+                revision: u64::MAX,
+                ..good.clone()
+            },
+            Scalars {
+                next_session_id: u64::MAX,
+                ..good.clone()
+            },
+            Scalars {
+                next_session_id: 0,
+                ..good.clone()
+            },
+            Scalars {
+                next_lock_generation: u64::MAX,
+                ..good.clone()
+            },
+            Scalars {
+                next_lock_generation: 0,
+                ..good.clone()
+            },
+        ];
+        for scalars in cases {
+            let loader = loader_with_root();
+            let error = loader.finish(&encode(&scalars)).expect_err("refused");
+            assert!(error.contains("out of range"), "{scalars:?}: {error}");
         }
     }
 
