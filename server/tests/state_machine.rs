@@ -410,6 +410,55 @@ fn watch_registry_fires_the_right_watches_once() {
 }
 
 #[test]
+fn a_registry_whose_watches_are_all_gone_holds_nothing() {
+    let fresh = WatchRegistry::new(10, 100, 4096);
+    let mut watches = fresh.clone();
+    assert!(watches.is_empty());
+    watches.add(1, "/a", WatchKind::Data).expect("room");
+    watches.add(2, "/b", WatchKind::Exists).expect("room");
+    watches.add(2, "/c", WatchKind::Children).expect("room");
+    assert!(!watches.is_empty());
+    assert_eq!(watches.len(), 3);
+    // By removal, by session, and by firing: nothing is left behind.
+    assert!(watches.remove(1, "/a", WatchKind::Data));
+    watches.remove_session(2);
+    assert_eq!(watches, fresh);
+    watches.add(3, "/d", WatchKind::Data).expect("room");
+    watches.dispatch(&[event("/d", EventType::NodeDataChanged, 7)]);
+    assert_eq!(watches, fresh);
+}
+
+#[test]
+fn a_history_drops_its_oldest_events_past_its_bound_however_they_come() {
+    let everything = [("/".to_string(), WatchKind::PersistentRecursive)];
+    let mut history = EventHistory::new(3);
+    history.record(&[event("/a", EventType::NodeCreated, 1)]);
+    history.record(&[
+        event("/b", EventType::NodeCreated, 2),
+        event("/c", EventType::NodeCreated, 3),
+    ]);
+    // At the bound: nothing dropped.
+    assert_eq!(history.missed(&everything, 0).events.len(), 3);
+    history.record(&[
+        event("/d", EventType::NodeCreated, 4),
+        event("/e", EventType::NodeCreated, 5),
+        event("/f", EventType::NodeCreated, 6),
+        event("/g", EventType::NodeCreated, 7),
+    ]);
+    let compacted = history.missed(&everything, 3).events;
+    assert_eq!(compacted.len(), 1);
+    assert_eq!(compacted[0].event_type, EventType::HistoryCompacted);
+    assert_eq!(compacted[0].revision, 4, "the last revision dropped");
+    let kept: Vec<synod_proto::Revision> = history
+        .missed(&everything, 4)
+        .events
+        .iter()
+        .map(|event| event.revision)
+        .collect();
+    assert_eq!(kept, [5, 6, 7]);
+}
+
+#[test]
 fn reconnect_delivers_missed_events_or_says_history_is_compacted() {
     let mut history = EventHistory::new(4);
     history.record(&[
