@@ -1514,6 +1514,35 @@ fn the_bytes_of_a_replicas_files_are_what_the_files_hold() {
 }
 
 #[test]
+fn each_writer_poisons_only_its_own_database_and_reports_it_at_close() {
+    let (mut log, mut state) = create_in_memory(&Model::new().durable).into_parts();
+    let past_the_saved_state = Persist {
+        id: 1,
+        compact_below: Some(3),
+        ..Persist::default()
+    };
+    let error = log
+        .commit(&[&past_the_saved_state])
+        .expect_err("a compaction past the saved state");
+    assert!(matches!(error, StorageError::Refused { .. }), "{error}");
+    let cause = log.poisoned().expect("the log is poisoned");
+    assert!(error.to_string().contains(cause), "{cause:?} in {error}");
+    assert_eq!(state.poisoned(), None, "the state database is not");
+    let again = log.commit(&[]).expect_err("poisoned");
+    assert!(matches!(again, StorageError::Poisoned { .. }), "{again}");
+    let closed = log.close().expect_err("the poison is reported at close");
+    assert!(matches!(closed, StorageError::Poisoned { .. }), "{closed}");
+
+    let unstaged = StateWrite::StageActivate(header(4, &Model::new(), b""));
+    let error = state.commit(&[&unstaged]).expect_err("not staged");
+    assert!(state
+        .poisoned()
+        .is_some_and(|cause| error.to_string().contains(cause)));
+    let closed = state.close().expect_err("the poison is reported at close");
+    assert!(matches!(closed, StorageError::Poisoned { .. }), "{closed}");
+}
+
+#[test]
 fn a_database_already_open_is_refused() {
     let (_directory, paths) = database_on_disk();
     let (first, _) = Storage::open(&paths, &identity()).expect("first open");
