@@ -1222,9 +1222,10 @@ fn inconsistent_meta_is_refused() {
     assert_mentions_path(&error, &paths.log);
 }
 
-#[test]
-fn a_damaged_state_record_is_refused() {
-    let (_directory, paths) = database_on_disk();
+/// A pair of databases on disk whose saved state, through slot 1, holds
+/// one node record, `/a`, in set 0.
+fn database_with_saved_state() -> (tempfile::TempDir, DatabasePaths) {
+    let (directory, paths) = database_on_disk();
     {
         let (mut storage, _) = Storage::open(&paths, &identity()).expect("open");
         storage
@@ -1244,6 +1245,44 @@ fn a_damaged_state_record_is_refused() {
             .expect("save");
         storage.close().expect("close");
     }
+    (directory, paths)
+}
+
+#[test]
+fn a_state_record_moved_under_another_key_is_refused() {
+    let (_directory, paths) = database_with_saved_state();
+    {
+        let database = redb::Database::open(&paths.state).expect("raw open");
+        let transaction = database.begin_write().expect("raw write");
+        {
+            // The live set's header is where the format says it is.
+            let meta = transaction.open_table(RAW_META).expect("meta table");
+            assert!(meta.get("state.0").expect("raw read").is_some());
+            assert!(meta.get("state.1").expect("raw read").is_none());
+            let mut nodes = transaction
+                .open_table(TableDefinition::<&[u8], &[u8]>::new("synod_state_nodes.0"))
+                .expect("nodes table");
+            let value = nodes
+                .get(&b"/a"[..])
+                .expect("raw read")
+                .expect("/a exists")
+                .value()
+                .to_vec();
+            nodes
+                .insert(&b"/b"[..], value.as_slice())
+                .expect("raw insert");
+        }
+        transaction.commit().expect("raw commit");
+    }
+    let (storage, _) = Storage::open(&paths, &identity()).expect("the log is intact");
+    let error = read_records(&storage).expect_err("a record under another key");
+    assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
+    assert!(error.to_string().contains("nodes record \"/b\""), "{error}");
+}
+
+#[test]
+fn a_damaged_state_record_is_refused() {
+    let (_directory, paths) = database_with_saved_state();
     {
         // redb stores the damaged value faithfully, with valid page
         // checksums: only the record's own CRC-32 can catch it.
