@@ -31,7 +31,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use redb::backends::InMemoryBackend;
-use redb::{ReadableTable, StorageBackend, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, StorageBackend, TableDefinition, TableHandle};
 use synod_paxos::{
     AcceptedEntry, Ballot, Batch, ChosenEntry, Command, DurableState, Membership, Persist, Slot,
     Value,
@@ -1278,6 +1278,53 @@ fn a_state_record_moved_under_another_key_is_refused() {
     let error = read_records(&storage).expect_err("a record under another key");
     assert!(matches!(error, StorageError::Corrupt { .. }), "{error}");
     assert!(error.to_string().contains("nodes record \"/b\""), "{error}");
+}
+
+#[test]
+fn an_installed_state_frees_the_set_it_replaces() {
+    let (_directory, paths) = database_with_saved_state();
+    {
+        let (mut storage, _) = Storage::open(&paths, &identity()).expect("open");
+        let header = SavedStateHeader {
+            through: 5,
+            membership: members(&[1, 2, 3]),
+            scalars: vec![5],
+        };
+        storage
+            .commit(&[
+                Write::State(StateWrite::StageBegin),
+                Write::State(StateWrite::Stage(vec![(
+                    StateTable::Nodes,
+                    Box::from(&b"/b"[..]),
+                    b"installed".to_vec(),
+                )])),
+                Write::State(StateWrite::StageActivate(header)),
+            ])
+            .expect("install");
+        let records = read_records(&storage).expect("read");
+        assert_eq!(
+            records
+                .keys()
+                .map(|(_, key)| key.clone())
+                .collect::<Vec<_>>(),
+            vec![b"/b".to_vec()]
+        );
+        storage.close().expect("close");
+    }
+    let database = redb::Database::open(&paths.state).expect("raw open");
+    let transaction = database.begin_read().expect("raw read");
+    let tables: Vec<String> = transaction
+        .list_tables()
+        .expect("list tables")
+        .map(|table| table.name().to_string())
+        .collect();
+    assert!(
+        tables.iter().all(|name| !name.ends_with(".0")),
+        "the replaced set's tables are dropped: {tables:?}"
+    );
+    let meta = transaction.open_table(RAW_META).expect("meta table");
+    assert!(meta.get("state.0").expect("raw read").is_none());
+    assert!(meta.get("state.1").expect("raw read").is_some());
 }
 
 #[test]
