@@ -706,6 +706,66 @@ mod tests {
     }
 
     #[test]
+    fn a_node_with_any_revision_past_the_states_is_refused() {
+        let late = [
+            Meta {
+                created_revision: 11,
+                ..Meta::default()
+            },
+            Meta {
+                modified_revision: 11,
+                ..Meta::default()
+            },
+            Meta {
+                child_modified_revision: 11,
+                ..Meta::default()
+            },
+        ];
+        for meta in late {
+            let node = Node::new(meta, b"data");
+            let error = load(&[
+                node_record(0, "/", 1),
+                (
+                    node_record_key(meta.created_revision, "/a"),
+                    node_payload(&node),
+                ),
+            ])
+            .expect_err("a revision after the state's");
+            assert!(error.contains("revision after"), "{meta:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_session_numbered_zero_is_refused() {
+        let session = Session {
+            timeout_ms: 10_000,
+            remaining_ms: 10_000,
+            checkpoint_time_ms: 0,
+            last_sequence: 0,
+            last_response: None,
+            owner: "CN=app".into(),
+            secret: 1,
+        };
+        let mut loader = loader_with_root();
+        loader
+            .record(StateRecordRef {
+                table: StateTable::Sessions,
+                key: &session_key(0),
+                value: &encode(&session),
+            })
+            .expect("a session record");
+        let scalars = encode(&Scalars {
+            next_session_id: 5,
+            ..decode(&scalars_at_revision(1)).expect("scalars")
+        });
+        let error = loader.finish(&scalars).expect_err("session 0");
+        assert!(
+            error.contains("session identifier is out of range"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_backup_session_record_keeps_everything_but_the_secret() {
         let session = Session {
             timeout_ms: 10_000,

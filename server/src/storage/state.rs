@@ -453,9 +453,9 @@ mod tests {
     fn a_delta_counts_its_keys_payloads_and_header() {
         // Each record counts its key, its payload (none for a removal) and
         // 16 bytes of overhead; the header counts its scalars.
-        let changes = delta(None, &[("/a", Some("hello")), ("/bc", None)]);
-        assert_eq!(changes.bytes(), (2 + 5 + 16) + (3 + 16));
-        let with_header = delta(Some(7), &[("/a", Some("hello")), ("/bc", None)]);
+        let changes = delta(None, &[("/abc", Some("hello")), ("/bc", None)]);
+        assert_eq!(changes.bytes(), (4 + 5 + 16) + (3 + 16));
+        let with_header = delta(Some(7), &[("/abc", Some("hello")), ("/bc", None)]);
         assert_eq!(with_header.bytes(), changes.bytes() + 1);
         assert_eq!(StateDelta::default().bytes(), 0);
         assert!(StateDelta::default().is_empty());
