@@ -2806,6 +2806,45 @@ mod tests {
     }
 
     #[test]
+    fn reads_waiting_for_their_index_count_against_the_pending_bound() {
+        let mut follower = follower_of_leader_1(5000);
+        follower.config.max_pending_reads = 3;
+        follower.read(5000, 1);
+        let request = messages(&follower.ready())
+            .iter()
+            .find_map(|m| match m {
+                Message::ReadIndex(read) => Some(read.request),
+                _ => None,
+            })
+            .expect("the read is forwarded");
+        let reply = ReadIndexReply {
+            request,
+            read_index: Some(7),
+        };
+        deliver(&mut follower, 5001, 1, Message::ReadIndexReply(reply));
+        assert!(follower.ready().reads.is_empty(), "it waits for slot 7");
+        // One read waits for its index and two are forwarded: the bound.
+        for id in 2..=4 {
+            follower.read(5001, id);
+        }
+        assert_eq!(follower.ready().reads, vec![ReadOutcome::Aborted { id: 4 }]);
+    }
+
+    #[test]
+    fn a_leader_keeps_at_most_its_window_of_slots_in_flight() {
+        let mut leader = elected_leader(3000);
+        leader.ready();
+        leader.config.max_commands_per_slot = 1;
+        leader.config.max_inflight_slots = 3;
+        let proposed = (0..5u8).map(|i| Command::from(vec![i])).collect();
+        leader.propose(3000, proposed).expect("leader takes them");
+        leader.ready();
+        let status = leader.status();
+        // The election's no-op and two commands; three commands wait.
+        assert_eq!((status.inflight_slots, status.pending_commands), (3, 3));
+    }
+
+    #[test]
     fn a_leader_heartbeats_once_per_interval() {
         let mut leader = elected_leader(3000);
         let interval = leader.config.heartbeat_interval_ms;
