@@ -534,26 +534,23 @@ mod tests {
                 value,
             })?;
         }
-        let scalars = encode(&Scalars {
-            revision: 10,
-            now_ms: 0,
-            next_session_id: 1,
-            next_lock_generation: 1,
-            cluster_identity: None,
-            confirmed_members: Vec::new(),
-        });
-        loader.finish(&scalars)
+        loader.finish(&scalars_at_revision(10))
     }
 
-    fn scalars_at_revision(revision: u64) -> Vec<u8> {
-        encode(&Scalars {
+    /// The scalars of a small valid state at `revision`.
+    fn scalars(revision: u64) -> Scalars {
+        Scalars {
             revision,
             now_ms: 0,
             next_session_id: 1,
             next_lock_generation: 1,
             cluster_identity: None,
             confirmed_members: Vec::new(),
-        })
+        }
+    }
+
+    fn scalars_at_revision(revision: u64) -> Vec<u8> {
+        encode(&scalars(revision))
     }
 
     /// A loader that has taken the root and nothing else.
@@ -663,7 +660,7 @@ mod tests {
             let loader = loader_with_root();
             let scalars = encode(&Scalars {
                 confirmed_members: members.clone(),
-                ..decode(&scalars_at_revision(1)).expect("scalars")
+                ..scalars(1)
             });
             let error = loader.finish(&scalars).expect_err("refused");
             assert!(
@@ -675,7 +672,7 @@ mod tests {
 
     #[test]
     fn counters_out_of_range_are_refused() {
-        let good: Scalars = decode(&scalars_at_revision(1)).expect("scalars");
+        let good = scalars(1);
         let cases = [
             Scalars {
                 revision: u64::MAX,
@@ -756,7 +753,7 @@ mod tests {
             .expect("a session record");
         let scalars = encode(&Scalars {
             next_session_id: 5,
-            ..decode(&scalars_at_revision(1)).expect("scalars")
+            ..scalars(1)
         });
         let error = loader.finish(&scalars).expect_err("session 0");
         assert!(
