@@ -14,6 +14,7 @@ use synod_proto::{
 use synod_server::state::snapshot::SnapshotError;
 use synod_server::state::watch::{EventHistory, WatchRegistry};
 use synod_server::state::{Applied, Command, SessionRemaining, StateConfig, StateMachine};
+use synod_server::storage::StateTable;
 
 /// Drives a state machine with a leader clock and per-session sequence numbers.
 struct Harness {
@@ -598,6 +599,42 @@ fn the_state_counts_what_it_holds() {
     h.ok(a, delete("/x/y", None));
     assert!(h.state.revision() > created, "a deletion takes a revision");
     assert_eq!(h.state.node_count(), 2);
+}
+
+#[test]
+fn the_state_keeps_the_latest_leader_time_and_saves_everything_anew_when_asked() {
+    let mut h = Harness::new();
+    let a = h.open();
+    assert_eq!(h.state.now_ms(), 1_000, "the time of the last command");
+    h.tick(5_000);
+    assert_eq!(h.state.now_ms(), 5_000);
+    h.tick(3_000);
+    assert_eq!(
+        h.state.now_ms(),
+        5_000,
+        "a new leader's clock behind the last one's never moves time back"
+    );
+    h.create(a, "/x", Persistent);
+    acquired(h.ok(a, lock("/l", LockMode::Exclusive, false)));
+    let membership = synod_paxos::Membership::new(&[1, 2, 3]).expect("membership");
+    let tables = |delta: &synod_server::storage::StateDelta| {
+        let mut tables: Vec<StateTable> = delta.changes.keys().map(|(table, _)| *table).collect();
+        tables.dedup();
+        tables
+    };
+    let first = h.state.take_delta(1, &membership);
+    assert_eq!(
+        tables(&first),
+        vec![StateTable::Nodes, StateTable::Sessions, StateTable::Locks]
+    );
+    assert!(h.state.take_delta(2, &membership).changes.is_empty());
+    h.state.mark_all_dirty();
+    let anew = h.state.take_delta(3, &membership);
+    assert_eq!(
+        anew.changes.keys().collect::<Vec<_>>(),
+        first.changes.keys().collect::<Vec<_>>(),
+        "every node, session and lock is saved again"
+    );
 }
 
 #[test]

@@ -1611,6 +1611,12 @@ fn each_writer_poisons_only_its_own_database_and_reports_it_at_close() {
         .commit(&[&past_the_saved_state])
         .expect_err("a compaction past the saved state");
     assert!(matches!(error, StorageError::Refused { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("compacts the log below slot 3, past the saved state (none is saved)"),
+        "{error}"
+    );
     let cause = log.poisoned().expect("the log is poisoned");
     assert!(error.to_string().contains(cause), "{cause:?} in {error}");
     assert_eq!(state.poisoned(), None, "the state database is not");

@@ -621,6 +621,67 @@ mod tests {
     }
 
     #[test]
+    fn a_node_owned_by_a_session_that_is_not_open_is_refused() {
+        let mut loader = StateLoader::new(StateConfig::default());
+        let (root_key, root) = node_record(0, "/", 1);
+        loader
+            .record(StateRecordRef {
+                table: StateTable::Nodes,
+                key: &root_key,
+                value: &root,
+            })
+            .expect("the root");
+        let meta = Meta {
+            created_revision: 3,
+            ephemeral_owner: 5,
+            ..Meta::default()
+        };
+        let node = Node::new(meta, b"held");
+        let (key, value) = (node_record_key(3, "/held"), node_payload(&node));
+        loader
+            .record(StateRecordRef {
+                table: StateTable::Nodes,
+                key: &key,
+                value: &value,
+            })
+            .expect("a well-formed record");
+        let mut scalars = scalars(10);
+        scalars.next_session_id = 6;
+        let error = loader
+            .finish(&encode(&scalars))
+            .expect_err("owner not open");
+        assert!(
+            error
+                .to_string()
+                .contains("session 5 owns nodes or locks but is not open"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn a_segment_merges_into_one_at_most_twice_its_size() {
+        let mut loader = StateLoader::new(StateConfig::default());
+        let counts = |loader: &StateLoader| {
+            loader
+                .segments
+                .iter()
+                .map(BTreeMap::len)
+                .collect::<Vec<_>>()
+        };
+        loader.take_nodes(node_batch(1..=15)).expect("new paths");
+        loader.take_nodes(node_batch(16..=25)).expect("new paths");
+        assert_eq!(counts(&loader), vec![25], "15 is at most twice 10: merged");
+        loader.take_nodes(node_batch(26..=30)).expect("new paths");
+        assert_eq!(
+            counts(&loader),
+            vec![25, 5],
+            "25 is more than twice 5: apart"
+        );
+        loader.take_nodes(node_batch(31..=40)).expect("new paths");
+        assert_eq!(counts(&loader), vec![40], "15 then 25 merge in turn");
+    }
+
+    #[test]
     fn a_path_in_two_batches_is_refused() {
         for (first, second) in [(1..=10, 5..=5), (1..=1, 1..=3)] {
             let mut loader = StateLoader::new(StateConfig::default());

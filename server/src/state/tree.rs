@@ -642,3 +642,20 @@ fn check_data(config: &StateConfig, data: &[u8]) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_shows_its_metadata_and_data_when_debugged() {
+        let meta = Meta {
+            version: 4,
+            ..Meta::default()
+        };
+        let shown = format!("{:?}", Node::new(meta, b"v1"));
+        assert!(shown.starts_with("Node {"), "{shown}");
+        assert!(shown.contains("version: 4"), "{shown}");
+        assert!(shown.contains("data: [118, 49]"), "{shown}");
+    }
+}

@@ -152,6 +152,18 @@ mod tests {
     }
 
     #[test]
+    fn a_stored_membership_out_of_order_is_refused() {
+        let stored = postcard::to_allocvec(&(vec![3u64, 1, 2],)).expect("encodes");
+        let unsorted: Membership = postcard::from_bytes(&stored).expect("serde takes it");
+        let error = valid_membership(&unsorted).expect_err("not sorted");
+        assert!(error.contains("is not sorted"), "{error}");
+        let empty: Membership = postcard::from_bytes(&[0]).expect("serde takes it");
+        let error = valid_membership(&empty).expect_err("empty");
+        assert!(error.contains("is invalid"), "{error}");
+        valid_membership(&Membership::new(&[1, 2, 3]).expect("valid")).expect("sorted");
+    }
+
+    #[test]
     fn sealed_records_round_trip() {
         let sealed = seal(&log_domain(7), &record()).expect("encodes");
         let back: LogRecord = unseal(&log_domain(7), &sealed).expect("decodes");

@@ -414,6 +414,12 @@ mod tests {
     }
 
     #[test]
+    fn a_delta_reaches_the_slot_of_its_header_and_none_without_one() {
+        assert_eq!(delta(Some(7), &[("/a", Some("1"))]).through(), Some(7));
+        assert_eq!(delta(None, &[]).through(), None);
+    }
+
+    #[test]
     fn merged_deltas_keep_the_latest_change_of_each_key_and_the_last_header() {
         let merged = StateDelta::merged(vec![
             delta(
