@@ -106,6 +106,8 @@ impl Drop for LocalCluster {
         }
         self.notices.say(format_args!("stopping the replicas..."));
         for (_, child) in &self.children {
+            // A replica paused by a benchmark must run again to stop.
+            signal(child.id(), Signal::SIGCONT);
             signal(child.id(), Signal::SIGTERM);
         }
         let deadline = Instant::now() + Duration::from_millis(STOP_TIMEOUT_MS);
@@ -570,14 +572,7 @@ impl LocalCluster {
     /// # Errors
     /// This run did not start replica `id`, or the pids cannot be recorded.
     pub fn stop_replica(&mut self, id: u64) -> anyhow::Result<()> {
-        let Some(index) = self
-            .children
-            .iter()
-            .position(|(child_id, _)| *child_id == id)
-        else {
-            bail!("replica {id} is not running (or was not started by this run)");
-        };
-        let (_, mut child) = self.children.remove(index);
+        let mut child = self.take_child(id)?;
         signal(child.id(), Signal::SIGTERM);
         wait_or_kill(
             id,
@@ -585,6 +580,50 @@ impl LocalCluster {
             Instant::now() + Duration::from_millis(STOP_TIMEOUT_MS),
         );
         self.record_pids()
+    }
+
+    /// Takes replica `id`'s process out of those this run has running.
+    fn take_child(&mut self, id: u64) -> anyhow::Result<Child> {
+        let Some(index) = self
+            .children
+            .iter()
+            .position(|(child_id, _)| *child_id == id)
+        else {
+            bail!("replica {id} is not running (or was not started by this run)");
+        };
+        Ok(self.children.remove(index).1)
+    }
+
+    /// Kills replica `id`, started by this run, with SIGKILL (no chance to
+    /// flush or say goodbye, like a crash); returns once it has exited.
+    ///
+    /// # Errors
+    /// This run did not start replica `id`, or the pids cannot be recorded.
+    pub fn kill_replica(&mut self, id: u64) -> anyhow::Result<()> {
+        let mut child = self.take_child(id)?;
+        let _ = child.kill();
+        let _ = child.wait();
+        self.record_pids()
+    }
+
+    /// Pauses replica `id` with SIGSTOP (a hung process: its sockets stay
+    /// open, it answers nothing) or lets it run again with SIGCONT.
+    ///
+    /// # Errors
+    /// This run did not start replica `id`.
+    pub fn set_paused(&self, id: u64, paused: bool) -> anyhow::Result<()> {
+        let pid = self.pid(id).with_context(|| {
+            format!("replica {id} is not running (or was not started by this run)")
+        })?;
+        signal(
+            pid,
+            if paused {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            },
+        );
+        Ok(())
     }
 
     /// Replica `id`'s process id, when this run started it and it has not

@@ -1,12 +1,21 @@
-//! `synod bench fill` at a tiny size, end to end: it starts its own three
-//! `synod-server` processes in a temporary directory on free ports, runs
-//! every phase, and prints one JSON document. The test checks that the
-//! document holds every figure with sane values (all 2,000 creates done and
-//! none failed, positive rates, the catch-up and the restart measured,
-//! memory and disk per replica, a verdict per target), and that afterwards
-//! no replica is left running and the temporary directory is gone. A second
-//! run is interrupted with SIGINT during the fill: it must exit with 130
-//! and leave nothing behind either.
+//! `synod bench`, end to end: each benchmark starts its own three
+//! `synod-server` processes in a temporary directory on free ports.
+//!
+//! `synod bench fill` at a tiny size runs every phase and prints one JSON
+//! document. The test checks that the document holds every figure with
+//! sane values (all 2,000 creates done and none failed, positive rates, the
+//! catch-up and the restart measured, memory and disk per replica, a
+//! verdict per target), and that afterwards no replica is left running and
+//! the temporary directory is gone. A second run is interrupted with SIGINT
+//! during the fill: it must exit with 130 and leave nothing behind either.
+//!
+//! Each workload (`write`, `write --create`, `read`, `mixed`, `lock`,
+//! `election`) runs for a second and must report operations of its kinds
+//! with none failed and latencies in order; an operation count ends a load
+//! early; a killed and a paused leader are each replaced with every writer
+//! writing again; and the suite, cut down to one repetition of its rows of
+//! at most 16 clients, prints a figure for each row. None of these checks a
+//! speed: they run beside other tests.
 
 mod common;
 
@@ -226,4 +235,196 @@ fn an_interrupted_bench_stops_its_replicas_and_removes_its_data() {
         !std::path::Path::new(&data_dir).exists(),
         "{data_dir} was not removed"
     );
+}
+
+/// Runs `synod --json bench ARGS` to its end and returns its one JSON
+/// document; checks that every cluster it started (named on stderr) is
+/// stopped and its temporary directory gone.
+fn bench_json(args: &[&str]) -> Value {
+    let home = tempfile::tempdir().expect("home");
+    let mut command = synod(&home);
+    command.arg("--json").arg("bench").args(args);
+    let output = run_bounded(command, BENCH_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "synod bench {args:?} failed:\n{stderr}"
+    );
+    let data_dirs: Vec<&str> = stderr
+        .lines()
+        .filter_map(|line| line.strip_prefix("bench: starting 3 replicas in "))
+        .collect();
+    assert!(!data_dirs.is_empty(), "no cluster named:\n{stderr}");
+    for dir in data_dirs {
+        assert!(!std::path::Path::new(dir).exists(), "{dir} was not removed");
+        assert!(
+            processes_mentioning(dir).is_empty(),
+            "replicas of {dir} still run"
+        );
+    }
+    let text = String::from_utf8(output.stdout).expect("UTF-8 output");
+    serde_json::from_str(text.trim())
+        .unwrap_or_else(|error| panic!("not one JSON document ({error}):\n{text}\n{stderr}"))
+}
+
+/// Checks one kind of operation's figures: some succeeded, none failed,
+/// the latencies in order.
+fn check_kind(report: &Value, kind: &str) {
+    let figures = &report["figures"]["by_kind"][kind];
+    assert!(
+        number(figures, "/ops") > 0.0,
+        "no {kind} succeeded: {report}"
+    );
+    assert!(number(figures, "/ops_per_sec") > 0.0, "{report}");
+    assert_eq!(figures["timeouts"], 0, "{report}");
+    assert_eq!(figures["errors"], serde_json::json!({}), "{report}");
+    let latency = |name: &str| number(figures, &format!("/latency/{name}"));
+    assert!(latency("p50_ms") > 0.0, "{report}");
+    assert!(latency("p50_ms") <= latency("p90_ms"), "{report}");
+    assert!(latency("p90_ms") <= latency("p99_ms"), "{report}");
+    assert!(latency("p99_ms") <= latency("p999_ms"), "{report}");
+    assert!(latency("p999_ms") <= latency("max_ms"), "{report}");
+}
+
+#[test]
+fn every_workload_measures_its_operations_on_a_cluster_of_its_own() {
+    let quick = ["--duration-secs", "1", "--warmup-secs", "0", "--keys", "20"];
+    let cases: [(&[&str], &[&str]); 6] = [
+        (&["write", "--clients", "2"], &["write"]),
+        (
+            &["write", "--create", "--clients", "2", "--in-flight", "2"],
+            &["create"],
+        ),
+        (
+            &["read", "--consistency", "at-least", "--clients", "3"],
+            &["read"],
+        ),
+        (
+            &["mixed", "--read-percent", "50", "--clients", "2"],
+            &["read", "write"],
+        ),
+        (&["lock", "--clients", "3"], &["lock"]),
+        (&["election", "--clients", "2"], &["election"]),
+    ];
+    for (args, kinds) in cases {
+        let mut all = args.to_vec();
+        all.extend(quick);
+        let report = bench_json(&all);
+        assert_eq!(report["workload"], args[0], "{report}");
+        for kind in kinds {
+            check_kind(&report, kind);
+        }
+        let measured: Vec<&String> = report["figures"]["by_kind"]
+            .as_object()
+            .expect("kinds")
+            .keys()
+            .collect();
+        assert_eq!(measured.len(), kinds.len(), "{report}");
+        assert!(number(&report, "/figures/secs") >= 1.0, "{report}");
+    }
+}
+
+#[test]
+fn an_operation_count_ends_the_load_before_its_time() {
+    let report = bench_json(&[
+        "write",
+        "--clients",
+        "2",
+        "--ops",
+        "50",
+        "--duration-secs",
+        "600",
+        "--warmup-secs",
+        "0",
+    ]);
+    assert_eq!(report["figures"]["ops"], 50, "{report}");
+    assert!(number(&report, "/figures/secs") < 120.0, "{report}");
+}
+
+#[test]
+fn a_killed_or_paused_leader_is_replaced_and_every_writer_recovers() {
+    for fault in ["kill", "stop"] {
+        let report = bench_json(&[
+            "failover",
+            "--fault",
+            fault,
+            "--clients",
+            "3",
+            "--warmup-secs",
+            "1",
+        ]);
+        let figures = &report["figures"];
+        assert_eq!(figures["fault"], fault, "{report}");
+        assert_eq!(figures["writers"], 3, "{report}");
+        assert_eq!(figures["writers_recovered"], 3, "{report}");
+        assert!(number(figures, "/writes_before") > 0.0, "{report}");
+        assert!(number(figures, "/writes_after") >= 3.0, "{report}");
+        let first = number(figures, "/first_write_ok_ms");
+        let every = number(figures, "/every_writer_ok_ms");
+        assert!(first > 0.0 && first <= every, "{report}");
+        let new_leader = figures["new_leader"].as_u64().expect("a new leader");
+        assert_ne!(Some(new_leader), figures["old_leader"].as_u64(), "{report}");
+    }
+}
+
+#[test]
+fn the_suite_prints_a_row_per_measurement_with_every_run() {
+    let home = tempfile::tempdir().expect("home");
+    let mut command = synod(&home);
+    command.args([
+        "bench",
+        "suite",
+        "--repeat",
+        "1",
+        "--duration-secs",
+        "1",
+        "--warmup-secs",
+        "0",
+        "--clients-max",
+        "16",
+    ]);
+    let output = run_bounded(command, BENCH_TIMEOUT);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "synod bench suite failed:\n{stderr}"
+    );
+    let text = String::from_utf8(output.stdout).expect("UTF-8 output");
+    let rows: Vec<&str> = text.lines().filter(|line| line.starts_with("| ")).collect();
+    // The header, then one writer, writes, the two kinds of reads and lock
+    // hand-offs at 16 clients, and the two failovers.
+    assert_eq!(rows.len(), 8, "{text}");
+    assert!(rows[0].starts_with("| workload | median |"), "{text}");
+    for row in &rows[1..] {
+        assert!(
+            !row.contains("none"),
+            "a row without a figure: {row}\n{stderr}"
+        );
+        assert!(
+            !row.contains("failed"),
+            "a row with failures: {row}\n{stderr}"
+        );
+    }
+    assert!(
+        rows.iter()
+            .any(|row| row.starts_with("| one writer, p50 (via leader) |") && row.contains(" ms |")),
+        "{text}"
+    );
+    assert!(
+        rows.iter()
+            .any(|row| row.starts_with("| kill -9 of the leader") && row.contains(" s / ")),
+        "{text}"
+    );
+    let data_dirs: Vec<&str> = stderr
+        .lines()
+        .filter_map(|line| line.strip_prefix("bench: starting 3 replicas in "))
+        .collect();
+    assert_eq!(
+        data_dirs.len(),
+        3,
+        "one cluster for the loads, one per failover"
+    );
+    for dir in data_dirs {
+        assert!(!std::path::Path::new(dir).exists(), "{dir} was not removed");
+    }
 }

@@ -35,6 +35,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use super::load::{self, Fill, Naming, SteadyWrites, FILL_ROOT};
 use super::monitor::{self, Monitor, POLL_INTERVAL_MS};
+use super::own_cluster;
 use super::report::{
     millis, ratio, CatchUpResult, FillReport, FillResult, Phase, ReplicaDisk, ReplicaMemory,
     RestartResult, Setup, SteadyResult,
@@ -121,27 +122,13 @@ pub async fn run(
     let began = Instant::now();
     let clients = usize::try_from(args.clients).context("--clients")?;
     let sessions = usize::try_from(args.sessions).context("--sessions")?;
-    let pool_names: Vec<String> = (0..clients.max(sessions))
-        .map(|index| format!("bench-{index:04}"))
-        .collect();
+    let pool_names = own_cluster::client_names(clients.max(sessions));
 
     // 1. The cluster, the monitor and the pool.
-    note(format_args!(
-        "starting 3 replicas in {}",
-        cluster.data().display()
-    ));
-    cluster.generate_certs(&pool_names)?;
-    cluster.write_configs()?;
-    cluster.check_ports_free(&NODE_IDS)?;
-    let server = tokio::task::block_in_place(|| cluster.server_binary(args.server.as_deref()))?;
-    cluster.start(&server, &NODE_IDS, &[])?;
-    let admin = cluster.wait_ready(&cluster.client_config()).await?;
-    let first_status = admin.status().await.context("cannot read the status")?;
-    admin.close().await;
-    let first_leader = first_status
-        .replica
-        .leader
-        .context("the cluster lost its leader")?;
+    let own_cluster::Started {
+        leader: first_leader,
+        server,
+    } = own_cluster::start(cluster, args.cluster.server.as_deref(), &pool_names).await?;
     let monitor = Monitor::start(
         NODE_IDS
             .iter()
@@ -160,6 +147,7 @@ pub async fn run(
             .iter()
             .map(|name| cluster.client_config_for(&order, name))
             .collect(),
+        load::SESSION_TIMEOUT_MS,
         args.request_timeout_ms,
     )
     .await?;
@@ -182,7 +170,14 @@ pub async fn run(
         .collect();
     let mut setup_paths = vec![STEADY_ROOT.to_string()];
     setup_paths.extend(steady_paths.iter().cloned());
-    load::create_all(&pool, setup_paths, SETUP_CREATES_IN_FLIGHT, request_timeout).await?;
+    load::create_all(
+        &pool,
+        setup_paths,
+        Arc::new(Vec::new()),
+        SETUP_CREATES_IN_FLIGHT,
+        request_timeout,
+    )
+    .await?;
     let baseline_writers = SteadyWrites {
         clients: pool[..clients].to_vec(),
         paths: steady_paths.clone(),
@@ -231,6 +226,7 @@ pub async fn run(
     load::create_all(
         &pool[..sessions],
         parents,
+        Arc::new(Vec::new()),
         SETUP_CREATES_IN_FLIGHT,
         request_timeout,
     )

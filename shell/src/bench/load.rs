@@ -30,14 +30,18 @@ const CONNECTS_IN_FLIGHT_MAX: usize = 16;
 /// Longest a pool session may take to open.
 const CONNECT_TIMEOUT_MS: u64 = 20_000;
 
-/// A pool session's timeout: long enough that a loaded machine's delayed
+/// A load session's timeout: long enough that a loaded machine's delayed
 /// keep-alives never expire it.
-const SESSION_TIMEOUT_MS: u64 = 30_000;
+pub const SESSION_TIMEOUT_MS: u64 = 30_000;
 
 /// Beyond the request timeout, how long the bench itself waits for an
 /// answer before counting the request as timed out (the client's own
 /// timeout should fire first).
 const TIMEOUT_MARGIN_MS: u64 = 2_000;
+
+/// A refused request comes back at once: a load waits this long before its
+/// next, so a refusing cluster is not spun on.
+pub const REFUSAL_PAUSE_MS: u64 = 10;
 
 /// A new latency histogram, in microseconds.
 ///
@@ -47,20 +51,24 @@ pub fn histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, LATENCY_MAX_US, 3).context("cannot make a latency histogram")
 }
 
-fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
+/// Records `elapsed` in a histogram of microseconds, clamped to its bounds.
+pub fn record(histogram: &mut Histogram<u64>, elapsed: Duration) {
     let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
     histogram.saturating_record(micros.clamp(1, LATENCY_MAX_US));
 }
 
 /// The outcome of one request.
-enum Outcome {
+pub enum Outcome {
+    /// It succeeded.
     Ok,
+    /// No answer came in time.
     TimedOut,
+    /// It failed, or was refused.
     Failed(ErrorKind),
 }
 
 /// Runs `request` within `timeout` (plus a margin) and sorts its outcome.
-async fn bounded<T>(
+pub async fn bounded<T>(
     timeout: Duration,
     request: impl std::future::Future<Output = Result<T, ClientError>>,
 ) -> Outcome {
@@ -72,7 +80,8 @@ async fn bounded<T>(
     }
 }
 
-fn kind_name(kind: ErrorKind) -> String {
+/// An error kind's name, as counted in the reports.
+pub fn kind_name(kind: ErrorKind) -> String {
     format!("{kind:?}")
 }
 
@@ -83,6 +92,7 @@ fn kind_name(kind: ErrorKind) -> String {
 /// A session could not be opened in time.
 pub async fn connect_pool(
     configs: Vec<ClientConfig>,
+    session_timeout_ms: u64,
     request_timeout_ms: u64,
 ) -> anyhow::Result<Vec<Client>> {
     let mut clients: Vec<Option<Client>> = vec![None; configs.len()];
@@ -97,7 +107,7 @@ pub async fn connect_pool(
                 let builder = Client::builder()
                     .endpoints(config.endpoints.clone())
                     .tls(config.tls())
-                    .session_timeout_ms(SESSION_TIMEOUT_MS)
+                    .session_timeout_ms(session_timeout_ms)
                     .request_timeout_ms(request_timeout_ms);
                 let connected = tokio::time::timeout(
                     Duration::from_millis(CONNECT_TIMEOUT_MS),
@@ -203,7 +213,7 @@ impl SteadyWrites {
                         Outcome::Failed(kind) => {
                             *errors.entry(kind_name(kind)).or_default() += 1;
                             // A refusal comes back at once; do not spin on it.
-                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            tokio::time::sleep(Duration::from_millis(REFUSAL_PAUSE_MS)).await;
                         }
                     }
                 }
@@ -482,15 +492,16 @@ impl Fill {
     }
 }
 
-/// Creates `paths` in order of depth (each after its parent), up to
-/// `in_flight` at a time spread over `clients`; a node that exists counts
-/// as created.
+/// Creates `paths` with `data` in order of depth (each after its
+/// parent), up to `in_flight` at a time spread over `clients`; a node that
+/// exists counts as created.
 ///
 /// # Errors
 /// A create failed or timed out (the fill needs every parent).
 pub async fn create_all(
     clients: &[Client],
     paths: Vec<String>,
+    data: Arc<Vec<u8>>,
     in_flight: usize,
     request_timeout: Duration,
 ) -> anyhow::Result<()> {
@@ -513,10 +524,11 @@ pub async fn create_all(
                     break;
                 };
                 let client = clients[index % clients.len()].clone();
+                let data = data.clone();
                 creating.spawn(async move {
                     let answer = tokio::time::timeout(
                         request_timeout + Duration::from_millis(TIMEOUT_MARGIN_MS),
-                        client.create(&path, &[], CreateMode::Persistent),
+                        client.create(&path, &data, CreateMode::Persistent),
                     )
                     .await;
                     (path, answer)

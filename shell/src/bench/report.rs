@@ -71,6 +71,8 @@ impl Phase {
 pub struct Latency {
     /// Median.
     pub p50_ms: f64,
+    /// 90th percentile.
+    pub p90_ms: f64,
     /// 99th percentile.
     pub p99_ms: f64,
     /// 99.9th percentile.
@@ -90,6 +92,7 @@ impl Latency {
         let ms = |micros: u64| micros as f64 / 1000.0;
         Latency {
             p50_ms: ms(histogram.value_at_quantile(0.50)),
+            p90_ms: ms(histogram.value_at_quantile(0.90)),
             p99_ms: ms(histogram.value_at_quantile(0.99)),
             p999_ms: ms(histogram.value_at_quantile(0.999)),
             max_ms: ms(histogram.max()),
@@ -347,6 +350,15 @@ fn check(name: &str, value: f64, shown: String, target: &str, pass: bool) -> Che
     }
 }
 
+impl super::Report for FillReport {
+    fn to_text(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = self.write_text(&mut out);
+        out
+    }
+}
+
 impl FillReport {
     /// Fills in `checks` and `passed` from the figures.
     pub fn evaluate(&mut self) {
@@ -449,14 +461,6 @@ impl FillReport {
         }
         self.passed = checks.iter().all(|check| check.pass);
         self.checks = checks;
-    }
-
-    /// The report for people.
-    pub fn to_text(&self) -> String {
-        let mut out = String::new();
-        // Writing to a String cannot fail.
-        let _ = self.write_text(&mut out);
-        out
     }
 
     fn write_text(&self, out: &mut String) -> std::fmt::Result {
@@ -710,6 +714,7 @@ fn errors_text(errors: &BTreeMap<String, u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::Report;
 
     fn passing_report() -> FillReport {
         let steady = SteadyResult {
