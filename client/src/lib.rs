@@ -128,6 +128,13 @@ pub use watch::{StateStream, Watch, WatchStream};
 /// home replica ([`ClientBuilder::rebalance_after_ms`]).
 pub const DEFAULT_REBALANCE_AFTER_MS: u64 = 60_000;
 
+/// How long, by default, the replica a session is attached to may stay
+/// silent before the session fails over ([`ClientBuilder::liveness_timeout_ms`]).
+pub const DEFAULT_LIVENESS_TIMEOUT_MS: u64 = 400;
+
+/// The shortest liveness timeout a builder takes.
+const LIVENESS_TIMEOUT_MIN_MS: u64 = 20;
+
 /// A small blocking facade over [`Client`] for programs that do not run
 /// tokio: it owns a runtime with one worker thread for the session.
 pub mod blocking {
@@ -224,6 +231,7 @@ pub struct ClientBuilder {
     retry: RetryPolicy,
     local_address: Option<std::net::IpAddr>,
     rebalance_after_ms: u64,
+    liveness_timeout_ms: u64,
 }
 
 impl Default for ClientBuilder {
@@ -238,6 +246,7 @@ impl Default for ClientBuilder {
             retry: RetryPolicy::default(),
             local_address: None,
             rebalance_after_ms: DEFAULT_REBALANCE_AFTER_MS,
+            liveness_timeout_ms: DEFAULT_LIVENESS_TIMEOUT_MS,
         }
     }
 }
@@ -315,6 +324,26 @@ impl ClientBuilder {
         self
     }
 
+    /// How long the replica a session is attached to may stay silent
+    /// before the session fails over to another one. Silent means no QUIC
+    /// packet at all: the connection sends a QUIC keep-alive every quarter
+    /// of this, which a live replica acknowledges at once whatever its
+    /// event loop is doing, so only a dead, hung or unreachable replica
+    /// stays silent. This is how a session leaves a killed or paused
+    /// replica within half a second; the confirm ping (every sixth of the
+    /// session timeout) still catches a replica that is alive but reaches
+    /// no leader. Raise it on slow or lossy links. Default 400 ms; at least
+    /// 20 ms, and at most a third of the session timeout.
+    ///
+    /// ```
+    /// let builder = synod_client::Client::builder().liveness_timeout_ms(1_000);
+    /// # let _ = builder;
+    /// ```
+    pub fn liveness_timeout_ms(mut self, timeout_ms: u64) -> Self {
+        self.liveness_timeout_ms = timeout_ms;
+        self
+    }
+
     /// How long a call waits for its answer, retries included.
     ///
     /// ```
@@ -377,10 +406,16 @@ impl ClientBuilder {
                 "session and request timeouts must be positive".into(),
             ));
         }
-        // The session task detects a silent replica itself; QUIC's idle
-        // timeout is the backstop, and its pings keep NAT bindings warm.
+        // The session task detects a silent replica itself, by the QUIC
+        // keep-alives going unanswered; QUIC's idle timeout is the
+        // backstop, and the keep-alives also keep NAT bindings warm.
         let idle_ms = (self.session_timeout_ms / 2).clamp(500, 10_000);
-        let endpoint = quic_endpoint(&material, first, self.local_address, idle_ms)?;
+        let liveness_ms = self.liveness_timeout_ms.clamp(
+            LIVENESS_TIMEOUT_MIN_MS,
+            (self.session_timeout_ms / 3).max(LIVENESS_TIMEOUT_MIN_MS),
+        );
+        let keep_alive_ms = (liveness_ms / 4).max(5);
+        let endpoint = quic_endpoint(&material, first, self.local_address, idle_ms, keep_alive_ms)?;
         let shared = Arc::new(Shared::new());
         let settings = SessionSettings {
             endpoints,
@@ -391,6 +426,7 @@ impl ClientBuilder {
             retry: self.retry,
             rebalance_after: (self.rebalance_after_ms > 0)
                 .then(|| Duration::from_millis(self.rebalance_after_ms)),
+            liveness_timeout: Duration::from_millis(liveness_ms),
         };
         let calls = session::start(settings, shared.clone()).await?;
         let session = match *shared.state.borrow() {
@@ -427,7 +463,7 @@ impl ClientBuilder {
     pub async fn fetch_snapshot(self) -> Result<SnapshotDownload> {
         let material = self.tls_material()?;
         let (endpoints, first) = self.resolved_endpoints()?;
-        let endpoint = quic_endpoint(&material, first, self.local_address, 10_000)?;
+        let endpoint = quic_endpoint(&material, first, self.local_address, 10_000, 2_500)?;
         backup::fetch(
             endpoint,
             &endpoints,
@@ -482,13 +518,15 @@ impl ClientBuilder {
 }
 
 /// A QUIC client endpoint presenting `material`, bound to `local` (or the
-/// unspecified address of `first`'s family), closing connections silent
+/// unspecified address of `first`'s family), sending a keep-alive after
+/// `keep_alive_ms` without sending anything and closing connections silent
 /// for `idle_ms`.
 fn quic_endpoint(
     material: &synod_proto::tls::TlsMaterial,
     first: SocketAddr,
     local: Option<std::net::IpAddr>,
     idle_ms: u64,
+    keep_alive_ms: u64,
 ) -> Result<quinn::Endpoint> {
     let bind = if let Some(local) = local {
         SocketAddr::new(local, 0)
@@ -498,7 +536,7 @@ fn quic_endpoint(
         SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
     };
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_millis(idle_ms / 4)));
+    transport.keep_alive_interval(Some(Duration::from_millis(keep_alive_ms)));
     transport.max_idle_timeout(Some(
         quinn::VarInt::from_u32(u32::try_from(idle_ms).unwrap_or(10_000)).into(),
     ));

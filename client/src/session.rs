@@ -5,9 +5,15 @@
 //! session stream; answers are matched by sequence. Events and lock grants
 //! arrive on the same ordered stream and go to their subscribers.
 //!
-//! Liveness: every sixth of the session timeout the task sends a keep-alive
-//! and, unless one is still in flight, a linearizable read of `/` (the
-//! "confirm ping"). Its answer proves more than that the replica is alive:
+//! Liveness: the replica must be heard from. The QUIC connection sends a
+//! keep-alive whenever it has sent nothing for a quarter of the liveness
+//! timeout, which a live replica acknowledges at once (QUIC does, whatever
+//! its event loop is doing); a replica that sends no packet at all for the
+//! liveness timeout (400 ms by default) is dead, paused or cut off, and the
+//! task tries another replica. That alone would miss a replica that is
+//! alive but cannot serve: every sixth of the session timeout the task also
+//! sends a session keep-alive and, unless one is still in flight, a
+//! linearizable read of `/` (the "confirm ping"). Its answer proves more than that the replica is alive:
 //! the replica reached a leader backed by a quorum, which is where the
 //! keep-alives go. A confirm ping unanswered for a third of the timeout
 //! makes the task try another replica: the replica died (a killed replica
@@ -152,6 +158,10 @@ pub(crate) struct SessionSettings {
     /// How long a session stays away from its home replica before it
     /// moves back, if home answers; `None`: it stays where it is.
     pub rebalance_after: Option<Duration>,
+    /// How long the replica may send no QUIC packet at all before the
+    /// session fails over (the connection's keep-alives make a live one
+    /// answer well within it).
+    pub liveness_timeout: Duration,
 }
 
 /// Bound on calls queued for the session task.
@@ -424,6 +434,47 @@ struct SessionTask {
     unavailable_in_a_row: u32,
 }
 
+/// How often the session task looks at its deadlines and at whether the
+/// replica is still heard from (more often when the liveness timeout is
+/// short).
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(50);
+
+/// When the replica was last heard from: the connection's count of UDP
+/// datagrams received, and when it last moved.
+struct Heard {
+    datagrams: u64,
+    at: Instant,
+    /// When the count was last looked at.
+    looked: Instant,
+}
+
+impl Heard {
+    fn new(connection: &quinn::Connection) -> Heard {
+        let now = Instant::now();
+        Heard {
+            datagrams: connection.stats().udp_rx.datagrams,
+            at: now,
+            looked: now,
+        }
+    }
+
+    /// How long the replica has sent nothing, as of now. A look that comes
+    /// more than `judge_within` after the previous one (this process was
+    /// itself held up, and so may have read nothing off the socket) counts
+    /// as hearing the replica: only silence seen by a running client is
+    /// the replica's.
+    fn silent_for(&mut self, connection: &quinn::Connection, judge_within: Duration) -> Duration {
+        let now = Instant::now();
+        let datagrams = connection.stats().udp_rx.datagrams;
+        if datagrams != self.datagrams || now.duration_since(self.looked) > judge_within {
+            self.datagrams = datagrams;
+            self.at = now;
+        }
+        self.looked = now;
+        now.duration_since(self.at)
+    }
+}
+
 /// A look at whether the home replica answers again.
 type HomeProbe = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Link, String>> + Send>>;
 
@@ -666,8 +717,10 @@ impl SessionTask {
         let mut home_probe: Option<HomeProbe> = None;
         let mut ping = tokio::time::interval(self.ping_interval());
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut housekeeping = tokio::time::interval(Duration::from_millis(50));
+        let mut housekeeping =
+            tokio::time::interval(HOUSEKEEPING_INTERVAL.min(self.settings.liveness_timeout / 4));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut heard = Heard::new(&link.connection);
         loop {
             tokio::select! {
                 call = calls.recv(), if self.outstanding.len() < REQUESTS_IN_FLIGHT_MAX => {
@@ -742,6 +795,16 @@ impl SessionTask {
                         }));
                     }
                     self.expire_requests();
+                    let liveness = self.settings.liveness_timeout;
+                    if heard.silent_for(&link.connection, liveness / 2) > liveness {
+                        tracing::info!(
+                            session = self.session,
+                            node = link.node_id,
+                            silent_ms = self.settings.liveness_timeout.as_millis() as u64,
+                            "the replica is silent; failing over"
+                        );
+                        return Exit::Disconnected;
+                    }
                     let stuck = self
                         .confirm_ping
                         .and_then(|sequence| self.outstanding.get(&sequence))

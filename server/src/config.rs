@@ -23,7 +23,7 @@
 //! client = "0.0.0.0:7101"
 //!
 //! [timeouts]          # all optional
-//! heartbeat_interval_ms = 100
+//! heartbeat_interval_ms = 50
 //!
 //! [limits]            # all optional
 //! data_bytes_max = 1048576
@@ -51,10 +51,10 @@
 //! | field | range | default |
 //! |---|---|---|
 //! | `id`, `members[].id` | 1..=4,294,967,295 | (required) |
-//! | `timeouts.heartbeat_interval_ms` | 1..=10,000 | 100 |
-//! | `timeouts.election_timeout_min_ms` | 2..=300,000 | 1,000 |
-//! | `timeouts.election_timeout_max_ms` | 3..=600,000 | 1,600 |
-//! | `timeouts.lease_ms` | 2..=300,000 | 1,000 |
+//! | `timeouts.heartbeat_interval_ms` | 1..=10,000 | 50 |
+//! | `timeouts.election_timeout_min_ms` | 2..=300,000 | 300 |
+//! | `timeouts.election_timeout_max_ms` | 3..=600,000 | 450 |
+//! | `timeouts.lease_ms` | 2..=300,000 | 300 |
 //! | `timeouts.clock_drift_margin_ms` | 0..=60,000 | 100 |
 //! | `timeouts.session_timeout_min_ms` | 2..=3,600,000 | 1,000 |
 //! | `timeouts.session_timeout_max_ms` | 2..=86,400,000 | 120,000 |
@@ -241,17 +241,17 @@ pub struct MemberConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
     /// How often the leader sends heartbeats.
-    /// Range: 1..=10,000; default 100.
+    /// Range: 1..=10,000; default 50.
     pub heartbeat_interval_ms: u64,
     /// Lower end of the randomised election timeout; at least `lease_ms`.
-    /// Range: 2..=300,000; default 1,000.
+    /// Range: 2..=300,000; default 300.
     pub election_timeout_min_ms: u64,
     /// Upper end of the randomised election timeout; above the lower end.
     /// Five times this (at least 5 s) is the QUIC idle timeout.
-    /// Range: 3..=600,000; default 1,600.
+    /// Range: 3..=600,000; default 450.
     pub election_timeout_max_ms: u64,
     /// The leader's lease, as acceptors promise it; at least two heartbeats.
-    /// Range: 2..=300,000; default 1,000.
+    /// Range: 2..=300,000; default 300.
     pub lease_ms: u64,
     /// Subtracted from the lease for clock-rate differences; below the lease.
     /// Range: 0..=60,000; default 100.
@@ -277,10 +277,14 @@ pub struct Timeouts {
 impl Default for Timeouts {
     fn default() -> Timeouts {
         Timeouts {
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 1600,
-            lease_ms: 1000,
+            // A killed or hung leader is replaced within half a second: the
+            // followers stop hearing it for 300-450 ms, by when the lease
+            // it held (300 ms from its last heartbeat) has run out, and
+            // elect a new one in a round trip.
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 450,
+            lease_ms: 300,
             clock_drift_margin_ms: 100,
             session_timeout_min_ms: 1000,
             session_timeout_max_ms: 120_000,
