@@ -635,8 +635,15 @@ async fn read_frames(
     let idle_timeout = shared.limits.client_idle_timeout;
     let budget = &inbound.budget;
     let mut datagrams_open = true;
+    // The idle timer is re-armed only when it fires, from the time the
+    // client was last heard: resetting a timer per frame costs a visit to
+    // the runtime's timer wheel each.
+    let mut last_heard = tokio::time::Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
-    tokio::pin!(idle);
+    // Made once and polled across frames, as the idle timer is.
+    let stop = cancelled(&mut shutdown);
+    let connection_closed = connection.closed();
+    tokio::pin!(idle, stop, connection_closed);
     loop {
         if budget.replies_backlogged() {
             // The client does not read its replies: read nothing more from
@@ -644,16 +651,20 @@ async fn read_frames(
             // A client that goes away meanwhile must end this task too, or
             // its connection's state would be held for good.
             tokio::select! {
-                _ = cancelled(&mut shutdown) => return,
-                _ = connection.closed() => return,
+                _ = &mut stop => return,
+                _ = &mut connection_closed => return,
                 _ = budget.wait_until(|budget| !budget.replies_backlogged()) => {}
             }
-            idle.as_mut()
-                .reset(tokio::time::Instant::now() + idle_timeout);
+            last_heard = tokio::time::Instant::now();
         }
         tokio::select! {
-            _ = cancelled(&mut shutdown) => return,
+            _ = &mut stop => return,
             _ = &mut idle => {
+                let quiet_until = last_heard + idle_timeout;
+                if quiet_until > tokio::time::Instant::now() {
+                    idle.as_mut().reset(quiet_until);
+                    continue;
+                }
                 let millis = idle_timeout.as_millis();
                 debug!(node = shared.node_id, id, "client connection idle; closing");
                 let reason = format!(
@@ -665,11 +676,11 @@ async fn read_frames(
             }
             next = stream.next::<ClientFrame>() => match next {
                 Ok(Some(frame)) => {
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                    last_heard = tokio::time::Instant::now();
                     let cost = stream.last_frame_bytes();
                     tokio::select! {
-                        _ = cancelled(&mut shutdown) => return,
-                        _ = connection.closed() => return,
+                        _ = &mut stop => return,
+                        _ = &mut connection_closed => return,
                         delivered = deliver(&inbound, frame, cost) => if !delivered {
                             // The replica dropped the session.
                             return;
@@ -696,7 +707,7 @@ async fn read_frames(
                     // the session stream. A full queue means the replica is
                     // busy with newer frames anyway.
                     Ok(ClientFrame::KeepAlive) => {
-                        idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+                        last_heard = tokio::time::Instant::now();
                         if budget.admit(0, false).is_ok() {
                             let frame = InboundFrame { frame: ClientFrame::KeepAlive, cost: 0 };
                             if inbound.frames.try_send(frame).is_err() {
@@ -797,10 +808,16 @@ async fn write_frames(
     let limits = &shared.limits;
     let mut reader_open = true;
     let mut batch = Vec::new();
+    // Made once and polled across replies: each would otherwise register
+    // with (and leave) a notifier per reply.
+    let stop = cancelled(shutdown);
+    let budget_closed = budget.closed();
+    let connection_closed = connection.closed();
+    tokio::pin!(stop, budget_closed, connection_closed);
     loop {
         let first = tokio::select! {
             biased;
-            _ = cancelled(shutdown) => {
+            _ = &mut stop => {
                 close_with(
                     connection,
                     send,
@@ -811,7 +828,7 @@ async fn write_frames(
                 .await;
                 return;
             }
-            _ = budget.closed() => {
+            _ = &mut budget_closed => {
                 let reason = budget.closing_reason().unwrap_or_default();
                 info!(node = shared.node_id, id, %reason, "closing a client connection");
                 connection.close(close_code(CLOSE_LIMIT), reason.as_bytes());
@@ -839,7 +856,7 @@ async fn write_frames(
                     return;
                 }
             },
-            error = connection.closed() => {
+            error = &mut connection_closed => {
                 debug!(node = shared.node_id, id, %error, "client connection closed");
                 return;
             }
@@ -857,11 +874,11 @@ async fn write_frames(
             }
         }
         tokio::select! {
-            _ = cancelled(shutdown) => {
+            _ = &mut stop => {
                 connection.close(close_code(CLOSE_SHUTDOWN), b"replica shutting down");
                 return;
             }
-            _ = budget.closed() => {
+            _ = &mut budget_closed => {
                 let reason = budget.closing_reason().unwrap_or_default();
                 info!(node = shared.node_id, id, %reason, "closing a client connection");
                 connection.close(close_code(CLOSE_LIMIT), reason.as_bytes());
