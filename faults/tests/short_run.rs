@@ -74,7 +74,14 @@ fn every_checker_passes_under_faults() {
     };
     println!("fault run seed {seed}: replay with SYNOD_FAULTS_SEED={seed}");
     let out = tempfile::tempdir().expect("temp dir");
-    let (output, report) = fault_run(out.path(), seed, &["--secs", "60", "--faults", &faults]);
+    let (output, report) = fault_run(
+        out.path(),
+        seed,
+        // Spread over more keys than the default, the history of each stays
+        // within the checker's search bound at today's write rates (six keys
+        // gave 93,000 operations each, which it could not decide).
+        &["--secs", "60", "--keys", "24", "--faults", &faults],
+    );
     let kept = std::env::temp_dir().join(format!("synod-faults-failed-{seed}"));
     if !output.status.success() {
         // Keep the history and the replicas' logs for a look.
