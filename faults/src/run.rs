@@ -346,6 +346,12 @@ pub async fn run(options: &RunOptions) -> Result<RunResult> {
         cluster.restart(id)?;
     }
 
+    // The harness's own session may have expired during the faults (a
+    // stall longer than its timeout): the expiry check reads with a fresh
+    // one, opened before the quiet's holders are killed.
+    admin.close().await;
+    let admin = connect_retrying(&checking, 149, Duration::from_secs(30)).await?;
+
     // Dead clients' sessions, in the quiet.
     for _ in 0..3 {
         kill_a_holder(options, &settings, &mut holders, false);
