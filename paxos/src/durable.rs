@@ -17,8 +17,9 @@ use crate::types::{AcceptedEntry, Ballot, ChosenEntry, Membership, Slot, Value};
 /// One batch of changes to make durable, atomically or in the order listed
 /// (promise, acceptances, learned values, chosen prefix, compaction,
 /// membership): every order is safe because no answer depending on the batch
-/// leaves the replica before the whole batch is durable.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// leaves the replica before the whole batch is durable. It serializes
+/// so that storage can journal it as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Persist {
     /// Batches are numbered 1, 2, 3, ... and must become durable in order.
     pub id: u64,

@@ -45,9 +45,10 @@
 //!   of a fresh log.
 //!
 //! Every member of the new cluster restores from the same file and so
-//! starts from the same state, byte for byte. The databases are built as
-//! `synod.redb.restoring` and `synod-state.redb.restoring` and renamed into
-//! place once durable, the log database last: a restore that fails or is
+//! starts from the same state, byte for byte. The databases and the log's
+//! journal are built as `synod.redb.restoring`,
+//! `synod-state.redb.restoring` and `synod.journal.restoring` and renamed
+//! into place once durable, the log database last: a restore that fails or is
 //! killed leaves no log database behind, so nothing starts from half of
 //! one (a state database alone is overwritten by the next restore).
 
@@ -608,7 +609,7 @@ pub fn restore(from: impl AsRef<Path>, config: &ReplicaConfig) -> Result<Restore
     let building = databases.with_suffix(".restoring");
     // A restore killed before the renames left these behind; they hold
     // nothing anyone relies on.
-    for path in [&building.log, &building.state] {
+    for path in [&building.log, &building.state, &building.journal] {
         if path.exists() {
             std::fs::remove_file(path).map_err(io_error(path, "remove an unfinished restore"))?;
         }
@@ -626,6 +627,10 @@ pub fn restore(from: impl AsRef<Path>, config: &ReplicaConfig) -> Result<Restore
             &databases.state,
             "move the restored database into place",
         ))?;
+        std::fs::rename(&building.journal, &databases.journal).map_err(io_error(
+            &databases.journal,
+            "move the restored journal into place",
+        ))?;
         std::fs::rename(&building.log, &databases.log).map_err(io_error(
             &databases.log,
             "move the restored database into place",
@@ -635,6 +640,7 @@ pub fn restore(from: impl AsRef<Path>, config: &ReplicaConfig) -> Result<Restore
     if let Err(error) = written {
         let _ = std::fs::remove_file(&building.log);
         let _ = std::fs::remove_file(&building.state);
+        let _ = std::fs::remove_file(&building.journal);
         return Err(error);
     }
     Ok(RestoreSummary {

@@ -22,8 +22,10 @@
 //!   (rotations without a restart, see `replica::tls_watch`);
 //! - latencies: `client_request_seconds{op}` with
 //!   `client_requests_total{op,result}`, `storage_commit_seconds` (a group
-//!   commit of the log and its fsync) with `storage_commit_writes` (jobs
-//!   per commit), `state_commit_seconds` (a commit of the state database:
+//!   commit of the log: its journal record and fsync) with
+//!   `storage_commit_writes` (jobs per commit), `storage_checkpoint_seconds`
+//!   (a durable commit of the log database, after which its journal starts
+//!   over), `state_commit_seconds` (a commit of the state database:
 //!   a flush of applied changes, or a piece of a snapshot being installed),
 //!   `apply_seconds` (applying one chosen batch), `slot_commands`
 //!   (commands per chosen slot: how proposals are batched),
@@ -141,6 +143,9 @@ pub struct Metrics {
     pub storage_commit_seconds: Histogram,
     /// Group commits: the jobs each took.
     pub storage_commit_writes: Histogram,
+    /// Checkpoints of the log database: the write-back and durable commit
+    /// after which the journal starts over.
+    pub storage_checkpoint_seconds: Histogram,
     /// Commits of the state database, fsync included.
     pub state_commit_seconds: Histogram,
     /// Applying one chosen batch to the state machine.
@@ -211,6 +216,7 @@ impl Metrics {
             requests: Family::default(),
             storage_commit_seconds: Histogram::new(latency_buckets()),
             storage_commit_writes: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
+            storage_checkpoint_seconds: Histogram::new(latency_buckets()),
             state_commit_seconds: Histogram::new(latency_buckets()),
             apply_seconds: Histogram::new(latency_buckets()),
             slot_commands: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
@@ -354,13 +360,18 @@ impl Metrics {
         );
         r.register(
             "storage_commit_seconds",
-            "Time of a group commit of the log, fsync included",
+            "Time of a group commit of the log (a journal record), fsync included",
             metrics.storage_commit_seconds.clone(),
         );
         r.register(
             "storage_commit_writes",
             "Jobs written by one group commit",
             metrics.storage_commit_writes.clone(),
+        );
+        r.register(
+            "storage_checkpoint_seconds",
+            "Time of a checkpoint of the log database (its journaled batches written back and committed durably), fsync included",
+            metrics.storage_checkpoint_seconds.clone(),
         );
         r.register(
             "state_commit_seconds",

@@ -302,6 +302,7 @@ fn memory_paths(name: &str) -> DatabasePaths {
     DatabasePaths {
         log: name.into(),
         state: format!("{name}-state").into(),
+        journal: format!("{name}-journal").into(),
     }
 }
 
@@ -315,10 +316,11 @@ fn memory_backend(bytes: &[u8]) -> InMemoryBackend {
 }
 
 /// Opens the images of a log and a state database.
-fn open_image(images: &[Vec<u8>; 2], name: &str) -> Result<(Storage, Recovered), StorageError> {
+fn open_image(images: &[Vec<u8>; FILES], name: &str) -> Result<(Storage, Recovered), StorageError> {
     Storage::open_with_backends(
         memory_backend(&images[LOG_FILE]),
         memory_backend(&images[STATE_FILE]),
+        memory_backend(&images[JOURNAL_FILE]),
         &memory_paths(name),
         &identity(),
     )
@@ -327,6 +329,7 @@ fn open_image(images: &[Vec<u8>; 2], name: &str) -> Result<(Storage, Recovered),
 /// A fresh pair of in-memory databases.
 fn create_in_memory(state: &DurableState) -> Storage {
     Storage::create_with_backends(
+        InMemoryBackend::new(),
         InMemoryBackend::new(),
         InMemoryBackend::new(),
         &memory_paths("memory"),
@@ -360,13 +363,15 @@ fn apply_op(image: &mut Vec<u8>, op: &Op, torn_at: Option<usize>) {
     }
 }
 
-/// Which of a replica's two files a disk holds.
+/// Which of a replica's three files a disk holds.
 const LOG_FILE: usize = 0;
 const STATE_FILE: usize = 1;
+const JOURNAL_FILE: usize = 2;
+const FILES: usize = 3;
 
 /// A crash image of both files and how it was made.
 struct CrashImage {
-    bytes: [Vec<u8>; 2],
+    bytes: [Vec<u8>; FILES],
     how: &'static str,
 }
 
@@ -403,7 +408,7 @@ impl Disk {
 /// The two files of one replica, on disks that crash together.
 #[derive(Default)]
 struct Disks {
-    files: [Disk; 2],
+    files: [Disk; FILES],
     /// Crash images are taken only while this is set.
     recording: Option<ChaCha8Rng>,
     images: Vec<CrashImage>,
@@ -416,11 +421,14 @@ impl Disks {
         let Some(rng) = self.recording.as_mut() else {
             return;
         };
-        let other = self.files[1 - file].crashed(rng);
-        let mut pair = [Vec::new(), Vec::new()];
-        pair[file] = bytes;
-        pair[1 - file] = other;
-        self.images.push(CrashImage { bytes: pair, how });
+        let mut images: [Vec<u8>; FILES] = Default::default();
+        for (index, image) in images.iter_mut().enumerate() {
+            if index != file {
+                *image = self.files[index].crashed(rng);
+            }
+        }
+        images[file] = bytes;
+        self.images.push(CrashImage { bytes: images, how });
     }
 
     fn capture_between_syncs(&mut self, file: usize) {
@@ -501,12 +509,13 @@ impl CrashBackend {
     }
 }
 
-/// The log and state files of one replica, on [`CrashBackend`]s that share
-/// their crash images.
+/// The log, state and journal files of one replica, on [`CrashBackend`]s
+/// that share their crash images.
 #[derive(Clone, Debug)]
 struct CrashPair {
     log: CrashBackend,
     state: CrashBackend,
+    journal: CrashBackend,
 }
 
 impl CrashPair {
@@ -518,14 +527,18 @@ impl CrashPair {
                 file: LOG_FILE,
             },
             state: CrashBackend {
-                disks,
+                disks: disks.clone(),
                 file: STATE_FILE,
+            },
+            journal: CrashBackend {
+                disks,
+                file: JOURNAL_FILE,
             },
         }
     }
 
-    /// A pair whose disks hold `images`, all of them synced.
-    fn from_images(images: [Vec<u8>; 2]) -> CrashPair {
+    /// Files whose disks hold `images`, all of them synced.
+    fn from_images(images: [Vec<u8>; FILES]) -> CrashPair {
         let pair = CrashPair::new();
         {
             let mut disks = pair.disks();
@@ -545,6 +558,7 @@ impl CrashPair {
         Storage::create_with_backends(
             self.log.clone(),
             self.state.clone(),
+            self.journal.clone(),
             &memory_paths("memory"),
             identity(),
             state,
@@ -556,22 +570,20 @@ impl CrashPair {
         Storage::open_with_backends(
             self.log.clone(),
             self.state.clone(),
+            self.journal.clone(),
             &memory_paths("memory"),
             &identity(),
         )
     }
 
-    fn durable_images(&self) -> [Vec<u8>; 2] {
+    fn durable_images(&self) -> [Vec<u8>; FILES] {
         let disks = self.disks();
-        [
-            disks.files[0].durable.clone(),
-            disks.files[1].durable.clone(),
-        ]
+        std::array::from_fn(|file| disks.files[file].durable.clone())
     }
 
-    fn live_images(&self) -> [Vec<u8>; 2] {
+    fn live_images(&self) -> [Vec<u8>; FILES] {
         let disks = self.disks();
-        [disks.files[0].live.clone(), disks.files[1].live.clone()]
+        std::array::from_fn(|file| disks.files[file].live.clone())
     }
 
     fn take_images(&self) -> Vec<CrashImage> {
@@ -981,6 +993,8 @@ enum RawCall {
     Persist(Vec<Persist>),
     SaveState(Slot, Vec<(u8, Option<Vec<u8>>)>),
     Reopen,
+    WriteBack,
+    Checkpoint,
 }
 
 fn raw_call_strategy() -> impl Strategy<Value = RawCall> {
@@ -995,6 +1009,8 @@ fn raw_call_strategy() -> impl Strategy<Value = RawCall> {
         )
             .prop_map(|(through, changes)| RawCall::SaveState(through, changes)),
         1 => Just(RawCall::Reopen),
+        2 => Just(RawCall::WriteBack),
+        1 => Just(RawCall::Checkpoint),
     ]
 }
 
@@ -1040,6 +1056,14 @@ proptest! {
                     storage = reopened;
                     // The new `Storage` starts numbering batches afresh, as a restarted core does.
                     next_id = 1;
+                    continue;
+                }
+                RawCall::WriteBack => {
+                    storage.write_back().expect("write-back succeeds");
+                    continue;
+                }
+                RawCall::Checkpoint => {
+                    storage.checkpoint().expect("checkpoint succeeds");
                     continue;
                 }
             };
@@ -1446,6 +1470,101 @@ fn one_file_in_place_of_the_other_is_refused() {
     assert_mentions_path(&error, &paths.log);
 }
 
+/// Databases on disk whose last calls are only in the journal: the process
+/// stopped without closing them, as after kill -9.
+fn journaled_database_on_disk() -> (tempfile::TempDir, DatabasePaths, Model) {
+    let directory = tempfile::tempdir().expect("temporary directory");
+    let paths = DatabasePaths::in_dir(directory.path());
+    let mut model = Model::new();
+    let mut storage = Storage::create(&paths, identity(), &model.durable).expect("create");
+    for call in scripted_calls() {
+        call.run(&mut storage).expect("call");
+        call.apply(&mut model);
+    }
+    drop(storage);
+    (directory, paths, model)
+}
+
+#[test]
+fn calls_only_in_the_journal_survive_a_stop_without_close() {
+    let (_directory, paths, model) = journaled_database_on_disk();
+    let journal_bytes = std::fs::metadata(&paths.journal).expect("journal").len();
+    let (storage, recovered) = Storage::open(&paths, &identity()).expect("open");
+    assert!(
+        model.matches(&storage, &recovered),
+        "{:?}",
+        recovered.durable
+    );
+    // Opening replayed the journal into the database and emptied it.
+    storage.close().expect("close");
+    assert!(std::fs::metadata(&paths.journal).expect("journal").len() < journal_bytes);
+    let (storage, recovered) = Storage::open(&paths, &identity()).expect("reopen");
+    assert!(model.matches(&storage, &recovered));
+}
+
+#[test]
+fn a_missing_or_foreign_journal_is_refused() {
+    let (_directory, paths, _model) = journaled_database_on_disk();
+    let journal = std::fs::read(&paths.journal).expect("read the journal");
+    // Without its journal the log database would lose acknowledged
+    // batches: refused, and no empty journal is left in its place.
+    std::fs::remove_file(&paths.journal).expect("remove the journal");
+    let error = Storage::open(&paths, &identity()).expect_err("no journal");
+    assert!(matches!(error, StorageError::NotFound { .. }), "{error}");
+    assert_mentions_path(&error, &paths.journal);
+    assert!(!paths.journal.exists());
+    for contents in [&b""[..], b"this is not a journal\n", &journal[..20]] {
+        std::fs::write(&paths.journal, contents).expect("write the journal");
+        let error = Storage::open(&paths, &identity()).expect_err("not a journal");
+        assert!(
+            matches!(
+                error,
+                StorageError::NotSynod { .. } | StorageError::Corrupt { .. }
+            ),
+            "{error}"
+        );
+        assert_mentions_path(&error, &paths.journal);
+    }
+    // Another replica's journal.
+    let other_directory = tempfile::tempdir().expect("temporary directory");
+    let other_paths = DatabasePaths::in_dir(other_directory.path());
+    let other_node = Identity {
+        node_id: 3,
+        ..identity()
+    };
+    Storage::create(&other_paths, other_node, &Model::new().durable)
+        .expect("create")
+        .close()
+        .expect("close");
+    std::fs::copy(&other_paths.journal, &paths.journal).expect("copy");
+    let error = Storage::open(&paths, &identity()).expect_err("another replica's journal");
+    assert!(matches!(error, StorageError::WrongNode { .. }), "{error}");
+    assert_mentions_path(&error, &paths.journal);
+    // Its own journal back in place: everything is there.
+    std::fs::write(&paths.journal, &journal).expect("restore the journal");
+    Storage::open(&paths, &identity()).expect("open");
+}
+
+#[test]
+fn a_log_database_from_before_the_journal_gets_one() {
+    let (_directory, paths) = database_on_disk();
+    {
+        let database = redb::Database::open(&paths.log).expect("raw open");
+        let transaction = database.begin_write().expect("raw write");
+        {
+            let mut meta = transaction.open_table(RAW_META).expect("meta table");
+            meta.remove("journal_group").expect("remove");
+        }
+        transaction.commit().expect("raw commit");
+    }
+    std::fs::remove_file(&paths.journal).expect("remove the journal");
+    let (storage, recovered) = Storage::open(&paths, &identity()).expect("open");
+    assert!(recovered.durable.log.contains_key(&1));
+    assert!(paths.journal.exists());
+    storage.close().expect("close");
+    Storage::open(&paths, &identity()).expect("reopen with the new journal");
+}
+
 #[test]
 fn a_state_database_older_than_the_log_compaction_is_refused() {
     let (_directory, paths) = database_on_disk();
@@ -1584,10 +1703,12 @@ fn a_compaction_waits_for_the_saved_state_it_relies_on_and_no_other() {
 fn the_bytes_of_a_replicas_files_are_what_the_files_hold() {
     let (directory, paths) = database_on_disk();
     let on_disk = std::fs::metadata(&paths.log).expect("log").len()
-        + std::fs::metadata(&paths.state).expect("state").len();
+        + std::fs::metadata(&paths.state).expect("state").len()
+        + std::fs::metadata(&paths.journal).expect("journal").len();
     assert!(on_disk > 0);
     assert_eq!(paths.bytes(), on_disk);
     std::fs::remove_file(&paths.state).expect("remove the state file");
+    std::fs::remove_file(&paths.journal).expect("remove the journal");
     assert_eq!(
         paths.bytes(),
         std::fs::metadata(&paths.log).expect("log").len(),
@@ -1712,6 +1833,7 @@ fn illegal_calls_are_refused_and_poison() {
     backend.set_len(10).expect("set_len");
     let error = Storage::create_with_backends(
         backend,
+        InMemoryBackend::new(),
         InMemoryBackend::new(),
         &memory_paths("memory"),
         identity(),
@@ -1953,6 +2075,27 @@ fn every_crash_image_reopens_with_every_acknowledged_call() {
             );
         }
         syncs_before = syncs;
+
+        // The writer thread writes the journaled batches back to the
+        // database when it is idle, and checkpoints now and then: nothing
+        // acknowledged may depend on either having finished.
+        let maintenance = if rng.random_bool(0.1) {
+            Some(("checkpoint", storage.checkpoint()))
+        } else if rng.random_bool(0.4) {
+            Some(("write-back", storage.write_back().map(|_| ())))
+        } else {
+            None
+        };
+        if let Some((what, result)) = maintenance {
+            result.unwrap_or_else(|error| {
+                panic!("seed {seed}: {what} after call {call_index} failed: {error}")
+            });
+            let context = format!("{context}, {what}");
+            for image in &backend.take_images() {
+                tally.check(image, None, &model, false, &context);
+            }
+            syncs_before = backend.syncs();
+        }
         assert!(
             tally.failures.len() < 20,
             "seed {seed}: {:#?}",
@@ -2064,8 +2207,10 @@ fn a_failed_sync_fails_persist_and_poisons_the_storage_for_good() {
         ..Persist::default()
     }];
     let error = storage.persist(&second).expect_err("the fsync fails");
-    assert!(matches!(error, StorageError::Database { .. }), "{error}");
-    assert!(error.to_string().contains("memory"), "{error}");
+    // The batch is made durable in the journal: its sync is the one that
+    // fails.
+    assert!(matches!(error, StorageError::Io { .. }), "{error}");
+    assert!(error.to_string().contains("memory-journal"), "{error}");
     assert!(storage.poisoned().is_some());
 
     // The disk recovers, the storage does not: fail-stop.
@@ -2173,11 +2318,20 @@ fn flipped_bits_are_refused_or_harmless_and_never_panic() {
     let mut history = vec![model.clone()];
     let mut storage = backend.create(&model.durable);
     let mut next_id = 1;
-    for _ in 0..20 {
+    for call_index in 0..20 {
         let call = random_call(&mut rng, &model, &mut next_id);
         call.run(&mut storage).expect("call");
         call.apply(&mut model);
         history.push(model.clone());
+        // Some calls are in the log database, written back and
+        // checkpointed, and the rest only in the journal.
+        match call_index {
+            7 => storage.checkpoint().expect("checkpoint"),
+            13 => {
+                storage.write_back().expect("write-back");
+            }
+            _ => {}
+        }
     }
     drop(storage);
     let image = backend.live_images();
@@ -2188,7 +2342,7 @@ fn flipped_bits_are_refused_or_harmless_and_never_panic() {
     });
     for flip in 0..flips {
         let mut damaged = image.clone();
-        let file = &mut damaged[flip / 2 % 2];
+        let file = &mut damaged[flip / 2 % FILES];
         // Half the flips hit the header region, where a few bytes matter most.
         let offset = if flip % 2 == 0 {
             rng.random_range(0..file.len().min(4096))
@@ -2201,7 +2355,12 @@ fn flipped_bits_are_refused_or_harmless_and_never_panic() {
             Err(_) => panic!("seed {seed}: opening with byte {offset} flipped panicked"),
             Ok(Err(error)) => {
                 assert!(
-                    [Path::new("damaged"), Path::new("damaged-state")].contains(&error.path()),
+                    [
+                        Path::new("damaged"),
+                        Path::new("damaged-state"),
+                        Path::new("damaged-journal")
+                    ]
+                    .contains(&error.path()),
                     "{error}"
                 );
                 refused += 1;

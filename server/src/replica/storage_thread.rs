@@ -3,8 +3,11 @@
 //!
 //! The log writer ([`spawn_log_writer`]) takes the core's `Persist`
 //! batches. Group commit: while one commit is in flight, batches keep
-//! queueing; the next round takes everything queued and writes it in one
-//! transaction (one fsync), in order. A round whose batches compact the
+//! queueing; the next round takes everything queued and writes it as one
+//! journal record (one fsync), in order. Whenever nothing is queued, and
+//! after a round once [`WRITE_BACK_BATCHES_MAX`] batches wait, it writes
+//! the journaled batches back to the log database
+//! ([`LogStore::write_back`]), off the path of any waiting write. A round whose batches compact the
 //! log first waits until the state database has saved the state the
 //! compaction relies on ([`LogStore::wait_for_saved_state`]): the driver
 //! tells the core of a snapshot installed before the writer has made it
@@ -108,13 +111,30 @@ pub fn spawn_log_writer(
         })
 }
 
+/// Batches journaled but not yet in the log database past which the
+/// writer writes them back even though more commits wait.
+const WRITE_BACK_BATCHES_MAX: usize = 512;
+
 fn run_log_writer(
     log: &mut LogStore,
     metrics: &Metrics,
     requests: &std_mpsc::Receiver<Persist>,
     completions: &mpsc::UnboundedSender<WriterEvent>,
 ) -> Result<(), String> {
-    while let Ok(first) = requests.recv() {
+    loop {
+        // Write the journaled batches back to the database when there is
+        // nothing to commit, off the path of any waiting write.
+        let first = match requests.try_recv() {
+            Ok(batch) => batch,
+            Err(std_mpsc::TryRecvError::Empty) => {
+                write_back(log, metrics)?;
+                match requests.recv() {
+                    Ok(batch) => batch,
+                    Err(_) => break,
+                }
+            }
+            Err(std_mpsc::TryRecvError::Disconnected) => break,
+        };
         let mut round = vec![first];
         while round.len() < JOBS_PER_ROUND_MAX {
             match requests.try_recv() {
@@ -149,6 +169,22 @@ fn run_log_writer(
         if let Some(last) = round.last() {
             let _ = completions.send(WriterEvent::Done(Input::Persisted(last.id)));
         }
+        if log.pending_batches() >= WRITE_BACK_BATCHES_MAX {
+            write_back(log, metrics)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes the journaled batches back to the log database, timing the
+/// checkpoint when there is one.
+fn write_back(log: &mut LogStore, metrics: &Metrics) -> Result<(), String> {
+    let started = Instant::now();
+    let checkpointed = log.write_back().map_err(|error| error.to_string())?;
+    if checkpointed {
+        metrics
+            .storage_checkpoint_seconds
+            .observe(started.elapsed().as_secs_f64());
     }
     Ok(())
 }
@@ -368,12 +404,14 @@ mod tests {
             node_id: 1,
         };
         let paths = DatabasePaths {
-            log: "flaky.redb".into(),
+            log: "log.redb".into(),
             state: "state.redb".into(),
+            journal: "flaky.journal".into(),
         };
         let storage = Storage::create_with_backends(
-            disk,
             InMemoryBackend::new(),
+            InMemoryBackend::new(),
+            disk,
             &paths,
             identity,
             &DurableState::bootstrap(membership),
@@ -394,7 +432,9 @@ mod tests {
         fail_syncs.store(true, Ordering::SeqCst);
         requests.send(promise(2, 2)).expect("send");
         match completions.blocking_recv() {
-            Some(WriterEvent::Failed(reason)) => assert!(reason.contains("flaky.redb"), "{reason}"),
+            Some(WriterEvent::Failed(reason)) => {
+                assert!(reason.contains("flaky.journal"), "{reason}")
+            }
             other => panic!("expected a fatal failure, got {other:?}"),
         }
         // The writer stopped: nothing more is acknowledged.

@@ -35,6 +35,9 @@ pub(crate) const KEY_PROMISED: &str = "promised";
 pub(crate) const KEY_CHOSEN_THROUGH: &str = "chosen_through";
 pub(crate) const KEY_LOG_START: &str = "log_start";
 pub(crate) const KEY_MEMBERSHIP: &str = "membership";
+/// The last journal group the log database holds (see `journal`); absent
+/// in a log database written before the journal, which has none.
+pub(crate) const KEY_JOURNAL_GROUP: &str = "journal_group";
 /// Whether the replica is rejoining after losing its disk (absent: no).
 pub(crate) const KEY_JOINING: &str = "joining";
 /// Which of a replica's two database files this is: [`ROLE_LOG`] or
